@@ -1,0 +1,25 @@
+# The two set-up commands: `make demo` runs the main job on the built-in demo, `make test` runs the tests.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+CORES ?= 4
+
+.PHONY: demo test lint clean
+
+$(INSTALLED): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: $(INSTALLED)
+	$(VENV)/bin/snakemake --cores $(CORES) results/engine_int8.plan
+
+test: $(INSTALLED)
+	$(PYTHON) -m pytest
+
+lint: $(INSTALLED)
+	$(VENV)/bin/snakemake --lint
+
+clean:
+	rm -rf results logs .snakemake

@@ -1,0 +1,26 @@
+# trtflow: PyTorch Faster R-CNN -> verified TensorRT engines.
+# Every artifact lives under results/; ask for any of them by path.
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/model.smk"
+include: "workflow/rules/reference.smk"
+#include: "workflow/rules/weights.smk"
+include: "workflow/rules/onnx.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        RESULTS / "reference/metrics.json",
+        RESULTS / "onnx/parity.json",

@@ -1,0 +1,150 @@
+"""The features network and its ONNX export (rule `onnx`), gated by ONNX Runtime parity with PyTorch.
+
+`features` = backbone + FPN + RPN head convolutions: where nearly all FLOPs are and what the ONNX
+parser takes cleanly. Everything after it is the head that the TensorRT network API builds.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+INPUT_NAME = "images"
+
+
+class FeaturesNetwork(nn.Module):
+    """Backbone + FPN + RPN head of a torchvision FasterRCNN: every FPN map, then each level's RPN outputs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.backbone = model.backbone
+        self.rpn_head = model.rpn.head
+
+    def forward(self, images):
+        feature_maps = list(self.backbone(images).values())
+        objectness, deltas = self.rpn_head(feature_maps)
+        per_level = [tensor for pair in zip(objectness, deltas) for tensor in pair]
+        return (*feature_maps, *per_level)
+
+
+def level_names(model, input_hw: tuple[int, int]) -> list[str]:
+    """`p{log2(stride)}` for each FPN map in backbone order, `pool` for torchvision's max-pool level.
+
+    Where two maps share a stride (torchvision's MobileNetV3-FPN returns two stride-32 maps), each of them
+    is suffixed with its backbone key: `p5_0`, `p5_1`.
+    """
+    with torch.no_grad():
+        maps = model.backbone(torch.zeros(1, 3, *input_hw))
+    by_stride = {key: "pool" if key == "pool" else f"p{round(math.log2(input_hw[0] / m.shape[-2]))}" for key, m in maps.items()}
+    taken = list(by_stride.values())
+    return [name if taken.count(name) == 1 else f"{name}_{key}" for key, name in by_stride.items()]
+
+
+def output_names(levels: list[str]) -> list[str]:
+    return [*levels, *(f"{kind}_{level}" for level in levels for kind in ("objectness", "deltas"))]
+
+
+def export_features(model, input_hw: tuple[int, int], out_path: str | Path, *, opset: int = 18, dynamic_batch: bool = False,
+                    batch_size: int = 1, simplify: bool = True, metadata: dict | None = None) -> onnx.ModelProto:
+    """Export `features` to a single-file ONNX: checked, shape-inferred, simplified only where outputs stay identical."""
+    model = model.eval()
+    names = output_names(level_names(model, input_hw))
+    example = torch.randn(batch_size, 3, *input_hw, generator=torch.Generator().manual_seed(0))
+    dynamic_shapes = {"images": {0: torch.export.Dim("batch", min=1, max=64)}} if dynamic_batch else None
+    program = torch.onnx.export(
+        FeaturesNetwork(model).eval(), (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
+        output_names=names, dynamic_shapes=dynamic_shapes, verbose=False,
+    )
+    exported = program.model_proto
+    if simplify:
+        exported = simplified_if_identical(exported, example.numpy())
+    exported = onnx.shape_inference.infer_shapes(exported, check_type=True, strict_mode=True)
+    for key, value in sorted((metadata or {}).items()):
+        exported.metadata_props.add(key=key, value=str(value))
+    onnx.checker.check_model(exported, full_check=True)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_path.with_name(out_path.name + ".partial")
+    onnx.save_model(exported, str(partial))
+    partial.replace(out_path)
+    return exported
+
+
+def run_onnx(model: onnx.ModelProto | str | Path, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Every output of an ONNX graph on the CPU execution provider, by name.
+
+    A graph with a static batch size runs the images in chunks of that size.
+    """
+    import onnxruntime as ort
+
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    static_batch = session.get_inputs()[0].shape[0]
+    chunk = static_batch if isinstance(static_batch, int) else len(images)
+    runs = [session.run(names, {INPUT_NAME: images[i:i + chunk]}) for i in range(0, len(images), chunk)]
+    return {name: np.concatenate([run[k] for run in runs]) for k, name in enumerate(names)}
+
+
+def simplified_if_identical(model: onnx.ModelProto, example: np.ndarray) -> onnx.ModelProto:
+    """onnxslim's constant folding / fusion, kept only when every output is bit-identical on `example`."""
+    import onnxslim
+
+    slimmed = onnxslim.slim(model)
+    before, after = run_onnx(model, example), run_onnx(slimmed, example)
+    identical = before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
+    return slimmed if identical else model
+
+
+def features_parity(model, onnx_path: str | Path, images: np.ndarray, tolerance: float) -> dict:
+    """ONNX Runtime (CPU) vs PyTorch on the same preprocessed images, per output and overall.
+
+    An output passes when its max abs error is <= tolerance * max|reference|.
+    """
+    with torch.no_grad():
+        reference = [t.numpy() for t in FeaturesNetwork(model.eval())(torch.from_numpy(images))]
+    onnx_outputs = run_onnx(onnx_path, images)
+    outputs = {}
+    for name, expected in zip(onnx_outputs, reference):
+        error = float(np.abs(onnx_outputs[name] - expected).max())
+        scale = float(np.abs(expected).max())
+        outputs[name] = {"max_abs": error, "max_rel": error / scale if scale else error, "ref_max": scale}
+    passed = all(o["max_abs"] <= tolerance * o["ref_max"] for o in outputs.values())
+    return {
+        "images": int(images.shape[0]), "tolerance": tolerance, "outputs": outputs,
+        "max_abs": max(o["max_abs"] for o in outputs.values()), "passed": passed, "executor": "onnxruntime-cpu",
+    }
+
+
+class ParityError(RuntimeError):
+    """ONNX Runtime disagrees with PyTorch beyond the configured tolerance."""
+
+
+def check_parity(model, onnx_path, coco_json, preprocess_cfg: dict, num_images: int, tolerance: float, out_path) -> dict:
+    """The parity gate: the first `num_images` val images through the shared preprocessing, numbers to `out_path`.
+
+    Fails (after writing the numbers to the log) when any output is off by more than the tolerance.
+    """
+    import json
+
+    from trtflow.data import read_image
+    from trtflow.metrics import write_json
+    from trtflow.preprocess import preprocess_batch
+
+    files = [image["file_name"] for image in json.loads(Path(coco_json).read_text())["images"][:num_images]]
+    images, _ = preprocess_batch([read_image(file) for file in files], preprocess_cfg)
+    report = features_parity(model, onnx_path, images, tolerance)
+    print(json.dumps(report, indent=2))
+    if not report["passed"]:
+        worst = max(report["outputs"].items(), key=lambda item: item[1]["max_rel"])
+        raise ParityError(
+            f"{onnx_path}: ONNX Runtime differs from PyTorch on output {worst[0]!r} by {worst[1]['max_abs']:.3g} "
+            f"({worst[1]['max_rel']:.3g} of max|ref|) > verify.parity_tolerance {tolerance}; the export is not "
+            f"faithful: try onnx.simplify: false or another onnx.opset"
+        )
+    write_json(out_path, report)
+    return report

@@ -1,0 +1,61 @@
+"""PyTorch reference detections (rule `reference`): the detector on the preprocessed val images."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from trtflow.data import read_image
+from trtflow.metrics import category_labels, coco_map, write_json
+from trtflow.model import run_detector
+from trtflow.postprocess import postprocess, to_coco_results
+from trtflow.preprocess import preprocess_batch
+
+
+def batches(items: list, size: int):
+    for first in range(0, len(items), size):
+        yield items[first:first + size]
+
+
+def detect_dataset(detect, coco_json: str | Path, preprocess_cfg: dict, postprocess_cfg: dict, *, batch_size: int = 8,
+                   desc: str = "detect") -> list[dict]:
+    """COCO results of `detect` over a COCO data set, through the shared pre- and postprocessing.
+
+    `detect(batch: np.ndarray (B,3,H,W)) -> list of (boxes, scores, classes)` in input pixels, one per image;
+    every executor (PyTorch, ONNX Runtime + deployment head, TensorRT engine) plugs in here.
+    """
+    coco = json.loads(Path(coco_json).read_text())
+    category_of = {label: category for category, label in category_labels(coco).items()}
+    results = []
+    for images in tqdm(list(batches(coco["images"], batch_size)), desc=desc, unit="batch"):
+        tensors, letterboxes = preprocess_batch([read_image(image["file_name"]) for image in images], preprocess_cfg)
+        for image, letterbox, raw in zip(images, letterboxes, detect(tensors)):
+            detections = postprocess(*raw, letterbox, postprocess_cfg)
+            results += to_coco_results(detections, image["id"], category_of.__getitem__)
+    return results
+
+
+def torch_detector(model):
+    """`detect` callable for `detect_dataset` running a torchvision detector on the CPU or its device."""
+    device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def detect(batch: np.ndarray):
+        outputs = run_detector(model, torch.from_numpy(batch).to(device))
+        return [(o["boxes"].cpu().numpy(), o["scores"].cpu().numpy(), o["labels"].cpu().numpy()) for o in outputs]
+
+    return detect
+
+
+def run_reference(model, coco_json, preprocess_cfg: dict, postprocess_cfg: dict, detections_out, metrics_out, *,
+                  batch_size: int = 8) -> dict:
+    """Reference detections and COCO metrics of the PyTorch detector on the val split."""
+    results = detect_dataset(torch_detector(model), coco_json, preprocess_cfg, postprocess_cfg,
+                             batch_size=batch_size, desc="reference")
+    metrics = {**coco_map(coco_json, results), "executor": "pytorch", "device": str(next(model.parameters()).device)}
+    write_json(detections_out, results)
+    write_json(metrics_out, metrics)
+    return metrics

@@ -1,0 +1,60 @@
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from trtflow.export import ParityError, export_features, features_parity, level_names, output_names
+from trtflow.model import TORCHVISION_ARCHS, build_detector
+
+
+def exported(tmp_path, model_cfg, **kwargs):
+    torch.manual_seed(0)
+    model = build_detector(model_cfg).eval()
+    hw = (model_cfg["input"]["height"], model_cfg["input"]["width"])
+    path = tmp_path / "features.onnx"
+    proto = export_features(model, hw, path, metadata={"trtflow.checkpoint_sha256": "abc"}, **kwargs)
+    return model, path, proto
+
+
+def test_demo_features_outputs_and_parity(tmp_path, small_model_cfg):
+    model, path, proto = exported(tmp_path, small_model_cfg)
+    levels = ["p2", "p3", "p4", "p5", "pool"]
+    assert level_names(model, (128, 160)) == levels
+    assert [o.name for o in proto.graph.output] == output_names(levels)
+    assert [o.name for o in proto.graph.output][5:7] == ["objectness_p2", "deltas_p2"]
+    assert {p.key: p.value for p in proto.metadata_props}["trtflow.checkpoint_sha256"] == "abc"
+    assert proto.opset_import[0].version >= 17
+    images = np.random.default_rng(0).standard_normal((2, 3, 128, 160)).astype(np.float32)
+    report = features_parity(model, path, images, 1e-4)
+    assert report["passed"] and report["images"] == 2
+    assert all(o["max_abs"] <= 1e-4 * o["ref_max"] for o in report["outputs"].values())
+
+
+def test_dynamic_batch_axis(tmp_path, small_model_cfg):
+    _, path, proto = exported(tmp_path, small_model_cfg, dynamic_batch=True)
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outputs = session.run(["p2"], {"images": np.zeros((3, 3, 128, 160), np.float32)})
+    assert outputs[0].shape == (3, 64, 32, 40)
+
+
+@pytest.mark.parametrize("arch", TORCHVISION_ARCHS)
+def test_torchvision_arch_parity_with_random_weights(tmp_path, small_model_cfg, arch):
+    model, path, proto = exported(tmp_path, {**small_model_cfg, "arch": arch, "input": {"height": 128, "width": 128}})
+    onnx.checker.check_model(proto, full_check=True)
+    images = np.random.default_rng(1).standard_normal((1, 3, 128, 128)).astype(np.float32)
+    report = features_parity(model, path, images, 1e-4)
+    assert report["passed"], report["outputs"]
+
+
+def test_parity_gate_fails_with_the_output_named(tmp_path, small_model_cfg, config, monkeypatch):
+    model, path, _ = exported(tmp_path, small_model_cfg)
+    with torch.no_grad():
+        model.rpn.head.cls_logits.bias += 1.0  # PyTorch now disagrees with the exported graph
+    images = np.random.default_rng(0).standard_normal((1, 3, 128, 160)).astype(np.float32)
+    report = features_parity(model, path, images, 1e-4)
+    assert not report["passed"]
+    failing = {name for name, o in report["outputs"].items() if o["max_abs"] > 1e-4 * o["ref_max"]}
+    assert failing == {f"objectness_{level}" for level in ("p2", "p3", "p4", "p5", "pool")}
