@@ -1,6 +1,8 @@
 # trtflow: PyTorch Faster R-CNN -> verified TensorRT engines.
 # Every artifact lives under results/; ask for any of them by path.
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
+
+from trtflow.config import check_config
 
 min_version("9.0")
 
@@ -8,7 +10,8 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
+# Schema (defaults filled in, unknown keys and bad values refused) and named paths, before any job runs.
+check_config(config)
 
 
 include: "workflow/rules/common.smk"

@@ -6,6 +6,8 @@ from pathlib import Path
 RESULTS = Path("results")
 LOGS = Path("logs")
 SRC = Path("src/trtflow")
+# The software of every rule (relative to the rule files); documents what `make demo` installs.
+ENV = "../envs/trtflow.yaml"
 
 
 def config_section(*keys):
@@ -24,3 +26,9 @@ def library(*modules):
 def preprocess_settings():
     """The one preprocessing every stage uses: model input size + `preprocess:`."""
     return {"input": config["model"]["input"], **config["preprocess"]}
+
+
+def checkpoint_source(wildcards):
+    """The checkpoint to validate (the configured file, or a fresh demo training)."""
+    source = config["model"]["checkpoint"]
+    return RESULTS / "model/trained_demo.safetensors" if source == "train" else source

@@ -25,6 +25,8 @@ rule data:
         # num_train is left out: it only feeds data_train and must not rerun val/calib
         demo={key: value for key, value in config_section("data", "demo").items() if key != "num_train"},
         calibration_images=CALIBRATION_IMAGES,
+    conda:
+        ENV
     log:
         LOGS / "data/data.log",
     script:
@@ -40,6 +42,8 @@ rule data_train:
     params:
         seed=config_section("data", "demo", "seed"),
         num_train=config_section("data", "demo", "num_train"),
+    conda:
+        ENV
     log:
         LOGS / "data_train/data_train.log",
     script:

@@ -1,10 +1,6 @@
 # Stage `model`: a validated checkpoint (shipped demo detector, a user state_dict, or a fresh demo training).
 
 
-def checkpoint_source(wildcards):
-    source = config["model"]["checkpoint"]
-    return RESULTS / "model/trained_demo.safetensors" if source == "train" else source
-
 
 rule train_demo:
     input:
@@ -17,6 +13,8 @@ rule train_demo:
         preprocess=config["preprocess"],
     resources:
         gpu=1,
+    conda:
+        ENV
     log:
         LOGS / "train_demo.log",
     script:
@@ -33,6 +31,8 @@ rule model:
     params:
         arch=config["model"]["arch"],
         num_classes=config["model"]["num_classes"],
+    conda:
+        ENV
     log:
         LOGS / "model.log",
     script:

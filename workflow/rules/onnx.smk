@@ -11,6 +11,8 @@ rule onnx:
     params:
         model={key: config["model"][key] for key in ("arch", "num_classes", "input")},
         onnx=config["onnx"],
+    conda:
+        ENV
     log:
         LOGS / "onnx.log",
     script:
@@ -30,6 +32,8 @@ rule onnx_parity:
         preprocess=preprocess_settings(),
         images=config["verify"]["parity_images"],
         tolerance=config["verify"]["parity_tolerance"],
+    conda:
+        ENV
     log:
         LOGS / "onnx_parity.log",
     script:

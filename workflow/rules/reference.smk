@@ -14,6 +14,8 @@ rule reference:
         preprocess=preprocess_settings(),
         postprocess=config["postprocess"],
         batch_size=config["reference"]["batch_size"],
+    conda:
+        ENV
     log:
         LOGS / "reference.log",
     script:

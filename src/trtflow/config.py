@@ -1,0 +1,58 @@
+"""config.yaml checks that run before any job: one clear line per problem, naming the key and the fix."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+SCHEMA = Path(__file__).resolve().parents[2] / "workflow/schemas/config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """config.yaml holds a value the pipeline cannot use."""
+
+
+def key_path(parts) -> str:
+    return ".".join(str(part) for part in parts) or "(top level)"
+
+
+def schema_problems(config: dict, schema_path: str | Path = SCHEMA) -> list[str]:
+    """Every schema violation as `key: problem`, most specific first."""
+    import jsonschema
+
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: (-len(e.absolute_path), e.message))
+    return [f"{key_path(e.absolute_path)}: {e.message}" for e in errors]
+
+
+def path_problems(config: dict, workdir: str | Path = ".") -> list[str]:
+    """Files and folders named in config that do not exist (after defaults are filled in)."""
+    workdir = Path(workdir)
+    problems = []
+    checkpoint = config["model"]["checkpoint"]
+    if checkpoint != "train" and not (workdir / checkpoint).is_file():
+        problems.append(f"model.checkpoint: {checkpoint} does not exist; point it at a state_dict file "
+                        f"(.safetensors/.pt/.pth) or set it to `train` (demo detector only)")
+    if checkpoint == "train" and config["model"]["arch"] != "demo":
+        problems.append(f"model.checkpoint: `train` only trains the demo detector, not {config['model']['arch']}; "
+                        f"give a state_dict path")
+    data = config["data"]
+    if data["source"] == "coco":
+        if not data["images"] or not (workdir / data["images"]).is_dir():
+            problems.append(f"data.images: {data['images']} is not a folder; with data.source: coco it must hold your images")
+        if data["annotations"] and not (workdir / data["annotations"]).is_file():
+            problems.append(f"data.annotations: {data['annotations']} does not exist; give a COCO instances JSON or null")
+    return problems
+
+
+def check_config(config: dict, config_file: str = "config.yaml", workdir: str | Path = ".") -> None:
+    """Raise one ConfigError listing every problem of `config` (schema first, then missing paths)."""
+    problems = schema_problems(config)
+    if not problems:
+        from snakemake.utils import validate
+
+        validate(config, str(SCHEMA))  # fills in the defaults
+        problems = path_problems(config, workdir)
+    if problems:
+        raise ConfigError(f"{config_file}: " + ("\n  ".join(["invalid configuration:", *problems])))

@@ -1,0 +1,49 @@
+import copy
+
+import pytest
+import yaml
+
+from trtflow.config import ConfigError, check_config
+from conftest import ROOT
+
+RAW = yaml.safe_load((ROOT / "config.yaml").read_text())
+
+
+def checked(mutate):
+    config = copy.deepcopy(RAW)
+    mutate(config)
+    check_config(config, workdir=ROOT)
+    return config
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c["model"]["input"].update(height=-320), r"model\.input\.height: -320 is less than the minimum of 32"),
+    (lambda c: c["model"]["input"].update(width=333), r"model\.input\.width: 333 is not a multiple of 32"),
+    (lambda c: c["model"].update(arch="yolo"), r"model\.arch: 'yolo' is not one of \['demo'"),
+    (lambda c: c["model"]["rpn"].update(pre_nms_top_n="many"), r"model\.rpn\.pre_nms_top_n: 'many' is not of type 'integer'"),
+    (lambda c: c.update(backend="onnx"), r"backend: 'onnx' is not one of"),
+    (lambda c: c["postprocess"].update(iou_thresh=1.5), r"postprocess\.iou_thresh: 1\.5 is greater than the maximum of 1"),
+    (lambda c: c["data"].update(surprise=True), r"data: Additional properties are not allowed \('surprise' was unexpected\)"),
+    (lambda c: c["model"].update(num_classes=1), r"model\.num_classes: 1 is less than the minimum of 2"),
+])
+def test_schema_rejects_bad_values_naming_the_key(mutate, message):
+    with pytest.raises(ConfigError, match=message):
+        checked(mutate)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c["model"].update(checkpoint="models/missing.pth"), r"model\.checkpoint: models/missing\.pth does not exist"),
+    (lambda c: c["model"].update(checkpoint="train", arch="fasterrcnn_resnet50_fpn"), r"`train` only trains the demo"),
+    (lambda c: c["data"].update(source="coco", images="no/such/folder"), r"data\.images: no/such/folder is not a folder"),
+    (lambda c: c["data"].update(source="coco", images="tests", annotations="no.json"), r"data\.annotations: no\.json does not exist"),
+])
+def test_missing_files_are_named_before_any_job(mutate, message):
+    with pytest.raises(ConfigError, match=message):
+        checked(mutate)
+
+
+def test_defaults_are_filled_in():
+    config = checked(lambda c: c.pop("postprocess") and c["model"].pop("box"))
+    assert config["postprocess"] == {"score_thresh": 0.05, "iou_thresh": 0.5, "max_detections": 100}
+    assert config["model"]["box"]["detections_per_img"] == 100
+    assert config["onnx"]["opset"] >= 17 and config["model"]["train"]["epochs"] == 30
