@@ -20,6 +20,7 @@ include: "workflow/rules/model.smk"
 include: "workflow/rules/reference.smk"
 #include: "workflow/rules/weights.smk"
 include: "workflow/rules/onnx.smk"
+include: "workflow/rules/calibrate.smk"
 
 
 rule all:

@@ -16,7 +16,7 @@ rule train_demo:
     conda:
         ENV
     log:
-        LOGS / "train_demo.log",
+        LOGS / "train_demo/train_demo.log",
     script:
         "../scripts/train_demo.py"
 
@@ -34,6 +34,6 @@ rule model:
     conda:
         ENV
     log:
-        LOGS / "model.log",
+        LOGS / "model/model.log",
     script:
         "../scripts/validate_model.py"

@@ -14,7 +14,7 @@ rule onnx:
     conda:
         ENV
     log:
-        LOGS / "onnx.log",
+        LOGS / "onnx/onnx.log",
     script:
         "../scripts/export_onnx.py"
 
@@ -35,6 +35,6 @@ rule onnx_parity:
     conda:
         ENV
     log:
-        LOGS / "onnx_parity.log",
+        LOGS / "onnx_parity/onnx_parity.log",
     script:
         "../scripts/onnx_parity.py"

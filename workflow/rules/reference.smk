@@ -17,6 +17,6 @@ rule reference:
     conda:
         ENV
     log:
-        LOGS / "reference.log",
+        LOGS / "reference/reference.log",
     script:
         "../scripts/reference.py"
