@@ -18,9 +18,10 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/reference.smk"
-#include: "workflow/rules/weights.smk"
+include: "workflow/rules/weights.smk"
 include: "workflow/rules/onnx.smk"
 include: "workflow/rules/calibrate.smk"
+include: "workflow/rules/engine.smk"
 
 
 rule all:

@@ -1,0 +1,184 @@
+"""trtflow.backend: selection, errors, strongly typed networks, builder config, layer precisions.
+
+TensorRT-RTX (in the venv) is exercised for real on this CPU. Full TensorRT cannot be installed
+here (NVIDIA's index and a CUDA GPU); its tests skip with that reason.
+"""
+
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from trtflow import backend as backends
+from trtflow.backend import BackendUnavailableError, load_backend, precisions
+
+FULL_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+needs_full_tensorrt = pytest.mark.skipif(
+    not FULL_TENSORRT, reason="full TensorRT is not installed here (it needs NVIDIA's pip index and a CUDA GPU)"
+)
+
+
+@pytest.fixture
+def fresh_backends():
+    """load_backend caches per name; tests that hide modules need an empty cache before and after."""
+    load_backend.cache_clear()
+    yield
+    load_backend.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def rtx():
+    return load_backend("tensorrt_rtx")
+
+
+def test_unsupported_backend_name_lists_the_choices():
+    with pytest.raises(ValueError, match=r"'tensorrt8' is not supported; use one of auto, tensorrt, tensorrt_rtx"):
+        load_backend("tensorrt8")
+
+
+def test_auto_prefers_full_tensorrt_then_rtx():
+    expected = "tensorrt" if FULL_TENSORRT else "tensorrt_rtx"
+    assert load_backend("auto").name == expected
+
+
+def test_no_backend_names_both_install_commands(fresh_backends, monkeypatch):
+    # A None entry in sys.modules makes `import` raise ImportError: the module is absent.
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)
+    with pytest.raises(BackendUnavailableError) as error:
+        load_backend("auto")
+    message = str(error.value)
+    assert "pip install tensorrt-rtx-cu13" in message
+    assert "pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu13" in message
+
+
+def test_requested_backend_missing_names_its_install_command(fresh_backends, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(BackendUnavailableError, match="tensorrt-cu13") as error:
+        load_backend("tensorrt")
+    assert "tensorrt-rtx-cu13" not in str(error.value)
+
+
+def test_rtx_version_and_capabilities(rtx):
+    assert rtx.name == "tensorrt_rtx"
+    assert rtx.major >= 1 and rtx.version == rtx.trt.__version__
+    caps = rtx.capabilities
+    assert (caps.python_plugins, caps.nms_layer, caps.int8_kernels, caps.implicit_calibrator, caps.timing_cache) == (
+        False, False, False, False, False,
+    )
+    assert caps.compute_capability_targets
+
+
+def test_rtx_networks_are_strongly_typed(rtx):
+    builder = rtx.create_builder()  # no GPU here: TensorRT-RTX builds ahead of time
+    network = rtx.create_network(builder)
+    assert network.get_flag(rtx.trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    with pytest.raises(ValueError, match="strongly typed networks only"):
+        rtx.create_network(builder, strongly_typed=False)
+
+
+def test_rtx_compute_capability_names(rtx):
+    names = rtx.compute_capability_names()
+    assert names["8.6"] == "SM86" and names["12.0"] == "SM120" and names["current"] == "CURRENT"
+    defaults = rtx.default_compute_capabilities()
+    assert {"8.0", "8.6", "8.9", "12.0"} <= set(defaults)
+    assert "7.5" not in defaults and "9.0" not in defaults  # Turing needs opting in; Hopper is unsupported
+
+
+def _input_network(rtx, builder):
+    network = rtx.create_network(builder)
+    network.add_input("images", rtx.trt.float32, (-1, 3, 8, 8))
+    return network
+
+
+def test_rtx_builder_config_settings(rtx):
+    trt = rtx.trt
+    builder = rtx.create_builder()
+    _input_network(rtx, builder)
+    shapes = {"images": ((1, 3, 8, 8), (2, 3, 8, 8), (4, 3, 8, 8))}
+    config = rtx.create_config(
+        builder, workspace_mb=256, opt_level=2, profile_shapes=shapes, compute_capabilities=["8.6", "12.0"]
+    )
+    assert config.get_memory_pool_limit(trt.MemoryPoolType.WORKSPACE) == 256 << 20
+    assert config.builder_optimization_level == 2
+    assert config.num_optimization_profiles == 1
+    assert config.num_compute_capabilities == 2
+    assert config.get_compute_capability(0) == trt.ComputeCapability.SM86
+    assert config.get_compute_capability(1) == trt.ComputeCapability.SM120
+
+
+@pytest.mark.parametrize("targets", [["9.0"], ["current", "8.6"], ["sm86"]])
+def test_rtx_rejects_unknown_compute_capabilities(rtx, targets):
+    builder = rtx.create_builder()
+    with pytest.raises(ValueError, match=r"engine.rtx.compute_capabilities .* use one or more of"):
+        rtx.create_config(builder, workspace_mb=64, opt_level=0, profile_shapes={}, compute_capabilities=targets)
+
+
+def test_rtx_parse_error_carries_the_parser_message(rtx):
+    builder = rtx.create_builder()
+    network = rtx.create_network(builder)
+    with pytest.raises(backends.BuildError, match="could not parse broken.onnx"):
+        rtx.parse_onnx(network, b"not an onnx model", "broken.onnx")
+
+
+def test_network_precisions_count_declared_types(rtx):
+    trt = rtx.trt
+    network = _input_network(rtx, rtx.create_builder())
+    cast = network.add_cast(network.get_input(0), trt.float16)
+    network.add_activation(cast.get_output(0), trt.ActivationType.RELU)
+    summary = precisions.from_network(network, "no GPU")
+    assert summary["source"] == "network_definition" and summary["layers"] == 2
+    assert summary["output_dtypes"] == {"HALF": 2}
+    assert summary["by_layer_type"] == {"ACTIVATION": {"HALF": 1}, "CAST": {"HALF": 1}}
+
+
+def test_inspector_precisions_read_tensorrt_10_and_11_fields():
+    # Field names as documented: TensorRT 10 "Format/Datatype", TensorRT 11 "DataType".
+    engine_information = json.dumps({
+        "Layers": [
+            {"Name": "conv1", "LayerType": "CaskConvolution",
+             "Outputs": [{"Name": "a", "Format/Datatype": "Channel major FP16 format where channel % 8 == 0"}]},
+            {"Name": "conv2", "LayerType": "CaskConvolution",
+             "Outputs": [{"Name": "b", "Format/Datatype": "Channel major INT8 format where channel % 32 == 0"}]},
+            {"Name": "cast", "LayerType": "Reformat",
+             "Outputs": [{"Name": "c", "DataType": "Float", "Format": "kLINEAR"}]},
+            "name-only layer",
+        ]
+    })
+    summary = precisions.from_inspector(engine_information)
+    assert summary["source"] == "engine_inspector" and summary["layers"] == 3
+    assert summary["output_dtypes"] == {"HALF": 1, "INT8": 1, "FLOAT": 1}
+    assert summary["by_layer_type"]["CaskConvolution"] == {"HALF": 1, "INT8": 1}
+
+
+# -- full TensorRT (skipped here) ---------------------------------------------------------
+
+
+@needs_full_tensorrt
+def test_tensorrt_capabilities_follow_the_version():
+    trt_backend = load_backend("tensorrt")
+    caps = trt_backend.capabilities
+    assert caps.nms_layer and caps.int8_kernels and caps.timing_cache and caps.python_plugins
+    assert caps.implicit_calibrator == (trt_backend.major == 10)
+    assert not caps.compute_capability_targets
+
+
+@needs_full_tensorrt
+def test_tensorrt_network_is_strongly_typed():
+    trt_backend = load_backend("tensorrt")
+    network = trt_backend.create_network(trt_backend.create_builder())
+    assert network.get_flag(trt_backend.trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+
+
+@needs_full_tensorrt
+def test_tensorrt_10_calibrator_serves_the_table_without_batches():
+    trt_backend = load_backend("tensorrt")
+    if not trt_backend.capabilities.implicit_calibrator:
+        pytest.skip(f"{trt_backend.describe()} removed the implicit calibrator (TensorRT 11+)")
+    from trtflow.backend.implicit_int8 import cache_only_calibrator
+
+    table = b"TRT-100-EntropyCalibration2\nimages: 3c010a14\n"
+    calibrator = cache_only_calibrator(trt_backend.trt, table, batch_size=2)
+    assert calibrator.read_calibration_cache() == table
+    assert calibrator.get_batch(["images"]) is None and calibrator.get_batch_size() == 2

@@ -1,0 +1,36 @@
+# Stage `engine`: features ONNX + the TensorRT-API head -> results/engine_{precision}.plan + .json metadata.
+# TensorRT-RTX builds on a CPU (ahead of time); full TensorRT needs the GPU the plan is for.
+rule engine:
+    input:
+        unpack(engine_extras),
+        onnx=engine_onnx,
+        weights=RESULTS / "weights/head.safetensors",
+        manifest=RESULTS / "weights/manifest.json",
+        code=library(
+            "engine", "network", "head", "weights", "backend/__init__", "backend/implicit_int8", "backend/precisions",
+            *(["plugins", "backend/roi_align_plugin"] if ENGINE["roi_align"] == "plugin" else []),
+        ),
+    output:
+        plan=RESULTS / "engine_{precision}.plan",
+        metadata=RESULTS / "engine_{precision}.json",
+    wildcard_constraints:
+        precision="fp32|fp16|int8",
+    params:
+        backend=config["backend"],
+        # `precisions` only says which plans `engines` asks for; it must not rerun a plan
+        engine={key: value for key, value in ENGINE.items() if key != "precisions"},
+        # shared by concurrent builds (file lock, merged), so not an output of any one job
+        timing_cache=RESULTS / "cache/timing.cache",
+    resources:
+        gpu=engine_gpus(),
+    conda:
+        ENV
+    log:
+        LOGS / "engine/{precision}.log",
+    script:
+        "../scripts/build_engine.py"
+
+
+rule engines:
+    input:
+        expand(RESULTS / "engine_{precision}.plan", precision=ENGINE["precisions"]),

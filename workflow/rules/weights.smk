@@ -1,0 +1,25 @@
+# Stage `weights`: the tensors and metadata the API-built head reads (results/weights/), each file
+# read back and compared bit for bit before it is kept.
+
+WEIGHTS = config["weights"]
+
+
+rule weights:
+    input:
+        checkpoint=RESULTS / "model/checkpoint.safetensors",
+        info=RESULTS / "model/model.json",
+        code=library("weights", "model", "export"),
+    output:
+        tensors=RESULTS / "weights/head.safetensors",
+        manifest=RESULTS / "weights/manifest.json",
+        **({"wts": RESULTS / "weights/head.wts"} if "wts" in WEIGHTS["format"] else {}),
+    params:
+        # the head's budgets and thresholds live in model.rpn / model.box: edits there re-export
+        model={key: config["model"][key] for key in ("arch", "num_classes", "input", "rpn", "box")},
+        weights=WEIGHTS,
+    conda:
+        ENV
+    log:
+        LOGS / "weights/weights.log",
+    script:
+        "../scripts/export_weights.py"
