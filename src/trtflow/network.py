@@ -8,13 +8,14 @@ that module for the semantics (torchvision's RPN / MultiScaleRoIAlign / RoIHeads
 The same code serves TensorRT 10.x, 11.x and TensorRT-RTX (`trt` is whichever module imported):
 only layers that build on all of them are used by default — TopK, Gather, Loop (WHILE), MatrixMultiply,
 ElementWise, Unary, Reduce, Select, Cast, Shuffle, Concatenation, Slice (FILL), SoftMax, Activation,
-Convolution, Constant. Strongly and weakly typed networks both work: every dtype change is an
-explicit Cast. The batch axis may be dynamic: no layer depends on its value (reshapes copy it with 0,
-constants broadcast over it, batched gathers use one element-wise dimension).
+Convolution, Constant. Every dtype change is an explicit Cast, as strongly typed networks require
+(the weakly typed TensorRT-10 implicit-INT8 network takes the same layers; not built here). The batch
+axis may be dynamic: no layer depends on its value (reshapes copy it with 0, constants broadcast
+over it, batched gathers use one element-wise dimension, padding takes its size from a Shape layer).
 
-Options for full TensorRT only: ``roi_align="plugin"`` (our MultiLevelRoIAlign plugin through
-``add_plugin_v3``) and ``nms="builtin_layer"`` (INMSLayer). TensorRT-RTX has neither a Python plugin
-path nor an INMSLayer that builds; asking for them there raises `HeadBuildError`.
+Options for full TensorRT only: ``roi_align="plugin"`` (our MultiLevelRoIAlign plugin, see
+trtflow.backend.roi_align_plugin) and ``nms="builtin_layer"`` (INMSLayer). TensorRT-RTX has neither
+a Python plugin path nor an INMSLayer that builds; asking for them there raises `HeadBuildError`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from trtflow.head import LN2, NO_SCORE, by_level, level_anchors
 MAX_TOP_K = 3840  # ITopKLayer: k <= 3840
 ROI_ALIGN_CHOICES = ("builtin", "plugin")
 NMS_CHOICES = ("static", "builtin_layer")
-ROI_ALIGN_PLUGIN = ("MultiLevelRoIAlign", "1", "trtflow")  # name, version, namespace
 NMS_LAYER_TOP_K_LIMIT = 5000  # INMSLayer: topk_box_limit <= 5000 (2000 on SM 5.3 / 6.2)
 
 
@@ -389,35 +389,27 @@ def multilevel_roi_align(g: Graph, maps, boxes, roi_pool: Mapping):
 
 
 def plugin_roi_align(g: Graph, maps, boxes, roi_pool: Mapping):
-    """Full TensorRT only: our MultiLevelRoIAlign plugin (trtflow.plugins), registered beforehand.
-
-    Inputs: rois (B·P, 5) = batch index, x1, y1, x2, y2 (float32), then the pooled maps finest first;
-    output (B·P, C, oh, ow) in the maps' dtype. Fields (int32): output_height, output_width,
-    sampling_ratio, aligned, first_level, canonical_scale, canonical_level.
-    """
+    """Full TensorRT only: our MultiLevelRoIAlign plugin (trtflow.backend.roi_align_plugin, registered
+    beforehand by trtflow.plugins.register_plugins) on rois (B·P, 5) = batch index, x1, y1, x2, y2."""
     trt = g.trt
     if not hasattr(g.network, "add_plugin_v3"):
         raise HeadBuildError(f"roi_align: plugin needs full TensorRT (add_plugin_v3); {trt.__name__} has no "
                              "Python plugin layers: set engine.roi_align: builtin")
-    name, version, namespace = ROI_ALIGN_PLUGIN
-    creator = trt.get_plugin_registry().get_creator(name, version, namespace)
-    if creator is None:
-        raise HeadBuildError(f"plugin {namespace}::{name} v{version} is not registered: call "
-                             "trtflow.plugins.register_plugins(backend, library) before building the head")
+    from trtflow.backend import load_backend
+    from trtflow.backend.roi_align_plugin import add_multilevel_roi_align
+    from trtflow.plugins import RoIAlignSpec
+
     (out_h, out_w), count = roi_pool["output_size"], boxes.shape[1]
-    values = {"output_height": out_h, "output_width": out_w, "sampling_ratio": roi_pool["sampling_ratio"],
-              "aligned": int(roi_pool["aligned"]), "first_level": roi_pool["k_min"],
-              "canonical_scale": int(roi_pool["canonical_scale"]), "canonical_level": int(roi_pool["canonical_level"])}
-    fields = trt.PluginFieldCollection([trt.PluginField(k, np.asarray([v], dtype=np.int32), trt.PluginFieldType.INT32)
-                                        for k, v in values.items()])
-    plugin = creator.create_plugin(name, fields, trt.TensorRTPhase.BUILD)
-    # batch index per RoI: the running count of ones down the batch axis, minus one
+    spec = RoIAlignSpec.from_scales(roi_pool["scales"], output_size=(out_h, out_w),
+                                    sampling_ratio=roi_pool["sampling_ratio"], aligned=roi_pool["aligned"],
+                                    canonical_scale=int(roi_pool["canonical_scale"]),
+                                    canonical_level=int(roi_pool["canonical_level"]))
+    # each RoI's image: a running count of ones down the batch axis, minus one
     ones = g.add(g.mul(g.take(boxes, -1, [0]), 0.0), 1.0)  # (B, P, 1)
     cumulative = g.network.add_cumulative(ones, g.const(np.asarray(0, dtype=np.int32)),
                                           trt.CumulativeOperation.SUM, False, False)
-    batch_index = g.sub(g.out(cumulative), 1.0)
-    rois = g.reshape(g.concat([batch_index, boxes], -1), (-1, 5))
-    pooled = g.out(g.network.add_plugin_v3([rois, *maps], [], plugin))
+    rois = g.reshape(g.concat([g.sub(g.out(cumulative), 1.0), boxes], -1), (-1, 5))
+    pooled = add_multilevel_roi_align(load_backend(trt.__name__), g.network, maps, rois, spec)
     return g.reshape(pooled, (-1, count, maps[0].shape[1], out_h, out_w))
 
 
