@@ -424,3 +424,28 @@ def calibrate_features(features_onnx: str | Path, images: str | Path, *, table_p
     _write_text(ranges_path, json.dumps(document, indent=1) + "\n")
     log.info("wrote %s (%d tensors), %s, %s", table_path, len(table.scales), ranges_path, qdq_path)
     return document
+
+
+def simulated_accuracy(features_onnx: str | Path, qdq_onnx: str | Path, weights_dir: str | Path, val_json: str | Path,
+                       out_path: str | Path, *, preprocess: dict, postprocess: dict, batch_size: int = 8) -> dict:
+    """COCO mAP of the float features vs the Q/DQ features, both finished by the same deployment head.
+
+    ONNX Runtime runs each graph as written (simulated quantization), so `delta` is what the scales alone
+    cost, before any TensorRT kernel choice.
+    """
+    from trtflow.executors import onnxruntime_static_head_executor
+    from trtflow.metrics import coco_map, write_json
+    from trtflow.reference import detect_dataset
+    from trtflow.weights import load_head
+
+    manifest, tensors = load_head(weights_dir)
+    scores = {}
+    for key, onnx_path in (("fp32_mAP", features_onnx), ("int8_sim_mAP", qdq_onnx)):
+        executor = onnxruntime_static_head_executor(onnx_path, manifest, tensors, device="cpu",
+                                                    providers=["CPUExecutionProvider"])
+        results = detect_dataset(executor, val_json, preprocess, postprocess, batch_size=batch_size, desc=key)
+        scores[key] = coco_map(val_json, results)["mAP"]
+    report = {**scores, "delta": scores["fp32_mAP"] - scores["int8_sim_mAP"], "executor": "onnxruntime",
+              "head": "trtflow.head.StaticHead (fp32, CPU)"}
+    write_json(out_path, report)
+    return report

@@ -22,3 +22,24 @@ rule calibrate:
         LOGS / "calibrate/calibrate.log",
     script:
         "../scripts/calibrate.py"
+
+
+rule calibration_accuracy:
+    input:
+        features=RESULTS / "onnx/features.onnx",
+        qdq=RESULTS / "onnx/features.qdq.onnx",
+        weights=RESULTS / "weights/head.safetensors",
+        manifest=RESULTS / "weights/manifest.json",
+        val=RESULTS / "data/val.json",
+        code=library("calibrate", "executors", "head", "weights", "reference", "preprocess", "postprocess", "metrics"),
+    output:
+        RESULTS / "calib/accuracy.json",
+    params:
+        preprocess=preprocess_settings(),
+        postprocess=config["postprocess"],
+    conda:
+        ENV
+    log:
+        LOGS / "calibration_accuracy/calibration_accuracy.log",
+    script:
+        "../scripts/calibration_accuracy.py"
