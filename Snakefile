@@ -21,6 +21,7 @@ include: "workflow/rules/reference.smk"
 include: "workflow/rules/weights.smk"
 include: "workflow/rules/onnx.smk"
 include: "workflow/rules/calibrate.smk"
+include: "workflow/rules/plugins.smk"
 include: "workflow/rules/engine.smk"
 
 

@@ -53,6 +53,7 @@ def engine_extras(wildcards):
         extras["table"] = RESULTS / "calib/int8calib.table"
     if ENGINE["roi_align"] == "plugin":
         extras["plugin"] = RESULTS / "plugins/libtrtflow_plugins.so"
+        extras["plugin_ptx"] = RESULTS / "plugins/multilevel_roi_align.ptx"
     return extras
 
 

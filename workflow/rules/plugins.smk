@@ -1,0 +1,20 @@
+# Stage `plugins`: nvcc compiles plugins/*.cu into the plugin library (fat binary + PTX), the
+# PTX the ahead-of-time TensorRT plugin embeds, and build.json. Editing a .cu or .h reruns it.
+
+
+rule plugins:
+    input:
+        sources=sorted(Path("plugins").glob("*.cu")) + sorted(Path("plugins").glob("*.h")),
+        code=library("plugins"),
+    output:
+        library=RESULTS / "plugins/libtrtflow_plugins.so",
+        ptx=RESULTS / "plugins/multilevel_roi_align.ptx",
+        record=RESULTS / "plugins/build.json",
+    params:
+        plugins=config_section("plugins"),
+    conda:
+        ENV
+    log:
+        LOGS / "plugins/build.log",
+    script:
+        "../scripts/build_plugins.py"
