@@ -23,6 +23,7 @@ include: "workflow/rules/onnx.smk"
 include: "workflow/rules/calibrate.smk"
 include: "workflow/rules/plugins.smk"
 include: "workflow/rules/engine.smk"
+include: "workflow/rules/verify.smk"
 
 
 rule all:
@@ -30,3 +31,7 @@ rule all:
     input:
         RESULTS / "reference/metrics.json",
         RESULTS / "onnx/parity.json",
+        RESULTS / "calib/accuracy.json",
+        RESULTS / "plugins/build.json",
+        expand(RESULTS / "engine_{precision}.plan", precision=config["engine"]["precisions"]),
+        RESULTS / "report.html",

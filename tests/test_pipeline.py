@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT
 
 WORKFLOW_FILES = ("Snakefile", "config.yaml", "workflow", "src", "models", "plugins")
-TARGETS = ("results/reference/metrics.json", "results/onnx/parity.json")
+TARGETS = ("all",)
 
 
 def snakemake(workdir, *args, check=True):
@@ -42,6 +42,19 @@ def test_demo_reference_reaches_the_map_bar(demo):
 def test_demo_onnx_parity_passes(demo):
     parity = json.loads((demo / "results/onnx/parity.json").read_text())
     assert parity["passed"] and parity["max_abs"] <= 1e-4 * max(o["ref_max"] for o in parity["outputs"].values())
+
+
+def test_demo_int8_simulation_keeps_the_map(demo):
+    accuracy = json.loads((demo / "results/calib/accuracy.json").read_text())
+    assert accuracy["fp32_mAP"] >= 0.60 and accuracy["delta"] <= 0.005  # at most 0.5 mAP points lost
+
+
+def test_demo_engines_are_real_plans_with_metadata(demo):
+    for precision in ("fp32", "fp16", "int8"):
+        plan = demo / f"results/engine_{precision}.plan"
+        metadata = json.loads((demo / f"results/engine_{precision}.json").read_text())
+        assert metadata["precision"] == precision and metadata["plan_bytes"] == plan.stat().st_size > 1_000_000
+        assert [o["name"] for o in metadata["outputs"]] == ["num_detections", "boxes", "scores", "classes"]
 
 
 def test_second_run_has_nothing_to_do_quickly(demo):

@@ -1,0 +1,269 @@
+"""Executors: the `detect` callables that verification and benchmarks plug into
+`trtflow.reference.detect_dataset`, each carrying its name and exactly what it runs.
+
+- ``pytorch``: torchvision's own detector, eager (the reference).
+- ``pytorch+static-head``: the deployment form in PyTorch: the features network (backbone, FPN, RPN head
+  convolutions) + `trtflow.head.StaticHead`, on one device, fp32 or fp16, optionally in CUDA graphs.
+- ``onnxruntime+static-head``: ONNX Runtime runs features.onnx (or the Q/DQ features.qdq.onnx), the
+  StaticHead finishes detection from its outputs by name. The executor wherever no engine can run.
+- ``tensorrt``: a plan through `trtflow.runtime.EngineRunner`.
+
+`detect(batch: np.ndarray (B, 3, H, W) float32) -> [(boxes, scores, classes)]` per image, in input
+pixels; head outputs are cut at `num_detections`. Nothing substitutes one executor for another: a
+constructor that cannot build what it was asked for raises, and `details` records what really runs
+(device, dtypes, ONNX Runtime's active providers, CUDA graph mode).
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from trtflow.export import INPUT_NAME, FeaturesNetwork, output_names
+from trtflow.head import StaticHead
+
+HEAD_OUTPUTS = ("num_detections", "boxes", "scores", "classes")
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+CUDA_GRAPH_MODES = ("none", "features", "whole")
+
+
+@dataclass(frozen=True)
+class Executor:
+    """A named `detect` callable; `details` says what exactly it runs."""
+
+    name: str
+    detect: Callable[[np.ndarray], list]
+    details: Mapping = field(default_factory=dict)
+
+    def __call__(self, batch: np.ndarray) -> list:
+        return self.detect(batch)
+
+    def describe(self) -> dict:
+        return {"executor": self.name, **self.details}
+
+    def with_note(self, note: str | None) -> Executor:
+        """The same executor, its details saying `note` (where it runs otherwise than asked, and why)."""
+        return self if note is None else replace(self, details={**self.details, "note": note})
+
+
+class CaptureError(RuntimeError):
+    """A computation cannot be captured into a CUDA graph (host syncs, data-dependent shapes ...)."""
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def head_detections(outputs: Mapping) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Head outputs (num_detections, boxes, scores, classes; zero-padded) -> per image the first
+    num_detections (boxes, scores, classes) as numpy."""
+    arrays = {name: np.asarray(outputs[name].cpu() if isinstance(outputs[name], torch.Tensor) else outputs[name])
+              for name in HEAD_OUTPUTS}
+    return [(arrays["boxes"][i, :n], arrays["scores"][i, :n], arrays["classes"][i, :n])
+            for i, n in enumerate(arrays["num_detections"].astype(int))]
+
+
+# --------------------------------------------------------------------------- CUDA graphs
+
+
+def capture_cuda_graph(fn: Callable, example: torch.Tensor, warmup: int = 3) -> Callable[[torch.Tensor], object]:
+    """`fn` captured once into a CUDA graph over a static copy of `example`; the returned callable copies
+    its input in and replays. Its outputs are the graph's static tensors: overwritten by the next call."""
+    static_input = example.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graph requires
+        for _ in range(warmup):
+            fn(static_input)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            static_output = fn(static_input)
+    except Exception as error:  # torch raises RuntimeError or AcceleratorError, with the CUDA reason
+        torch.cuda.synchronize()
+        what = getattr(fn, "__qualname__", None) or type(fn).__name__
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise CaptureError(f"{what} cannot be captured into a CUDA graph: {reason}") from error
+
+    def replay(images: torch.Tensor):
+        static_input.copy_(images)
+        graph.replay()
+        return static_output
+
+    return replay
+
+
+class GraphPerShape:
+    """`fn` through one CUDA graph per input shape, captured at the first call with that shape."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.graphs: dict[tuple, Callable] = {}
+
+    def __call__(self, images: torch.Tensor):
+        key = (tuple(images.shape), images.dtype)
+        if key not in self.graphs:
+            self.graphs[key] = capture_cuda_graph(self.fn, images)
+        return self.graphs[key](images)
+
+
+# --------------------------------------------------------------------------- torchvision
+
+
+def pytorch_executor(model, *, dtype: str = "float32") -> Executor:
+    """torchvision's detector, eager, on the model's device; float16 runs under CUDA autocast."""
+    from trtflow.model import run_detector
+
+    device = next(model.parameters()).device
+    if dtype == "float16" and device.type != "cuda":
+        raise ValueError("pytorch float16 runs under CUDA autocast; on the CPU use dtype float32")
+
+    @torch.no_grad()
+    def detect(batch: np.ndarray):
+        images = torch.from_numpy(batch).to(device)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=dtype == "float16"):
+            outputs = run_detector(model, images)
+        return [(o["boxes"].float().cpu().numpy(), o["scores"].float().cpu().numpy(), o["labels"].cpu().numpy())
+                for o in outputs]
+
+    return Executor("pytorch", detect, {"device": str(device), "dtype": dtype,
+                                        "autocast": dtype == "float16"})
+
+
+# --------------------------------------------------------------------------- the deployment form
+
+
+class DeploymentForm(nn.Module):
+    """The network the engine builds, in PyTorch: the features network (backbone + FPN + RPN head
+    convolutions, as exported to ONNX) in `dtype`, then the StaticHead in `dtype`.
+
+    The features are a copy when `dtype` is not float32, so the caller's model is left as it was.
+    """
+
+    def __init__(self, model, manifest: Mapping, tensors: Mapping, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        features = FeaturesNetwork(model).eval()
+        self.features = features if dtype == torch.float32 else copy.deepcopy(features).to(dtype)
+        self.dtype = dtype
+        self.names = output_names([level["name"] for level in manifest["features"]])
+        self.head = StaticHead(manifest, tensors, dtype)
+
+    def extract(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Features-network outputs by their ONNX names (p2 ..., objectness_p2 ..., deltas_p2 ...)."""
+        return dict(zip(self.names, self.features(images.to(self.dtype))))
+
+    def detect(self, maps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.head(maps, maps, maps)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.detect(self.extract(images))
+
+
+def pytorch_static_head_executor(model, manifest: Mapping, tensors: Mapping, *, dtype: str = "float32",
+                                 device: str | torch.device | None = None, cuda_graph: str = "none") -> Executor:
+    """The deployment form on one device. `cuda_graph`: none | features (the features network replayed from
+    a CUDA graph, the head eager) | whole (features and head in one graph). A computation that cannot be
+    captured raises CaptureError at its first batch, it never falls back to eager."""
+    if cuda_graph not in CUDA_GRAPH_MODES:
+        raise ValueError(f"cuda_graph = {cuda_graph!r}: use one of {', '.join(CUDA_GRAPH_MODES)}")
+    device = torch.device(device) if device is not None else default_device()
+    if cuda_graph != "none" and device.type != "cuda":
+        raise ValueError(f"cuda_graph = {cuda_graph!r} needs a CUDA device, got {device}")
+    form = DeploymentForm(model, manifest, tensors, DTYPES[dtype]).to(device).eval()
+    if cuda_graph == "whole":
+        run = GraphPerShape(form)
+    elif cuda_graph == "features":
+        extract = GraphPerShape(form.extract)
+        run = lambda images: form.detect(extract(images))  # noqa: E731
+    else:
+        run = form
+
+    @torch.no_grad()
+    def detect(batch: np.ndarray):
+        return head_detections(run(torch.from_numpy(batch).to(device)))
+
+    return Executor("pytorch+static-head", detect, {"device": str(device), "dtype": dtype, "head_dtype": dtype,
+                                                    "cuda_graph": cuda_graph})
+
+
+# --------------------------------------------------------------------------- ONNX Runtime + the head
+
+
+def onnxruntime_providers() -> list[str]:
+    """CUDA execution provider where ONNX Runtime has it and a GPU is visible, else the CPU."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class FeaturesSession:
+    """An ONNX Runtime session of a features graph: a (B, 3, H, W) batch -> every output by name.
+    A graph with a static batch size runs the batch in chunks of that size."""
+
+    def __init__(self, onnx_path: str | Path, providers: list[str] | None = None, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.path = Path(onnx_path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path} does not exist; build it first (snakemake {self.path})")
+        self.session = ort.InferenceSession(str(self.path), options, providers=providers or onnxruntime_providers())
+        self.names = [output.name for output in self.session.get_outputs()]
+        static_batch = self.session.get_inputs()[0].shape[0]
+        self.chunk = static_batch if isinstance(static_batch, int) else None
+
+    @property
+    def providers(self) -> list[str]:
+        """The providers the session really uses (ONNX Runtime drops ones it cannot load)."""
+        return self.session.get_providers()
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        chunk = self.chunk or len(images)
+        runs = [self.session.run(self.names, {INPUT_NAME: images[i:i + chunk]}) for i in range(0, len(images), chunk)]
+        return {name: np.concatenate([run[k] for run in runs]) for k, name in enumerate(self.names)}
+
+
+def onnxruntime_static_head_executor(onnx_path: str | Path, manifest: Mapping, tensors: Mapping, *,
+                                     head_dtype: str = "float32", device: str | torch.device | None = None,
+                                     providers: list[str] | None = None, threads: int | None = None) -> Executor:
+    """ONNX Runtime runs the features graph; the StaticHead (on `device`, default the GPU where there is one)
+    finishes detection from its outputs by name."""
+    session = FeaturesSession(onnx_path, providers, threads)
+    device = torch.device(device) if device is not None else default_device()
+    head = StaticHead(manifest, tensors, DTYPES[head_dtype]).to(device).eval()
+
+    @torch.no_grad()
+    def detect(batch: np.ndarray):
+        maps = {name: torch.from_numpy(value).to(device) for name, value in session(batch).items()}
+        return head_detections(head(maps, maps, maps))
+
+    return Executor("onnxruntime+static-head", detect, {
+        "onnx": str(onnx_path), "providers": session.providers, "head_device": str(device),
+        "head_dtype": head_dtype,
+    })
+
+
+# --------------------------------------------------------------------------- TensorRT
+
+
+def tensorrt_executor(plan: str | Path, metadata: Mapping | None = None, *, cuda_graph: bool = False) -> Executor:
+    """A plan through trtflow.runtime.EngineRunner; raises EngineRefused where this machine cannot run it."""
+    from trtflow.runtime import EngineRunner
+
+    runner = EngineRunner(plan, metadata, cuda_graph=cuda_graph)
+
+    @torch.no_grad()
+    def detect(batch: np.ndarray):
+        return head_detections(runner(torch.from_numpy(batch).cuda()))
+
+    return Executor("tensorrt", detect, runner.describe())

@@ -1,0 +1,269 @@
+"""Stage `verify`: every precision's detections against the PyTorch reference, on the val split.
+
+The deployed executor runs through `trtflow.reference.detect_dataset`, the same pre- and
+postprocessing as the reference. Its detections are matched to the reference's (same image, same
+class, IoU >= `verify.match_iou`, greedy: reference detections in descending score each take the
+best-overlapping unmatched deployed one) giving match recall / precision, |Δscore| and box IoU of
+the matched pairs; both sets are scored with COCO mAP. Thresholds per precision come from config.
+
+Which executor: the TensorRT engine wherever `trtflow.runtime` can run it; otherwise the
+deployment-form reference (ONNX Runtime + StaticHead) with the engine's own inputs and head dtype,
+and the JSON says so (`engine_executed: false`, `reason`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trtflow.executors import Executor, default_device, onnxruntime_static_head_executor, tensorrt_executor
+from trtflow.metrics import coco_map, write_json
+from trtflow.reference import detect_dataset
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "int8")
+HEAD_DTYPE = {"fp32": "float32", "fp16": "float16", "int8": "float16"}  # as trtflow.engine builds the head
+
+
+class VerifyError(RuntimeError):
+    """A precision falls below its verify thresholds."""
+
+
+# --------------------------------------------------------------------------- matching
+
+
+def xyxy(boxes_xywh: np.ndarray) -> np.ndarray:
+    boxes = np.asarray(boxes_xywh, np.float64).reshape(-1, 4)
+    return np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
+
+
+def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(n, 4) x (m, 4) x1y1x2y2 -> (n, m) IoU; pairs of zero union give 0."""
+    lo = np.maximum(a[:, None, :2], b[None, :, :2])
+    hi = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(hi - lo, 0, None), axis=2)
+    area_a = np.prod(a[:, 2:] - a[:, :2], axis=1)
+    area_b = np.prod(b[:, 2:] - b[:, :2], axis=1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def zero_area(entry: Mapping) -> bool:
+    """A box the postprocessing clipped to nothing (it lay in the letterbox padding): IoU cannot compare it."""
+    return entry["bbox"][2] <= 0 or entry["bbox"][3] <= 0
+
+
+@dataclass
+class Matching:
+    """Deployed detections matched one-to-one to reference detections (COCO results entries)."""
+
+    reference: int  # number of reference detections of positive area
+    deployed: int  # number of deployed detections of positive area
+    pairs: list[tuple[int, int]]  # (reference index, deployed index)
+    dscores: np.ndarray  # deployed score - reference score, per pair
+    ious: np.ndarray  # box IoU, per pair
+    zero_area: tuple[int, int] = (0, 0)  # (reference, deployed) detections left out: boxes of zero area
+
+    @property
+    def recall(self) -> float:
+        """Share of reference detections found again; 1 when the reference has none."""
+        return len(self.pairs) / self.reference if self.reference else 1.0
+
+    @property
+    def precision(self) -> float:
+        """Share of deployed detections that match a reference one; 1 when none were deployed."""
+        return len(self.pairs) / self.deployed if self.deployed else 1.0
+
+    def summary(self) -> dict:
+        matched = len(self.pairs)
+        return {
+            "reference_detections": self.reference,
+            "deployed_detections": self.deployed,
+            "matched": matched,
+            "match_recall": self.recall,
+            "match_precision": self.precision,
+            "mean_abs_dscore": float(np.abs(self.dscores).mean()) if matched else None,
+            "max_abs_dscore": float(np.abs(self.dscores).max()) if matched else None,
+            "mean_iou": float(self.ious.mean()) if matched else None,
+            "zero_area_detections": {"reference": self.zero_area[0], "deployed": self.zero_area[1]},
+        }
+
+
+def match_detections(reference: list[dict], deployed: list[dict], iou_thresh: float = 0.9) -> Matching:
+    """Greedy one-to-one matching within each (image, category): reference detections by descending score
+    each take the unmatched deployed detection of highest IoU, if that IoU >= `iou_thresh`.
+
+    Zero-area boxes (detections in the letterbox padding, clipped away) have no IoU; they are counted
+    apart, not matched."""
+    groups: dict[tuple, tuple[list, list]] = defaultdict(lambda: ([], []))
+    for side, entries in enumerate((reference, deployed)):
+        for index, entry in enumerate(entries):
+            if not zero_area(entry):
+                groups[entry["image_id"], entry["category_id"]][side].append(index)
+    pairs = []
+    for ref_indices, dep_indices in groups.values():
+        if not ref_indices or not dep_indices:
+            continue
+        ref_indices = sorted(ref_indices, key=lambda i: -reference[i]["score"])
+        overlap = iou_matrix(xyxy([reference[i]["bbox"] for i in ref_indices]),
+                             xyxy([deployed[j]["bbox"] for j in dep_indices]))
+        taken = np.zeros(len(dep_indices), bool)
+        for row, ref_index in enumerate(ref_indices):
+            candidates = np.where(taken, -1.0, overlap[row])
+            best = int(np.argmax(candidates))
+            if candidates[best] >= iou_thresh:
+                taken[best] = True
+                pairs.append((ref_index, dep_indices[best], float(overlap[row, best])))
+    pairs.sort()
+    degenerate = (sum(map(zero_area, reference)), sum(map(zero_area, deployed)))
+    return Matching(
+        reference=len(reference) - degenerate[0],
+        deployed=len(deployed) - degenerate[1],
+        pairs=[(r, d) for r, d, _ in pairs],
+        dscores=np.array([deployed[d]["score"] - reference[r]["score"] for r, d, _ in pairs], np.float64),
+        ious=np.array([iou for _, _, iou in pairs], np.float64),
+        zero_area=degenerate,
+    )
+
+
+# --------------------------------------------------------------------------- thresholds
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """A precision's pass criteria (config `verify.thresholds.<precision>`); unset ones are not checked.
+
+    `max_map_drop_points` is in COCO mAP points (0-100 scale): 0.5 allows mAP 0.849 -> 0.844.
+    """
+
+    min_match_recall: float | None = None
+    min_match_precision: float | None = None
+    max_map_drop_points: float | None = None
+
+    @classmethod
+    def from_config(cls, section: Mapping | None) -> Thresholds:
+        return cls(**(section or {}))
+
+    def failures(self, result: Mapping) -> list[str]:
+        found = []
+        if self.min_match_recall is not None and result["match_recall"] < self.min_match_recall:
+            found.append(f"match_recall {result['match_recall']:.4f} < {self.min_match_recall}")
+        if self.min_match_precision is not None and result["match_precision"] < self.min_match_precision:
+            found.append(f"match_precision {result['match_precision']:.4f} < {self.min_match_precision}")
+        if self.max_map_drop_points is not None and result["map_drop_points"] > self.max_map_drop_points:
+            found.append(f"mAP drop {result['map_drop_points']:.2f} points > {self.max_map_drop_points}")
+        return found
+
+
+# --------------------------------------------------------------------------- executors
+
+
+def float16_runs_on(device: torch.device) -> str | None:
+    """None where float16 matmul and convolution run on `device`, else the error that says why not."""
+    try:
+        x = torch.ones(1, 2, 4, 4, dtype=torch.float16, device=device)
+        torch.nn.functional.conv2d(x, torch.ones(2, 2, 1, 1, dtype=torch.float16, device=device))
+        x.flatten(1) @ torch.ones(32, 2, dtype=torch.float16, device=device)
+    except RuntimeError as error:
+        return str(error).splitlines()[0]
+    return None
+
+
+def deployment_executor(precision: str, onnx: str | Path, weights_dir: str | Path, *,
+                        device: str | torch.device | None = None) -> Executor:
+    """The deployment-form reference as the engine of `precision` is built: `onnx` is features.onnx for fp32
+    and fp16, features.qdq.onnx for int8; the head runs float32 for fp32, float16 otherwise. Where the
+    head's device cannot run float16 it runs float32 and `details["note"]` says so."""
+    from trtflow.weights import load_head
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    device = torch.device(device) if device is not None else default_device()
+    head_dtype, note = HEAD_DTYPE[precision], None
+    if head_dtype == "float16" and (problem := float16_runs_on(device)):
+        head_dtype, note = "float32", f"float16 head does not run on {device} ({problem}): head ran in float32"
+    manifest, tensors = load_head(weights_dir)
+    return onnxruntime_static_head_executor(onnx, manifest, tensors, head_dtype=head_dtype, device=device).with_note(note)
+
+
+def choose_executor(precision: str, *, plan: str | Path, onnx: str | Path, weights_dir: str | Path,
+                    cuda_graph: bool = False) -> tuple[Executor, dict]:
+    """The engine where this machine can run it, else the deployment-form reference; with
+    {"engine_executed": bool, "reason": why the engine did not run (only when it did not)}."""
+    from trtflow.runtime import EngineRefused
+
+    try:
+        return tensorrt_executor(plan, cuda_graph=cuda_graph), {"engine_executed": True}
+    except EngineRefused as refused:
+        log.warning("%s; verifying the deployment-form reference instead", refused)
+        return deployment_executor(precision, onnx, weights_dir), {"engine_executed": False, "reason": str(refused)}
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def verify_detections(precision: str, executor: Executor, status: Mapping, *, val_json: str | Path,
+                      reference_detections: str | Path, preprocess: dict, postprocess: dict, thresholds: Thresholds,
+                      match_iou: float = 0.9, batch_size: int = 8) -> tuple[dict, list[dict]]:
+    """Run `executor` over the val split and compare with the reference: (verify result, deployed detections)."""
+    deployed = detect_dataset(executor, val_json, preprocess, postprocess, batch_size=batch_size,
+                              desc=f"verify {precision} ({executor.name})")
+    reference = json.loads(Path(reference_detections).read_text())
+    matching = match_detections(reference, deployed, match_iou)
+    metrics, reference_metrics = coco_map(val_json, deployed), coco_map(val_json, reference)
+    result = {
+        "precision": precision,
+        "executor": executor.name,
+        **status,
+        "executor_details": dict(executor.details),
+        "images": metrics["images"],
+        **matching.summary(),
+        "match_iou": match_iou,
+        "mAP": metrics["mAP"],
+        "mAP50": metrics["mAP50"],
+        "reference_mAP": reference_metrics["mAP"],
+        "reference_mAP50": reference_metrics["mAP50"],
+        "map_drop_points": 100.0 * (reference_metrics["mAP"] - metrics["mAP"]),
+        "thresholds": {key: value for key, value in asdict(thresholds).items() if value is not None},
+    }
+    result["failures"] = thresholds.failures(result)
+    result["passed"] = not result["failures"]
+    return result, deployed
+
+
+def run_verify(precision: str, *, plan, onnx, weights_dir, val_json, reference_detections, preprocess: dict,
+               postprocess: dict, thresholds: Thresholds, enforce: bool = True, settings: Mapping, out_json,
+               detections_out) -> dict:
+    """Rule `verify`: choose the executor, compare, write results/verify/{precision}.json and the deployed
+    detections. Fails (after logging the numbers) below the precision's thresholds where `enforce` (config
+    `verify.enforce` lists the precision; otherwise the JSON says `passed: false` and the log warns), and when
+    `settings["require_engine"]` is set and the engine cannot run here.
+
+    `settings`: config `verify:` (match_iou, batch_size, require_engine, cuda_graph).
+    """
+    executor, status = choose_executor(precision, plan=plan, onnx=onnx, weights_dir=weights_dir,
+                                       cuda_graph=settings.get("cuda_graph", False))
+    if settings.get("require_engine") and not status["engine_executed"]:
+        raise VerifyError(f"verify.require_engine is set but the {precision} engine cannot run here: {status['reason']}")
+    result, deployed = verify_detections(
+        precision, executor, status, val_json=val_json, reference_detections=reference_detections,
+        preprocess=preprocess, postprocess=postprocess, thresholds=thresholds,
+        match_iou=settings.get("match_iou", 0.9), batch_size=settings.get("batch_size", 8),
+    )
+    print(json.dumps(result, indent=2))
+    write_json(detections_out, deployed)
+    write_json(out_json, result)
+    if not result["passed"] and not enforce:
+        log.warning("%s is below its thresholds (%s) but verify.enforce does not list it", precision,
+                    "; ".join(result["failures"]))
+    elif not result["passed"]:
+        raise VerifyError(f"{precision} ({executor.name}) fails verification: {'; '.join(result['failures'])} "
+                          f"(thresholds: verify.thresholds.{precision} in config.yaml; all numbers in the log above)")
+    return result

@@ -1,0 +1,113 @@
+"""trtflow.report: the page renders from the stages' JSONs, with its tables and plots, and a headless browser
+draws it (skipped, with the reason, where no Chromium is installed)."""
+import base64
+import json
+import re
+
+import cv2
+import numpy as np
+import pytest
+from test_executors import small_coco
+
+from trtflow.report import build_report, find_browser, screenshot
+from trtflow.verify import Thresholds, match_detections
+
+PRECISIONS = ("fp32", "int8")
+
+
+def shifted(detections, dx, dscore):
+    return [{**d, "bbox": [d["bbox"][0] + dx, *d["bbox"][1:]], "score": round(d["score"] + dscore, 5)}
+            for d in detections]
+
+
+@pytest.fixture(scope="module")
+def stage_files(tmp_path_factory):
+    """The JSONs the report reads, as the stages write them: a 3-image data set, a reference, fp32 deployed
+    exactly, int8 deployed shifted (one detection lost), their verify and bench results, engines, parity and
+    calibration files."""
+    folder = tmp_path_factory.mktemp("report")
+    coco = small_coco(folder, ((120, 160), (96, 128), (80, 80)))
+
+    def write(name, payload):
+        (folder / name).write_text(json.dumps(payload))
+        return folder / name
+
+    reference = [{"image_id": i["id"], "category_id": 1, "bbox": [10.0 * k, 5.0, 30.0, 40.0], "score": 0.9 - 0.1 * k}
+                 for i in coco["images"] for k in range(3)]
+    deployed = {"fp32": reference, "int8": shifted(reference[:-1], 1.0, -0.02)}
+    files = {"val_json": write("val.json", coco), "reference_detections": write("reference.json", reference),
+             "reference_metrics": write("metrics.json", {"mAP": 0.849}),
+             "parity": write("parity.json", {"images": 4, "max_abs": 1.9e-5, "tolerance": 1e-4, "passed": True}),
+             "calibration_ranges": write("ranges.json", {"algorithm": "entropy", "num_images": 64, "tensors": {
+                 f"relu_{k}": {"amax": 2.0 ** k, "scale": 2.0 ** k / 127} for k in range(6)}}),
+             "calibration_accuracy": write("accuracy.json", {"fp32_mAP": 0.849, "int8_sim_mAP": 0.846, "delta": 0.003,
+                                                             "executor": "onnxruntime"}),
+             "verify": {}, "deployed": {}, "bench": {}, "engines": {}}
+    for precision in PRECISIONS:
+        matching = match_detections(reference, deployed[precision])
+        failures = Thresholds(min_match_recall=0.99).failures(matching.summary())
+        files["deployed"][precision] = write(f"{precision}_detections.json", deployed[precision])
+        files["verify"][precision] = write(f"{precision}.json", {
+            "precision": precision, "executor": "onnxruntime+static-head", "engine_executed": False,
+            "reason": "cannot run engine: no CUDA GPU is visible <here>", "executor_details": {"head_dtype": "float32"},
+            "images": 3, **matching.summary(), "match_iou": 0.9, "mAP": 0.8, "reference_mAP": 0.849,
+            "map_drop_points": 4.9, "thresholds": {"min_match_recall": 0.99}, "failures": failures,
+            "passed": not failures})
+        files["bench"][precision] = write(f"bench_{precision}.json", {
+            "precision": precision, "hardware": {"cpu": "Test CPU", "gpu": None}, "results": [
+                {"executor": "tensorrt", "skipped": "no CUDA GPU is visible"},
+                {"executor": "pytorch", "dtype": "float32", "device": "cpu", "batch_size": 1, "p50_ms": 14.0,
+                 "p90_ms": 15.0, "p99_ms": 16.0, "throughput_ips": 70.0},
+                {"executor": "onnxruntime+static-head", "head_dtype": "float32", "batch_size": 1, "p50_ms": 80.0,
+                 "p90_ms": 90.0, "p99_ms": 95.0, "throughput_ips": 12.0}]})
+        files["engines"][precision] = write(f"engine_{precision}.json", {
+            "backend": "tensorrt_rtx", "backend_version": "1.7.1.116", "built_on": "cpu-aot", "plan_bytes": 19_000_000,
+            "build_seconds": 2.7, "roi_align": "builtin"})
+    return files
+
+
+@pytest.fixture(scope="module")
+def report(stage_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out") / "report.html"
+    text = build_report(out, **stage_files, settings={"example_images": 2, "min_score": 0.5})
+    return out, text
+
+
+def test_report_holds_every_stage_and_precision(report):
+    path, text = report
+    assert path.read_text() == text
+    for artifact in ("results/onnx/parity.json", "results/calib/ranges.json", "results/calib/accuracy.json",
+                     "results/engine_fp32.plan", "results/verify/int8.json", "results/bench/fp32.json"):
+        assert f"<td>{artifact}</td>" in text
+    assert "<h3>fp32</h3>" in text and "<h3>int8</h3>" in text
+    assert text.count('class="pass">passed') == 3  # parity, fp32 verify in the stage table and its verdict
+    assert "match_recall 0.8889 &lt; 0.99" in text  # int8 lost one detection in nine, named and HTML-escaped
+    assert "no CUDA GPU is visible &lt;here&gt;" in text
+    assert "simulated INT8 mAP 0.8460 vs fp32 0.8490 (drop 0.30 points, onnxruntime)" in text
+
+
+def test_report_embeds_four_decodable_plots(report):
+    _, text = report
+    images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([^"]+)">', text)
+    assert [alt for alt, _ in images] == ["latency bars", "Δscore histogram", "calibration ranges", "example images"]
+    for alt, data in images:
+        picture = cv2.imdecode(np.frombuffer(base64.b64decode(data), np.uint8), cv2.IMREAD_COLOR)
+        assert picture is not None and min(picture.shape[:2]) >= 200 and picture.std() > 10, alt
+
+
+def test_report_without_optional_inputs(stage_files, tmp_path):
+    minimal = {**stage_files, "parity": None, "calibration_ranges": None, "calibration_accuracy": None, "engines": None,
+               "reference_metrics": tmp_path / "absent.json"}
+    text = build_report(tmp_path / "report.html", **minimal, settings={"example_images": 0})
+    assert "Calibration ranges" not in text and "results/onnx/parity.json" not in text
+    assert "example images: nothing to plot." in text
+
+
+@pytest.mark.skipif(find_browser() is None, reason="no headless Chromium installed (apt-get install -y chromium)")
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    path, _ = report
+    shot = cv2.imread(str(screenshot(path, tmp_path / "report.png", width=1000, height=1600)))
+    assert shot.shape[:2] == (1600, 1000)
+    ink = (shot < 200).any(axis=2)  # anything darker than near-white: text, table lines, plots
+    assert ink.mean() > 0.02, "the page rendered (almost) blank"
+    assert ink[:200].mean() > 0.005 and ink[-400:].mean() > 0.005, "content should fill the page top to bottom"

@@ -1,0 +1,140 @@
+"""trtflow.verify: matching metrics on hand-built detections, thresholds, and the stage end to end on CPU
+(the engine refused for want of a GPU, the deployment-form reference verified instead)."""
+import json
+
+import numpy as np
+import pytest
+from test_executors import deployment  # noqa: F401  (the shared tiny-detector fixture)
+
+from trtflow.verify import Thresholds, iou_matrix, match_detections, xyxy
+
+
+def det(image_id, category_id, bbox, score):
+    return {"image_id": image_id, "category_id": category_id, "bbox": bbox, "score": score}
+
+
+REFERENCE = [
+    det(1, 1, [0, 0, 10, 10], 0.9),     # r0: found exactly (d0)
+    det(1, 1, [20, 20, 10, 10], 0.8),   # r1: found at IoU 100/105 (d1)
+    det(1, 2, [0, 0, 10, 10], 0.7),     # r2: deployed with another class (d2): missed
+    det(1, 1, [50, 50, 10, 10], 0.6),   # r3: deployed shifted to IoU 90/110 < 0.9 (d3): missed
+    det(2, 1, [0, 0, 20, 20], 0.5),     # r4: found on image 2 (d4)
+]
+DEPLOYED = [
+    det(1, 1, [0, 0, 10, 10], 0.85),
+    det(1, 1, [20, 20, 10, 10.5], 0.82),
+    det(1, 3, [0, 0, 10, 10], 0.7),
+    det(1, 1, [51, 50, 10, 10], 0.6),
+    det(2, 1, [0, 0, 20, 20], 0.5),
+    det(1, 1, [0, 0, 10, 10], 0.3),     # d5: a duplicate of r0, which d0 already took
+]
+
+
+def test_iou_matrix_on_known_boxes():
+    a = xyxy([[0, 0, 10, 10], [20, 20, 10, 10]])
+    b = xyxy([[0, 0, 10, 10], [5, 0, 10, 10], [20, 20, 10, 10.5], [0, 0, 0, 0]])
+    assert iou_matrix(a, b) == pytest.approx(np.array([[1.0, 50 / 150, 0.0, 0.0], [0.0, 0.0, 100 / 105, 0.0]]))
+
+
+def test_zero_area_boxes_are_counted_apart():
+    """Boxes in the letterbox padding come out of the postprocessing clipped to zero width: no IoU."""
+    flat = [det(1, 1, [64, 10, 0, 5], 0.4), det(1, 1, [64, 10, 0, 6], 0.3)]
+    matching = match_detections(REFERENCE + flat[:1], DEPLOYED + flat, iou_thresh=0.9)
+    assert matching.pairs == [(0, 0), (1, 1), (4, 4)]
+    summary = matching.summary()
+    assert summary["zero_area_detections"] == {"reference": 1, "deployed": 2}
+    assert summary["match_recall"] == pytest.approx(3 / 5) and summary["match_precision"] == pytest.approx(3 / 6)
+
+
+def test_match_metrics_on_hand_built_detections():
+    matching = match_detections(REFERENCE, DEPLOYED, iou_thresh=0.9)
+    assert matching.pairs == [(0, 0), (1, 1), (4, 4)]
+    summary = matching.summary()
+    assert summary["matched"] == 3 and summary["reference_detections"] == 5 and summary["deployed_detections"] == 6
+    assert summary["match_recall"] == pytest.approx(3 / 5)
+    assert summary["match_precision"] == pytest.approx(3 / 6)
+    assert matching.dscores == pytest.approx([-0.05, 0.02, 0.0])
+    assert summary["mean_abs_dscore"] == pytest.approx(0.07 / 3)
+    assert summary["max_abs_dscore"] == pytest.approx(0.05)
+    assert summary["mean_iou"] == pytest.approx((1 + 100 / 105 + 1) / 3)
+
+
+def test_lower_iou_threshold_admits_the_shifted_box():
+    matching = match_detections(REFERENCE, DEPLOYED, iou_thresh=0.8)
+    assert matching.pairs == [(0, 0), (1, 1), (3, 3), (4, 4)]
+    assert matching.recall == pytest.approx(4 / 5)
+
+
+def test_greedy_matching_serves_the_higher_reference_score_first():
+    reference = [det(1, 1, [0, 0, 10, 10], 0.6), det(1, 1, [0, 0, 10, 10.5], 0.9)]
+    deployed = [det(1, 1, [0, 0, 10, 10], 0.9)]
+    matching = match_detections(reference, deployed)
+    assert matching.pairs == [(1, 0)]  # the 0.9 reference takes it, though the 0.6 one overlaps it better
+    assert matching.dscores == pytest.approx([0.0])
+
+
+def test_empty_sides():
+    assert match_detections([], []).summary() == {
+        "reference_detections": 0, "deployed_detections": 0, "matched": 0, "match_recall": 1.0,
+        "match_precision": 1.0, "mean_abs_dscore": None, "max_abs_dscore": None, "mean_iou": None,
+        "zero_area_detections": {"reference": 0, "deployed": 0}}
+    assert match_detections(REFERENCE, []).recall == 0.0
+    assert match_detections([], DEPLOYED).precision == 0.0
+
+
+def test_thresholds_name_each_failure():
+    result = {"match_recall": 0.985, "match_precision": 0.999, "map_drop_points": 0.7}
+    assert Thresholds(min_match_recall=0.99).failures(result) == ["match_recall 0.9850 < 0.99"]
+    assert Thresholds(max_map_drop_points=0.5).failures(result) == ["mAP drop 0.70 points > 0.5"]
+    assert Thresholds(min_match_recall=0.98, min_match_precision=0.99, max_map_drop_points=1).failures(result) == []
+    assert Thresholds.from_config(None) == Thresholds()
+
+
+# --------------------------------------------------------------------------- the stage on a tiny detector
+
+
+def test_run_verify_on_cpu_names_the_executor_and_why_not_the_engine(deployment, tmp_path):
+    """No GPU here: the engine is refused, the deployment-form reference is verified, the JSON says both."""
+    import torch
+
+    from trtflow.reference import detect_dataset
+    from trtflow.verify import run_verify
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible: the refusal for want of one cannot be shown")
+    plan = tmp_path / "engine_fp32.plan"
+    plan.write_bytes(b"not run")
+    plan.with_suffix(".json").write_text(json.dumps({
+        "backend": "tensorrt_rtx", "backend_version": "1.7.1.116", "precision": "fp32",
+        "compute_capabilities": ["8.0", "8.6", "8.9", "12.0"]}))
+    reference = tmp_path / "reference.json"
+    reference.write_text(json.dumps(detect_dataset(deployment.torchvision, deployment.coco, deployment.preprocess,
+                                                   deployment.postprocess, batch_size=2)))
+    out = tmp_path / "verify/fp32.json"
+    run_verify("fp32", plan=plan, onnx=deployment.onnx, weights_dir=deployment.weights, val_json=deployment.coco,
+               reference_detections=reference, preprocess=deployment.preprocess, postprocess=deployment.postprocess,
+               thresholds=Thresholds(min_match_recall=0.99), settings={"batch_size": 2}, out_json=out,
+               detections_out=tmp_path / "verify/fp32_detections.json")
+    result = json.loads(out.read_text())
+    assert result["executor"] == "onnxruntime+static-head" and result["engine_executed"] is False
+    assert "no CUDA GPU is visible" in result["reason"]
+    assert result["executor_details"]["providers"] == ["CPUExecutionProvider"]
+    assert result["images"] == deployment.images and result["reference_detections"] > 0
+    assert result["match_recall"] >= 0.99 and result["passed"]
+    assert abs(result["mAP"] - result["reference_mAP"]) <= 0.01
+
+
+def test_run_verify_fails_below_enforced_thresholds_only(deployment, tmp_path):
+    from trtflow.verify import VerifyError, run_verify
+
+    empty = tmp_path / "reference.json"
+    empty.write_text("[]")  # every deployed detection is then unmatched: match_precision 0
+    kwargs = dict(plan=tmp_path / "missing.plan", onnx=deployment.onnx, weights_dir=deployment.weights,
+                  val_json=deployment.coco, reference_detections=empty, preprocess=deployment.preprocess,
+                  postprocess=deployment.postprocess, thresholds=Thresholds(min_match_precision=0.9),
+                  settings={"batch_size": 2}, detections_out=tmp_path / "detections.json")
+    with pytest.raises(VerifyError, match=r"fp16 \(onnxruntime\+static-head\) fails verification: match_precision 0"):
+        run_verify("fp16", out_json=tmp_path / "enforced.json", **kwargs)
+    result = run_verify("fp16", out_json=tmp_path / "recorded.json", enforce=False, **kwargs)
+    assert result["passed"] is False and "missing.json not found" in result["reason"]
+    assert result["executor_details"]["head_dtype"] == "float16"
