@@ -57,6 +57,20 @@ def test_demo_engines_are_real_plans_with_metadata(demo):
         assert [o["name"] for o in metadata["outputs"]] == ["num_detections", "boxes", "scores", "classes"]
 
 
+def test_demo_verify_names_its_executor_and_meets_the_thresholds(demo):
+    for precision in ("fp32", "fp16", "int8"):
+        verdict = json.loads((demo / f"results/verify/{precision}.json").read_text())
+        assert verdict["passed"] and verdict["images"] == 100
+        if not verdict["engine_executed"]:
+            assert verdict["executor"] == "onnxruntime+static-head" and "cannot run" in verdict["reason"]
+    assert json.loads((demo / "results/verify/fp32.json").read_text())["match_recall"] >= 0.99
+
+
+def test_demo_report_links_every_stage(demo):
+    html = (demo / "results/report.html").read_text()
+    assert all(word in html for word in ("parity", "fp32", "fp16", "int8", "data:image/png;base64"))
+
+
 def test_second_run_has_nothing_to_do_quickly(demo):
     started = time.monotonic()
     result = snakemake(demo, *TARGETS)

@@ -24,12 +24,13 @@ def test_matches_torchvision_batched_nms_and_maps_back():
     candidates = np.nonzero(scores > 0.05)[0]
     keep = batched_nms(torch.from_numpy(boxes[candidates]), torch.from_numpy(scores[candidates]),
                        torch.from_numpy(classes[candidates]), 0.5).numpy()[:100]
-    chosen = candidates[keep]
+    expected = np.clip(boxes[candidates[keep]] / 1.6, 0, [200, 100, 200, 100])
+    inside = (expected[:, 2] > expected[:, 0]) & (expected[:, 3] > expected[:, 1])  # not wholly in the padding
+    chosen = candidates[keep][inside]
     np.testing.assert_array_equal(detections.scores, scores[chosen])
     np.testing.assert_array_equal(detections.classes, classes[chosen])
-    expected = np.clip(boxes[chosen] / 1.6, 0, [200, 100, 200, 100])
-    np.testing.assert_allclose(detections.boxes, expected, rtol=1e-6)
-    assert len(detections) == 100 and np.all(np.diff(detections.scores) <= 0)
+    np.testing.assert_allclose(detections.boxes, expected[inside], rtol=1e-6)
+    assert 0 < len(detections) < 100 and np.all(np.diff(detections.scores) <= 0)
 
 
 def test_no_detection_above_threshold_gives_empty_result():
@@ -46,3 +47,11 @@ def test_coco_results_are_xywh_with_category_ids():
                              letterbox, CFG)
     [entry] = to_coco_results(detections, 3, {2: 11}.__getitem__)
     assert entry == {"image_id": 3, "category_id": 11, "bbox": [10.0, 20.0, 20.0, 30.0], "score": 0.9}
+
+
+def test_boxes_in_the_padding_are_dropped():
+    letterbox = Letterbox(1.0, 0, 0, (320, 320), (100, 320))  # rows 100.. of the input are padding
+    boxes = np.array([[10, 10, 50, 50], [10, 150, 50, 200], [10, 90, 50, 130]], np.float32)
+    detections = postprocess(boxes, np.array([0.9, 0.8, 0.7], np.float32), np.array([1, 1, 2]), letterbox, CFG)
+    np.testing.assert_array_equal(detections.scores, np.array([0.9, 0.7], np.float32))
+    np.testing.assert_allclose(detections.boxes[1], [10, 90, 50, 100])

@@ -52,10 +52,13 @@ def postprocess(boxes, scores, classes, letterbox: Letterbox, cfg: dict) -> Dete
         boxes, scores, classes,
         score_thresh=cfg["score_thresh"], iou_thresh=cfg["iou_thresh"], max_detections=cfg["max_detections"],
     )
+    mapped = to_original_image(np.asarray(boxes)[keep], letterbox)
+    # A box that lies wholly in the letterbox padding clips to zero area: it is not in the image.
+    inside = (mapped[:, 2] > mapped[:, 0]) & (mapped[:, 3] > mapped[:, 1])
     return Detections(
-        boxes=to_original_image(np.asarray(boxes)[keep], letterbox),
-        scores=np.asarray(scores, np.float32)[keep],
-        classes=np.asarray(classes).astype(np.int64)[keep],
+        boxes=mapped[inside],
+        scores=np.asarray(scores, np.float32)[keep][inside],
+        classes=np.asarray(classes).astype(np.int64)[keep][inside],
     )
 
 
