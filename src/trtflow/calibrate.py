@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from trtflow.artifacts import software_versions, write_text
 from trtflow.qdq import KeepFloat, insert_qdq, quantization_plan, save_onnx, symmetric_scale
 
 log = logging.getLogger(__name__)
@@ -326,19 +327,11 @@ def parse_calibration_table(text: str, source: str = "calibration table") -> Cal
 
 
 def write_calibration_table(path: str | Path, table: CalibrationTable) -> None:
-    _write_text(path, format_calibration_table(table))
+    write_text(path, format_calibration_table(table))
 
 
 def read_calibration_table(path: str | Path) -> CalibrationTable:
     return parse_calibration_table(Path(path).read_text(), str(path))
-
-
-def _write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    partial.replace(path)
 
 
 def calibration_table(amax: Mapping[str, float], algorithm: str, version: str) -> CalibrationTable:
@@ -354,6 +347,7 @@ def ranges_document(amax: Mapping[str, float], table: CalibrationTable, algorith
         "num_images": num_images,
         "images_sha256": images_sha256,
         "tensors": {name: {"amax": float(np.float32(amax[name])), "scale": scale} for name, scale in table.scales.items()},
+        "software": software_versions(),
     }
 
 
@@ -421,7 +415,7 @@ def calibrate_features(features_onnx: str | Path, images: str | Path, *, table_p
     document = ranges_document(amax, table, calibration["algorithm"], statistics.num_images, files_sha256(paths))
     save_onnx(insert_qdq(model, plan, amax), qdq_path)
     write_calibration_table(table_path, table)
-    _write_text(ranges_path, json.dumps(document, indent=1) + "\n")
+    write_text(ranges_path, json.dumps(document, indent=1) + "\n")
     log.info("wrote %s (%d tensors), %s, %s", table_path, len(table.scales), ranges_path, qdq_path)
     return document
 
@@ -434,11 +428,12 @@ def simulated_accuracy(features_onnx: str | Path, qdq_onnx: str | Path, weights_
     cost, before any TensorRT kernel choice.
     """
     from trtflow.executors import onnxruntime_static_head_executor
-    from trtflow.metrics import coco_map, write_json
+    from trtflow.metrics import check_label_set, coco_map, write_json
     from trtflow.reference import detect_dataset
     from trtflow.weights import load_head
 
     manifest, tensors = load_head(weights_dir)
+    check_label_set(json.loads(Path(val_json).read_text()), manifest["num_classes"], val_json)
     scores = {}
     for key, onnx_path in (("fp32_mAP", features_onnx), ("int8_sim_mAP", qdq_onnx)):
         executor = onnxruntime_static_head_executor(onnx_path, manifest, tensors, device="cpu",
@@ -446,6 +441,6 @@ def simulated_accuracy(features_onnx: str | Path, qdq_onnx: str | Path, weights_
         results = detect_dataset(executor, val_json, preprocess, postprocess, batch_size=batch_size, desc=key)
         scores[key] = coco_map(val_json, results)["mAP"]
     report = {**scores, "delta": scores["fp32_mAP"] - scores["int8_sim_mAP"], "executor": "onnxruntime",
-              "head": "trtflow.head.StaticHead (fp32, CPU)"}
+              "head": "trtflow.head.StaticHead (fp32, CPU)", "software": software_versions()}
     write_json(out_path, report)
     return report

@@ -43,6 +43,33 @@ def path_problems(config: dict, workdir: str | Path = ".") -> list[str]:
             problems.append(f"data.images: {data['images']} is not a folder; with data.source: coco it must hold your images")
         if data["annotations"] and not (workdir / data["annotations"]).is_file():
             problems.append(f"data.annotations: {data['annotations']} does not exist; give a COCO instances JSON or null")
+    calibration_images = config["calibration"]["images"]
+    if calibration_images and not _names_files(workdir, calibration_images):
+        problems.append(f"calibration.images: {calibration_images} matches nothing; give a folder, a glob pattern "
+                        "(e.g. images/*.jpg) or a COCO JSON, relative to the repository root, or null")
+    return problems
+
+
+def _names_files(workdir: Path, spec: str) -> bool:
+    if any(char in spec for char in "*?["):
+        return any(path.is_file() for path in workdir.glob(spec))
+    return (workdir / spec).exists()
+
+
+def consistency_problems(config: dict) -> list[str]:
+    """Values each valid on their own that cannot work together; caught here rather than minutes into a build."""
+    problems = []
+    batch, onnx = config["engine"]["batch"], config["onnx"]
+    if not batch["min"] <= batch["opt"] <= batch["max"]:
+        problems.append(f"engine.batch: {batch} needs min <= opt <= max")
+    elif not onnx["dynamic_batch"] and set(batch.values()) != {onnx["batch_size"]}:
+        size = onnx["batch_size"]
+        problems.append(f"engine.batch: {batch} but the features ONNX has the static batch onnx.batch_size: {size}; "
+                        f"set engine.batch to {{min: {size}, opt: {size}, max: {size}}} or onnx.dynamic_batch: true")
+    plugins = config["plugins"]
+    if plugins["ptx_arch"] > min(plugins["archs"]):
+        problems.append(f"plugins.ptx_arch: {plugins['ptx_arch']} is newer than the oldest of plugins.archs "
+                        f"{plugins['archs']}; set it to at most {min(plugins['archs'])}")
     return problems
 
 
@@ -53,6 +80,6 @@ def check_config(config: dict, config_file: str = "config.yaml", workdir: str | 
         from snakemake.utils import validate
 
         validate(config, str(SCHEMA))  # fills in the defaults
-        problems = path_problems(config, workdir)
+        problems = consistency_problems(config) + path_problems(config, workdir)
     if problems:
         raise ConfigError(f"{config_file}: " + ("\n  ".join(["invalid configuration:", *problems])))

@@ -20,13 +20,15 @@ import json
 import logging
 import math
 import os
-import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+from tqdm import tqdm
+
+from trtflow.artifacts import disk_full_named, staging_path, write_text
 
 log = logging.getLogger(__name__)
 
@@ -181,13 +183,11 @@ def _check_policy(bad_images: str) -> None:
 def _decode_all(paths: list[Path], source: str) -> tuple[dict[Path, tuple[int, int]], list[BadImageError]]:
     """Decode every image once: {path: (height, width)} of the good ones, and the errors of the bad."""
     sizes, bad = {}, []
-    for count, path in enumerate(paths, 1):
+    for path in tqdm(paths, desc=f"checking {source}", unit="img", mininterval=5):
         try:
             sizes[path] = read_image(path).shape[:2]
         except BadImageError as error:
             bad.append(error)
-        if count % 500 == 0:
-            log.info("checked %d / %d images of %s", count, len(paths), source)
     return sizes, bad
 
 
@@ -504,24 +504,9 @@ def index_images(spec: str | os.PathLike, bad_images: str = "fail", categories: 
     }
 
 
-def _staging_path(path: Path) -> Path:
-    """A hidden, unique sibling of ``path`` to build it under before renaming it into place."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
 def write_json(content: dict, path: str | os.PathLike) -> None:
     """Write ``content`` as JSON atomically: a temporary file beside ``path``, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = _staging_path(path)
-    try:
-        with open(staging, "x", encoding="utf-8") as stream:
-            json.dump(content, stream, indent=1)
-            stream.write("\n")
-        os.replace(staging, path)
-    except BaseException:
-        staging.unlink(missing_ok=True)
-        raise
+    write_text(path, json.dumps(content, indent=1) + "\n")
 
 
 # ---------------------------------------------------------------------------------------
@@ -728,32 +713,32 @@ def make_demo_split(
         raise ValueError(f"demo split {split!r} is unknown; use one of {list(SPLIT_STREAMS)}")
     out_json = Path(out_json)
     images_dir = out_json.with_suffix("")
-    staging = _staging_path(images_dir)
+    staging = staging_path(images_dir)
     staging.mkdir(parents=True)
     images, annotations = [], []
     try:
-        for image_id in range(1, num_images + 1):
-            pixels, objects = demo_image(seed, split, image_id, spec)
-            name = f"{image_id:06d}.jpg"
-            ok, encoded = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, spec.jpeg_quality])
-            if not ok:
-                raise RuntimeError(f"OpenCV could not encode demo image {name}")
-            (staging / name).write_bytes(encoded.tobytes())
-            images.append(
-                {
-                    "id": image_id,
-                    "file_name": (images_dir / name).as_posix(),
-                    "height": pixels.shape[0],
-                    "width": pixels.shape[1],
-                }
-            )
-            annotations += [
-                {"id": len(annotations) + n, "image_id": image_id, **o, "iscrowd": 0} for n, o in enumerate(objects, 1)
-            ]
-            if image_id % 500 == 0:
-                log.info("demo %s: %d / %d images", split, image_id, num_images)
-        shutil.rmtree(images_dir, ignore_errors=True)
-        os.replace(staging, images_dir)
+        with disk_full_named(images_dir):
+            for image_id in tqdm(range(1, num_images + 1), desc=f"demo {split}", unit="img", mininterval=5):
+                pixels, objects = demo_image(seed, split, image_id, spec)
+                name = f"{image_id:06d}.jpg"
+                ok, encoded = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, spec.jpeg_quality])
+                if not ok:
+                    raise RuntimeError(f"OpenCV could not encode demo image {name}")
+                (staging / name).write_bytes(encoded.tobytes())
+                images.append(
+                    {
+                        "id": image_id,
+                        "file_name": (images_dir / name).as_posix(),
+                        "height": pixels.shape[0],
+                        "width": pixels.shape[1],
+                    }
+                )
+                annotations += [
+                    {"id": len(annotations) + n, "image_id": image_id, **o, "iscrowd": 0}
+                    for n, o in enumerate(objects, 1)
+                ]
+            shutil.rmtree(images_dir, ignore_errors=True)
+            os.replace(staging, images_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -17,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -27,6 +25,7 @@ from typing import Callable, Iterator
 
 import onnx
 
+from trtflow.artifacts import software_versions, write_bytes, write_text
 from trtflow.backend import Backend, load_backend
 from trtflow.backend import precisions as layer_precisions
 
@@ -41,8 +40,6 @@ PIPELINE_FILES = {  # where the pipeline puts the optional inputs
     "calibration table": "results/calib/int8calib.table",
     "RoIAlign plugin library": "results/plugins/libtrtflow_plugins.so",
 }
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 log = logging.getLogger(__name__)
 
@@ -172,23 +169,6 @@ class EngineSources:
 # -- files ------------------------------------------------------------------------------
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same directory, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(handle, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide artifacts from other users
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def merge_into_file(path: Path, merge: Callable[[bytes | None], bytes], timeout_s: float = 600) -> None:
     """Read-merge-write `path` under a file lock, so concurrent writers each keep the others' entries."""
     from filelock import FileLock
@@ -197,7 +177,7 @@ def merge_into_file(path: Path, merge: Callable[[bytes | None], bytes], timeout_
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{path}.lock", timeout=timeout_s):
         current = path.read_bytes() if path.exists() else None
-        atomic_write(path, merge(current))
+        write_bytes(path, merge(current))
 
 
 @contextmanager
@@ -523,6 +503,7 @@ def build_engine(
     metadata = {
         "backend": backend.name,
         "backend_version": backend.version,
+        "software": software_versions(),
         "precision": settings.precision,
         "built_on": "gpu" if uses_gpu else "cpu-aot",
         "gpu": gpu,
@@ -549,8 +530,8 @@ def build_engine(
         },
     }
     text = json.dumps(metadata, indent=2) + "\n"
-    atomic_write(Path(plan_path), plan)
+    write_bytes(plan_path, plan)
     if metadata_path is not None:
-        atomic_write(Path(metadata_path), text.encode())
+        write_text(metadata_path, text)
     log.info("wrote %s (%d bytes, %.1f s)", plan_path, len(plan), build_seconds)
     return json.loads(text)

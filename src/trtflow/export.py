@@ -13,6 +13,8 @@ import onnx
 import torch
 from torch import nn
 
+from trtflow.artifacts import atomic_write, software_versions
+
 INPUT_NAME = "images"
 
 
@@ -66,11 +68,7 @@ def export_features(model, input_hw: tuple[int, int], out_path: str | Path, *, o
     for key, value in sorted((metadata or {}).items()):
         exported.metadata_props.add(key=key, value=str(value))
     onnx.checker.check_model(exported, full_check=True)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_path.with_name(out_path.name + ".partial")
-    onnx.save_model(exported, str(partial))
-    partial.replace(out_path)
+    atomic_write(out_path, lambda staging: onnx.save_model(exported, str(staging)))
     return exported
 
 
@@ -137,7 +135,7 @@ def check_parity(model, onnx_path, coco_json, preprocess_cfg: dict, num_images: 
 
     files = [image["file_name"] for image in json.loads(Path(coco_json).read_text())["images"][:num_images]]
     images, _ = preprocess_batch([read_image(file) for file in files], preprocess_cfg)
-    report = features_parity(model, onnx_path, images, tolerance)
+    report = {**features_parity(model, onnx_path, images, tolerance), "software": software_versions()}
     print(json.dumps(report, indent=2))
     if not report["passed"]:
         worst = max(report["outputs"].items(), key=lambda item: item[1]["max_rel"])

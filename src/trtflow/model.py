@@ -7,6 +7,7 @@ sees exactly the network input the engine sees.
 from __future__ import annotations
 
 import hashlib
+import pickle
 from collections import OrderedDict
 from pathlib import Path
 
@@ -131,6 +132,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
             return load_file(str(path))
         loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # torch's own text would suggest weights_only=False: unsafe, and no fix
+        raise CheckpointError(f"model.checkpoint: cannot read {path}: it is not tensors saved with torch.save (a "
+                              f"damaged file, or a whole pickled model: save model.state_dict() instead)") from error
     except Exception as error:  # any decoder error means the same thing to the user
         raise CheckpointError(f"model.checkpoint: cannot read {path} ({error}); it must be a torch state_dict "
                               f"saved with safetensors or torch.save") from error
@@ -191,18 +195,16 @@ def save_validated_checkpoint(model_cfg: dict, source: str | Path, checkpoint_ou
     """
     from safetensors.torch import save_file
 
-    from trtflow.metrics import write_json
+    from trtflow.artifacts import atomic_write, software_versions, write_json
 
     model = load_detector(model_cfg, source)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    checkpoint_out = Path(checkpoint_out)
-    checkpoint_out.parent.mkdir(parents=True, exist_ok=True)
-    partial = checkpoint_out.with_name(checkpoint_out.name + ".partial")
-    save_file(state, str(partial), metadata={"arch": model_cfg["arch"], "num_classes": str(model_cfg["num_classes"])})
-    partial.replace(checkpoint_out)
+    header = {"arch": model_cfg["arch"], "num_classes": str(model_cfg["num_classes"])}
+    atomic_write(checkpoint_out, lambda staging: save_file(state, str(staging), metadata=header))
     info = {
         "arch": model_cfg["arch"], "num_classes": model_cfg["num_classes"], "source": str(source),
         "sha256": file_sha256(source), "parameters": sum(v.numel() for v in model.parameters()),
+        "software": software_versions(),
     }
     write_json(info_out, info)
     return info

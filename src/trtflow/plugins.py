@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from trtflow.artifacts import disk_full_named
+
 if TYPE_CHECKING:
     import torch
 
@@ -206,7 +208,8 @@ def build_plugins(
             "ptx_kernels": {f"{s.stem}.ptx": ptx_kernels((scratch / f"{s.stem}.ptx").read_text()) for s in sources},
             "seconds": round(time.perf_counter() - started, 1),
         }
-        (scratch / BUILD_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        with disk_full_named(out_dir / BUILD_RECORD):
+            (scratch / BUILD_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         for name in [*outputs, BUILD_RECORD]:
             os.replace(scratch / name, out_dir / name)
         return record

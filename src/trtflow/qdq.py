@@ -27,6 +27,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from trtflow.artifacts import write_bytes
+
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # Ops between a weighted op and a residual Add that TensorRT folds into the weighted op (BatchNorm,
 # FrozenBatchNorm's x * scale + bias), so the Add still follows "a conv".
@@ -368,11 +370,7 @@ def insert_qdq(model: onnx.ModelProto, plan: QuantizationPlan, amax: Mapping[str
 
 def save_onnx(model: onnx.ModelProto, path: str | Path) -> None:
     """Write an ONNX file atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(model.SerializeToString())
-    partial.replace(path)
+    write_bytes(path, model.SerializeToString())
 
 
 def onnxruntime_session(model: onnx.ModelProto | str | Path, *, threads: int | None = None):

@@ -8,8 +8,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from trtflow.artifacts import software_versions
 from trtflow.data import read_image
-from trtflow.metrics import category_labels, coco_map, write_json
+from trtflow.metrics import category_labels, check_label_set, coco_map, write_json
 from trtflow.model import run_detector
 from trtflow.postprocess import postprocess, to_coco_results
 from trtflow.preprocess import preprocess_batch
@@ -28,7 +29,8 @@ def detect_dataset(detect, coco_json: str | Path, preprocess_cfg: dict, postproc
     every executor (PyTorch, ONNX Runtime + deployment head, TensorRT engine) plugs in here.
     """
     coco = json.loads(Path(coco_json).read_text())
-    category_of = {label: category for category, label in category_labels(coco).items()}
+    # an images-only split (data.annotations unset) has no categories to map to: results keep the model labels
+    category_of = {label: category for category, label in category_labels(coco).items()} or _ModelLabels()
     results = []
     for images in tqdm(list(batches(coco["images"], batch_size)), desc=desc, unit="batch"):
         tensors, letterboxes = preprocess_batch([read_image(image["file_name"]) for image in images], preprocess_cfg)
@@ -36,6 +38,11 @@ def detect_dataset(detect, coco_json: str | Path, preprocess_cfg: dict, postproc
             detections = postprocess(*raw, letterbox, postprocess_cfg)
             results += to_coco_results(detections, image["id"], category_of.__getitem__)
     return results
+
+
+class _ModelLabels(dict):
+    def __missing__(self, label: int) -> int:
+        return label
 
 
 def torch_detector(model):
@@ -53,9 +60,12 @@ def torch_detector(model):
 def run_reference(model, coco_json, preprocess_cfg: dict, postprocess_cfg: dict, detections_out, metrics_out, *,
                   batch_size: int = 8) -> dict:
     """Reference detections and COCO metrics of the PyTorch detector on the val split."""
+    check_label_set(json.loads(Path(coco_json).read_text()), model.roi_heads.box_predictor.cls_score.out_features,
+                    coco_json)
     results = detect_dataset(torch_detector(model), coco_json, preprocess_cfg, postprocess_cfg,
                              batch_size=batch_size, desc="reference")
-    metrics = {**coco_map(coco_json, results), "executor": "pytorch", "device": str(next(model.parameters()).device)}
+    metrics = {**coco_map(coco_json, results), "executor": "pytorch", "device": str(next(model.parameters()).device),
+               "software": software_versions()}
     write_json(detections_out, results)
     write_json(metrics_out, metrics)
     return metrics

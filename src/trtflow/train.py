@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trtflow.artifacts import atomic_write
 from trtflow.data import read_image
 from trtflow.metrics import category_labels
 from trtflow.model import build_detector, run_detector
@@ -104,9 +105,6 @@ def train_demo(train_json, out_path, model_cfg: dict, preprocess_cfg: dict, *, e
         log(f"epoch {epoch + 1}/{epochs} loss {loss.item():.4f} "
             + " ".join(f"{k}={v.item():.3f}" for k, v in losses.items()) + f" ({time.time() - started:.0f} s)")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_path.with_suffix(".partial")
-    save_file(state, str(partial), metadata={"arch": model_cfg["arch"], "num_classes": str(model_cfg["num_classes"])})
-    partial.replace(out_path)
-    return out_path
+    header = {"arch": model_cfg["arch"], "num_classes": str(model_cfg["num_classes"])}
+    atomic_write(out_path, lambda staging: save_file(state, str(staging), metadata=header))
+    return Path(out_path)

@@ -23,7 +23,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -34,6 +33,8 @@ from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
+
+from trtflow.artifacts import atomic_write, software_versions
 
 MANIFEST = "manifest.json"
 SAFETENSORS = "head.safetensors"
@@ -342,21 +343,6 @@ def read_wts(path: str | os.PathLike) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------- export / load
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Write via a temp file in the same folder, then rename, so no half-written file is left."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the artifact private
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _same_bits(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> bool:
     a = np.asarray(a, dtype="<f4").ravel()
     b = np.asarray(b, dtype="<f4").ravel()
@@ -394,19 +380,20 @@ def export_head(model: nn.Module, input_hw: tuple[int, int], out_dir: str | os.P
         if list(back) != list(tensors) or not all(_same_bits(back[k], tensors[k]) for k in tensors):
             raise HeadWeightsError(f"{out / WTS}: read-back differs from the written tensors")
 
-    _write_atomic(out / SAFETENSORS, write_safetensors)
+    atomic_write(out / SAFETENSORS, write_safetensors)
     files = {"safetensors": SAFETENSORS}
     if "wts" in formats:
-        _write_atomic(out / WTS, write_wts_checked)
+        atomic_write(out / WTS, write_wts_checked)
         files["wts"] = WTS
     manifest.update({
         "source_checkpoint_sha256": checkpoint_sha256,
+        "software": software_versions(),
         "files": files,
         "roundtrip": {fmt: "bit-exact" for fmt in files},
         "tensors": [{"name": name, "shape": list(t.shape), "dtype": "float32", "sha256": tensor_sha256(t)}
                     for name, t in tensors.items()],
     })
-    _write_atomic(out / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1) + "\n"))
+    atomic_write(out / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1) + "\n"))
     return manifest
 
 

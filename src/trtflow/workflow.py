@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import traceback
 
 
 @contextlib.contextmanager
@@ -11,7 +12,7 @@ def script_logging(snakemake):
     """Send the script's prints, progress bars and warnings to its rule log; a failure also goes to stderr.
 
     A failing stage exits non-zero with its one-line message on the console, so the user sees the file
-    and the fix without opening the log.
+    and the fix without opening the log; the log keeps the message with its traceback.
     """
     log_path = snakemake.log[0] if snakemake.log else None
     with contextlib.ExitStack() as stack:
@@ -24,5 +25,6 @@ def script_logging(snakemake):
         try:
             yield
         except Exception as error:
+            traceback.print_exc()  # the whole story into the log (stderr is the log here)
             print(f"{type(error).__name__}: {error}", file=sys.__stderr__)
             raise

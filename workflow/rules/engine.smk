@@ -1,5 +1,12 @@
 # Stage `engine`: features ONNX + the TensorRT-API head -> results/engine_{precision}.plan + .json metadata.
 # TensorRT-RTX builds on a CPU (ahead of time); full TensorRT needs the GPU the plan is for.
+from trtflow.artifacts import installed_versions
+
+# A plan runs only on the TensorRT version that built it, so an upgrade (pip) must rebuild the plans:
+# the installed versions are a param, and a changed param reruns the rule.
+TENSORRT_VERSIONS = installed_versions(("tensorrt",))
+
+
 rule engine:
     input:
         unpack(engine_extras),
@@ -17,6 +24,7 @@ rule engine:
         precision="fp32|fp16|int8",
     params:
         backend=config["backend"],
+        tensorrt=TENSORRT_VERSIONS,
         # `precisions` only says which plans `engines` asks for; it must not rerun a plan
         engine={key: value for key, value in ENGINE.items() if key != "precisions"},
         # shared by concurrent builds (file lock, merged), so not an output of any one job

@@ -1,5 +1,6 @@
 import json
 
+from trtflow.artifacts import software_versions
 from trtflow.export import export_features
 from trtflow.model import load_detector
 from trtflow.workflow import script_logging
@@ -11,5 +12,8 @@ with script_logging(snakemake):
     export_features(
         model, (model_cfg["input"]["height"], model_cfg["input"]["width"]), snakemake.output[0],
         opset=onnx_cfg["opset"], dynamic_batch=onnx_cfg["dynamic_batch"], batch_size=onnx_cfg["batch_size"],
-        simplify=onnx_cfg["simplify"], metadata={"trtflow.checkpoint_sha256": info["sha256"], "trtflow.arch": info["arch"]},
+        simplify=onnx_cfg["simplify"], metadata={
+            "trtflow.checkpoint_sha256": info["sha256"], "trtflow.arch": info["arch"],
+            "trtflow.software": json.dumps(software_versions()),
+        },
     )

@@ -22,6 +22,8 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from types import ModuleType
@@ -85,6 +87,47 @@ class _CollectingLogger:
         return Logger()
 
 
+class _BuildProgress:
+    """A TensorRT IProgressMonitor: a progress bar over the build's top-level steps, and each phase
+    one level below it logged with its duration, so a long build shows where it is."""
+
+    def __new__(cls, trt: ModuleType):
+        from tqdm import tqdm
+
+        class Monitor(trt.IProgressMonitor):
+            def __init__(self):
+                trt.IProgressMonitor.__init__(self)
+                self.lock = threading.Lock()  # TensorRT calls from its own threads
+                self.depth, self.started, self.bars = {}, {}, {}
+
+            def phase_start(self, phase_name, parent_phase, num_steps):
+                with self.lock:
+                    depth = 0 if parent_phase is None else self.depth.get(parent_phase, 0) + 1
+                    self.depth[phase_name], self.started[phase_name] = depth, time.perf_counter()
+                    if depth == 0:
+                        self.bars[phase_name] = tqdm(total=num_steps, desc=phase_name, unit="step")
+                    elif depth == 1:
+                        log.info("%s: %s (%d steps)", parent_phase, phase_name, num_steps)
+
+            def step_complete(self, phase_name, step):
+                with self.lock:
+                    bar = self.bars.get(phase_name)
+                    if bar is not None:
+                        bar.update(step + 1 - bar.n)
+                return True  # never cancel the build
+
+            def phase_finish(self, phase_name):
+                with self.lock:
+                    seconds = time.perf_counter() - self.started.pop(phase_name, time.perf_counter())
+                    bar = self.bars.pop(phase_name, None)
+                    if bar is not None:
+                        bar.close()
+                    if self.depth.pop(phase_name, 0) <= 1:
+                        log.info("%s done in %.1f s", phase_name, seconds)
+
+        return Monitor()
+
+
 @dataclass(frozen=True, eq=False)
 class Backend:
     """An imported TensorRT flavour: its module, version and capabilities."""
@@ -94,6 +137,7 @@ class Backend:
     version: str
     capabilities: Capabilities
     logger: object
+    progress: object = None  # IProgressMonitor given to every build; it must outlive them
 
     @property
     def major(self) -> int:
@@ -154,6 +198,8 @@ class Backend:
             config.add_optimization_profile(_profile(builder, profile_shapes))
         if compute_capabilities:
             self._set_compute_capabilities(config, compute_capabilities)
+        if self.progress is not None:
+            config.progress_monitor = self.progress
         return config
 
     def compute_capability_names(self) -> dict[str, str]:
@@ -291,6 +337,7 @@ def load_backend(requested: str = "auto") -> Backend:
                 version=trt.__version__,
                 capabilities=_capabilities(name, trt),
                 logger=_CollectingLogger(trt),
+                progress=_BuildProgress(trt) if hasattr(trt, "IProgressMonitor") else None,
             )
     raise _unavailable(requested)
 

@@ -1,0 +1,128 @@
+"""Snakemake in scratch copies of the workflow, and one completed run shared by the slow test files.
+
+Test files use it with `pytest_plugins = ["pipeline_fixture"]`, so that the session-scoped
+`completed_run` (the default target, built once: about a minute and a half on 2 cores) is shared by
+all of them. Tests that change files or outputs work on `clone(completed_run, ...)`, never on it.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOW_FILES = ("Snakefile", "config.yaml", "workflow", "profiles", "src", "models", "plugins")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def scratch_workflow(workdir: Path) -> Path:
+    """The workflow's files (not results/, logs/ or .snakemake/) copied into `workdir`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    for name in WORKFLOW_FILES:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, workdir / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+        elif source.exists():
+            shutil.copy2(source, workdir / name)
+    return workdir
+
+
+def clone(workdir: Path, destination: Path) -> Path:
+    """A copy of a run, results and Snakemake's records included, with every mtime kept."""
+    shutil.copytree(workdir, destination, symlinks=True, ignore=shutil.ignore_patterns("locks", "incomplete"))
+    return destination
+
+
+def snakemake(workdir: Path, *args: str, cores: int = 2, check: bool = True, env: dict | None = None,
+              timeout: float = 600) -> subprocess.CompletedProcess:
+    """`snakemake --cores N ARGS` in `workdir`, as a user types it (no profile unless ARGS names one)."""
+    result = subprocess.run([sys.executable, "-m", "snakemake", "--cores", str(cores), *args], cwd=workdir,
+                            capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout)
+    if check and result.returncode:
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({result.returncode}):\n"
+                             f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+@dataclass
+class Job:
+    """One job of a Snakemake run or dry run, as its log block shows it."""
+
+    rule: str
+    fields: dict = field(default_factory=dict)
+
+    @property
+    def wildcards(self) -> dict[str, str]:
+        text = self.fields.get("wildcards", "")
+        return dict(item.split("=", 1) for item in text.split(", ") if "=" in item)
+
+    @property
+    def resources(self) -> dict[str, str]:
+        text = self.fields.get("resources", "")
+        return dict(item.split("=", 1) for item in text.split(", ") if "=" in item)
+
+    @property
+    def name(self) -> str:
+        """`engine[int8]`: the rule and its wildcard values, for readable assertions."""
+        values = ",".join(self.wildcards.values())
+        return f"{self.rule}[{values}]" if values else self.rule
+
+
+JOB_START = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):$")
+JOB_FIELD = re.compile(r"^ {4}(\w+): (.*)$")
+JOB_FINISHED = re.compile(r"^Finished jobid: \d+ \(Rule: (\w+)\)$")
+
+
+def jobs_of(output: str) -> list[Job]:
+    """The jobs a Snakemake run started (or a dry run would start), in log order."""
+    jobs, current = [], None
+    for line in output.splitlines():
+        started = JOB_START.match(line)
+        if started:
+            current = Job(started.group(1))
+            jobs.append(current)
+            continue
+        field_line = JOB_FIELD.match(line) if current else None
+        if field_line:
+            current.fields[field_line.group(1)] = field_line.group(2)
+        else:
+            current = None
+    return jobs
+
+
+def events_of(output: str) -> list[tuple[str, str]]:
+    """("start" | "finish", rule) in the order a real run logged them: which jobs ran at the same time."""
+    events = []
+    for line in output.splitlines():
+        for kind, pattern in (("start", JOB_START), ("finish", JOB_FINISHED)):
+            match = pattern.match(line)
+            if match:
+                events.append((kind, match.group(1)))
+    return events
+
+
+def planned(workdir: Path, *args: str, env: dict | None = None) -> list[str]:
+    """The sorted job names (`rule[wildcards]`) a dry run of ARGS would run."""
+    result = snakemake(workdir, "--dry-run", *args, env=env)
+    return sorted(job.name for job in jobs_of(result.stdout + result.stderr))
+
+
+def config_overlay(workdir: Path, name: str, yaml_text: str) -> tuple[str, ...]:
+    """Arguments that layer `yaml_text` over config.yaml, as a user's second --configfile would."""
+    path = workdir / name
+    path.write_text(yaml_text)
+    return ("--configfile", "config.yaml", name)
+
+
+@pytest.fixture(scope="session")
+def completed_run(tmp_path_factory) -> Path:
+    """The default target (reference, parity, plugins, calibration, three engines, verify, report), built once."""
+    workdir = scratch_workflow(tmp_path_factory.mktemp("completed_run"))
+    snakemake(workdir, timeout=1200)
+    return workdir
