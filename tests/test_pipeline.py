@@ -23,7 +23,7 @@ def test_demo_int8_simulation_keeps_the_map(completed_run):
 
 def test_demo_engines_are_real_plans_with_metadata(completed_run):
     for precision in ("fp32", "fp16", "int8"):
-        plan = demo / f"results/engine_{precision}.plan"
+        plan = completed_run / f"results/engine_{precision}.plan"
         metadata = json.loads((completed_run / f"results/engine_{precision}.json").read_text())
         assert metadata["precision"] == precision and metadata["plan_bytes"] == plan.stat().st_size > 1_000_000
         assert [o["name"] for o in metadata["outputs"]] == ["num_detections", "boxes", "scores", "classes"]
