@@ -26,12 +26,13 @@ include: "workflow/rules/engine.smk"
 include: "workflow/rules/verify.smk"
 
 
+# Every model: the one of `model:` under results/, or each `models:` entry under results/<name>/.
 rule all:
     default_target: True
     input:
-        RESULTS / "reference/metrics.json",
-        RESULTS / "onnx/parity.json",
-        RESULTS / "calib/accuracy.json",
+        expand(RESULTS / "{model}reference/metrics.json", model=MODEL_DIRS),
+        expand(RESULTS / "{model}onnx/parity.json", model=MODEL_DIRS),
+        expand(RESULTS / "{model}calib/accuracy.json", model=MODEL_DIRS),
         RESULTS / "plugins/build.json",
-        expand(RESULTS / "engine_{precision}.plan", precision=config["engine"]["precisions"]),
-        RESULTS / "report.html",
+        expand(RESULTS / "{model}engine_{precision}.plan", model=MODEL_DIRS, precision=config["engine"]["precisions"]),
+        expand(RESULTS / "{model}report.html", model=MODEL_DIRS),

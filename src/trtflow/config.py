@@ -23,20 +23,42 @@ def schema_problems(config: dict, schema_path: str | Path = SCHEMA) -> list[str]
     schema = yaml.safe_load(Path(schema_path).read_text())
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: (-len(e.absolute_path), e.message))
-    return [f"{key_path(e.absolute_path)}: {e.message}" for e in errors]
+    return [f"{key_path(e.absolute_path)}: {schema_message(e)}" for e in errors]
+
+
+def schema_message(error) -> str:
+    """The validator's message; for a bad name in a mapping whose names the schema restricts (`models:`), the rule."""
+    if "propertyNames" in error.relative_schema_path:
+        return f"{error.instance!r} cannot be a name here: {error.schema['description']}"
+    return error.message
+
+
+def model_settings(config: dict, name: str = "") -> dict:
+    """The model `name` of `models:`: `model:` with that entry's overrides (input, rpn, box and train merged key
+    by key). "" is `model:` itself, the single-model default."""
+    merged = dict(config["model"])
+    for key, value in ((config.get("models") or {})[name] if name else {}).items():
+        merged[key] = {**merged[key], **value} if isinstance(value, dict) else value
+    return merged
 
 
 def path_problems(config: dict, workdir: str | Path = ".") -> list[str]:
     """Files and folders named in config that do not exist (after defaults are filled in)."""
     workdir = Path(workdir)
     problems = []
-    checkpoint = config["model"]["checkpoint"]
-    if checkpoint != "train" and not (workdir / checkpoint).is_file():
-        problems.append(f"model.checkpoint: {checkpoint} does not exist; point it at a state_dict file "
-                        f"(.safetensors/.pt/.pth) or set it to `train` (demo detector only)")
-    if checkpoint == "train" and config["model"]["arch"] != "demo":
-        problems.append(f"model.checkpoint: `train` only trains the demo detector, not {config['model']['arch']}; "
-                        f"give a state_dict path")
+    # `model:`, and each `models:` entry that sets its own checkpoint or arch (the others inherit the verdict)
+    models = [("model", config["model"])] + [
+        (f"models.{name}", model_settings(config, name))
+        for name, overrides in (config.get("models") or {}).items() if {"checkpoint", "arch"} & set(overrides)
+    ]
+    for key, model in models:
+        checkpoint = model["checkpoint"]
+        if checkpoint != "train" and not (workdir / checkpoint).is_file():
+            problems.append(f"{key}.checkpoint: {checkpoint} does not exist; point it at a state_dict file "
+                            f"(.safetensors/.pt/.pth) or set it to `train` (demo detector only)")
+        if checkpoint == "train" and model["arch"] != "demo":
+            problems.append(f"{key}.checkpoint: `train` only trains the demo detector, not {model['arch']}; "
+                            f"give a state_dict path")
     data = config["data"]
     if data["source"] == "coco":
         if not data["images"] or not (workdir / data["images"]).is_dir():

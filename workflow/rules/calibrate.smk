@@ -5,41 +5,41 @@
 
 rule calibrate:
     input:
-        onnx=RESULTS / "onnx/features.onnx",
+        onnx=RESULTS / "{model}onnx/features.onnx",
         images=RESULTS / "data/calib.json",
         code=library("calibrate", "qdq", "data", "preprocess"),
     output:
-        table=RESULTS / "calib/int8calib.table",
-        ranges=RESULTS / "calib/ranges.json",
-        qdq=RESULTS / "onnx/features.qdq.onnx",
+        table=RESULTS / "{model}calib/int8calib.table",
+        ranges=RESULTS / "{model}calib/ranges.json",
+        qdq=RESULTS / "{model}onnx/features.qdq.onnx",
     params:
         calibration=config_section("calibration"),
-        preprocess=preprocess_settings(),
+        preprocess=preprocess_settings,
     threads: 4
     conda:
         ENV
     log:
-        LOGS / "calibrate/calibrate.log",
+        LOGS / "calibrate/{model}calibrate.log",
     script:
         "../scripts/calibrate.py"
 
 
 rule calibration_accuracy:
     input:
-        features=RESULTS / "onnx/features.onnx",
-        qdq=RESULTS / "onnx/features.qdq.onnx",
-        weights=RESULTS / "weights/head.safetensors",
-        manifest=RESULTS / "weights/manifest.json",
+        features=RESULTS / "{model}onnx/features.onnx",
+        qdq=RESULTS / "{model}onnx/features.qdq.onnx",
+        weights=RESULTS / "{model}weights/head.safetensors",
+        manifest=RESULTS / "{model}weights/manifest.json",
         val=RESULTS / "data/val.json",
         code=library("calibrate", "executors", "head", "weights", "reference", "preprocess", "postprocess", "metrics"),
     output:
-        RESULTS / "calib/accuracy.json",
+        RESULTS / "{model}calib/accuracy.json",
     params:
-        preprocess=preprocess_settings(),
+        preprocess=preprocess_settings,
         postprocess=config["postprocess"],
     conda:
         ENV
     log:
-        LOGS / "calibration_accuracy/calibration_accuracy.log",
+        LOGS / "calibration_accuracy/{model}calibration_accuracy.log",
     script:
         "../scripts/calibration_accuracy.py"

@@ -1,8 +1,9 @@
 # Shared paths and helpers for every rule file.
-# All artifact paths go through RESULTS so that a later multi-model layout
-# (results/{model}/...) only changes this file.
 import importlib.util
+import re
 from pathlib import Path
+
+from trtflow.config import model_settings
 
 RESULTS = Path("results")
 LOGS = Path("logs")
@@ -24,15 +25,54 @@ def library(*modules):
     return [SRC / f"{module}.py" for module in modules]
 
 
-def preprocess_settings():
-    """The one preprocessing every stage uses: model input size + `preprocess:`."""
-    return {"input": config["model"]["input"], **config["preprocess"]}
+# Several models (config `models:`): every per-model artifact path starts with the {model} wildcard, which is
+# "" for the single-model default (results/engine_int8.plan) and "<name>/" for a `models:` entry
+# (results/<name>/engine_int8.plan). The data set and the plugins are shared; see model_config for the rest.
+MODELS = config.get("models") or {}
+# "<name>/" of every model that `all` and `engines` build: the `models:` entries, else the one of `model:`
+MODEL_DIRS = [f"{name}/" for name in MODELS] or [""]
+
+
+wildcard_constraints:
+    # only configured names: results/<unknown>/... has no rule rather than a half-configured job
+    model="(?:{})?".format("|".join(re.escape(f"{name}/") for name in MODELS)),
+
+
+def model_config(wildcards):
+    """The model a job builds: `model:`, merged with the overrides of the `models:` entry its {model} names.
+
+    Rules take the keys they need through params functions of it, so editing one entry reruns only the jobs
+    of that model (and editing `model:` those of every model inheriting the edited keys).
+    """
+    return model_settings(config, wildcards.model.rstrip("/"))
+
+
+def model_params(*keys):
+    """params function: the given keys of the job's model config (the keys its output depends on)."""
+    return lambda wildcards: {key: model_config(wildcards)[key] for key in keys}
+
+
+def model_value(key):
+    """params function: one key of the job's model config."""
+    return lambda wildcards: model_config(wildcards)[key]
+
+
+def detector_settings(wildcards, input):
+    """The job's whole model config, for scripts that build the torch detector while their output depends only
+    on the keys a model_params param tracks (the features network does not depend on model.rpn / model.box).
+    A params function that takes `input` is one Snakemake leaves out of its params rerun trigger."""
+    return model_config(wildcards)
+
+
+def preprocess_settings(wildcards):
+    """The one preprocessing every stage uses: the model's input size + `preprocess:`."""
+    return {"input": model_config(wildcards)["input"], **config["preprocess"]}
 
 
 def checkpoint_source(wildcards):
-    """The checkpoint to validate (the configured file, or a fresh demo training)."""
-    source = config["model"]["checkpoint"]
-    return RESULTS / "model/trained_demo.safetensors" if source == "train" else source
+    """The checkpoint to validate (the configured file, or a fresh demo training of this model)."""
+    source = model_config(wildcards)["checkpoint"]
+    return RESULTS / f"{wildcards.model}model/trained_demo.safetensors" if source == "train" else source
 
 
 # Stage `engine`
@@ -43,14 +83,14 @@ EXPLICIT_INT8 = ENGINE["int8_mode"] == "explicit"
 def engine_onnx(wildcards):
     """int8 explicit: the calibrate stage's Q/DQ ONNX; everything else: the exported features."""
     qdq = wildcards.precision == "int8" and EXPLICIT_INT8
-    return RESULTS / ("onnx/features.qdq.onnx" if qdq else "onnx/features.onnx")
+    return RESULTS / wildcards.model / ("onnx/features.qdq.onnx" if qdq else "onnx/features.onnx")
 
 
 def engine_extras(wildcards):
     extras = {}
     if wildcards.precision == "int8":
         # implicit: the table feeds TensorRT's calibrator; explicit: recorded as the Q/DQ scales' source
-        extras["table"] = RESULTS / "calib/int8calib.table"
+        extras["table"] = RESULTS / wildcards.model / "calib/int8calib.table"
     if ENGINE["roi_align"] == "plugin":
         extras["plugin"] = RESULTS / "plugins/libtrtflow_plugins.so"
         extras["plugin_ptx"] = RESULTS / "plugins/multilevel_roi_align.ptx"
@@ -63,3 +103,15 @@ def engine_gpus():
         config["backend"] == "auto" and importlib.util.find_spec("tensorrt") is not None
     )
     return 1 if full else 0
+
+
+# Stage `verify`
+def verify_onnx(wildcards):
+    """The features graph each precision's engine is built from (int8: the Q/DQ graph, whatever engine.int8_mode)."""
+    return RESULTS / wildcards.model / ("onnx/features.qdq.onnx" if wildcards.precision == "int8" else "onnx/features.onnx")
+
+
+def report_labels(wildcards):
+    """`snakemake --report` labels of a verify / bench / report output: its precision, and its model where there are several."""
+    labels = {"precision": wildcards.precision} if "precision" in wildcards.keys() else {}
+    return ({"model": wildcards.model.rstrip("/")} if MODELS else {}) | labels or None

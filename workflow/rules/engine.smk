@@ -11,15 +11,15 @@ rule engine:
     input:
         unpack(engine_extras),
         onnx=engine_onnx,
-        weights=RESULTS / "weights/head.safetensors",
-        manifest=RESULTS / "weights/manifest.json",
+        weights=RESULTS / "{model}weights/head.safetensors",
+        manifest=RESULTS / "{model}weights/manifest.json",
         code=library(
             "engine", "network", "head", "weights", "backend/__init__", "backend/implicit_int8", "backend/precisions",
             *(["plugins", "backend/roi_align_plugin"] if ENGINE["roi_align"] == "plugin" else []),
         ),
     output:
-        plan=RESULTS / "engine_{precision}.plan",
-        metadata=RESULTS / "engine_{precision}.json",
+        plan=RESULTS / "{model}engine_{precision}.plan",
+        metadata=RESULTS / "{model}engine_{precision}.json",
     wildcard_constraints:
         precision="fp32|fp16|int8",
     params:
@@ -34,11 +34,11 @@ rule engine:
     conda:
         ENV
     log:
-        LOGS / "engine/{precision}.log",
+        LOGS / "engine/{model}{precision}.log",
     script:
         "../scripts/build_engine.py"
 
 
 rule engines:
     input:
-        expand(RESULTS / "engine_{precision}.plan", precision=ENGINE["precisions"]),
+        expand(RESULTS / "{model}engine_{precision}.plan", model=MODEL_DIRS, precision=ENGINE["precisions"]),

@@ -7,16 +7,16 @@ rule train_demo:
         train=RESULTS / "data/train.json",
         code=library("train", "model", "preprocess"),
     output:
-        RESULTS / "model/trained_demo.safetensors",
+        RESULTS / "{model}model/trained_demo.safetensors",
     params:
-        model=config["model"],
+        model=model_config,
         preprocess=config["preprocess"],
     resources:
         gpu=1,
     conda:
         ENV
     log:
-        LOGS / "train_demo/train_demo.log",
+        LOGS / "train_demo/{model}train_demo.log",
     script:
         "../scripts/train_demo.py"
 
@@ -26,14 +26,15 @@ rule model:
         checkpoint=checkpoint_source,
         code=library("model"),
     output:
-        checkpoint=RESULTS / "model/checkpoint.safetensors",
-        info=RESULTS / "model/model.json",
+        checkpoint=RESULTS / "{model}model/checkpoint.safetensors",
+        info=RESULTS / "{model}model/model.json",
     params:
-        arch=config["model"]["arch"],
-        num_classes=config["model"]["num_classes"],
+        arch=model_value("arch"),
+        num_classes=model_value("num_classes"),
+        detector=detector_settings,
     conda:
         ENV
     log:
-        LOGS / "model/model.log",
+        LOGS / "model/{model}model.log",
     script:
         "../scripts/validate_model.py"

@@ -3,38 +3,40 @@
 
 rule onnx:
     input:
-        checkpoint=RESULTS / "model/checkpoint.safetensors",
-        info=RESULTS / "model/model.json",
+        checkpoint=RESULTS / "{model}model/checkpoint.safetensors",
+        info=RESULTS / "{model}model/model.json",
         code=library("export", "model"),
     output:
-        RESULTS / "onnx/features.onnx",
+        RESULTS / "{model}onnx/features.onnx",
     params:
-        model={key: config["model"][key] for key in ("arch", "num_classes", "input")},
+        model=model_params("arch", "num_classes", "input"),
+        detector=detector_settings,
         onnx=config["onnx"],
     conda:
         ENV
     log:
-        LOGS / "onnx/onnx.log",
+        LOGS / "onnx/{model}onnx.log",
     script:
         "../scripts/export_onnx.py"
 
 
 rule onnx_parity:
     input:
-        onnx=RESULTS / "onnx/features.onnx",
-        checkpoint=RESULTS / "model/checkpoint.safetensors",
+        onnx=RESULTS / "{model}onnx/features.onnx",
+        checkpoint=RESULTS / "{model}model/checkpoint.safetensors",
         val=RESULTS / "data/val.json",
         code=library("export", "model", "preprocess", "data"),
     output:
-        RESULTS / "onnx/parity.json",
+        RESULTS / "{model}onnx/parity.json",
     params:
-        model={key: config["model"][key] for key in ("arch", "num_classes", "input")},
-        preprocess=preprocess_settings(),
+        model=model_params("arch", "num_classes", "input"),
+        detector=detector_settings,
+        preprocess=preprocess_settings,
         images=config["verify"]["parity_images"],
         tolerance=config["verify"]["parity_tolerance"],
     conda:
         ENV
     log:
-        LOGS / "onnx_parity/onnx_parity.log",
+        LOGS / "onnx_parity/{model}onnx_parity.log",
     script:
         "../scripts/onnx_parity.py"

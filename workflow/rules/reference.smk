@@ -3,20 +3,20 @@
 
 rule reference:
     input:
-        checkpoint=RESULTS / "model/checkpoint.safetensors",
+        checkpoint=RESULTS / "{model}model/checkpoint.safetensors",
         val=RESULTS / "data/val.json",
         code=library("reference", "model", "preprocess", "postprocess", "metrics", "data"),
     output:
-        detections=RESULTS / "reference/detections.json",
-        metrics=RESULTS / "reference/metrics.json",
+        detections=RESULTS / "{model}reference/detections.json",
+        metrics=RESULTS / "{model}reference/metrics.json",
     params:
-        model=config["model"],
-        preprocess=preprocess_settings(),
+        model=model_config,
+        preprocess=preprocess_settings,
         postprocess=config["postprocess"],
         batch_size=config["reference"]["batch_size"],
     conda:
         ENV
     log:
-        LOGS / "reference/reference.log",
+        LOGS / "reference/{model}reference.log",
     script:
         "../scripts/reference.py"

@@ -10,65 +10,60 @@ VERIFY = {
     for key, value in config["verify"].items()
     if not key.startswith("parity_") and key not in ("thresholds", "enforce")
 }
-# The features graph each precision's engine is built from (int8: the Q/DQ graph, whatever engine.int8_mode)
-VERIFY_ONNX = {
-    precision: RESULTS / ("onnx/features.qdq.onnx" if precision == "int8" else "onnx/features.onnx")
-    for precision in ("fp32", "fp16", "int8")
-}
 
 
 rule verify:
     input:
-        plan=RESULTS / "engine_{precision}.plan",
-        metadata=RESULTS / "engine_{precision}.json",
-        onnx=lambda wildcards: VERIFY_ONNX[wildcards.precision],
-        weights=RESULTS / "weights/head.safetensors",
-        manifest=RESULTS / "weights/manifest.json",
+        plan=RESULTS / "{model}engine_{precision}.plan",
+        metadata=RESULTS / "{model}engine_{precision}.json",
+        onnx=verify_onnx,
+        weights=RESULTS / "{model}weights/head.safetensors",
+        manifest=RESULTS / "{model}weights/manifest.json",
         val=RESULTS / "data/val.json",
-        reference=RESULTS / "reference/detections.json",
+        reference=RESULTS / "{model}reference/detections.json",
         code=library(
             "verify", "executors", "runtime", "head", "weights", "export", "reference", "preprocess",
             "postprocess", "metrics", "data",
         ),
     output:
-        result=report(RESULTS / "verify/{precision}.json", category="verify", labels={"precision": "{precision}"}),
-        detections=RESULTS / "verify/{precision}_detections.json",
+        result=report(RESULTS / "{model}verify/{precision}.json", category="verify", labels=report_labels),
+        detections=RESULTS / "{model}verify/{precision}_detections.json",
     wildcard_constraints:
         precision="fp32|fp16|int8",
     params:
         verify=VERIFY,
         thresholds=lambda wildcards: config["verify"]["thresholds"].get(wildcards.precision, {}),
         enforce=lambda wildcards: wildcards.precision in config["verify"]["enforce"],
-        preprocess=preprocess_settings(),
+        preprocess=preprocess_settings,
         postprocess=config["postprocess"],
     resources:
         gpu=1,
     conda:
         ENV
     log:
-        LOGS / "verify/{precision}.log",
+        LOGS / "verify/{model}{precision}.log",
     script:
         "../scripts/verify.py"
 
 
 rule bench:
     input:
-        plan=RESULTS / "engine_{precision}.plan",
-        metadata=RESULTS / "engine_{precision}.json",
-        onnx=lambda wildcards: VERIFY_ONNX[wildcards.precision],
-        weights=RESULTS / "weights/head.safetensors",
-        manifest=RESULTS / "weights/manifest.json",
-        checkpoint=RESULTS / "model/checkpoint.safetensors",
+        plan=RESULTS / "{model}engine_{precision}.plan",
+        metadata=RESULTS / "{model}engine_{precision}.json",
+        onnx=verify_onnx,
+        weights=RESULTS / "{model}weights/head.safetensors",
+        manifest=RESULTS / "{model}weights/manifest.json",
+        checkpoint=RESULTS / "{model}model/checkpoint.safetensors",
         val=RESULTS / "data/val.json",
         code=library("bench", "executors", "runtime", "verify", "head", "weights", "export", "model", "preprocess"),
     output:
-        report(RESULTS / "bench/{precision}.json", category="bench", labels={"precision": "{precision}"}),
+        report(RESULTS / "{model}bench/{precision}.json", category="bench", labels=report_labels),
     wildcard_constraints:
         precision="fp32|fp16|int8",
     params:
         bench=config_section("bench"),
-        model=config["model"],
-        preprocess=preprocess_settings(),
+        model=model_config,
+        preprocess=preprocess_settings,
     # more than any machine has: Snakemake scales it down to --cores, so no other job runs while it times
     # (cluster profiles: set-threads: bench=N)
     threads: 1024
@@ -77,7 +72,7 @@ rule bench:
     conda:
         ENV
     log:
-        LOGS / "bench/{precision}.log",
+        LOGS / "bench/{model}{precision}.log",
     script:
         "../scripts/bench.py"
 
@@ -86,27 +81,27 @@ rule report:
     input:
         # calibration checks, shown where an int8 engine is built
         **(
-            {"calibration_ranges": RESULTS / "calib/ranges.json", "calibration_accuracy": RESULTS / "calib/accuracy.json"}
+            {"calibration_ranges": RESULTS / "{model}calib/ranges.json", "calibration_accuracy": RESULTS / "{model}calib/accuracy.json"}
             if "int8" in PRECISIONS
             else {}
         ),
         val=RESULTS / "data/val.json",
-        reference=RESULTS / "reference/detections.json",
-        reference_metrics=RESULTS / "reference/metrics.json",
-        parity=RESULTS / "onnx/parity.json",
-        engines=expand(RESULTS / "engine_{precision}.json", precision=PRECISIONS),
-        verify=expand(RESULTS / "verify/{precision}.json", precision=PRECISIONS),
-        detections=expand(RESULTS / "verify/{precision}_detections.json", precision=PRECISIONS),
-        bench=expand(RESULTS / "bench/{precision}.json", precision=PRECISIONS),
+        reference=RESULTS / "{model}reference/detections.json",
+        reference_metrics=RESULTS / "{model}reference/metrics.json",
+        parity=RESULTS / "{model}onnx/parity.json",
+        engines=expand(RESULTS / "{model}engine_{precision}.json", precision=PRECISIONS, allow_missing=True),
+        verify=expand(RESULTS / "{model}verify/{precision}.json", precision=PRECISIONS, allow_missing=True),
+        detections=expand(RESULTS / "{model}verify/{precision}_detections.json", precision=PRECISIONS, allow_missing=True),
+        bench=expand(RESULTS / "{model}bench/{precision}.json", precision=PRECISIONS, allow_missing=True),
         code=library("report", "verify", "data"),
     output:
-        report(RESULTS / "report.html", category="report"),
+        report(RESULTS / "{model}report.html", category="report", labels=report_labels),
     params:
         precisions=PRECISIONS,
         report=config_section("report"),
     conda:
         ENV
     log:
-        LOGS / "report/report.log",
+        LOGS / "report/{model}report.log",
     script:
         "../scripts/report.py"

@@ -6,20 +6,20 @@ WEIGHTS = config["weights"]
 
 rule weights:
     input:
-        checkpoint=RESULTS / "model/checkpoint.safetensors",
-        info=RESULTS / "model/model.json",
+        checkpoint=RESULTS / "{model}model/checkpoint.safetensors",
+        info=RESULTS / "{model}model/model.json",
         code=library("weights", "model", "export"),
     output:
-        tensors=RESULTS / "weights/head.safetensors",
-        manifest=RESULTS / "weights/manifest.json",
-        **({"wts": RESULTS / "weights/head.wts"} if "wts" in WEIGHTS["format"] else {}),
+        tensors=RESULTS / "{model}weights/head.safetensors",
+        manifest=RESULTS / "{model}weights/manifest.json",
+        **({"wts": RESULTS / "{model}weights/head.wts"} if "wts" in WEIGHTS["format"] else {}),
     params:
         # the head's budgets and thresholds live in model.rpn / model.box: edits there re-export
-        model={key: config["model"][key] for key in ("arch", "num_classes", "input", "rpn", "box")},
+        model=model_params("arch", "num_classes", "input", "rpn", "box"),
         weights=WEIGHTS,
     conda:
         ENV
     log:
-        LOGS / "weights/weights.log",
+        LOGS / "weights/{model}weights.log",
     script:
         "../scripts/export_weights.py"

@@ -8,7 +8,7 @@ from trtflow.workflow import script_logging
 with script_logging(snakemake):
     model_cfg, onnx_cfg = snakemake.params.model, snakemake.params.onnx
     info = json.load(open(snakemake.input.info))
-    model = load_detector({**snakemake.config["model"], **model_cfg}, snakemake.input.checkpoint)
+    model = load_detector(snakemake.params.detector, snakemake.input.checkpoint)
     export_features(
         model, (model_cfg["input"]["height"], model_cfg["input"]["width"]), snakemake.output[0],
         opset=onnx_cfg["opset"], dynamic_batch=onnx_cfg["dynamic_batch"], batch_size=onnx_cfg["batch_size"],
