@@ -21,15 +21,16 @@ WORKFLOW_FILES = ("Snakefile", "config.yaml", "workflow", "profiles", "src", "mo
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
-def scratch_workflow(workdir: Path) -> Path:
-    """The workflow's files (not results/, logs/ or .snakemake/) copied into `workdir`."""
+def scratch_workflow(workdir: Path, extra: tuple[str, ...] = ()) -> Path:
+    """The workflow's files (not results/, logs/ or .snakemake/), and `extra` paths, copied into `workdir`."""
     workdir.mkdir(parents=True, exist_ok=True)
-    for name in WORKFLOW_FILES:
-        source = ROOT / name
+    for name in (*WORKFLOW_FILES, *extra):
+        source, target = ROOT / name, workdir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
         if source.is_dir():
-            shutil.copytree(source, workdir / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(source, target, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
         elif source.exists():
-            shutil.copy2(source, workdir / name)
+            shutil.copy2(source, target)
     return workdir
 
 
@@ -68,9 +69,22 @@ class Job:
         return dict(item.split("=", 1) for item in text.split(", ") if "=" in item)
 
     @property
+    def output(self) -> list[str]:
+        text = self.fields.get("output", "")
+        return text.split(", ") if text else []
+
+    @property
+    def log(self) -> str:
+        return self.fields.get("log", "")
+
+    @property
+    def reason(self) -> str:
+        return self.fields.get("reason", "")
+
+    @property
     def name(self) -> str:
         """`engine[int8]`: the rule and its wildcard values, for readable assertions."""
-        values = ",".join(self.wildcards.values())
+        values = ",".join(value for value in self.wildcards.values() if value)
         return f"{self.rule}[{values}]" if values else self.rule
 
 

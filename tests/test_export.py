@@ -3,7 +3,7 @@ import onnx
 import pytest
 import torch
 
-from trtflow.export import ParityError, export_features, features_parity, level_names, output_names
+from trtflow.export import export_features, features_parity, level_names, output_names
 from trtflow.model import TORCHVISION_ARCHS, build_detector
 
 

@@ -8,20 +8,16 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import re
-import shutil
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import ROOT
+from pipeline_fixture import Job, jobs_of, scratch_workflow
+from pipeline_fixture import snakemake as run_snakemake
 from trtflow.config import ConfigError, check_config, model_settings
 
-WORKFLOW_FILES = ("Snakefile", "config.yaml", "workflow", "src", "models", "plugins", "tests/submit_local.sh")
 PRECISIONS = ("fp32", "fp16", "int8")
 NAMES = ("demo_320", "demo_256x320")
 TWO_MODELS = {"models": {"demo_320": {}, "demo_256x320": {"input": {"height": 256, "width": 320}}}}
@@ -33,36 +29,21 @@ STAGE_FOLDERS = set(SCHEMA["properties"]["models"]["propertyNames"]["not"]["enum
 RAW = yaml.safe_load((ROOT / "config.yaml").read_text())
 
 
-@dataclass
-class Job:
-    rule: str
-    output: list[str]
-    log: str
-    reason: str
-
-
 def snakemake(workdir: Path, *args: str, check: bool = True) -> str:
-    result = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, capture_output=True, text=True,
-                            timeout=600)
-    output = result.stdout + result.stderr
-    if check and result.returncode:
-        raise AssertionError(f"snakemake {' '.join(args)} failed ({result.returncode}):\n{output[-6000:]}")
-    return output
+    """The console output of `snakemake ARGS` (the shared runner adds --cores 2)."""
+    result = run_snakemake(workdir, *args, check=check)
+    return result.stdout + result.stderr
 
 
 def dry_run(workdir: Path, *targets: str, config: dict | None = None) -> list[Job]:
     """The jobs `snakemake -n TARGETS [--configfile CONFIG]` plans (config: merged over config.yaml)."""
-    args = ["-n", "--cores", "2", *targets]
+    args = ["-n", *targets]
     if config is not None:
         extra = workdir / f"extra_{hashlib.md5(json.dumps(config, sort_keys=True).encode()).hexdigest()}.yaml"
         extra.write_text(yaml.safe_dump(config))
         args += ["--configfile", str(extra)]
     output = snakemake(workdir, *args)
-    jobs = []
-    for match in re.finditer(r"^(?:local)?rule (\w+):\n((?:    .*\n?)*)", output, re.M):
-        fields = dict(re.findall(r"^    (\w+): (.*)$", match.group(2), re.M))
-        output_files = fields["output"].split(", ") if fields.get("output") else []
-        jobs.append(Job(match.group(1), output_files, fields.get("log", ""), fields.get("reason", "")))
+    jobs = jobs_of(output)
     assert jobs or "Nothing to be done" in output, output
     return jobs
 
@@ -74,14 +55,7 @@ def model_dir(path: str) -> str | None:
 
 
 def scratch_copy(workdir: Path) -> Path:
-    for name in WORKFLOW_FILES:
-        source, target = ROOT / name, workdir / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, target)
-    return workdir
+    return scratch_workflow(workdir, extra=("tests/submit_local.sh",))
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +157,7 @@ def test_a_model_that_trains_gets_its_own_training(scratch):
 
 def test_an_unknown_model_has_no_rule(scratch):
     (scratch / "two_models.yaml").write_text(yaml.safe_dump(TWO_MODELS))
-    output = snakemake(scratch, "-n", "--cores", "1", "results/nobody/engine_int8.plan", "--configfile",
+    output = snakemake(scratch, "-n", "results/nobody/engine_int8.plan", "--configfile",
                        "two_models.yaml", check=False)
     assert "No rule to produce results/nobody/engine_int8.plan" in output
 
