@@ -23,6 +23,7 @@ import pytest
 import torch
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
+from trtflow.artifacts import files_sha256
 from trtflow.plugins import (
     ABI_VERSION,
     BuildConfig,
@@ -36,7 +37,6 @@ from trtflow.plugins import (
     launch,
     load_library,
     multilevel_roi_align,
-    sha256_file,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,9 +103,9 @@ def test_rule_builds_library_ptx_and_record(built):
     assert re.fullmatch(r"\d+\.\d+\.\d+", record["nvcc"]["version"])
     assert "--use_fast_math" not in record["flags"]
     sources = built.parents[1] / "plugins"
-    assert record["sources"] == {p.name: sha256_file(p) for p in sorted(sources.iterdir())}
+    assert record["sources"] == {p.name: files_sha256(p) for p in sorted(sources.iterdir())}
     for name, digest in record["outputs"].items():
-        assert sha256_file(built / name) == digest
+        assert files_sha256(built / name) == digest
     kernels = record["ptx_kernels"]["multilevel_roi_align.ptx"]
     assert sorted(kernels) == sorted(f"trtflow_multilevel_roi_align_{n}l_{t}" for n in range(1, 6)
                                      for t in ("f32", "f16"))

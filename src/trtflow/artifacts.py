@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import platform
@@ -105,6 +106,16 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def write_json(path: str | os.PathLike, payload, *, indent: int = 2, sort_keys: bool = True) -> None:
     """`payload` as JSON at `path`, atomically."""
     write_text(path, json.dumps(payload, indent=indent, sort_keys=sort_keys) + "\n")
+
+
+def files_sha256(*paths: str | os.PathLike) -> str:
+    """sha256 over the bytes of the files, in order; of one file, its plain sha256."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def installed_versions(prefixes: tuple[str, ...] = SOFTWARE) -> dict[str, str]:

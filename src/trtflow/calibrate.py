@@ -17,7 +17,6 @@ resolution: after a growth the data fills between half and all of the bins.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from trtflow.artifacts import software_versions, write_text
+from trtflow.artifacts import files_sha256, software_versions, write_text
 from trtflow.qdq import KeepFloat, insert_qdq, quantization_plan, save_onnx, symmetric_scale
 
 log = logging.getLogger(__name__)
@@ -383,16 +382,6 @@ def image_batches(paths: Sequence[Path], batch_size: int, preprocess_cfg: dict) 
         yield preprocess_batch(images, preprocess_cfg)[0]
 
 
-def files_sha256(paths: Sequence[Path]) -> str:
-    """sha256 over the bytes of the files, in order: identifies the calibration set."""
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
 def calibrate_features(features_onnx: str | Path, images: str | Path, *, table_path: str | Path,
                        ranges_path: str | Path, qdq_path: str | Path, calibration: dict, preprocess: dict,
                        threads: int | None = None) -> dict:
@@ -412,7 +401,7 @@ def calibrate_features(features_onnx: str | Path, images: str | Path, *, table_p
     if empty:
         log.warning("%d tensors were all zero on the calibration set (scale 1): %s", len(empty), ", ".join(empty[:5]))
     table = calibration_table(amax, calibration["algorithm"], tensorrt_version_tag(calibration["tensorrt_version"]))
-    document = ranges_document(amax, table, calibration["algorithm"], statistics.num_images, files_sha256(paths))
+    document = ranges_document(amax, table, calibration["algorithm"], statistics.num_images, files_sha256(*paths))
     save_onnx(insert_qdq(model, plan, amax), qdq_path)
     write_calibration_table(table_path, table)
     write_text(ranges_path, json.dumps(document, indent=1) + "\n")

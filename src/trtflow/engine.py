@@ -452,9 +452,9 @@ def plan_precisions(backend: Backend, plan: bytes, network, gpu: dict | None) ->
 
 
 def file_record(path: Path | None) -> dict | None:
-    from trtflow.weights import file_sha256
+    from trtflow.artifacts import files_sha256
 
-    return None if path is None else {"path": str(path), "sha256": file_sha256(path)}
+    return None if path is None else {"path": str(path), "sha256": files_sha256(path)}
 
 
 def build_engine(

@@ -6,7 +6,6 @@ sees exactly the network input the engine sees.
 """
 from __future__ import annotations
 
-import hashlib
 import pickle
 from collections import OrderedDict
 from pathlib import Path
@@ -19,6 +18,8 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from trtflow.artifacts import files_sha256
 
 TORCHVISION_ARCHS = (
     "fasterrcnn_resnet50_fpn",
@@ -113,14 +114,6 @@ def build_detector(model_cfg: dict) -> detection.FasterRCNN:
     return constructor(weights=None, weights_backbone=None, num_classes=num_classes, **settings)
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state_dict from .safetensors, or from .pt/.pth (plain, or under a 'model'/'state_dict' key)."""
     path = Path(path)
@@ -203,7 +196,7 @@ def save_validated_checkpoint(model_cfg: dict, source: str | Path, checkpoint_ou
     atomic_write(checkpoint_out, lambda staging: save_file(state, str(staging), metadata=header))
     info = {
         "arch": model_cfg["arch"], "num_classes": model_cfg["num_classes"], "source": str(source),
-        "sha256": file_sha256(source), "parameters": sum(v.numel() for v in model.parameters()),
+        "sha256": files_sha256(source), "parameters": sum(v.numel() for v in model.parameters()),
         "software": software_versions(),
     }
     write_json(info_out, info)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import json
 import math
 import os
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trtflow.artifacts import disk_full_named
+from trtflow.artifacts import disk_full_named, files_sha256
 
 if TYPE_CHECKING:
     import torch
@@ -144,14 +143,6 @@ def ptx_kernels(ptx: str) -> list[str]:
     return re.findall(r"^\.visible \.entry (\w+)\(", ptx, flags=re.MULTILINE)
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _run_all(commands: Mapping[str, list[str]]) -> None:
     """Run the nvcc commands concurrently; the first failure raises with its output."""
     running = {name: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -203,8 +194,8 @@ def build_plugins(
             "flags": [*COMMON_FLAGS, *config.extra_flags],
             "commands": {name: _portable(cmd, scratch, out_dir) for name, cmd in commands.items()},
             "source_dir": str(source_dir),
-            "sources": {p.name: sha256_file(p) for p in sorted([*sources, *source_dir.glob("*.h")])},
-            "outputs": {name: sha256_file(scratch / name) for name in outputs},
+            "sources": {p.name: files_sha256(p) for p in sorted([*sources, *source_dir.glob("*.h")])},
+            "outputs": {name: files_sha256(scratch / name) for name in outputs},
             "ptx_kernels": {f"{s.stem}.ptx": ptx_kernels((scratch / f"{s.stem}.ptx").read_text()) for s in sources},
             "seconds": round(time.perf_counter() - started, 1),
         }

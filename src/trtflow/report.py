@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from trtflow.artifacts import write_text
+
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 REFERENCE_COLOR, DEPLOYED_COLOR = "#1a9850", "#d73027"
 
@@ -312,11 +314,7 @@ def build_report(out_html: str | Path, *, val_json, reference_detections, refere
                                    settings.get("min_score", 0.5)), "example images"),
               "</body></html>"]
     text = "\n".join(parts)
-    out_html = Path(out_html)
-    out_html.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_html.with_name(out_html.name + ".partial")
-    partial.write_text(text)
-    partial.replace(out_html)
+    write_text(out_html, text)
     return text
 
 

@@ -13,7 +13,6 @@ ones the metadata describes, a missing RoIAlign plugin library. Those checks nee
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 from collections.abc import Mapping
@@ -21,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from trtflow.artifacts import files_sha256
 
 HOPPER = "9.0"
 INPUT_NAME = "images"
@@ -65,14 +66,6 @@ def read_metadata(plan: str | Path, metadata: str | Path | None = None) -> dict:
     return json.loads(path.read_text())
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def refusals(metadata: Mapping, gpu: Gpu | None, installed: Mapping[str, str | None], plan: str | Path | None = None) -> list[str]:
     """Every reason this machine cannot run the plan that `metadata` describes; empty when it can.
 
@@ -107,7 +100,7 @@ def refusals(metadata: Mapping, gpu: Gpu | None, installed: Mapping[str, str | N
     if plan is not None:
         if not Path(plan).is_file():
             reasons.append(f"{plan} does not exist; build it (snakemake {plan})")
-        elif metadata.get("plan_sha256") and _sha256(Path(plan)) != metadata["plan_sha256"]:
+        elif metadata.get("plan_sha256") and files_sha256(plan) != metadata["plan_sha256"]:
             reasons.append(f"{plan} is not the plan its metadata describes (sha256 differs); rebuild both "
                            f"(snakemake -f {plan})")
     if metadata.get("roi_align") == "plugin":
