@@ -36,6 +36,8 @@ def test_schema_rejects_bad_values_naming_the_key(mutate, message):
     (lambda c: c["model"].update(checkpoint="train", arch="fasterrcnn_resnet50_fpn"), r"`train` only trains the demo"),
     (lambda c: c["data"].update(source="coco", images="no/such/folder"), r"data\.images: no/such/folder is not a folder"),
     (lambda c: c["data"].update(source="coco", images="tests", annotations="no.json"), r"data\.annotations: no\.json does not exist"),
+    (lambda c: c["model"].update(checkpoint="train") or c["data"]["demo"].update(num_train=4),
+     r"data\.demo\.num_train: 4 training images make no batch of model\.train\.batch_size 16"),
 ])
 def test_missing_files_are_named_before_any_job(mutate, message):
     with pytest.raises(ConfigError, match=message):

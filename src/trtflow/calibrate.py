@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 
 from trtflow.artifacts import files_sha256, software_versions, write_text
-from trtflow.qdq import KeepFloat, insert_qdq, quantization_plan, save_onnx, symmetric_scale
+from trtflow.qdq import KeepFloat, insert_qdq, quantization_plan, save_onnx, shared_amax, symmetric_scale
 
 log = logging.getLogger(__name__)
 
@@ -387,7 +387,7 @@ def calibrate_features(features_onnx: str | Path, images: str | Path, *, table_p
                        threads: int | None = None) -> dict:
     """Rule `calibrate`: images -> histograms -> thresholds -> int8calib.table, ranges.json, Q/DQ ONNX.
 
-    `calibration` is config `calibration:`; `preprocess` is trtflow.preprocess.preprocess_config(config).
+    `calibration` is config `calibration:`; `preprocess` is the model's input size + config `preprocess:`.
     Returns the ranges document.
     """
     paths = select_calibration_images(images, calibration["num_images"], calibration["seed"])
@@ -396,7 +396,8 @@ def calibrate_features(features_onnx: str | Path, images: str | Path, *, table_p
     plan = quantization_plan(model, KeepFloat.from_config(calibration.get("keep_float")))
     statistics = collect_histograms(model, image_batches(paths, calibration["batch_size"], preprocess),
                                     plan.activation_names, total_images=len(paths), threads=threads)
-    amax = compute_amax(statistics.histograms, calibration["algorithm"], calibration["percentile"])
+    # one amax per Concat group, so the table, ranges.json and the Q/DQ graph carry the same scales
+    amax = shared_amax(plan, compute_amax(statistics.histograms, calibration["algorithm"], calibration["percentile"]))
     empty = [name for name, value in amax.items() if value <= 0]
     if empty:
         log.warning("%d tensors were all zero on the calibration set (scale 1): %s", len(empty), ", ".join(empty[:5]))
@@ -413,8 +414,8 @@ def simulated_accuracy(features_onnx: str | Path, qdq_onnx: str | Path, weights_
                        out_path: str | Path, *, preprocess: dict, postprocess: dict, batch_size: int = 8) -> dict:
     """COCO mAP of the float features vs the Q/DQ features, both finished by the same deployment head.
 
-    ONNX Runtime runs each graph as written (simulated quantization), so `delta` is what the scales alone
-    cost, before any TensorRT kernel choice.
+    ONNX Runtime runs each graph as written (Q/DQ as simulated quantization, trtflow.qdq.session_options),
+    so `delta` is what the scales alone cost, before any TensorRT kernel choice.
     """
     from trtflow.executors import onnxruntime_static_head_executor
     from trtflow.metrics import check_label_set, coco_map, write_json

@@ -88,6 +88,13 @@ def consistency_problems(config: dict) -> list[str]:
         size = onnx["batch_size"]
         problems.append(f"engine.batch: {batch} but the features ONNX has the static batch onnx.batch_size: {size}; "
                         f"set engine.batch to {{min: {size}, opt: {size}, max: {size}}} or onnx.dynamic_batch: true")
+    num_train = config["data"]["demo"]["num_train"]
+    for name in ("", *(config.get("models") or {})):
+        model = model_settings(config, name)
+        if model["checkpoint"] == "train" and num_train < model["train"]["batch_size"]:
+            key = f"models.{name}" if name else "model"
+            problems.append(f"data.demo.num_train: {num_train} training images make no batch of {key}.train.batch_size "
+                            f"{model['train']['batch_size']}; raise num_train or lower the batch size")
     plugins = config["plugins"]
     if plugins["ptx_arch"] > min(plugins["archs"]):
         problems.append(f"plugins.ptx_arch: {plugins['ptx_arch']} is newer than the oldest of plugins.archs "

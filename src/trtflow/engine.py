@@ -28,6 +28,7 @@ import onnx
 from trtflow.artifacts import software_versions, write_bytes, write_text
 from trtflow.backend import Backend, load_backend
 from trtflow.backend import precisions as layer_precisions
+from trtflow.qdq import is_quantized
 
 PRECISIONS = ("fp32", "fp16", "int8")
 ROI_ALIGN = ("builtin", "plugin")
@@ -211,10 +212,6 @@ def read_features_onnx(path: Path) -> onnx.ModelProto:
     except Exception as error:  # onnx raises DecodeError, OSError, ... for a damaged file
         raise ValueError(f"{path} is not a readable ONNX model ({error}); re-run its rule (snakemake -f {path})") \
             from error
-
-
-def is_quantized(model: onnx.ModelProto) -> bool:
-    return any(node.op_type == "QuantizeLinear" for node in model.graph.node)
 
 
 def check_features_onnx(model: onnx.ModelProto, path: Path, settings: EngineSettings) -> None:

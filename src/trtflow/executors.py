@@ -209,15 +209,17 @@ class FeaturesSession:
     A graph with a static batch size runs the batch in chunks of that size."""
 
     def __init__(self, onnx_path: str | Path, providers: list[str] | None = None, threads: int | None = None):
+        import onnx
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
+        from trtflow.qdq import session_options
+
         self.path = Path(onnx_path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path} does not exist; build it first (snakemake {self.path})")
-        self.session = ort.InferenceSession(str(self.path), options, providers=providers or onnxruntime_providers())
+        model = onnx.load(str(self.path))
+        self.session = ort.InferenceSession(model.SerializeToString(), session_options(model, threads=threads),
+                                            providers=providers or onnxruntime_providers())
         self.names = [output.name for output in self.session.get_outputs()]
         static_batch = self.session.get_inputs()[0].shape[0]
         self.chunk = static_batch if isinstance(static_batch, int) else None

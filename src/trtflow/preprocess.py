@@ -66,8 +66,3 @@ def preprocess_batch(images: list[np.ndarray], cfg: dict) -> tuple[np.ndarray, l
         raise ValueError("preprocess_batch got no images: pass at least one decoded image")
     tensors, letterboxes = zip(*(preprocess_image(image, cfg) for image in images))
     return np.stack(tensors), list(letterboxes)
-
-
-def preprocess_config(config: dict) -> dict:
-    """The preprocessing settings of a whole trtflow config (model input size + `preprocess:`)."""
-    return {"input": config["model"]["input"], **config["preprocess"]}

@@ -373,18 +373,31 @@ def save_onnx(model: onnx.ModelProto, path: str | Path) -> None:
     write_bytes(path, model.SerializeToString())
 
 
-def onnxruntime_session(model: onnx.ModelProto | str | Path, *, threads: int | None = None):
-    """An ONNX Runtime CPU session that runs a Q/DQ graph as simulated quantization, exactly as written.
+def is_quantized(model: onnx.ModelProto) -> bool:
+    """Whether the graph holds Q/DQ nodes (explicit quantization)."""
+    return any(node.op_type == "QuantizeLinear" for node in model.graph.node)
 
-    Graph optimizations are off: even onnxruntime's basic level rewrites Q/DQ patterns into its own
-    kernels, which moved outputs of the test graph by about 1% of their range. Without them every
+
+def session_options(model: onnx.ModelProto, *, threads: int | None = None):
+    """ONNX Runtime options that run `model` as written; for a Q/DQ graph that means simulated quantization.
+
+    Graph optimizations are off for Q/DQ graphs: even onnxruntime's basic level rewrites Q/DQ patterns into
+    its own kernels, which moved outputs of the test graph by about 1% of their range. Without them every
     Q/DQ is the float math the scales define, which TensorRT matches up to accumulation order.
     """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if is_quantized(model):
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    return options
+
+
+def onnxruntime_session(model: onnx.ModelProto, *, threads: int | None = None):
+    """A CPU ONNX Runtime session of `model` with `session_options`."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model.SerializeToString(), session_options(model, threads=threads),
+                                providers=["CPUExecutionProvider"])

@@ -10,7 +10,9 @@ rule reference:
         detections=RESULTS / "{model}reference/detections.json",
         metrics=RESULTS / "{model}reference/metrics.json",
     params:
-        model=model_config,
+        # model.train does not change the reference: only the keys the detections depend on are tracked
+        model=model_params("arch", "num_classes", "input", "rpn", "box"),
+        detector=detector_settings,
         preprocess=preprocess_settings,
         postprocess=config["postprocess"],
         batch_size=config["reference"]["batch_size"],

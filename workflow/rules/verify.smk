@@ -62,7 +62,8 @@ rule bench:
         precision="fp32|fp16|int8",
     params:
         bench=config_section("bench"),
-        model=model_config,
+        model=model_params("arch", "num_classes", "input", "rpn", "box"),
+        detector=detector_settings,
         preprocess=preprocess_settings,
     # more than any machine has: Snakemake scales it down to --cores, so no other job runs while it times
     # (cluster profiles: set-threads: bench=N)

@@ -3,7 +3,7 @@ from trtflow.reference import run_reference
 from trtflow.workflow import script_logging
 
 with script_logging(snakemake):
-    model = load_detector(snakemake.params.model, snakemake.input.checkpoint)
+    model = load_detector(snakemake.params.detector, snakemake.input.checkpoint)
     metrics = run_reference(
         model, snakemake.input.val, snakemake.params.preprocess, snakemake.params.postprocess,
         snakemake.output.detections, snakemake.output.metrics, batch_size=snakemake.params.batch_size,
