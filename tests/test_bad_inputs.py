@@ -464,7 +464,7 @@ def fsync_fails_with_enospc(monkeypatch):
 
 
 def write_split(path):
-    data.write_json({"images": []}, path)
+    artifacts.write_json(path, {"images": []}, indent=1, sort_keys=False)  # how rule data writes a split
 
 
 def write_metrics(path):

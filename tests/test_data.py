@@ -9,6 +9,7 @@ import pytest
 from pycocotools.coco import COCO
 
 from trtflow import data
+from trtflow.artifacts import write_json
 from trtflow.data import BadImageError, DatasetError
 
 
@@ -262,7 +263,7 @@ def test_index_coco_resolves_and_completes(user_coco):
     assert index["categories"] == coco["categories"]  # sparse ids kept
     assert index["info"]["skipped"] == [] and index["info"]["unlisted_images"] == 0
     out = folder / "val.json"
-    data.write_json(index, out)
+    write_json(out, index, indent=1, sort_keys=False)
     assert len(COCO(str(out)).getAnnIds()) == 4
 
 

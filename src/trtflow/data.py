@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from trtflow.artifacts import disk_full_named, staging_path, write_text
+from trtflow.artifacts import disk_full_named, staging_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -504,11 +504,6 @@ def index_images(spec: str | os.PathLike, bad_images: str = "fail", categories: 
     }
 
 
-def write_json(content: dict, path: str | os.PathLike) -> None:
-    """Write ``content`` as JSON atomically: a temporary file beside ``path``, then rename."""
-    write_text(path, json.dumps(content, indent=1) + "\n")
-
-
 # ---------------------------------------------------------------------------------------
 # The demo data set: synthetic shapes
 
@@ -748,7 +743,7 @@ def make_demo_split(
         "annotations": annotations,
         "categories": DEMO_CATEGORIES,
     }
-    write_json(dataset, out_json)
+    write_json(out_json, dataset, indent=1, sort_keys=False)
     log.info("demo %s: %d images, %d objects -> %s", split, len(images), len(annotations), out_json)
     return dataset
 
@@ -780,7 +775,7 @@ def prepare_data(
                 )
             log.warning("data.annotations is not set: val has no annotations, so no mAP can be computed")
             val = index_images(data["images"], data["bad_images"])
-        write_json(val, val_json)
+        write_json(val_json, val, indent=1, sort_keys=False)
         log.info(
             "val: %d images, %d annotations, %d skipped",
             len(val["images"]),
@@ -797,5 +792,5 @@ def prepare_data(
             "calibration.images is not set: calibrating on the val images, so INT8 accuracy on val is optimistic"
         )
         calib = {**val, "info": {**val["info"], "calibration": "val images (calibration.images unset)"}}
-    write_json(calib, calib_json)
+    write_json(calib_json, calib, indent=1, sort_keys=False)
     log.info("calib: %d images, %d skipped", len(calib["images"]), len(calib["info"]["skipped"]))

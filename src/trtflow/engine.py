@@ -31,6 +31,12 @@ from trtflow.backend import precisions as layer_precisions
 from trtflow.qdq import is_quantized
 
 PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def head_dtype(precision: str) -> str:
+    """The head's dtype in the plan of `precision`: float32 for fp32, float16 for fp16 and int8."""
+    return "float32" if precision == "fp32" else "float16"
+
 ROI_ALIGN = ("builtin", "plugin")
 NMS = ("static", "builtin_layer")
 INT8_MODES = ("explicit", "implicit")
@@ -109,7 +115,7 @@ class EngineSettings:
 
     @property
     def head_dtype(self) -> str:
-        return "float32" if self.precision == "fp32" else "float16"
+        return head_dtype(self.precision)
 
     def check_backend(self, backend: Backend) -> None:
         """Refuse options this backend cannot build, naming the key and what to set instead."""

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from trtflow.engine import HEAD_OUTPUTS
 from trtflow.export import INPUT_NAME, FeaturesNetwork, output_names
 from trtflow.head import StaticHead
 
-HEAD_OUTPUTS = ("num_detections", "boxes", "scores", "classes")
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 CUDA_GRAPH_MODES = ("none", "features", "whole")
 

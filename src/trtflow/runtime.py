@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from trtflow.artifacts import files_sha256
+from trtflow.export import INPUT_NAME
 
 HOPPER = "9.0"
-INPUT_NAME = "images"
 
 
 class EngineRefused(RuntimeError):

@@ -22,14 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trtflow.engine import PRECISIONS, head_dtype
 from trtflow.executors import Executor, default_device, onnxruntime_static_head_executor, tensorrt_executor
 from trtflow.metrics import coco_map, write_json
 from trtflow.reference import detect_dataset
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "int8")
-HEAD_DTYPE = {"fp32": "float32", "fp16": "float16", "int8": "float16"}  # as trtflow.engine builds the head
 
 
 class VerifyError(RuntimeError):
@@ -186,11 +185,11 @@ def deployment_executor(precision: str, onnx: str | Path, weights_dir: str | Pat
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     device = torch.device(device) if device is not None else default_device()
-    head_dtype, note = HEAD_DTYPE[precision], None
-    if head_dtype == "float16" and (problem := float16_runs_on(device)):
-        head_dtype, note = "float32", f"float16 head does not run on {device} ({problem}): head ran in float32"
+    dtype, note = head_dtype(precision), None
+    if dtype == "float16" and (problem := float16_runs_on(device)):
+        dtype, note = "float32", f"float16 head does not run on {device} ({problem}): head ran in float32"
     manifest, tensors = load_head(weights_dir)
-    return onnxruntime_static_head_executor(onnx, manifest, tensors, head_dtype=head_dtype, device=device).with_note(note)
+    return onnxruntime_static_head_executor(onnx, manifest, tensors, head_dtype=dtype, device=device).with_note(note)
 
 
 def choose_executor(precision: str, *, plan: str | Path, onnx: str | Path, weights_dir: str | Path,
