@@ -468,7 +468,7 @@ def write_split(path):
 
 
 def write_metrics(path):
-    from trtflow.metrics import write_json
+    from trtflow.artifacts import write_json
 
     write_json(path, {"mAP": 0.5})
 

@@ -147,7 +147,7 @@ def test_a_real_plan_is_refused_without_a_gpu(features_plan):
 
 @pytest.mark.parametrize("cuda_graph", [False, True])
 def test_engine_runner_matches_onnxruntime(features_plan, cuda_graph):
-    from trtflow.export import run_onnx
+    from trtflow.export import OnnxSession
 
     plan, onnx = features_plan
     metadata = json.loads(metadata_path(plan).read_text())
@@ -157,7 +157,7 @@ def test_engine_runner_matches_onnxruntime(features_plan, cuda_graph):
     assert runner.batch_range == (1, 4)
     for batch in (3, 6, 3):  # 6 > max 4: two chunks; 3 again: a second replay of the same graph
         images = np.random.default_rng(batch).standard_normal((batch, 3, 96, 128), dtype=np.float32)
-        expected = run_onnx(onnx, images)
+        expected = OnnxSession(onnx)(images)
         outputs = runner(torch.from_numpy(images).cuda())
         for name, value in expected.items():
             scale = np.abs(value).max()

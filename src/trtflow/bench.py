@@ -25,7 +25,7 @@ from trtflow.executors import (
     pytorch_static_head_executor,
     tensorrt_executor,
 )
-from trtflow.metrics import write_json
+from trtflow.artifacts import write_json
 from trtflow.runtime import EngineRefused
 from trtflow.verify import deployment_executor
 from trtflow.weights import load_head

@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from trtflow.artifacts import files_sha256, software_versions, write_text
+from trtflow.artifacts import files_sha256, software_versions, write_json, write_text
+from trtflow.export import OnnxSession
 from trtflow.qdq import KeepFloat, insert_qdq, quantization_plan, save_onnx, shared_amax, symmetric_scale
 
 log = logging.getLogger(__name__)
@@ -185,34 +186,6 @@ class ActivationStatistics:
     num_images: int
 
 
-def _collection_session(model: onnx.ModelProto, names: Sequence[str], threads: int | None):
-    """An ORT session of `model` with the tensors in `names` added as graph outputs."""
-    import onnxruntime as ort
-
-    augmented = onnx.ModelProto()
-    augmented.CopyFrom(model)
-    existing = {o.name for o in augmented.graph.output} | {i.name for i in augmented.graph.input}
-    augmented.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-                                  for name in names if name not in existing)
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(augmented.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def _model_batches(batches: Iterable[np.ndarray], static_batch: int | None) -> Iterator[np.ndarray]:
-    """The incoming batches, cut to the model's static batch size where it has one."""
-    for batch in batches:
-        if static_batch is None or len(batch) == static_batch:
-            yield batch
-            continue
-        if len(batch) % static_batch:
-            raise ValueError(f"the ONNX graph takes batches of exactly {static_batch} images, got a batch of "
-                             f"{len(batch)}: make calibration.batch_size and num_images multiples of {static_batch} "
-                             "or export with onnx.dynamic_batch")
-        yield from np.split(batch, len(batch) // static_batch)
-
-
 def collect_histograms(model: onnx.ModelProto | str | Path, batches: Iterable[np.ndarray],
                        tensor_names: Sequence[str] | None = None, *, num_bins: int = NUM_BINS,
                        total_images: int | None = None, threads: int | None = None,
@@ -233,23 +206,21 @@ def collect_histograms(model: onnx.ModelProto | str | Path, batches: Iterable[np
     if len(inputs) != 1:
         raise ValueError(f"calibration feeds graphs with one image input; this one has {len(inputs)}: {inputs}")
     graph_input = inputs[0]
-    session = _collection_session(model, names, threads)
+    session = OnnxSession(model, threads=threads, extra_outputs=names)
     fetched = [name for name in names if name != graph_input]
-    static_batch = session.get_inputs()[0].shape[0]
-    static_batch = static_batch if isinstance(static_batch, int) else None
 
     histograms = {name: AbsHistogram(num_bins) for name in names}
     num_images = 0
     with tqdm(total=total_images, unit="img", desc="calibration", disable=not progress) as bar:
-        for batch in _model_batches(batches, static_batch):
+        for batch in batches:
             if batch.dtype != np.float32 or batch.ndim != 4:
                 raise ValueError(f"calibration batches must be float32 (B, 3, H, W), got {batch.dtype} "
                                  f"{batch.shape}")
-            outputs = session.run(fetched, {graph_input: batch})
+            outputs = session(batch, fetched)
             if graph_input in histograms:
                 histograms[graph_input].add(batch.copy(), graph_input)
-            for name, values in zip(fetched, outputs, strict=True):
-                histograms[name].add(values, name)
+            for name in fetched:
+                histograms[name].add(outputs[name], name)
             del outputs
             num_images += len(batch)
             bar.update(len(batch))
@@ -418,7 +389,7 @@ def simulated_accuracy(features_onnx: str | Path, qdq_onnx: str | Path, weights_
     so `delta` is what the scales alone cost, before any TensorRT kernel choice.
     """
     from trtflow.executors import onnxruntime_static_head_executor
-    from trtflow.metrics import check_label_set, coco_map, write_json
+    from trtflow.metrics import check_label_set, coco_map
     from trtflow.reference import detect_dataset
     from trtflow.weights import load_head
 

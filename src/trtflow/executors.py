@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from trtflow.engine import HEAD_OUTPUTS
-from trtflow.export import INPUT_NAME, FeaturesNetwork, output_names
+from trtflow.export import FeaturesNetwork, OnnxSession, output_names
 from trtflow.head import StaticHead
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -204,43 +204,12 @@ def onnxruntime_providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-class FeaturesSession:
-    """An ONNX Runtime session of a features graph: a (B, 3, H, W) batch -> every output by name.
-    A graph with a static batch size runs the batch in chunks of that size."""
-
-    def __init__(self, onnx_path: str | Path, providers: list[str] | None = None, threads: int | None = None):
-        import onnx
-        import onnxruntime as ort
-
-        from trtflow.qdq import session_options
-
-        self.path = Path(onnx_path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path} does not exist; build it first (snakemake {self.path})")
-        model = onnx.load(str(self.path))
-        self.session = ort.InferenceSession(model.SerializeToString(), session_options(model, threads=threads),
-                                            providers=providers or onnxruntime_providers())
-        self.names = [output.name for output in self.session.get_outputs()]
-        static_batch = self.session.get_inputs()[0].shape[0]
-        self.chunk = static_batch if isinstance(static_batch, int) else None
-
-    @property
-    def providers(self) -> list[str]:
-        """The providers the session really uses (ONNX Runtime drops ones it cannot load)."""
-        return self.session.get_providers()
-
-    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        chunk = self.chunk or len(images)
-        runs = [self.session.run(self.names, {INPUT_NAME: images[i:i + chunk]}) for i in range(0, len(images), chunk)]
-        return {name: np.concatenate([run[k] for run in runs]) for k, name in enumerate(self.names)}
-
-
 def onnxruntime_static_head_executor(onnx_path: str | Path, manifest: Mapping, tensors: Mapping, *,
                                      head_dtype: str = "float32", device: str | torch.device | None = None,
                                      providers: list[str] | None = None, threads: int | None = None) -> Executor:
     """ONNX Runtime runs the features graph; the StaticHead (on `device`, default the GPU where there is one)
     finishes detection from its outputs by name."""
-    session = FeaturesSession(onnx_path, providers, threads)
+    session = OnnxSession(onnx_path, providers=providers or onnxruntime_providers(), threads=threads)
     device = torch.device(device) if device is not None else default_device()
     head = StaticHead(manifest, tensors, DTYPES[head_dtype]).to(device).eval()
 

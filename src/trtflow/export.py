@@ -6,6 +6,7 @@ parser takes cleanly. Everything after it is the head that the TensorRT network 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,14 +34,20 @@ class FeaturesNetwork(nn.Module):
         return (*feature_maps, *per_level)
 
 
-def level_names(model, input_hw: tuple[int, int]) -> list[str]:
+def backbone_maps(model, input_hw: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """The backbone's maps, by key, for one zero image of `input_hw`: a dry run for their names and sizes."""
+    param = next(model.backbone.parameters())
+    with torch.no_grad():
+        return model.backbone(torch.zeros(1, 3, *input_hw, dtype=param.dtype, device=param.device))
+
+
+def level_names(model, input_hw: tuple[int, int], maps: dict[str, torch.Tensor] | None = None) -> list[str]:
     """`p{log2(stride)}` for each FPN map in backbone order, `pool` for torchvision's max-pool level.
 
     Where two maps share a stride (torchvision's MobileNetV3-FPN returns two stride-32 maps), each of them
-    is suffixed with its backbone key: `p5_0`, `p5_1`.
+    is suffixed with its backbone key: `p5_0`, `p5_1`. `maps`: the dry run's, where the caller has it.
     """
-    with torch.no_grad():
-        maps = model.backbone(torch.zeros(1, 3, *input_hw))
+    maps = backbone_maps(model, input_hw) if maps is None else maps
     by_stride = {key: "pool" if key == "pool" else f"p{round(math.log2(input_hw[0] / m.shape[-2]))}" for key, m in maps.items()}
     taken = list(by_stride.values())
     return [name if taken.count(name) == 1 else f"{name}_{key}" for key, name in by_stride.items()]
@@ -72,20 +79,57 @@ def export_features(model, input_hw: tuple[int, int], out_path: str | Path, *, o
     return exported
 
 
-def run_onnx(model: onnx.ModelProto | str | Path, images: np.ndarray) -> dict[str, np.ndarray]:
-    """Every output of an ONNX graph on the CPU execution provider, by name.
+class OnnxSession:
+    """An ONNX Runtime session of a graph with one image input: a (B, 3, H, W) batch -> its outputs by name.
 
-    A graph with a static batch size runs the images in chunks of that size.
+    A graph with a static batch size runs the batch in chunks of that size. Q/DQ graphs run as written
+    (`trtflow.qdq.session_options`). `extra_outputs` exposes intermediate tensors as outputs too.
     """
-    import onnxruntime as ort
 
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
-    names = [output.name for output in session.get_outputs()]
-    static_batch = session.get_inputs()[0].shape[0]
-    chunk = static_batch if isinstance(static_batch, int) else len(images)
-    runs = [session.run(names, {INPUT_NAME: images[i:i + chunk]}) for i in range(0, len(images), chunk)]
-    return {name: np.concatenate([run[k] for run in runs]) for k, name in enumerate(names)}
+    def __init__(self, model: onnx.ModelProto | str | Path, *, providers: Sequence[str] | None = None,
+                 threads: int | None = None, extra_outputs: Sequence[str] = ()):
+        import onnxruntime as ort
+
+        from trtflow.qdq import session_options
+
+        if not isinstance(model, onnx.ModelProto):
+            self.source = Path(model)
+            if not self.source.is_file():
+                raise FileNotFoundError(f"{self.source} does not exist; build it first (snakemake {self.source})")
+            model = onnx.load(str(self.source))
+        else:
+            self.source = None
+        existing = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
+        if added := [name for name in extra_outputs if name not in existing]:
+            augmented = onnx.ModelProto()
+            augmented.CopyFrom(model)
+            augmented.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+                                          for name in added)
+            model = augmented
+        self.session = ort.InferenceSession(model.SerializeToString(), session_options(model, threads=threads),
+                                            providers=list(providers or ["CPUExecutionProvider"]))
+        self.input_name = self.session.get_inputs()[0].name
+        self.names = [output.name for output in self.session.get_outputs()]
+        static_batch = self.session.get_inputs()[0].shape[0]
+        self.static_batch = static_batch if isinstance(static_batch, int) else None
+
+    @property
+    def providers(self) -> list[str]:
+        """The providers the session really uses (ONNX Runtime drops ones it cannot load)."""
+        return self.session.get_providers()
+
+    def __call__(self, images: np.ndarray, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """`names` (default: every output) for `images`."""
+        names = list(self.names if names is None else names)
+        chunk = self.static_batch or len(images)
+        if len(images) % chunk:
+            where = self.source or "the ONNX graph"
+            raise ValueError(f"{where} takes batches of exactly {chunk} images, got {len(images)}: feed "
+                             f"multiples of {chunk} or export with onnx.dynamic_batch: true")
+        runs = [self.session.run(names, {self.input_name: images[i:i + chunk]}) for i in range(0, len(images), chunk)]
+        if len(runs) == 1:
+            return dict(zip(names, runs[0], strict=True))
+        return {name: np.concatenate([run[k] for run in runs]) for k, name in enumerate(names)}
 
 
 def simplified_if_identical(model: onnx.ModelProto, example: np.ndarray) -> onnx.ModelProto:
@@ -93,7 +137,7 @@ def simplified_if_identical(model: onnx.ModelProto, example: np.ndarray) -> onnx
     import onnxslim
 
     slimmed = onnxslim.slim(model)
-    before, after = run_onnx(model, example), run_onnx(slimmed, example)
+    before, after = OnnxSession(model)(example), OnnxSession(slimmed)(example)
     identical = before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
     return slimmed if identical else model
 
@@ -105,7 +149,7 @@ def features_parity(model, onnx_path: str | Path, images: np.ndarray, tolerance:
     """
     with torch.no_grad():
         reference = [t.numpy() for t in FeaturesNetwork(model.eval())(torch.from_numpy(images))]
-    onnx_outputs = run_onnx(onnx_path, images)
+    onnx_outputs = OnnxSession(onnx_path)(images)
     outputs = {}
     for name, expected in zip(onnx_outputs, reference):
         error = float(np.abs(onnx_outputs[name] - expected).max())
@@ -130,7 +174,7 @@ def check_parity(model, onnx_path, coco_json, preprocess_cfg: dict, num_images: 
     import json
 
     from trtflow.data import read_image
-    from trtflow.metrics import write_json
+    from trtflow.artifacts import write_json
     from trtflow.preprocess import preprocess_batch
 
     files = [image["file_name"] for image in json.loads(Path(coco_json).read_text())["images"][:num_images]]

@@ -5,8 +5,6 @@ import contextlib
 import io
 from pathlib import Path
 
-from trtflow.artifacts import write_json  # noqa: F401  (every stage's JSON writer, re-exported)
-
 
 class LabelSetError(ValueError):
     """The data set's categories are not the model's classes."""

@@ -393,11 +393,3 @@ def session_options(model: onnx.ModelProto, *, threads: int | None = None):
     if threads:
         options.intra_op_num_threads = threads
     return options
-
-
-def onnxruntime_session(model: onnx.ModelProto, *, threads: int | None = None):
-    """A CPU ONNX Runtime session of `model` with `session_options`."""
-    import onnxruntime as ort
-
-    return ort.InferenceSession(model.SerializeToString(), session_options(model, threads=threads),
-                                providers=["CPUExecutionProvider"])

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from trtflow.artifacts import software_versions
+from trtflow.artifacts import software_versions, write_json
 from trtflow.data import read_image
-from trtflow.metrics import category_labels, check_label_set, coco_map, write_json
+from trtflow.metrics import category_labels, check_label_set, coco_map
 from trtflow.model import run_detector
 from trtflow.postprocess import postprocess, to_coco_results
 from trtflow.preprocess import preprocess_batch

@@ -61,15 +61,13 @@ def feature_levels(model: nn.Module, input_hw: tuple[int, int]) -> list[dict]:
     ``anchor_stride`` is torchvision's ``AnchorGenerator`` stride (integer division of the input
     size by the map size), which is what places the anchors.
     """
-    from trtflow.export import level_names
+    from trtflow.export import backbone_maps, level_names
 
     height, width = input_hw
-    param = next(model.backbone.parameters())
-    with torch.no_grad():
-        maps = model.backbone(torch.zeros(1, 3, height, width, dtype=param.dtype, device=param.device))
+    maps = backbone_maps(model, input_hw)
     return [{"name": name, "key": key, "channels": fmap.shape[1], "size": list(fmap.shape[-2:]),
              "anchor_stride": [height // fmap.shape[-2], width // fmap.shape[-1]]}
-            for name, (key, fmap) in zip(level_names(model, input_hw), maps.items())]
+            for name, (key, fmap) in zip(level_names(model, input_hw, maps), maps.items())]
 
 
 # --------------------------------------------------------------------------- RPN and RoI pooler
