@@ -97,6 +97,7 @@ def test_run_verify_on_cpu_names_the_executor_and_why_not_the_engine(deployment,
     """No GPU here: the engine is refused, the deployment-form reference is verified, the JSON says both."""
     import torch
 
+    from trtflow.metrics import coco_map
     from trtflow.reference import detect_dataset
     from trtflow.verify import run_verify
 
@@ -107,12 +108,14 @@ def test_run_verify_on_cpu_names_the_executor_and_why_not_the_engine(deployment,
     plan.with_suffix(".json").write_text(json.dumps({
         "backend": "tensorrt_rtx", "backend_version": "1.7.1.116", "precision": "fp32",
         "compute_capabilities": ["8.0", "8.6", "8.9", "12.0"]}))
-    reference = tmp_path / "reference.json"
-    reference.write_text(json.dumps(detect_dataset(deployment.torchvision, deployment.coco, deployment.preprocess,
-                                                   deployment.postprocess, batch_size=2)))
+    detections = detect_dataset(deployment.torchvision, deployment.coco, deployment.preprocess,
+                                deployment.postprocess, batch_size=2)
+    reference, metrics = tmp_path / "reference.json", tmp_path / "reference_metrics.json"
+    reference.write_text(json.dumps(detections))
+    metrics.write_text(json.dumps(coco_map(deployment.coco, detections)))
     out = tmp_path / "verify/fp32.json"
     run_verify("fp32", plan=plan, onnx=deployment.onnx, weights_dir=deployment.weights, val_json=deployment.coco,
-               reference_detections=reference, preprocess=deployment.preprocess, postprocess=deployment.postprocess,
+               reference_detections=reference, reference_metrics=metrics, preprocess=deployment.preprocess, postprocess=deployment.postprocess,
                thresholds=Thresholds(min_match_recall=0.99), settings={"batch_size": 2}, out_json=out,
                detections_out=tmp_path / "verify/fp32_detections.json")
     result = json.loads(out.read_text())
@@ -129,8 +132,10 @@ def test_run_verify_fails_below_enforced_thresholds_only(deployment, tmp_path):
 
     empty = tmp_path / "reference.json"
     empty.write_text("[]")  # every deployed detection is then unmatched: match_precision 0
+    (tmp_path / "metrics.json").write_text(json.dumps({"mAP": 0.0, "mAP50": 0.0}))
     kwargs = dict(plan=tmp_path / "missing.plan", onnx=deployment.onnx, weights_dir=deployment.weights,
-                  val_json=deployment.coco, reference_detections=empty, preprocess=deployment.preprocess,
+                  val_json=deployment.coco, reference_detections=empty,
+                  reference_metrics=tmp_path / "metrics.json", preprocess=deployment.preprocess,
                   postprocess=deployment.postprocess, thresholds=Thresholds(min_match_precision=0.9),
                   settings={"batch_size": 2}, detections_out=tmp_path / "detections.json")
     with pytest.raises(VerifyError, match=r"fp16 \(onnxruntime\+static-head\) fails verification: match_precision 0"):

@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trtflow.artifacts import write_json
 from trtflow.engine import PRECISIONS, head_dtype
 from trtflow.executors import Executor, default_device, onnxruntime_static_head_executor, tensorrt_executor
-from trtflow.metrics import coco_map, write_json
+from trtflow.metrics import coco_map
 from trtflow.reference import detect_dataset
 
 log = logging.getLogger(__name__)
@@ -209,14 +210,17 @@ def choose_executor(precision: str, *, plan: str | Path, onnx: str | Path, weigh
 
 
 def verify_detections(precision: str, executor: Executor, status: Mapping, *, val_json: str | Path,
-                      reference_detections: str | Path, preprocess: dict, postprocess: dict, thresholds: Thresholds,
-                      match_iou: float = 0.9, batch_size: int = 8) -> tuple[dict, list[dict]]:
-    """Run `executor` over the val split and compare with the reference: (verify result, deployed detections)."""
+                      reference_detections: str | Path, reference_metrics: str | Path, preprocess: dict,
+                      postprocess: dict, thresholds: Thresholds, match_iou: float = 0.9,
+                      batch_size: int = 8) -> tuple[dict, list[dict]]:
+    """Run `executor` over the val split and compare with the reference (its detections, and the COCO
+    metrics the reference stage computed from them): (verify result, deployed detections)."""
     deployed = detect_dataset(executor, val_json, preprocess, postprocess, batch_size=batch_size,
                               desc=f"verify {precision} ({executor.name})")
     reference = json.loads(Path(reference_detections).read_text())
     matching = match_detections(reference, deployed, match_iou)
-    metrics, reference_metrics = coco_map(val_json, deployed), coco_map(val_json, reference)
+    metrics = coco_map(val_json, deployed)
+    reference_metrics = json.loads(Path(reference_metrics).read_text())
     result = {
         "precision": precision,
         "executor": executor.name,
@@ -237,8 +241,8 @@ def verify_detections(precision: str, executor: Executor, status: Mapping, *, va
     return result, deployed
 
 
-def run_verify(precision: str, *, plan, onnx, weights_dir, val_json, reference_detections, preprocess: dict,
-               postprocess: dict, thresholds: Thresholds, enforce: bool = True, settings: Mapping, out_json,
+def run_verify(precision: str, *, plan, onnx, weights_dir, val_json, reference_detections, reference_metrics,
+               preprocess: dict, postprocess: dict, thresholds: Thresholds, enforce: bool = True, settings: Mapping, out_json,
                detections_out) -> dict:
     """Rule `verify`: choose the executor, compare, write results/verify/{precision}.json and the deployed
     detections. Fails (after logging the numbers) below the precision's thresholds where `enforce` (config
@@ -253,7 +257,7 @@ def run_verify(precision: str, *, plan, onnx, weights_dir, val_json, reference_d
         raise VerifyError(f"verify.require_engine is set but the {precision} engine cannot run here: {status['reason']}")
     result, deployed = verify_detections(
         precision, executor, status, val_json=val_json, reference_detections=reference_detections,
-        preprocess=preprocess, postprocess=postprocess, thresholds=thresholds,
+        reference_metrics=reference_metrics, preprocess=preprocess, postprocess=postprocess, thresholds=thresholds,
         match_iou=settings.get("match_iou", 0.9), batch_size=settings.get("batch_size", 8),
     )
     print(json.dumps(result, indent=2))

@@ -21,6 +21,7 @@ rule verify:
         manifest=RESULTS / "{model}weights/manifest.json",
         val=RESULTS / "data/val.json",
         reference=RESULTS / "{model}reference/detections.json",
+        reference_metrics=RESULTS / "{model}reference/metrics.json",
         code=library(
             "verify", "executors", "runtime", "head", "weights", "export", "reference", "preprocess",
             "postprocess", "metrics", "data",
