@@ -58,3 +58,42 @@ def test_parity_gate_fails_with_the_output_named(tmp_path, small_model_cfg, conf
     assert not report["passed"]
     failing = {name for name, o in report["outputs"].items() if o["max_abs"] > 1e-4 * o["ref_max"]}
     assert failing == {f"objectness_{level}" for level in ("p2", "p3", "p4", "p5", "pool")}
+
+
+def scaled_graph(batch: int | str) -> onnx.ModelProto:
+    """images (batch, 3, 4, 4) -> doubled -> plus one: a graph with an intermediate tensor `doubled`."""
+    from onnx import TensorProto, helper
+
+    shape = [batch, 3, 4, 4]
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["images", "images"], ["doubled"]), helper.make_node("Add", ["doubled", "one"], ["out"])],
+        "scaled", [helper.make_tensor_value_info("images", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, shape)],
+        [helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_onnx_session_chunks_a_static_batch_and_exposes_intermediates(tmp_path):
+    from trtflow.export import OnnxSession
+
+    path = tmp_path / "static2.onnx"
+    onnx.save(scaled_graph(2), str(path))
+    images = np.arange(6 * 48, dtype=np.float32).reshape(6, 3, 4, 4)
+    session = OnnxSession(path, extra_outputs=["doubled"])
+    assert session.static_batch == 2 and session.names == ["out", "doubled"]
+    outputs = session(images)  # three runs of 2, concatenated
+    np.testing.assert_array_equal(outputs["out"], 2 * images + 1)
+    np.testing.assert_array_equal(session(images, ["doubled"])["doubled"], 2 * images)
+    assert OnnxSession(scaled_graph("batch"))(images[:5])["out"].shape == (5, 3, 4, 4)
+
+
+def test_onnx_session_refusals_name_the_file_and_the_fix(tmp_path):
+    from trtflow.export import OnnxSession
+
+    path = tmp_path / "static2.onnx"
+    onnx.save(scaled_graph(2), str(path))
+    with pytest.raises(ValueError, match=r"static2\.onnx takes batches of exactly 2 images, got 3: feed multiples "
+                                         r"of 2 or export with onnx\.dynamic_batch: true"):
+        OnnxSession(path)(np.zeros((3, 3, 4, 4), np.float32))
+    with pytest.raises(FileNotFoundError, match=r"missing\.onnx does not exist; build it first \(snakemake .*missing\.onnx\)"):
+        OnnxSession(tmp_path / "missing.onnx")
