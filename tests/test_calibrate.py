@@ -271,3 +271,18 @@ def test_unreadable_calibration_image_fails_clearly(tmp_path, features_onnx):
     with pytest.raises(data.BadImageError, match="img_001.png"):
         run_stage(features_onnx, images, tmp_path / "out", num_images=3)
     assert not (tmp_path / "out").exists()
+
+
+def test_collection_refuses_a_batch_that_misfits_a_static_batch(tmp_path):
+    """Padding a short batch would count copies of an image twice, so calibration refuses it instead."""
+    import onnx
+    from test_qdq import resnet_like_model
+
+    model = resnet_like_model()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2  # a static batch of 2
+    path = tmp_path / "static2.onnx"
+    onnx.save(model, str(path))
+    batch = np.zeros((3, 3, 32, 32), np.float32)
+    with pytest.raises(ValueError, match=r"static2\.onnx takes batches of exactly 2 images, got a batch of 3: make "
+                                         r"calibration\.batch_size and the number of calibration images multiples of 2"):
+        collect_histograms(path, iter([batch]), progress=False)

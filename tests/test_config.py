@@ -38,6 +38,9 @@ def test_schema_rejects_bad_values_naming_the_key(mutate, message):
     (lambda c: c["data"].update(source="coco", images="tests", annotations="no.json"), r"data\.annotations: no\.json does not exist"),
     (lambda c: c["model"].update(checkpoint="train") or c["data"]["demo"].update(num_train=4),
      r"data\.demo\.num_train: 4 training images make no batch of model\.train\.batch_size 16"),
+    (lambda c: c.setdefault("onnx", {}).update(batch_size=3) or c["engine"].update(batch={"min": 3, "opt": 3, "max": 3}),
+     r"calibration\.batch_size: 8 and calibration\.num_images: 64 must be multiples of the features ONNX's static "
+     r"batch onnx\.batch_size: 3"),
 ])
 def test_missing_files_are_named_before_any_job(mutate, message):
     with pytest.raises(ConfigError, match=message):

@@ -87,13 +87,12 @@ def test_onnx_session_chunks_a_static_batch_and_exposes_intermediates(tmp_path):
     assert OnnxSession(scaled_graph("batch"))(images[:5])["out"].shape == (5, 3, 4, 4)
 
 
-def test_onnx_session_refusals_name_the_file_and_the_fix(tmp_path):
+def test_onnx_session_pads_a_short_static_batch_and_names_a_missing_file(tmp_path):
     from trtflow.export import OnnxSession
 
     path = tmp_path / "static2.onnx"
     onnx.save(scaled_graph(2), str(path))
-    with pytest.raises(ValueError, match=r"static2\.onnx takes batches of exactly 2 images, got 3: feed multiples "
-                                         r"of 2 or export with onnx\.dynamic_batch: true"):
-        OnnxSession(path)(np.zeros((3, 3, 4, 4), np.float32))
+    images = np.arange(3 * 48, dtype=np.float32).reshape(3, 3, 4, 4)
+    np.testing.assert_array_equal(OnnxSession(path)(images)["out"], 2 * images + 1)  # 2 + (1 padded to 2)
     with pytest.raises(FileNotFoundError, match=r"missing\.onnx does not exist; build it first \(snakemake .*missing\.onnx\)"):
         OnnxSession(tmp_path / "missing.onnx")

@@ -197,6 +197,7 @@ def collect_histograms(model: onnx.ModelProto | str | Path, batches: Iterable[np
     """
     from tqdm import tqdm
 
+    source = model if isinstance(model, (str, Path)) else "the ONNX graph"
     model = onnx.load(str(model)) if isinstance(model, (str, Path)) else model
     names = list(quantization_plan(model).activation_names if tensor_names is None else tensor_names)
     if not names:
@@ -216,6 +217,11 @@ def collect_histograms(model: onnx.ModelProto | str | Path, batches: Iterable[np
             if batch.dtype != np.float32 or batch.ndim != 4:
                 raise ValueError(f"calibration batches must be float32 (B, 3, H, W), got {batch.dtype} "
                                  f"{batch.shape}")
+            if session.static_batch and len(batch) % session.static_batch:
+                # padding would count copies of an image twice in the histograms
+                raise ValueError(f"{source} takes batches of exactly {session.static_batch} images, got a batch of "
+                                 f"{len(batch)}: make calibration.batch_size and the number of calibration images "
+                                 f"multiples of {session.static_batch}, or export with onnx.dynamic_batch: true")
             outputs = session(batch, fetched)
             if graph_input in histograms:
                 histograms[graph_input].add(batch.copy(), graph_input)

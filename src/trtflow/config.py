@@ -88,6 +88,12 @@ def consistency_problems(config: dict) -> list[str]:
         size = onnx["batch_size"]
         problems.append(f"engine.batch: {batch} but the features ONNX has the static batch onnx.batch_size: {size}; "
                         f"set engine.batch to {{min: {size}, opt: {size}, max: {size}}} or onnx.dynamic_batch: true")
+    calibration = config["calibration"]
+    if not onnx["dynamic_batch"] and "int8" in config["engine"]["precisions"] and (
+            calibration["batch_size"] % onnx["batch_size"] or calibration["num_images"] % onnx["batch_size"]):
+        problems.append(f"calibration.batch_size: {calibration['batch_size']} and calibration.num_images: "
+                        f"{calibration['num_images']} must be multiples of the features ONNX's static batch "
+                        f"onnx.batch_size: {onnx['batch_size']}; change them or set onnx.dynamic_batch: true")
     num_train = config["data"]["demo"]["num_train"]
     for name in ("", *(config.get("models") or {})):
         model = model_settings(config, name)

@@ -82,7 +82,8 @@ def export_features(model, input_hw: tuple[int, int], out_path: str | Path, *, o
 class OnnxSession:
     """An ONNX Runtime session of a graph with one image input: a (B, 3, H, W) batch -> its outputs by name.
 
-    A graph with a static batch size runs the batch in chunks of that size. Q/DQ graphs run as written
+    A graph with a static batch size runs the batch in chunks of that size; a short last chunk is padded
+    with copies of its last image, whose outputs are dropped. Q/DQ graphs run as written
     (`trtflow.qdq.session_options`). `extra_outputs` exposes intermediate tensors as outputs too.
     """
 
@@ -122,11 +123,13 @@ class OnnxSession:
         """`names` (default: every output) for `images`."""
         names = list(self.names if names is None else names)
         chunk = self.static_batch or len(images)
-        if len(images) % chunk:
-            where = self.source or "the ONNX graph"
-            raise ValueError(f"{where} takes batches of exactly {chunk} images, got {len(images)}: feed "
-                             f"multiples of {chunk} or export with onnx.dynamic_batch: true")
-        runs = [self.session.run(names, {self.input_name: images[i:i + chunk]}) for i in range(0, len(images), chunk)]
+        runs = []
+        for start in range(0, len(images), chunk):
+            part = images[start:start + chunk]
+            real = len(part)
+            if real < chunk:
+                part = np.concatenate([part, np.repeat(part[-1:], chunk - real, axis=0)])
+            runs.append([output[:real] for output in self.session.run(names, {self.input_name: part})])
         if len(runs) == 1:
             return dict(zip(names, runs[0], strict=True))
         return {name: np.concatenate([run[k] for run in runs]) for k, name in enumerate(names)}
