@@ -94,5 +94,13 @@ def test_onnx_session_pads_a_short_static_batch_and_names_a_missing_file(tmp_pat
     onnx.save(scaled_graph(2), str(path))
     images = np.arange(3 * 48, dtype=np.float32).reshape(3, 3, 4, 4)
     np.testing.assert_array_equal(OnnxSession(path)(images)["out"], 2 * images + 1)  # 2 + (1 padded to 2)
+    no_batch_axis = scaled_graph(2)
+    no_batch_axis.graph.node.append(onnx.helper.make_node("ReduceSum", ["out"], ["total"], keepdims=0))
+    no_batch_axis.graph.output.append(onnx.helper.make_tensor_value_info("total", onnx.TensorProto.FLOAT, []))
+    session = OnnxSession(no_batch_axis)
+    assert session(images[:2])["total"].shape == ()  # a full batch passes every output through untouched
+    with pytest.raises(ValueError, match=r"output total of shape \[\] has no batch axis first, so a short batch "
+                                         r"cannot be padded to 2"):
+        session(images)
     with pytest.raises(FileNotFoundError, match=r"missing\.onnx does not exist; build it first \(snakemake .*missing\.onnx\)"):
         OnnxSession(tmp_path / "missing.onnx")

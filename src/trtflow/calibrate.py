@@ -31,7 +31,6 @@ import numpy as np
 import onnx
 
 from trtflow.artifacts import files_sha256, software_versions, write_json, write_text
-from trtflow.export import OnnxSession
 from trtflow.qdq import KeepFloat, insert_qdq, quantization_plan, save_onnx, shared_amax, symmetric_scale
 
 log = logging.getLogger(__name__)
@@ -189,15 +188,18 @@ class ActivationStatistics:
 def collect_histograms(model: onnx.ModelProto | str | Path, batches: Iterable[np.ndarray],
                        tensor_names: Sequence[str] | None = None, *, num_bins: int = NUM_BINS,
                        total_images: int | None = None, threads: int | None = None,
-                       progress: bool = True) -> ActivationStatistics:
+                       progress: bool = True, source: str | Path | None = None) -> ActivationStatistics:
     """Stream preprocessed float32 (B, 3, H, W) batches through `model` and histogram |x| of each tensor.
 
     `tensor_names` defaults to the tensors the Q/DQ plan quantizes. Graph inputs among them are counted
-    from the batch itself. Each batch's activations are released before the next one runs.
+    from the batch itself. A graph with a static batch size runs each batch in chunks of that size, and each
+    chunk's activations are released before the next one runs. `source` names a ModelProto in messages.
     """
     from tqdm import tqdm
 
-    source = model if isinstance(model, (str, Path)) else "the ONNX graph"
+    from trtflow.export import OnnxSession
+
+    source = model if isinstance(model, (str, Path)) else source or "the ONNX graph"
     model = onnx.load(str(model)) if isinstance(model, (str, Path)) else model
     names = list(quantization_plan(model).activation_names if tensor_names is None else tensor_names)
     if not names:
@@ -217,17 +219,19 @@ def collect_histograms(model: onnx.ModelProto | str | Path, batches: Iterable[np
             if batch.dtype != np.float32 or batch.ndim != 4:
                 raise ValueError(f"calibration batches must be float32 (B, 3, H, W), got {batch.dtype} "
                                  f"{batch.shape}")
-            if session.static_batch and len(batch) % session.static_batch:
+            static = session.static_batch
+            if static and len(batch) % static:
                 # padding would count copies of an image twice in the histograms
-                raise ValueError(f"{source} takes batches of exactly {session.static_batch} images, got a batch of "
+                raise ValueError(f"{source} takes batches of exactly {static} images, got a batch of "
                                  f"{len(batch)}: make calibration.batch_size and the number of calibration images "
-                                 f"multiples of {session.static_batch}, or export with onnx.dynamic_batch: true")
-            outputs = session(batch, fetched)
-            if graph_input in histograms:
-                histograms[graph_input].add(batch.copy(), graph_input)
-            for name in fetched:
-                histograms[name].add(outputs[name], name)
-            del outputs
+                                 f"multiples of {static}, or export with onnx.dynamic_batch: true")
+            for chunk in np.split(batch, len(batch) // static) if static else (batch,):
+                outputs = session(chunk, fetched)
+                if graph_input in histograms:
+                    histograms[graph_input].add(chunk.copy(), graph_input)
+                for name in fetched:
+                    histograms[name].add(outputs[name], name)
+                del outputs
             num_images += len(batch)
             bar.update(len(batch))
     if num_images == 0:
@@ -372,7 +376,8 @@ def calibrate_features(features_onnx: str | Path, images: str | Path, *, table_p
     model = onnx.load(str(features_onnx))
     plan = quantization_plan(model, KeepFloat.from_config(calibration.get("keep_float")))
     statistics = collect_histograms(model, image_batches(paths, calibration["batch_size"], preprocess),
-                                    plan.activation_names, total_images=len(paths), threads=threads)
+                                    plan.activation_names, total_images=len(paths), threads=threads,
+                                    source=features_onnx)
     # one amax per Concat group, so the table, ranges.json and the Q/DQ graph carry the same scales
     amax = shared_amax(plan, compute_amax(statistics.histograms, calibration["algorithm"], calibration["percentile"]))
     empty = [name for name, value in amax.items() if value <= 0]

@@ -127,9 +127,17 @@ class OnnxSession:
         for start in range(0, len(images), chunk):
             part = images[start:start + chunk]
             real = len(part)
-            if real < chunk:
-                part = np.concatenate([part, np.repeat(part[-1:], chunk - real, axis=0)])
-            runs.append([output[:real] for output in self.session.run(names, {self.input_name: part})])
+            if real == chunk:
+                runs.append(self.session.run(names, {self.input_name: part}))
+                continue
+            padded = np.concatenate([part, np.repeat(part[-1:], chunk - real, axis=0)])
+            outputs = self.session.run(names, {self.input_name: padded})
+            for name, output in zip(names, outputs, strict=True):
+                if output.ndim == 0 or output.shape[0] != chunk:
+                    raise ValueError(f"{self.source or 'the ONNX graph'}: output {name} of shape {list(output.shape)} "
+                                     f"has no batch axis first, so a short batch cannot be padded to {chunk}: feed "
+                                     f"multiples of {chunk} images or export with onnx.dynamic_batch: true")
+            runs.append([output[:real] for output in outputs])
         if len(runs) == 1:
             return dict(zip(names, runs[0], strict=True))
         return {name: np.concatenate([run[k] for run in runs]) for k, name in enumerate(names)}

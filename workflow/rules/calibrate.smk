@@ -7,7 +7,7 @@ rule calibrate:
     input:
         onnx=RESULTS / "{model}onnx/features.onnx",
         images=RESULTS / "data/calib.json",
-        code=library("calibrate", "qdq", "data", "preprocess"),
+        code=library("calibrate", "qdq", "export", "data", "preprocess"),
     output:
         table=RESULTS / "{model}calib/int8calib.table",
         ranges=RESULTS / "{model}calib/ranges.json",
@@ -31,7 +31,10 @@ rule calibration_accuracy:
         weights=RESULTS / "{model}weights/head.safetensors",
         manifest=RESULTS / "{model}weights/manifest.json",
         val=RESULTS / "data/val.json",
-        code=library("calibrate", "executors", "head", "weights", "reference", "preprocess", "postprocess", "metrics"),
+        code=library(
+            "calibrate", "qdq", "export", "executors", "head", "weights", "reference", "preprocess", "postprocess",
+            "metrics",
+        ),
     output:
         RESULTS / "{model}calib/accuracy.json",
     params:

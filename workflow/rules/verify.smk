@@ -23,7 +23,7 @@ rule verify:
         reference=RESULTS / "{model}reference/detections.json",
         reference_metrics=RESULTS / "{model}reference/metrics.json",
         code=library(
-            "verify", "executors", "runtime", "head", "weights", "export", "reference", "preprocess",
+            "verify", "executors", "runtime", "head", "weights", "export", "qdq", "reference", "preprocess",
             "postprocess", "metrics", "data",
         ),
     output:
@@ -56,7 +56,9 @@ rule bench:
         manifest=RESULTS / "{model}weights/manifest.json",
         checkpoint=RESULTS / "{model}model/checkpoint.safetensors",
         val=RESULTS / "data/val.json",
-        code=library("bench", "executors", "runtime", "verify", "head", "weights", "export", "model", "preprocess"),
+        code=library(
+            "bench", "executors", "runtime", "verify", "head", "weights", "export", "qdq", "model", "preprocess",
+        ),
     output:
         report(RESULTS / "{model}bench/{precision}.json", category="bench", labels=report_labels),
     wildcard_constraints:
