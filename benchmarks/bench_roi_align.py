@@ -7,9 +7,13 @@ Each timed call starts with L2 flushed (a 256 MiB write outside the timed region
 timed with CUDA events; the median of --repeats calls after --warmup calls is reported.
 
 "ours (call)" is trtflow.plugins.multilevel_roi_align (argument checks, ctypes, allocation);
-"ours (kernel)" launches the library's entry point with prepared arguments. Output bandwidth
-is the output's bytes over the kernel time, against the device-to-device copy bandwidth
-measured here (bytes read + written), which bounds any kernel that must write that output.
+"ours (kernel)" launches the library's entry point with prepared arguments on the NCHW maps.
+"NHWC kernel" is the channels-last kernel on the same values in channels-last memory (what a
+TensorRT engine hands the plugin in its HWC / HWC8 formats); "NHWC + convert" adds converting
+the four NCHW maps to channels last inside the timed region, so it starts from the very inputs
+torchvision gets. Output bandwidth is the output's bytes over the NCHW kernel time, against the
+device-to-device copy bandwidth measured here (bytes read + written), which bounds any kernel
+that must write that output.
 
     PYTHONPATH=src python benchmarks/bench_roi_align.py [--lib results/plugins/libtrtflow_plugins.so]
 """
@@ -17,7 +21,6 @@ measured here (bytes read + written), which bounds any kernel that must write th
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import statistics
@@ -112,15 +115,25 @@ def bench(lib_path: Path, dtype: torch.dtype, count: int, args, flush: torch.Ten
     levels = pooler.map_levels([rois[:, 1:]]).bincount(minlength=len(LEVELS)).tolist()
 
     out = torch.empty_like(ours_out)
-    kernel = functools.partial(
-        launch, load_library(lib_path), RoIAlignSpec.from_scales(SCALES), [m.data_ptr() for m in maps],
-        [tuple(m.shape[2:]) for m in maps], 1, CHANNELS, rois.data_ptr(), count, out.data_ptr(),
-        "float16" if dtype == torch.float16 else "float32", torch.cuda.current_stream().cuda_stream)
+    out_nhwc = torch.empty_like(ours_out)
+    maps_nhwc = [m.contiguous(memory_format=torch.channels_last) for m in maps]
+
+    def kernel(levels: list[torch.Tensor], layout: str, output: torch.Tensor) -> None:
+        launch(load_library(lib_path), RoIAlignSpec.from_scales(SCALES), [m.data_ptr() for m in levels],
+               [tuple(m.shape[2:]) for m in levels], 1, CHANNELS, rois.data_ptr(), count, output.data_ptr(),
+               "float16" if dtype == torch.float16 else "float32", torch.cuda.current_stream().cuda_stream,
+               layout)
+
+    def convert_and_kernel() -> None:
+        kernel([m.contiguous(memory_format=torch.channels_last) for m in maps], "nhwc", out_nhwc)
+
     timing = {"warmup": args.warmup, "repeats": args.repeats, "flush": flush}
     t_torchvision = median_seconds(lambda: pooler(features, boxes, [IMAGE_HW]), **timing)
     t_call = median_seconds(lambda: multilevel_roi_align(maps, rois, output_size=7, spatial_scales=SCALES,
                                                          sampling_ratio=2, lib_path=lib_path), **timing)
-    t_kernel = median_seconds(kernel, **timing)
+    t_kernel = median_seconds(lambda: kernel(maps, "nchw", out), **timing)
+    t_nhwc = median_seconds(lambda: kernel(maps_nhwc, "nhwc", out_nhwc), **timing)
+    t_convert_nhwc = median_seconds(convert_and_kernel, **timing)
     torch.cuda.synchronize()
     out_bytes = out.numel() * out.element_size()
     return {
@@ -130,14 +143,19 @@ def bench(lib_path: Path, dtype: torch.dtype, count: int, args, flush: torch.Ten
         "torchvision_ms": t_torchvision * 1e3,
         "ours_call_ms": t_call * 1e3,
         "ours_kernel_ms": t_kernel * 1e3,
+        "nhwc_kernel_ms": t_nhwc * 1e3,
+        "nhwc_convert_ms": t_convert_nhwc * 1e3,
         "speedup_call": t_torchvision / t_call,
         "speedup_kernel": t_torchvision / t_kernel,
+        "speedup_nhwc": t_torchvision / t_nhwc,
+        "speedup_nhwc_convert": t_torchvision / t_convert_nhwc,
         "output_bytes": out_bytes,
         "output_gbps": out_bytes / t_kernel / 1e9,
         "write_bound_ms": out_bytes / copy_bw * 1e3,
         "fraction_of_copy_bw": out_bytes / t_kernel / copy_bw,
         "ours_max_rel_error": max_relative_error(ours_out, reference),
         "kernel_matches_call": bool(torch.equal(out, ours_out)),
+        "nhwc_max_rel_error": max_relative_error(out_nhwc, reference),
         "torchvision_max_rel_error": max_relative_error(torchvision_out, reference),
     }
 
@@ -169,15 +187,17 @@ def main() -> None:
 
     device = torch.cuda.get_device_name()
     print(f"\n{device}, torch {torch.__version__}, copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write)")
-    header = ("dtype", "RoIs", "torchvision ms", "ours call ms", "ours kernel ms", "x call", "x kernel",
-              "out GB/s", "% copy BW", "err ours", "err tv")
+    header = ("dtype", "RoIs", "torchvision ms", "ours call ms", "ours kernel ms", "NHWC kernel ms",
+              "NHWC + convert ms", "x call", "x kernel", "x NHWC", "x NHWC + convert", "out GB/s", "% copy BW",
+              "err ours", "err NHWC", "err tv")
     print(" | ".join(header))
     for r in rows:
         print(" | ".join([
             r["dtype"], str(r["rois"]), f"{r['torchvision_ms']:.3f}", f"{r['ours_call_ms']:.3f}",
-            f"{r['ours_kernel_ms']:.3f}", f"{r['speedup_call']:.1f}", f"{r['speedup_kernel']:.1f}",
-            f"{r['output_gbps']:.0f}", f"{100 * r['fraction_of_copy_bw']:.0f}",
-            f"{r['ours_max_rel_error']:.1e}", f"{r['torchvision_max_rel_error']:.1e}",
+            f"{r['ours_kernel_ms']:.3f}", f"{r['nhwc_kernel_ms']:.3f}", f"{r['nhwc_convert_ms']:.3f}",
+            f"{r['speedup_call']:.1f}", f"{r['speedup_kernel']:.1f}", f"{r['speedup_nhwc']:.1f}",
+            f"{r['speedup_nhwc_convert']:.1f}", f"{r['output_gbps']:.0f}", f"{100 * r['fraction_of_copy_bw']:.0f}",
+            f"{r['ours_max_rel_error']:.1e}", f"{r['nhwc_max_rel_error']:.1e}", f"{r['torchvision_max_rel_error']:.1e}",
         ]))
     if args.json:
         args.json.write_text(json.dumps({"device": device, "torch": torch.__version__,

@@ -12,7 +12,7 @@
 extern "C" {
 #endif
 
-#define TRTFLOW_PLUGINS_ABI_VERSION 1
+#define TRTFLOW_PLUGINS_ABI_VERSION 2
 
 /* Most FPN levels one MultiLevelRoIAlign call pools from (p2..p6). */
 #define TRTFLOW_MAX_LEVELS 5
@@ -20,6 +20,17 @@ extern "C" {
 /* Feature / output element types. RoIs are always float32. */
 #define TRTFLOW_DTYPE_FLOAT32 0
 #define TRTFLOW_DTYPE_FLOAT16 1
+
+/*
+ * Memory layout of the feature maps (the output is always NCHW).
+ * NCHW: (batch, channels, height, width) contiguous.
+ * NHWC: channels last, (batch, height, width, channels) contiguous: torch.channels_last,
+ *       TensorRT's HWC.
+ * NHWC8: channels last with channels padded to a multiple of 8: TensorRT's HWC8.
+ */
+#define TRTFLOW_LAYOUT_NCHW 0
+#define TRTFLOW_LAYOUT_NHWC 1
+#define TRTFLOW_LAYOUT_NHWC8 2
 
 /* Argument errors are negative; positive return values are cudaError_t codes. */
 #define TRTFLOW_OK 0
@@ -29,6 +40,7 @@ extern "C" {
 #define TRTFLOW_ERROR_NULL_POINTER (-4)
 #define TRTFLOW_ERROR_OUTPUT_SIZE (-5)
 #define TRTFLOW_ERROR_LEVEL_RANGE (-6)
+#define TRTFLOW_ERROR_LAYOUT (-7)
 
 int trtflow_plugins_abi_version(void);
 
@@ -38,7 +50,7 @@ const char* trtflow_plugins_error_string(int code);
 /*
  * torchvision MultiScaleRoIAlign on the GPU, all levels in one launch.
  *
- * features[l]   device pointer, (batch, channels, heights[l], widths[l]) contiguous, dtype
+ * features[l]   device pointer, (batch, channels, heights[l], widths[l]) in `layout`, dtype
  * rois          device pointer, (num_rois, 5) float32: batch index, x1, y1, x2, y2 in input pixels
  * output        device pointer, (num_rois, channels, out_h, out_w) contiguous, dtype
  * first_level   k of the first level: its spatial scale is 2^-k, level l has 2^-(k+l)
@@ -50,7 +62,8 @@ int trtflow_multilevel_roi_align(const void* const* features, int num_levels, co
                                  const int* widths, int batch, int channels, const float* rois,
                                  int num_rois, void* output, int out_h, int out_w,
                                  int sampling_ratio, int aligned, int first_level,
-                                 int canonical_scale, int canonical_level, int dtype, void* stream);
+                                 int canonical_scale, int canonical_level, int layout, int dtype,
+                                 void* stream);
 
 /*
  * The same operation on host memory (float32 only), built from the kernel's own sampling code:
@@ -61,7 +74,7 @@ int trtflow_multilevel_roi_align_host(const float* const* features, int num_leve
                                       int channels, const float* rois, int num_rois,
                                       float* output, int out_h, int out_w, int sampling_ratio,
                                       int aligned, int first_level, int canonical_scale,
-                                      int canonical_level);
+                                      int canonical_level, int layout);
 
 #ifdef __cplusplus
 }

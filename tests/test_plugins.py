@@ -107,8 +107,8 @@ def test_rule_builds_library_ptx_and_record(built):
     for name, digest in record["outputs"].items():
         assert files_sha256(built / name) == digest
     kernels = record["ptx_kernels"]["multilevel_roi_align.ptx"]
-    assert sorted(kernels) == sorted(f"trtflow_multilevel_roi_align_{n}l_{t}" for n in range(1, 6)
-                                     for t in ("f32", "f16"))
+    assert sorted(kernels) == sorted(f"trtflow_multilevel_roi_align_{n}l_{t}_{layout}" for n in range(1, 6)
+                                     for t in ("f32", "f16") for layout in ("nchw", "nhwc"))
     assert not list(built.glob(".build-*")), "the scratch folder must not outlive the build"
 
 
@@ -137,10 +137,11 @@ def test_kernel_parameters_match_the_aot_argument_list(built):
     ptx = (built / "multilevel_roi_align.ptx").read_text()
     for levels in (1, 4, 5):
         spec = RoIAlignSpec(num_levels=levels)
-        entry = re.search(rf"\.entry {kernel_name(levels, 'float16')}\((.*?)\)", ptx, flags=re.DOTALL)
-        params = re.findall(r"\.param \.(\w+)", entry.group(1))
-        scalars = kernel_scalar_args(0, 0, 0, [(0, 0)] * levels, spec.c_args())
-        assert params == ["u64"] * (levels + 1) + ["u32"] * len(scalars) + ["u64"]
+        for layout in ("nchw", "nhwc"):
+            entry = re.search(rf"\.entry {kernel_name(levels, 'float16', layout)}\((.*?)\)", ptx, flags=re.DOTALL)
+            params = re.findall(r"\.param \.(\w+)", entry.group(1))
+            scalars = kernel_scalar_args(0, 0, 0, 0, [(0, 0)] * levels, spec.c_args())
+            assert params == ["u64"] * (levels + 1) + ["u32"] * len(scalars) + ["u64"]
 
 
 def test_missing_nvcc_names_the_fix(tmp_path):
@@ -257,9 +258,10 @@ CPU_CASES = [  # (levels, output_size, sampling_ratio, aligned)
 ]
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("levels,output_size,sampling_ratio,aligned", CPU_CASES)
-def test_host_reference_matches_torchvision(built, levels, output_size, sampling_ratio, aligned):
-    features = make_pyramid(levels, batch=2, channels=3)
+def test_host_reference_matches_torchvision(built, levels, output_size, sampling_ratio, aligned, memory_format):
+    features = [f.contiguous(memory_format=memory_format) for f in make_pyramid(levels, batch=2, channels=3)]
     rois = make_rois(per_image=120, batch=2)
     reference = torchvision_reference(features, rois, output_size=output_size, sampling_ratio=sampling_ratio,
                                       aligned=aligned)
@@ -324,13 +326,20 @@ GPU_CASES = [  # (RoIs over a batch of 2, dtype, output_size, sampling_ratio, al
 ]
 
 
+# Channel counts are no multiple of the kernel's 64-channel slices, so the tails run; the
+# channels-last kernel reads channel pairs and leaves an odd count to the per-element path.
+LAYOUTS = [(torch.contiguous_format, 67), (torch.channels_last, 66), (torch.channels_last, 67)]
+
+
 @needs_cuda
+@pytest.mark.parametrize("memory_format,channels", LAYOUTS, ids=["nchw", "nhwc", "nhwc-odd-channels"])
 @pytest.mark.parametrize("count,dtype,output_size,sampling_ratio,aligned", GPU_CASES)
-def test_cuda_kernel_matches_torchvision(built, count, dtype, output_size, sampling_ratio, aligned):
+def test_cuda_kernel_matches_torchvision(built, count, dtype, output_size, sampling_ratio, aligned, memory_format,
+                                         channels):
     """fp32 within 1e-5 and fp16 within 1e-2 of max|ref|; the fp16 reference is torchvision in fp32 on the
     same fp16 values (torchvision's own fp16 path computes coordinates and box areas in fp16)."""
-    channels = 67  # not a multiple of the kernel's channel slices: exercises the tails
-    features = make_pyramid(4, batch=2, channels=channels, dtype=dtype, device="cuda", seed=count)
+    features = [f.contiguous(memory_format=memory_format)
+                for f in make_pyramid(4, batch=2, channels=channels, dtype=dtype, device="cuda", seed=count)]
     rois = make_rois(max(count // 2, 1), batch=2, seed=count + 1)[:count].cuda()
     reference = torchvision_reference([f.float() for f in features], rois, output_size=output_size,
                                       sampling_ratio=sampling_ratio, aligned=aligned)
@@ -360,6 +369,44 @@ def test_cuda_kernel_runs_on_the_current_stream(built):
     stream.synchronize()
     reference = torchvision_reference(features, rois, output_size=7, sampling_ratio=2, aligned=False)
     assert relative_error(result, reference) <= 1e-5
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_padded_channels_last_maps_match_torchvision(built, device):
+    """TensorRT's HWC8: channels padded to a multiple of 8; the padding (NaN here) is never read."""
+    from trtflow.backend.roi_align_plugin import pixel_stride
+
+    channels = 66 if device == "cuda" else 3
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    features = make_pyramid(4, batch=2, channels=channels, dtype=dtype, device=device)
+    rois = make_rois(per_image=150, batch=2).to(device)
+    stride = pixel_stride(channels, "nhwc8")
+    padded = []
+    for f in features:
+        buffer = torch.full((*f.shape[:1], *f.shape[2:], stride), float("nan"), dtype=dtype, device=device)
+        buffer[..., :channels] = f.permute(0, 2, 3, 1)
+        padded.append(buffer)
+    out = torch.empty(len(rois), channels, 7, 7, dtype=dtype, device=device)
+    stream = torch.cuda.current_stream().cuda_stream if device == "cuda" else None
+    launch(load_library(built / "libtrtflow_plugins.so"), RoIAlignSpec.from_scales([1 / 4, 1 / 8, 1 / 16, 1 / 32]),
+           [b.data_ptr() for b in padded], [tuple(f.shape[2:]) for f in features], 2, channels, rois.data_ptr(),
+           len(rois), out.data_ptr(), str(dtype).removeprefix("torch."), stream, "nhwc8")
+    reference = torchvision_reference([f.float() for f in features], rois, output_size=7, sampling_ratio=2,
+                                      aligned=False)
+    assert stride == (8 if device == "cpu" else 72)
+    assert relative_error(out, reference) <= (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_library_rejects_an_unknown_layout(built):
+    lib = load_library(built / "libtrtflow_plugins.so")
+    assert lib.trtflow_plugins_error_string(-7).decode().startswith("layout must be TRTFLOW_LAYOUT_NCHW")
+    features = make_pyramid(1, batch=1, channels=2)
+    out = torch.empty(1, 2, 7, 7)
+    code = lib.trtflow_multilevel_roi_align_host(
+        (ctypes.c_void_p * 1)(features[0].data_ptr()), 1, (ctypes.c_int * 1)(features[0].shape[2]),
+        (ctypes.c_int * 1)(features[0].shape[3]), 1, 2, make_rois(1, batch=1).data_ptr(), 1, out.data_ptr(),
+        *RoIAlignSpec(num_levels=1).c_args(), 3)
+    assert code == -7
 
 
 # -- TensorRT registration -----------------------------------------------------------------------

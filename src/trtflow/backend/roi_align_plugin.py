@@ -10,7 +10,10 @@ Which plugin path a backend gets:
 - TensorRT-RTX: no Python plugin path at all; the head uses its built-in-layer RoIAlign.
 
 Inputs of every path: the pooled maps (finest first, (B, C, H_l, W_l), float32 or float16, all
-alike) then the RoIs ((N, 5) float32). Output: (N, C, out_h, out_w) in the maps' dtype.
+alike) then the RoIs ((N, 5) float32). Output: (N, C, out_h, out_w) in the maps' dtype, LINEAR.
+The maps may come LINEAR (NCHW) or channels last: HWC with float32, HWC8 with float16 (channels
+padded to a multiple of 8). Both paths offer TensorRT all three and TensorRT times them, with
+the reformatting each needs; the channels-last kernel is the faster one (docs/BENCHMARKS.md).
 Written against the TensorRT Python API documentation; CI has no TensorRT to run it.
 """
 
@@ -64,21 +67,40 @@ def plugin_flavour(backend_name: str, version: str) -> str:
     )
 
 
-def kernel_name(num_levels: int, dtype: str) -> str:
-    """The PTX entry for a level count and feature dtype ('float32' / 'float16')."""
-    return f"trtflow_multilevel_roi_align_{num_levels}l_{'f16' if dtype == 'float16' else 'f32'}"
+def kernel_name(num_levels: int, dtype: str, layout: str) -> str:
+    """The PTX entry for a level count, feature dtype ('float32' / 'float16') and map layout
+    (a key of trtflow.plugins.LAYOUT_CODES; both channels-last layouts share one entry)."""
+    suffix = "nchw" if layout == "nchw" else "nhwc"
+    return f"trtflow_multilevel_roi_align_{num_levels}l_{'f16' if dtype == 'float16' else 'f32'}_{suffix}"
 
 
 def decorator_plugin_name(num_levels: int) -> str:
     return f"multilevel_roi_align_{num_levels}l"
 
 
-def kernel_scalar_args(num_rois, batch, channels, sizes: Sequence[tuple], spec_args: Sequence) -> list:
+def pixel_stride(channels, layout: str):
+    """The kernel's pixel_stride: elements from one channels-last pixel to the next.
+
+    Works on ints and on TensorRT shape expressions alike (+, //, * only).
+    """
+    return (channels + 7) // 8 * 8 if layout == "nhwc8" else channels
+
+
+def map_layout(trt, tensor_format) -> str:
+    """trtflow.plugins.LAYOUT_CODES key of a feature map's trt.TensorFormat."""
+    layouts = {trt.TensorFormat.LINEAR: "nchw", trt.TensorFormat.HWC: "nhwc", trt.TensorFormat.HWC8: "nhwc8"}
+    if tensor_format not in layouts:
+        raise ValueError(f"{PLUGIN_NAME} got feature maps in {tensor_format}: it offers TensorRT only LINEAR, "
+                         "HWC (float32) and HWC8 (float16)")
+    return layouts[tensor_format]
+
+
+def kernel_scalar_args(num_rois, batch, channels, stride, sizes: Sequence[tuple], spec_args: Sequence) -> list:
     """The kernel's int32 parameters between its input pointers and its output pointer, in order.
 
     Works on ints and on TensorRT shape expressions alike; spec_args is RoIAlignSpec.c_args().
     """
-    return [num_rois, batch, channels, *(v for hw in sizes for v in hw), *spec_args]
+    return [num_rois, batch, channels, stride, *(v for hw in sizes for v in hw), *spec_args]
 
 
 def register_multilevel_roi_align(backend, library: Path, ptx: Path) -> None:
@@ -94,8 +116,9 @@ def register_multilevel_roi_align(backend, library: Path, ptx: Path) -> None:
         return
     if flavour == "aot":
         ptx_text = Path(ptx).read_text() if Path(ptx).is_file() else ""
-        missing = [kernel_name(n, d) for n in range(1, MAX_LEVELS + 1) for d in ("float32", "float16")
-                   if kernel_name(n, d) not in ptx_kernels(ptx_text)]
+        wanted = [kernel_name(n, d, layout) for n in range(1, MAX_LEVELS + 1) for d in ("float32", "float16")
+                  for layout in ("nchw", "nhwc")]
+        missing = [name for name in wanted if name not in ptx_kernels(ptx_text)]
         if missing:
             raise PluginLibraryError(f"{ptx} lacks kernels {missing}: rebuild it with the rule `plugins`")
         for num_levels in range(1, MAX_LEVELS + 1):
@@ -178,8 +201,13 @@ def _register_decorator_plugin(trt, library: Path, ptx_text: str, num_levels: in
     @with_signature(signature(trtp.TensorDesc, [("outputs", tuple[trtp.TensorDesc])], attrs=(),
                               returns=list[trtp.AutoTuneCombination]))
     def autotune(arguments):
-        # Maps and output share FP32 or FP16; the RoIs stay FP32.
-        return [trtp.AutoTuneCombination(", ".join(["FP32|FP16"] * num_levels + ["FP32", "FP32|FP16"]))]
+        # Maps and output share FP32 or FP16; the RoIs stay FP32. All maps take one layout:
+        # LINEAR or channels last (HWC for FP32, HWC8 for FP16); RoIs and output are LINEAR.
+        return [
+            trtp.AutoTuneCombination(",".join([dtype] * num_levels + ["FP32", dtype]),
+                                     ",".join([f"LINEAR|{channels_last}"] * num_levels + ["LINEAR", "LINEAR"]))
+            for dtype, channels_last in (("FP32", "HWC"), ("FP16", "HWC8"))
+        ]
 
     @with_signature(signature(trtp.Tensor, [("outputs", tuple[trtp.Tensor]), ("stream", int)]))
     def run(arguments):
@@ -188,7 +216,7 @@ def _register_decorator_plugin(trt, library: Path, ptx_text: str, num_levels: in
         launch(load_library(library), spec, [m.data_ptr for m in maps],
                [(m.shape[2], m.shape[3]) for m in maps], maps[0].shape[0], maps[0].shape[1], rois.data_ptr,
                rois.shape[0], output.data_ptr, "float16" if maps[0].dtype == trt.float16 else "float32",
-               arguments["stream"])
+               arguments["stream"], map_layout(trt, maps[0].format))
 
     aot_returns = tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymExprs]
 
@@ -197,8 +225,9 @@ def _register_decorator_plugin(trt, library: Path, ptx_text: str, num_levels: in
     def compiled(arguments):
         maps, rois, spec = split(arguments)
         dtype = "float16" if maps[0].dtype == trt.float16 else "float32"
+        layout = map_layout(trt, maps[0].format)
         num_rois, channels = rois.shape_expr[0], maps[0].shape_expr[1]
-        scalars = kernel_scalar_args(num_rois, maps[0].shape_expr[0], channels,
+        scalars = kernel_scalar_args(num_rois, maps[0].shape_expr[0], channels, pixel_stride(channels, layout),
                                      [(m.shape_expr[2], m.shape_expr[3]) for m in maps], spec.c_args())
         launch_params = trtp.KernelLaunchParams()
         launch_params.grid_x = trtp.max(num_rois, 1)  # a zero-RoI batch still launches; blocks exit early
@@ -206,7 +235,7 @@ def _register_decorator_plugin(trt, library: Path, ptx_text: str, num_levels: in
         launch_params.block_x = THREADS
         launch_params.shared_mem = 0  # the kernel's shared memory is static
         extra_args = trtp.SymIntExprs.from_tuple([trtp.SymInt32(v) for v in scalars])
-        return kernel_name(num_levels, dtype), ptx_text, launch_params, extra_args
+        return kernel_name(num_levels, dtype, layout), ptx_text, launch_params, extra_args
 
     trtp.register(plugin_id)(describe)
     trtp.autotune(plugin_id)(autotune)
@@ -259,13 +288,16 @@ def _plugin_v3_classes(trt):
 
         def supports_format_combination(self, pos, in_out, num_inputs):
             desc = in_out[pos].desc
-            if desc.format != trt.TensorFormat.LINEAR:
-                return False
-            if pos == num_inputs - 1:
-                return desc.type == trt.DataType.FLOAT
+            if pos == num_inputs - 1:  # RoIs
+                return desc.type == trt.DataType.FLOAT and desc.format == trt.TensorFormat.LINEAR
+            if pos == num_inputs:  # output: the maps' type, always LINEAR
+                return desc.type == in_out[0].desc.type and desc.format == trt.TensorFormat.LINEAR
             if pos == 0:
-                return desc.type in (trt.DataType.FLOAT, trt.DataType.HALF)
-            return desc.type == in_out[0].desc.type
+                return (desc.type, desc.format) in {
+                    (trt.DataType.FLOAT, trt.TensorFormat.LINEAR), (trt.DataType.HALF, trt.TensorFormat.LINEAR),
+                    (trt.DataType.FLOAT, trt.TensorFormat.HWC), (trt.DataType.HALF, trt.TensorFormat.HWC8),
+                }
+            return desc.type == in_out[0].desc.type and desc.format == in_out[0].desc.format
 
         def configure_plugin(self, inputs, outputs):
             pass
@@ -283,7 +315,8 @@ def _plugin_v3_classes(trt):
             dims = [input_desc[l].dims for l in range(levels)]
             launch(load_library(self.library), spec, list(inputs[:levels]), [(d[2], d[3]) for d in dims],
                    dims[0][0], dims[0][1], inputs[levels], input_desc[levels].dims[0], outputs[0],
-                   "float16" if input_desc[0].type == trt.DataType.HALF else "float32", stream)
+                   "float16" if input_desc[0].type == trt.DataType.HALF else "float32", stream,
+                   map_layout(trt, input_desc[0].format))
             return 0
 
         def attach_to_context(self, context):
