@@ -38,15 +38,16 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMinBlocksPerSM = 4;  // caps registers at 64 (no spills): 32 warps per SM
 // Channels-last blocks are issue-bound: 48 registers (no spills) and 40 warps per SM measured
-// 3-7 % faster than 64 and 32 on an H100; 40 registers spill. Turing holds 1024 threads per SM.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-constexpr int kMinBlocksPerSMChannelsLast = 4;
-#else
+// 3-7 % faster than 64 and 32 on an H100; 40 registers spill. Only sm_80 and sm_90+ have the
+// shared memory for a fifth block (Turing also lacks the threads).
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 800 || __CUDA_ARCH__ >= 900)
 constexpr int kMinBlocksPerSMChannelsLast = 5;
+#else
+constexpr int kMinBlocksPerSMChannelsLast = 4;
 #endif
 constexpr int kChannelsPerBlock = 64;
 constexpr int kPlanes = 4;  // channels a lane carries at once (loads in flight per sample row)
-constexpr int kMaxSamplesPerAxis = 128;  // also bounds the output bins (out_h <= 8, out_w <= 16)
+constexpr int kMaxSamplesPerAxis = 128;  // sample rows / columns a fast path keeps in tables
 constexpr int kStagePerWarp = 1024;
 constexpr float kLevelMapperEps = 1e-6f;
 
@@ -260,7 +261,7 @@ struct alignas(16) SampleOffsets {
 struct RowLayoutScratch {
   SampleOffsets rows[kMaxSamplesPerAxis];
   float tap_weight[32];
-  int2 bin_taps[kMaxSamplesPerAxis];  // per output bin: its first tap in a staged plane, in a row
+  int2 bin_taps[8 * 16];  // per output bin (out_h <= 8, out_w <= 16): its first tap in a staged plane, in a row
   float stage[kWarps][kStagePerWarp];
 };
 
@@ -400,9 +401,14 @@ struct ChannelsLastScratch {
   float stage[kChannelsPerBlock * kMaxChannelsLastBins];  // the slice's output, (C, out_h, out_w)
 };
 
-/* Whether a RoI's sampling grid fits the channels-last layout of the fast path. */
-__device__ inline bool fits_channels_last(const RoiPlan& plan, const PoolerParams& p) {
-  return plan.grid_h > 0 && plan.grid_w > 0 && p.out_h * plan.grid_h <= kMaxSamplesPerAxis &&
+/*
+ * Whether a RoI's sampling grid fits the channels-last layout of the fast path, and its channel
+ * pairs are aligned for one vector load (a torch view may start anywhere).
+ */
+template <typename T>
+__device__ inline bool fits_channels_last(const RoiPlan& plan, const PoolerParams& p, const T* batch_base) {
+  return reinterpret_cast<size_t>(batch_base) % (2 * sizeof(T)) == 0 && plan.grid_h > 0 &&
+         plan.grid_w > 0 && p.out_h * plan.grid_h <= kMaxSamplesPerAxis &&
          p.out_w * plan.grid_w <= kMaxSamplesPerAxis && p.out_h * p.out_w <= kMaxChannelsLastBins &&
          p.channels % 2 == 0 && p.pixel_stride % 2 == 0;
 }
@@ -494,9 +500,9 @@ template <typename T>
 __device__ void pool_nhwc(const T* batch_base, int height, int width, const RoiPlan& plan,
                           const PoolerParams& p, int c_begin, int c_end, T* out_roi) {
   __shared__ ChannelsLastScratch scratch;
-  if (plan.grid_h == 2 && plan.grid_w == 2 && fits_channels_last(plan, p)) {
+  if (plan.grid_h == 2 && plan.grid_w == 2 && fits_channels_last(plan, p, batch_base)) {
     pool_channels_last<T, 2, 2>(batch_base, height, width, plan, p, c_begin, c_end, out_roi, scratch);
-  } else if (fits_channels_last(plan, p)) {
+  } else if (fits_channels_last(plan, p, batch_base)) {
     pool_channels_last<T, 0, 0>(batch_base, height, width, plan, p, c_begin, c_end, out_roi, scratch);
   } else {
     pool_elements(batch_base, height, width, 1, static_cast<size_t>(width) * p.pixel_stride,
@@ -613,7 +619,10 @@ TRTFLOW_ENTRIES(5)
 
 namespace {
 
-/* Elements from one pixel to the next in a channels-last layout; 0 for an unknown layout. */
+/*
+ * Elements from one pixel to the next in a channels-last layout; 0 for an unknown layout.
+ * trtflow.backend.roi_align_plugin.pixel_stride repeats it for the ahead-of-time plugin.
+ */
 int pixel_stride(int layout, int channels) {
   switch (layout) {
     case TRTFLOW_LAYOUT_NCHW:
@@ -636,6 +645,10 @@ int check_arguments(const void* const* features, int num_levels, const int* heig
   for (int l = 0; l < num_levels; ++l) {
     if (features[l] == nullptr) return TRTFLOW_ERROR_NULL_POINTER;
     if (heights[l] < 1 || widths[l] < 1) return TRTFLOW_ERROR_SHAPE;
+    // The kernel offsets pixels inside one image in 32 bits.
+    const size_t image = static_cast<size_t>(heights[l]) * widths[l] *
+                         (layout == TRTFLOW_LAYOUT_NCHW ? 1 : pixel_stride(layout, channels));
+    if (image > 0xffffffffu) return TRTFLOW_ERROR_SHAPE;
   }
   if (out_h < 1 || out_w < 1) return TRTFLOW_ERROR_OUTPUT_SIZE;
   if (first_level < 0 || first_level + num_levels > 30) return TRTFLOW_ERROR_LEVEL_RANGE;
@@ -680,7 +693,8 @@ extern "C" const char* trtflow_plugins_error_string(int code) {
     case TRTFLOW_ERROR_NUM_LEVELS:
       return "num_levels must be between 1 and TRTFLOW_MAX_LEVELS (5)";
     case TRTFLOW_ERROR_SHAPE:
-      return "batch, channels and every level's height and width must be >= 1, num_rois >= 0";
+      return "batch, channels and every level's height and width must be >= 1, num_rois >= 0, and a "
+             "level's plane (NCHW) or image (channels last) must hold fewer than 2^32 elements";
     case TRTFLOW_ERROR_DTYPE:
       return "dtype must be TRTFLOW_DTYPE_FLOAT32 (0) or TRTFLOW_DTYPE_FLOAT16 (1)";
     case TRTFLOW_ERROR_NULL_POINTER:

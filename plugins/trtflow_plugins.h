@@ -27,6 +27,8 @@ extern "C" {
  * NHWC: channels last, (batch, height, width, channels) contiguous: torch.channels_last,
  *       TensorRT's HWC.
  * NHWC8: channels last with channels padded to a multiple of 8: TensorRT's HWC8.
+ * The channels-last kernel reads channel pairs with one load: an even channel count (or pixel
+ * stride) and maps aligned to two elements take it, others a slower per-element path.
  */
 #define TRTFLOW_LAYOUT_NCHW 0
 #define TRTFLOW_LAYOUT_NHWC 1

@@ -323,6 +323,7 @@ GPU_CASES = [  # (RoIs over a batch of 2, dtype, output_size, sampling_ratio, al
     (1000, torch.float32, 7, 2, True),
     (1000, torch.float32, (5, 3), 1, False),
     (1000, torch.float16, (4, 6), 0, True),
+    (1000, torch.float32, 14, 2, False),  # 196 bins: beyond both fast paths, one thread per element
 ]
 
 
@@ -376,7 +377,7 @@ def test_padded_channels_last_maps_match_torchvision(built, device):
     """TensorRT's HWC8: channels padded to a multiple of 8; the padding (NaN here) is never read."""
     from trtflow.backend.roi_align_plugin import pixel_stride
 
-    channels = 66 if device == "cuda" else 3
+    channels = 67 if device == "cuda" else 3  # odd: real channels end inside a pixel's padding
     dtype = torch.float16 if device == "cuda" else torch.float32
     features = make_pyramid(4, batch=2, channels=channels, dtype=dtype, device=device)
     rois = make_rois(per_image=150, batch=2).to(device)
@@ -394,7 +395,24 @@ def test_padded_channels_last_maps_match_torchvision(built, device):
     reference = torchvision_reference([f.float() for f in features], rois, output_size=7, sampling_ratio=2,
                                       aligned=False)
     assert stride == (8 if device == "cpu" else 72)
+    assert not torch.isnan(out).any()
     assert relative_error(out, reference) <= (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_wrapper_picks_the_layout_of_the_maps(built, monkeypatch):
+    """channels_last maps reach the library as NHWC, untouched; anything else as NCHW."""
+    import trtflow.plugins
+
+    layouts = []
+    monkeypatch.setattr(trtflow.plugins, "launch", lambda *args, layout: layouts.append((args[2], layout)))
+    features = make_pyramid(4, batch=2, channels=4)
+    channels_last = [f.contiguous(memory_format=torch.channels_last) for f in features]
+    for maps in (features, channels_last, [channels_last[0], *features[1:]]):
+        multilevel_roi_align(maps, make_rois(per_image=3, batch=2), spatial_scales=[1 / 4, 1 / 8, 1 / 16, 1 / 32],
+                             lib_path=built / "libtrtflow_plugins.so")
+    assert [layout for _, layout in layouts] == ["nchw", "nhwc", "nhwc"]
+    assert layouts[1][0] == [m.data_ptr() for m in channels_last], "channels_last maps must not be copied"
+    assert layouts[0][0] == [m.data_ptr() for m in features]
 
 
 def test_library_rejects_an_unknown_layout(built):
@@ -407,6 +425,27 @@ def test_library_rejects_an_unknown_layout(built):
         (ctypes.c_int * 1)(features[0].shape[3]), 1, 2, make_rois(1, batch=1).data_ptr(), 1, out.data_ptr(),
         *RoIAlignSpec(num_levels=1).c_args(), 3)
     assert code == -7
+    # 2^32 elements in one channels-last image would overflow the kernel's 32-bit pixel offsets
+    with pytest.raises(PluginCallError, match=r"\(-2\).*fewer than 2\^32 elements"):
+        launch(lib, RoIAlignSpec(num_levels=1), [features[0].data_ptr()], [(65536, 256)], 1, 256,
+               make_rois(1, batch=1).data_ptr(), 1, out.data_ptr(), "float32", None, "nhwc")
+
+
+@needs_cuda
+def test_cuda_kernel_reads_unaligned_channels_last_views(built):
+    """A channels_last view starting one element into its storage cannot take paired loads."""
+    features = make_pyramid(4, batch=2, channels=66, device="cuda")
+    views = []
+    for f in features:
+        storage = torch.empty(1 + f.numel(), device="cuda")
+        view = storage[1:].view(f.shape[0], *f.shape[2:], f.shape[1]).permute(0, 3, 1, 2)
+        view.copy_(f)
+        views.append(view)
+    assert views[0].is_contiguous(memory_format=torch.channels_last) and views[0].data_ptr() % 8 == 4
+    rois = make_rois(300, batch=2).cuda()
+    result = ours(views, rois, built / "libtrtflow_plugins.so", output_size=7, sampling_ratio=2, aligned=False)
+    reference = torchvision_reference(features, rois, output_size=7, sampling_ratio=2, aligned=False)
+    assert relative_error(result, reference) <= 1e-5
 
 
 # -- TensorRT registration -----------------------------------------------------------------------

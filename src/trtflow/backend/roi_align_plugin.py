@@ -81,7 +81,8 @@ def decorator_plugin_name(num_levels: int) -> str:
 def pixel_stride(channels, layout: str):
     """The kernel's pixel_stride: elements from one channels-last pixel to the next.
 
-    Works on ints and on TensorRT shape expressions alike (+, //, * only).
+    Works on ints and on TensorRT shape expressions alike (+, //, * only); the library's C
+    pixel_stride (plugins/multilevel_roi_align.cu) is the same rule for its own launches.
     """
     return (channels + 7) // 8 * 8 if layout == "nhwc8" else channels
 
