@@ -258,6 +258,17 @@ struct alignas(16) SampleOffsets {
   float w_high;
 };
 
+/*
+ * Sample i of one axis (bin i / grid, sample i % grid) with its pixels `stride` elements apart.
+ * A sample outside the map reads its clamped pixels with weight 0: loads stay in bounds.
+ */
+__device__ inline SampleOffsets sample_offsets(float start, float bin_size, int grid, int i, int size,
+                                               unsigned stride) {
+  const int bin = i / grid;
+  const AxisTaps t = axis_taps(sample_coordinate(start, bin, bin_size, i - bin * grid, grid), size);
+  return {t.low * stride, t.high * stride, t.w_low, t.w_high};
+}
+
 struct RowLayoutScratch {
   SampleOffsets rows[kMaxSamplesPerAxis];
   float tap_weight[32];
@@ -296,11 +307,7 @@ __device__ void pool_rows(const T* batch_base, int height, int width, const RoiP
   const int out_hw = p.out_h * p.out_w;
 
   if (threadIdx.x < p.out_h * gh) {
-    const int ph = threadIdx.x / gh;
-    const AxisTaps ty = axis_taps(
-        sample_coordinate(plan.start_y, ph, plan.bin_h, threadIdx.x - ph * gh, gh), height);
-    // A sample row outside the map reads its clamped rows with weight 0: loads stay in bounds.
-    scratch.rows[threadIdx.x] = {unsigned(ty.low * width), unsigned(ty.high * width), ty.w_low, ty.w_high};
+    scratch.rows[threadIdx.x] = sample_offsets(plan.start_y, plan.bin_h, gh, threadIdx.x, height, width);
   }
   if (threadIdx.x < 32) {
     scratch.tap_weight[threadIdx.x] = tap_valid ? ((t & 1) ? tx.w_high : tx.w_low) : 0.0f;
@@ -428,18 +435,10 @@ __device__ void pool_channels_last(const T* batch_base, int height, int width, c
   const int gw = kGridW > 0 ? kGridW : plan.grid_w;
   const unsigned row_stride = static_cast<unsigned>(width) * p.pixel_stride;
   for (int i = threadIdx.x; i < p.out_h * gh; i += blockDim.x) {
-    const int ph = i / gh;
-    const AxisTaps ty =
-        axis_taps(sample_coordinate(plan.start_y, ph, plan.bin_h, i - ph * gh, gh), height);
-    // A sample outside the map reads clamped pixels with weight 0: loads stay in bounds.
-    scratch.rows[i] = {ty.low * row_stride, ty.high * row_stride, ty.w_low, ty.w_high};
+    scratch.rows[i] = sample_offsets(plan.start_y, plan.bin_h, gh, i, height, row_stride);
   }
   for (int i = threadIdx.x; i < p.out_w * gw; i += blockDim.x) {
-    const int pw = i / gw;
-    const AxisTaps tx =
-        axis_taps(sample_coordinate(plan.start_x, pw, plan.bin_w, i - pw * gw, gw), width);
-    scratch.cols[i] = {unsigned(tx.low * p.pixel_stride), unsigned(tx.high * p.pixel_stride),
-                       tx.w_low, tx.w_high};
+    scratch.cols[i] = sample_offsets(plan.start_x, plan.bin_w, gw, i, width, p.pixel_stride);
   }
   __syncthreads();
 
