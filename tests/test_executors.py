@@ -30,20 +30,20 @@ IMAGE_SIZES = ((120, 160), (96, 128), (150, 100), (64, 64), (100, 140), (90, 200
 class Deployment:
     """A tiny tamed random-init detector, its features ONNX, its head weights, and a small COCO data set."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, model=None, input_hw=INPUT_HW):
         from trtflow.export import export_features
         from trtflow.weights import export_head, load_head
 
-        self.model = tame(tiny_fpn_detector(), INPUT_HW)
+        self.model = tame(tiny_fpn_detector(), input_hw) if model is None else model
         self.onnx = folder / "features.onnx"
-        export_features(self.model, INPUT_HW, self.onnx, simplify=False)
+        export_features(self.model, input_hw, self.onnx, simplify=False)
         self.weights = folder / "weights"
-        export_head(self.model, INPUT_HW, self.weights, checkpoint_sha256="0" * 64)
+        export_head(self.model, input_hw, self.weights, checkpoint_sha256="0" * 64)
         self.manifest, self.tensors = load_head(self.weights)
         self.coco = folder / "val.json"
         self.images = len(IMAGE_SIZES)
         self.coco.write_text(json.dumps(small_coco(folder, IMAGE_SIZES)))
-        self.preprocess = {"input": {"height": INPUT_HW[0], "width": INPUT_HW[1]}, "color": "rgb",
+        self.preprocess = {"input": {"height": input_hw[0], "width": input_hw[1]}, "color": "rgb",
                            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "pad_value": 0}
         self.postprocess = {"score_thresh": 0.05, "iou_thresh": 0.5, "max_detections": 100}
         self.torchvision = pytorch_executor(self.model)

@@ -120,6 +120,7 @@ def test_run_verify_on_cpu_names_the_executor_and_why_not_the_engine(deployment,
                detections_out=tmp_path / "verify/fp32_detections.json")
     result = json.loads(out.read_text())
     assert result["executor"] == "onnxruntime+static-head" and result["engine_executed"] is False
+    assert result["verified_level"] == "deployment-form" and "neither the plan nor" in result["unverified"]
     assert "no CUDA GPU is visible" in result["reason"]
     assert result["executor_details"]["providers"] == ["CPUExecutionProvider"]
     assert result["images"] == deployment.images and result["reference_detections"] > 0
@@ -138,7 +139,7 @@ def test_run_verify_fails_below_enforced_thresholds_only(deployment, tmp_path):
                   reference_metrics=tmp_path / "metrics.json", preprocess=deployment.preprocess,
                   postprocess=deployment.postprocess, thresholds=Thresholds(min_match_precision=0.9),
                   settings={"batch_size": 2}, detections_out=tmp_path / "detections.json")
-    with pytest.raises(VerifyError, match=r"fp16 \(onnxruntime\+static-head\) fails verification: match_precision 0"):
+    with pytest.raises(VerifyError, match=r"fp16 \(onnxruntime\+static-head, level deployment-form\) fails verification: match_precision 0"):
         run_verify("fp16", out_json=tmp_path / "enforced.json", **kwargs)
     result = run_verify("fp16", out_json=tmp_path / "recorded.json", enforce=False, **kwargs)
     assert result["passed"] is False and "missing.json not found" in result["reason"]

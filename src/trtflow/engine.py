@@ -28,6 +28,7 @@ import onnx
 from trtflow.artifacts import software_versions, write_bytes, write_text
 from trtflow.backend import Backend, load_backend
 from trtflow.backend import precisions as layer_precisions
+from trtflow.network_record import read_network
 from trtflow.qdq import is_quantized
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -468,8 +469,10 @@ def build_engine(
     *,
     backend: str | Backend = "auto",
     timing_cache: Path | None = None,
+    network_record_path: Path | None = None,
 ) -> dict:
-    """Build one plan from the sources; write plan + metadata atomically; return the metadata.
+    """Build one plan from the sources; write plan + metadata (and, given `network_record_path`, the record of
+    the network definition handed to the builder, for `trtflow.netexec`) atomically; return the metadata.
 
     Everything is checked before TensorRT starts: options against the backend, files, the
     ONNX against the precision, and the ONNX and head weights against one checkpoint.
@@ -497,6 +500,7 @@ def build_engine(
     builder = backend.create_builder()
     network, parser = define_network(backend, builder, model, sources, settings, head)
     shapes = profile_shapes(network, settings.batch, sources.onnx)
+    record = read_network(network, backend.trt) if network_record_path is not None else None
     plan, cache_info = build_plan(backend, builder, network, shapes, settings, sources, timing_cache)
     build_seconds = time.perf_counter() - started
     del parser
@@ -522,6 +526,7 @@ def build_engine(
         "nms": settings.nms if head is not None else None,
         "int8_mode": settings.int8_mode if settings.precision == "int8" else None,
         "layer_precisions": plan_precisions(backend, plan, network, gpu),
+        "network_record": None if record is None else {"path": str(network_record_path), "layers": len(record.layers)},
         "timing_cache": cache_info,
         "settings": {**asdict(settings), "batch": asdict(settings.batch)},
         "sources": {
@@ -534,6 +539,8 @@ def build_engine(
     }
     text = json.dumps(metadata, indent=2) + "\n"
     write_bytes(plan_path, plan)
+    if record is not None:
+        record.save(network_record_path)
     if metadata_path is not None:
         write_text(metadata_path, text)
     log.info("wrote %s (%d bytes, %.1f s)", plan_path, len(plan), build_seconds)

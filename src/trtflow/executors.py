@@ -7,6 +7,8 @@
 - ``onnxruntime+static-head``: ONNX Runtime runs features.onnx (or the Q/DQ features.qdq.onnx), the
   StaticHead finishes detection from its outputs by name. The executor wherever no engine can run.
 - ``tensorrt``: a plan through `trtflow.runtime.EngineRunner`.
+- ``tensorrt-network``: the network definition the plan was built from (its record beside the plan),
+  evaluated layer by layer by `trtflow.netexec` on the CPU or any torch device.
 
 `detect(batch: np.ndarray (B, 3, H, W) float32) -> [(boxes, scores, classes)]` per image, in input
 pixels; head outputs are cut at `num_detections`. Nothing substitutes one executor for another: a
@@ -27,6 +29,8 @@ from torch import nn
 from trtflow.engine import HEAD_OUTPUTS
 from trtflow.export import FeaturesNetwork, OnnxSession, output_names
 from trtflow.head import StaticHead
+from trtflow.netexec import NetworkExecutor
+from trtflow.network_record import NetworkRecord
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 CUDA_GRAPH_MODES = ("none", "features", "whole")
@@ -238,3 +242,31 @@ def tensorrt_executor(plan: str | Path, metadata: Mapping | None = None, *, cuda
         return head_detections(runner(torch.from_numpy(batch).cuda()))
 
     return Executor("tensorrt", detect, runner.describe())
+
+
+# --------------------------------------------------------------------------- the network definition
+
+
+def network_definition_executor(record: str | Path, *, device: str | torch.device = "cpu") -> Executor:
+    """The TensorRT network definition recorded at build time, evaluated by trtflow.netexec. A static batch
+    is fed in chunks of its size (a short last chunk padded with copies of its last image, whose results are
+    dropped); raises NetworkExecutionError where the network holds a layer netexec does not implement."""
+    network = NetworkExecutor(NetworkRecord.load(record), device)
+    ((name, shape),) = network.input_shapes.items()
+    chunk = shape[0] if shape[0] > 0 else None
+
+    def detect(batch: np.ndarray):
+        images = torch.from_numpy(batch)
+        found = []
+        for start in range(0, len(images), chunk or len(images)):
+            part = images[start : start + chunk] if chunk else images
+            count = len(part)
+            if chunk and count < chunk:
+                part = torch.cat([part, part[-1:].expand(chunk - count, *part.shape[1:])])
+            found += head_detections(network({name: part}))[:count]
+        return found
+
+    return Executor("tensorrt-network", detect, {
+        "record": str(record), "device": str(network.device), "built_by": network.record.source,
+        "layers": len(network.record.layers),
+    })

@@ -104,8 +104,12 @@ class OnnxSession:
         if added := [name for name in extra_outputs if name not in existing]:
             augmented = onnx.ModelProto()
             augmented.CopyFrom(model)
-            augmented.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-                                          for name in added)
+            inferred = onnx.shape_inference.infer_shapes(model).graph.value_info  # int8 of Q/DQ graphs, say
+            types = {info.name: info.type.tensor_type.elem_type for info in inferred}
+            augmented.graph.output.extend(
+                onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None)
+                for name in added
+            )
             model = augmented
         self.session = ort.InferenceSession(model.SerializeToString(), session_options(model, threads=threads),
                                             providers=list(providers or ["CPUExecutionProvider"]))

@@ -6,9 +6,14 @@ class, IoU >= `verify.match_iou`, greedy: reference detections in descending sco
 best-overlapping unmatched deployed one) giving match recall / precision, |Δscore| and box IoU of
 the matched pairs; both sets are scored with COCO mAP. Thresholds per precision come from config.
 
-Which executor: the TensorRT engine wherever `trtflow.runtime` can run it; otherwise the
-deployment-form reference (ONNX Runtime + StaticHead) with the engine's own inputs and head dtype,
-and the JSON says so (`engine_executed: false`, `reason`).
+Which executor, strongest first, and the level the JSON claims (`verified_level`):
+- ``engine``: the plan ran (`trtflow.runtime`, a GPU it was built for);
+- ``network-definition``: the exact TensorRT network the plan was built from, evaluated layer by layer
+  (`trtflow.netexec`, from the record beside the plan): what remains unverified is TensorRT's own
+  compilation of that network;
+- ``deployment-form``: only the algorithm's twin (ONNX Runtime + StaticHead, the engine's inputs and head
+  dtype): neither the plan nor the TensorRT network ran.
+`passed` means the thresholds held at that level; `verify.require` names the least level a run accepts.
 """
 from __future__ import annotations
 
@@ -24,12 +29,27 @@ import torch
 
 from trtflow.artifacts import write_json
 from trtflow.engine import PRECISIONS, head_dtype
-from trtflow.executors import Executor, default_device, onnxruntime_static_head_executor, tensorrt_executor
+from trtflow.executors import (
+    Executor,
+    default_device,
+    network_definition_executor,
+    onnxruntime_static_head_executor,
+    tensorrt_executor,
+)
 from trtflow.metrics import coco_map
+from trtflow.netexec import NetworkExecutionError
 from trtflow.reference import detect_dataset
 
 log = logging.getLogger(__name__)
 
+LEVELS = ("deployment-form", "network-definition", "engine")  # weakest first
+UNVERIFIED = {
+    "engine": None,
+    "network-definition": "TensorRT's compilation of this network (layer fusion, kernel choice, reduced-precision "
+                          "kernels) did not run here",
+    "deployment-form": "neither the plan nor the TensorRT network definition ran here: only the algorithm's "
+                       "ONNX Runtime + PyTorch twin was checked",
+}
 
 
 class VerifyError(RuntimeError):
@@ -193,17 +213,31 @@ def deployment_executor(precision: str, onnx: str | Path, weights_dir: str | Pat
     return onnxruntime_static_head_executor(onnx, manifest, tensors, head_dtype=dtype, device=device).with_note(note)
 
 
+def level_status(level: str, reasons: list[str]) -> dict:
+    """What a verify result says of what ran: its level, what that leaves unverified, why nothing stronger ran."""
+    status = {"verified_level": level, "engine_executed": level == "engine", "unverified": UNVERIFIED[level]}
+    return status | ({"reason": "; ".join(reasons)} if reasons else {})
+
+
 def choose_executor(precision: str, *, plan: str | Path, onnx: str | Path, weights_dir: str | Path,
-                    cuda_graph: bool = False) -> tuple[Executor, dict]:
-    """The engine where this machine can run it, else the deployment-form reference; with
-    {"engine_executed": bool, "reason": why the engine did not run (only when it did not)}."""
+                    network: str | Path | None = None, cuda_graph: bool = False) -> tuple[Executor, dict]:
+    """The strongest executor this machine can run: the engine, else the recorded network definition
+    (`network`, the record beside the plan), else the deployment-form reference; with `level_status`."""
     from trtflow.runtime import EngineRefused
 
     try:
-        return tensorrt_executor(plan, cuda_graph=cuda_graph), {"engine_executed": True}
+        return tensorrt_executor(plan, cuda_graph=cuda_graph), level_status("engine", [])
     except EngineRefused as refused:
-        log.warning("%s; verifying the deployment-form reference instead", refused)
-        return deployment_executor(precision, onnx, weights_dir), {"engine_executed": False, "reason": str(refused)}
+        reasons = [str(refused)]
+    if network is not None:
+        try:
+            executor = network_definition_executor(network)
+            log.warning("%s; verifying the TensorRT network definition instead", reasons[0])
+            return executor, level_status("network-definition", reasons)
+        except (NetworkExecutionError, FileNotFoundError) as error:
+            reasons.append(f"the network definition cannot be evaluated: {error}")
+    log.warning("%s; verifying the deployment-form reference instead", "; ".join(reasons))
+    return deployment_executor(precision, onnx, weights_dir), level_status("deployment-form", reasons)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -242,19 +276,21 @@ def verify_detections(precision: str, executor: Executor, status: Mapping, *, va
 
 
 def run_verify(precision: str, *, plan, onnx, weights_dir, val_json, reference_detections, reference_metrics,
-               preprocess: dict, postprocess: dict, thresholds: Thresholds, enforce: bool = True, settings: Mapping, out_json,
-               detections_out) -> dict:
+               preprocess: dict, postprocess: dict, thresholds: Thresholds, enforce: bool = True, settings: Mapping,
+               out_json, detections_out, network=None) -> dict:
     """Rule `verify`: choose the executor, compare, write results/verify/{precision}.json and the deployed
     detections. Fails (after logging the numbers) below the precision's thresholds where `enforce` (config
     `verify.enforce` lists the precision; otherwise the JSON says `passed: false` and the log warns), and when
-    `settings["require_engine"]` is set and the engine cannot run here.
+    the strongest executor that runs here is below `settings["require"]` (a LEVELS name).
 
-    `settings`: config `verify:` (match_iou, batch_size, require_engine, cuda_graph).
+    `settings`: config `verify:` (match_iou, batch_size, require, cuda_graph).
     """
-    executor, status = choose_executor(precision, plan=plan, onnx=onnx, weights_dir=weights_dir,
+    executor, status = choose_executor(precision, plan=plan, onnx=onnx, weights_dir=weights_dir, network=network,
                                        cuda_graph=settings.get("cuda_graph", False))
-    if settings.get("require_engine") and not status["engine_executed"]:
-        raise VerifyError(f"verify.require_engine is set but the {precision} engine cannot run here: {status['reason']}")
+    required = settings.get("require", LEVELS[0])
+    if LEVELS.index(status["verified_level"]) < LEVELS.index(required):
+        raise VerifyError(f"verify.require is {required} but the {precision} plan can only be verified at level "
+                          f"{status['verified_level']} here: {status['reason']}")
     result, deployed = verify_detections(
         precision, executor, status, val_json=val_json, reference_detections=reference_detections,
         reference_metrics=reference_metrics, preprocess=preprocess, postprocess=postprocess, thresholds=thresholds,
@@ -263,10 +299,11 @@ def run_verify(precision: str, *, plan, onnx, weights_dir, val_json, reference_d
     print(json.dumps(result, indent=2))
     write_json(detections_out, deployed)
     write_json(out_json, result)
+    level = f"{executor.name}, level {status['verified_level']}"
     if not result["passed"] and not enforce:
-        log.warning("%s is below its thresholds (%s) but verify.enforce does not list it", precision,
+        log.warning("%s (%s) is below its thresholds (%s) but verify.enforce does not list it", precision, level,
                     "; ".join(result["failures"]))
     elif not result["passed"]:
-        raise VerifyError(f"{precision} ({executor.name}) fails verification: {'; '.join(result['failures'])} "
+        raise VerifyError(f"{precision} ({level}) fails verification: {'; '.join(result['failures'])} "
                           f"(thresholds: verify.thresholds.{precision} in config.yaml; all numbers in the log above)")
     return result

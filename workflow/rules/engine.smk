@@ -14,12 +14,14 @@ rule engine:
         weights=RESULTS / "{model}weights/head.safetensors",
         manifest=RESULTS / "{model}weights/manifest.json",
         code=library(
-            "engine", "network", "head", "weights", "backend/__init__", "backend/implicit_int8", "backend/precisions",
+            "engine", "network", "network_record", "head", "weights", "backend/__init__", "backend/implicit_int8", "backend/precisions",
             *(["plugins", "backend/roi_align_plugin"] if ENGINE["roi_align"] == "plugin" else []),
         ),
     output:
         plan=RESULTS / "{model}engine_{precision}.plan",
         metadata=RESULTS / "{model}engine_{precision}.json",
+        # the exact network handed to the builder, for verify where the plan cannot run (trtflow.netexec)
+        network=RESULTS / "{model}engine_{precision}.network.safetensors",
     wildcard_constraints:
         precision="fp32|fp16|int8",
     params:

@@ -1,6 +1,7 @@
 # Stage `verify`: every precision against the PyTorch reference (rule verify), timed (rule bench), and
 # the pipeline's checks on one page (rule report). The engine runs where this machine can run it;
-# elsewhere the deployment-form reference (ONNX Runtime + the static head) does, and the JSONs say why.
+# elsewhere its recorded TensorRT network definition is evaluated layer by layer (trtflow.netexec), and the
+# JSONs say which level ran and why nothing stronger did.
 
 PRECISIONS = config["engine"]["precisions"]
 # verify.parity_* belong to rule onnx_parity, and each precision reads only its own thresholds: editing
@@ -15,6 +16,7 @@ VERIFY = {
 rule verify:
     input:
         plan=RESULTS / "{model}engine_{precision}.plan",
+        network=RESULTS / "{model}engine_{precision}.network.safetensors",
         metadata=RESULTS / "{model}engine_{precision}.json",
         onnx=verify_onnx,
         weights=RESULTS / "{model}weights/head.safetensors",
@@ -23,8 +25,8 @@ rule verify:
         reference=RESULTS / "{model}reference/detections.json",
         reference_metrics=RESULTS / "{model}reference/metrics.json",
         code=library(
-            "verify", "executors", "runtime", "head", "weights", "export", "qdq", "reference", "preprocess",
-            "postprocess", "metrics", "data",
+            "verify", "executors", "netexec", "network_record", "runtime", "head", "weights", "export", "qdq",
+            "reference", "preprocess", "postprocess", "metrics", "data",
         ),
     output:
         result=report(RESULTS / "{model}verify/{precision}.json", category="verify", labels=report_labels),

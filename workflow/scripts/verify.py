@@ -5,7 +5,7 @@ from trtflow.workflow import script_logging
 
 with script_logging(snakemake):
     run_verify(
-        snakemake.wildcards.precision, plan=snakemake.input.plan, onnx=snakemake.input.onnx,
+        snakemake.wildcards.precision, plan=snakemake.input.plan, network=snakemake.input.network, onnx=snakemake.input.onnx,
         weights_dir=Path(snakemake.input.manifest).parent, val_json=snakemake.input.val,
         reference_detections=snakemake.input.reference,
         reference_metrics=snakemake.input.reference_metrics, preprocess=snakemake.params.preprocess,

@@ -1,0 +1,695 @@
+"""Evaluate a TensorRT network definition on the CPU (or any torch device), layer by layer.
+
+Input: a `trtflow.network_record.NetworkRecord`, read from the very `INetworkDefinition` the engine
+stage hands to the builder (ONNX-parsed features + the API-built head, outputs marked). Every layer is
+evaluated with the semantics of TensorRT's documentation of that layer type, written here without
+looking at `trtflow.head` or `trtflow.network`, so that it can disagree with them. What this proves:
+the network we hand TensorRT computes the detections we claim. What it does not: TensorRT's own
+compilation of it (fusions, kernel choice, reduced-precision kernels).
+
+Choices where TensorRT's documentation leaves room, each the reading closest to it:
+- Floating-point layers compute in float32 and round their outputs to the declared type (float16
+  tensors of a strongly typed network, as TensorRT's fp16 kernels accumulate in float32).
+- TopK breaks ties by the lower index. Gather refuses out-of-range indices (TensorRT: undefined).
+- Integer DIV truncates toward zero; FLOOR_DIV floors. Cast from float to integer truncates.
+- Quantize: round half to even of x / scale, plus the zero point, saturated to the type's range;
+  Dequantize: (x - zero point) * scale. Per-tensor (scalar scale) or per-axis (1-D scale on `axis`).
+- Loops: a WHILE trip limit is evaluated before each iteration from the current recurrence values;
+  LAST_VALUE outputs are the value of the last iteration that ran.
+Every layer's outputs are checked against the types and shapes TensorRT declared for them.
+A layer type or mode not implemented here is refused, naming the layer, its index and its type.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from trtflow.network_record import LOOP_BOUNDARIES, NetworkRecord
+
+TORCH_DTYPES = {
+    "FLOAT": torch.float32,
+    "HALF": torch.float16,
+    "BF16": torch.bfloat16,
+    "INT8": torch.int8,
+    "UINT8": torch.uint8,
+    "INT32": torch.int32,
+    "INT64": torch.int64,
+    "BOOL": torch.bool,
+}
+QUANTIZED_RANGE = {"INT8": (-128, 127), "UINT8": (0, 255)}
+
+
+class NetworkExecutionError(RuntimeError):
+    """A layer cannot be evaluated as TensorRT defines it (unknown type or mode, bad input)."""
+
+
+CONVERTING = ("CAST", "IDENTITY", "QUANTIZE")  # layers whose output type differs from what they compute in
+
+
+def value_kind(dtype: torch.dtype) -> str:
+    return "bool" if dtype == torch.bool else "float" if dtype.is_floating_point else "integer"
+
+
+def layer_label(layer: Mapping) -> str:
+    return f"layer {layer['index']} '{layer['name']}' ({layer['type']})"
+
+
+def axes_of(mask: int, rank: int) -> list[int]:
+    return [axis for axis in range(rank) if mask >> axis & 1]
+
+
+def floating(tensor: torch.Tensor) -> torch.Tensor:
+    """Float tensors as float32 for computing; others unchanged."""
+    return tensor.float() if tensor.is_floating_point() else tensor
+
+
+# --------------------------------------------------------------------------- layer semantics
+# Each takes (layer record, its input tensors, the executor) and returns its output tensors; the
+# executor casts float results to the declared type and checks dtypes and shapes.
+
+ELEMENTWISE = {
+    "SUM": torch.add,
+    "SUB": torch.sub,
+    "PROD": torch.mul,
+    "MAX": torch.maximum,
+    "MIN": torch.minimum,
+    "POW": torch.pow,
+    "FLOOR_DIV": lambda a, b: torch.div(a, b, rounding_mode="floor"),
+    "AND": torch.logical_and,
+    "OR": torch.logical_or,
+    "XOR": torch.logical_xor,
+    "EQUAL": torch.eq,
+    "GREATER": torch.gt,
+    "LESS": torch.lt,
+}
+
+
+def elementwise(layer, inputs, _):
+    a, b = (floating(t) for t in inputs)
+    op = layer["params"]["op"]
+    if op == "DIV":
+        return [a / b if a.is_floating_point() else torch.div(a, b, rounding_mode="trunc")]
+    if op not in ELEMENTWISE:
+        raise NotImplementedError(f"ElementWiseOperation.{op}")
+    return [ELEMENTWISE[op](a, b)]
+
+
+UNARY = {
+    "EXP": torch.exp, "LOG": torch.log, "SQRT": torch.sqrt, "RECIP": torch.reciprocal, "ABS": torch.abs,
+    "NEG": torch.neg, "SIN": torch.sin, "COS": torch.cos, "TAN": torch.tan, "SINH": torch.sinh, "COSH": torch.cosh,
+    "ASIN": torch.asin, "ACOS": torch.acos, "ATAN": torch.atan, "ASINH": torch.asinh, "ACOSH": torch.acosh,
+    "ATANH": torch.atanh, "CEIL": torch.ceil, "FLOOR": torch.floor, "ERF": torch.erf, "NOT": torch.logical_not,
+    "SIGN": torch.sign, "ROUND": torch.round, "ISINF": torch.isinf, "ISNAN": torch.isnan,
+}
+
+
+def unary(layer, inputs, _):
+    op = layer["params"]["op"]
+    if op not in UNARY:
+        raise NotImplementedError(f"UnaryOperation.{op}")
+    return [UNARY[op](floating(inputs[0]))]
+
+
+def activation(layer, inputs, _):
+    x, kind = inputs[0].float(), layer["params"]["type"]
+    alpha, beta = layer["params"]["alpha"], layer["params"]["beta"]
+    formulas = {
+        "RELU": lambda: torch.clamp_min(x, 0.0),
+        "SIGMOID": lambda: torch.sigmoid(x),
+        "TANH": lambda: torch.tanh(x),
+        "LEAKY_RELU": lambda: torch.where(x >= 0, x, alpha * x),
+        "ELU": lambda: torch.where(x >= 0, x, alpha * (torch.exp(x) - 1)),
+        "SELU": lambda: beta * torch.where(x > 0, x, alpha * (torch.exp(x) - 1)),
+        "SOFTSIGN": lambda: x / (1 + x.abs()),
+        "SOFTPLUS": lambda: alpha * torch.log(torch.exp(beta * x) + 1),
+        "CLIP": lambda: torch.clamp(x, alpha, beta),
+        "HARD_SIGMOID": lambda: torch.clamp(alpha * x + beta, 0.0, 1.0),
+        "SCALED_TANH": lambda: alpha * torch.tanh(beta * x),
+        "THRESHOLDED_RELU": lambda: torch.where(x > alpha, x, 0.0),
+        "GELU_ERF": lambda: 0.5 * x * (1 + torch.erf(x / math.sqrt(2.0))),
+        "GELU_TANH": lambda: 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (0.044715 * x**3 + x))),
+    }
+    if kind not in formulas:
+        raise NotImplementedError(f"ActivationType.{kind}")
+    return [formulas[kind]()]
+
+
+def explicit_padding(layer) -> list[int]:
+    """pre/post padding as F.pad's (last axis first) list; only explicit padding modes."""
+    params = layer["params"]
+    if params["padding_mode"] != "EXPLICIT_ROUND_DOWN":
+        raise NotImplementedError(f"PaddingMode.{params['padding_mode']}")
+    pad = []
+    for before, after in zip(reversed(params["pre_padding"]), reversed(params["post_padding"])):
+        pad += [before, after]
+    return pad
+
+
+def convolution(layer, inputs, executor):
+    params = layer["params"]
+    x, pad = inputs[0].float(), explicit_padding(layer)
+    symmetric = params["pre_padding"] == params["post_padding"]
+    if not symmetric:
+        x = F.pad(x, pad)
+    spatial = len(params["kernel_size_nd"])
+    if len(inputs) > 1 and inputs[1] is not None:
+        kernel = inputs[1].float()
+    else:
+        shape = (params["num_output_maps"], x.shape[1] // params["num_groups"], *params["kernel_size_nd"])
+        kernel = executor.weight(layer, "kernel").float().reshape(shape)
+    if len(inputs) > 2 and inputs[2] is not None:
+        bias = inputs[2].float().reshape(-1)
+    else:
+        bias = executor.weight(layer, "bias")
+        bias = None if bias is None else bias.float()
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
+    return [conv(x, kernel, bias, stride=params["stride_nd"], padding=params["pre_padding"] if symmetric else 0,
+                 dilation=params["dilation_nd"], groups=params["num_groups"])]
+
+
+def pooling(layer, inputs, _):
+    params = layer["params"]
+    window, stride = params["window_size_nd"], params["stride_nd"]
+    pad = explicit_padding(layer)
+    x = inputs[0].float()
+    maximum = lambda: {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[len(window)](  # noqa: E731
+        F.pad(x, pad, value=-math.inf), window, stride)
+
+    def average():
+        pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[len(window)]
+        total = pool(F.pad(x, pad), window, stride) * math.prod(window)
+        if not params["average_count_excludes_padding"]:
+            return total / math.prod(window)
+        count = pool(F.pad(torch.ones_like(x[:1, :1]), pad), window, stride) * math.prod(window)
+        return total / count
+
+    kind = params["type"]
+    if kind == "MAX":
+        return [maximum()]
+    if kind == "AVERAGE":
+        return [average()]
+    if kind == "MAX_AVERAGE_BLEND":
+        blend = params["blend_factor"]
+        return [blend * maximum() + (1 - blend) * average()]
+    raise NotImplementedError(f"PoolingType.{kind}")
+
+
+def resize_positions(layer, size_in: int, size_out: int, scale: float | None) -> torch.Tensor:
+    """Input coordinates of each output position along one axis (ResizeCoordinateTransformation)."""
+    params = layer["params"]
+    out = torch.arange(size_out, dtype=torch.float64)
+    scale = scale if scale else size_out / size_in
+    mode = params["coordinate_transformation"]
+    if size_out == 1 and params["selector_for_single_pixel"] == "UPPER":
+        return torch.zeros(1, dtype=torch.float64)
+    if mode == "ALIGN_CORNERS":
+        return out * ((size_in - 1) / (size_out - 1)) if size_out > 1 else torch.zeros(1, dtype=torch.float64)
+    if mode == "ASYMMETRIC":
+        return out / scale
+    if mode == "HALF_PIXEL":
+        return (out + 0.5) / scale - 0.5
+    raise NotImplementedError(f"ResizeCoordinateTransformation.{mode}")
+
+
+def resize(layer, inputs, _):
+    params = layer["params"]
+    x = inputs[0]
+    target = list(layer["outputs"][0]["shape"])
+    if len(inputs) > 1 and inputs[1] is not None:
+        target = inputs[1].tolist()
+    scales = params.get("scales") or [None] * x.dim()
+    if any(d < 0 for d in target):
+        target = [math.floor(n * s) for n, s in zip(x.shape, scales)]
+    mode = params["resize_mode"]
+    rounding = {"FLOOR": torch.floor, "CEIL": torch.ceil, "HALF_UP": lambda v: torch.floor(v + 0.5),
+                "HALF_DOWN": lambda v: torch.ceil(v - 0.5)}
+    y = x.float() if mode == "LINEAR" else x
+    for axis, (size_in, size_out) in enumerate(zip(x.shape, target)):
+        if size_in == size_out and scales[axis] in (None, 1.0):
+            continue
+        position = resize_positions(layer, size_in, size_out, scales[axis])
+        if mode == "NEAREST":
+            if params["nearest_rounding"] not in rounding:
+                raise NotImplementedError(f"ResizeRoundMode.{params['nearest_rounding']}")
+            index = rounding[params["nearest_rounding"]](position).clamp(0, size_in - 1).long().to(y.device)
+            y = y.index_select(axis, index)
+        elif mode == "LINEAR":
+            position = position.clamp(0, size_in - 1)
+            low = position.floor().long()
+            high = (low + 1).clamp(max=size_in - 1)
+            shape = [1] * y.dim()
+            shape[axis] = size_out
+            frac = (position - low).float().reshape(shape).to(y.device)
+            y = y.index_select(axis, low.to(y.device)) * (1 - frac) + y.index_select(axis, high.to(y.device)) * frac
+        else:
+            raise NotImplementedError(f"InterpolationMode.{mode}")
+    return [y]
+
+
+def shuffle(layer, inputs, _):
+    params = layer["params"]
+    x = inputs[0]
+    x = x.permute(params["first_transpose"][: x.dim()])
+    dims = inputs[1].tolist() if len(inputs) > 1 and inputs[1] is not None else params["reshape_dims"]
+    if dims is not None:
+        if params["zero_is_placeholder"]:
+            dims = [x.shape[i] if d == 0 else d for i, d in enumerate(dims)]
+        x = x.reshape(dims)
+    return [x.permute(params["second_transpose"][: x.dim()])]
+
+
+def gather_axis(data: torch.Tensor, indices: torch.Tensor, axis: int) -> torch.Tensor:
+    """Gather DEFAULT without element-wise dims: data.shape[:axis] + indices.shape + data.shape[axis+1:]."""
+    picked = data.movedim(axis, 0)[indices.long()]  # indices.shape + rest (axis removed, others in order)
+    return picked.movedim(tuple(range(indices.dim())), tuple(range(axis, axis + indices.dim())))
+
+
+def gather(layer, inputs, _):
+    params = layer["params"]
+    data, indices = inputs[0], inputs[1]
+    axis, batch_dims, mode = params["axis"], params["num_elementwise_dims"], params["mode"]
+    size = data.shape[axis]
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= size):
+        raise ValueError(f"gather indices span [{int(indices.min())}, {int(indices.max())}] on an axis of size {size}")
+    if mode == "ELEMENT":
+        return [torch.gather(data, axis, indices.long())]
+    if mode != "DEFAULT":
+        raise NotImplementedError(f"GatherMode.{mode}")
+    if batch_dims == 0:
+        return [gather_axis(data, indices, axis)]
+    if batch_dims == 1 and axis >= 1:
+        return [torch.stack([gather_axis(d, i, axis - 1) for d, i in zip(data, indices)])]
+    raise NotImplementedError(f"Gather with num_elementwise_dims={batch_dims} on axis {axis}")
+
+
+def top_k(layer, inputs, _):
+    params = layer["params"]
+    x = inputs[0]
+    (axis,) = axes_of(params["axes"], x.dim())
+    k = int(inputs[1]) if len(inputs) > 1 and inputs[1] is not None else params["k"]
+    if params["op"] not in ("MAX", "MIN"):
+        raise NotImplementedError(f"TopKOperation.{params['op']}")
+    values, order = torch.sort(floating(x), dim=axis, descending=params["op"] == "MAX", stable=True)
+    return [values.narrow(axis, 0, k), order.narrow(axis, 0, k)]
+
+
+REDUCE = {"SUM": torch.sum, "PROD": torch.prod, "AVG": torch.mean, "MAX": torch.amax, "MIN": torch.amin}
+
+
+def reduce(layer, inputs, _):
+    params = layer["params"]
+    x = floating(inputs[0])
+    axes = axes_of(params["axes"], x.dim())
+    op = params["op"]
+    if op not in REDUCE:
+        raise NotImplementedError(f"ReduceOperation.{op}")
+    if op == "PROD":
+        for axis in sorted(axes, reverse=True):
+            x = torch.prod(x, dim=axis, keepdim=params["keep_dims"])
+        return [x]
+    return [REDUCE[op](x, dim=axes, keepdim=params["keep_dims"])]
+
+
+def matrix_multiply(layer, inputs, _):
+    params = layer["params"]
+    operands = []
+    for tensor, op in zip(inputs, (params["op0"], params["op1"])):
+        tensor = tensor.float()
+        if op == "TRANSPOSE":
+            tensor = tensor.transpose(-1, -2)
+        elif op not in ("NONE", "VECTOR"):
+            raise NotImplementedError(f"MatrixOperation.{op}")
+        operands.append(tensor)
+    a, b = operands
+    if params["op0"] == "VECTOR":
+        a = a.unsqueeze(-2)
+    if params["op1"] == "VECTOR":
+        b = b.unsqueeze(-1)
+    product = torch.matmul(a, b)
+    if params["op1"] == "VECTOR":
+        product = product.squeeze(-1)
+    if params["op0"] == "VECTOR":
+        product = product.squeeze(-1 if params["op1"] == "VECTOR" else -2)
+    return [product]
+
+
+def softmax(layer, inputs, _):
+    x = inputs[0].float()
+    (axis,) = axes_of(layer["params"]["axes"], x.dim())
+    return [torch.softmax(x, dim=axis)]
+
+
+def per_axis(values: torch.Tensor, like: torch.Tensor, axis: int) -> torch.Tensor:
+    """A scale or zero point broadcast against `like`: scalar, or 1-D along `axis`."""
+    if values.dim() == 0 or values.numel() == 1:
+        return values.reshape(())
+    shape = [1] * like.dim()
+    shape[axis] = -1
+    return values.reshape(shape)
+
+
+def quantize(layer, inputs, _):
+    x, scale = inputs[0].float(), per_axis(inputs[1].float(), inputs[0], layer["params"]["axis"])
+    zero = inputs[2] if len(inputs) > 2 and inputs[2] is not None else torch.zeros((), dtype=torch.int32)
+    zero = per_axis(zero.to(torch.int32), inputs[0], layer["params"]["axis"])
+    out_type = layer["outputs"][0]["dtype"]
+    if out_type not in QUANTIZED_RANGE:
+        raise NotImplementedError(f"Quantize to {out_type}")
+    low, high = QUANTIZED_RANGE[out_type]
+    return [torch.clamp(torch.round(x / scale) + zero, low, high)]
+
+
+def dequantize(layer, inputs, _):
+    axis = layer["params"]["axis"]
+    scale = per_axis(inputs[1].float(), inputs[0], axis)
+    zero = inputs[2] if len(inputs) > 2 and inputs[2] is not None else torch.zeros((), dtype=torch.int32)
+    return [(inputs[0].float() - per_axis(zero.float(), inputs[0], axis)) * scale]
+
+
+def slice_layer(layer, inputs, _):
+    params = layer["params"]
+    x = inputs[0]
+    given = lambda i: inputs[i].tolist() if len(inputs) > i and inputs[i] is not None else None  # noqa: E731
+    if given(5) is not None:
+        raise NotImplementedError("Slice with an axes input")
+    start, size, stride = given(1) or params["start"], given(2) or params["shape"], given(3) or params["stride"]
+    mode = params["mode"]
+    fill = inputs[4] if len(inputs) > 4 and inputs[4] is not None else torch.zeros((), dtype=x.dtype)
+    y, inside = x, torch.ones((), dtype=torch.bool, device=x.device)
+    for axis, (begin, count, step) in enumerate(zip(start, size, stride)):
+        n = x.shape[axis]
+        index = begin + step * torch.arange(count, device=x.device)
+        valid = (index >= 0) & (index < n)
+        if mode in ("DEFAULT", "STRICT_BOUNDS") and not bool(valid.all()):
+            raise ValueError(f"slice reads outside axis {axis} of size {n}")
+        if mode == "WRAP":
+            index = index % n
+        elif mode == "REFLECT":
+            period = 2 * n - 2 if n > 1 else 1
+            index = index % period
+            index = torch.where(index >= n, period - index, index)
+        elif mode not in ("DEFAULT", "STRICT_BOUNDS", "CLAMP", "FILL"):
+            raise NotImplementedError(f"SampleMode.{mode}")
+        y = y.index_select(axis, index.clamp(0, n - 1))
+        if mode == "FILL":
+            shape = [1] * x.dim()
+            shape[axis] = count
+            inside = inside & valid.reshape(shape)
+    if mode == "FILL":
+        y = torch.where(inside, y, fill.to(y.dtype).reshape(()))
+    return [y]
+
+
+def select(layer, inputs, _):
+    return [torch.where(inputs[0], floating(inputs[1]), floating(inputs[2]))]
+
+
+def concatenation(layer, inputs, _):
+    return [torch.cat([floating(t) for t in inputs], dim=layer["params"]["axis"])]
+
+
+def constant(layer, _, executor):
+    return [executor.constant(layer)]
+
+
+def same(layer, inputs, _):
+    """Cast and Identity: the input, converted to the declared output type by the executor."""
+    return [inputs[0]]
+
+
+def shape_of(layer, inputs, _):
+    return [torch.tensor(list(inputs[0].shape), dtype=torch.int64, device=inputs[0].device)]
+
+
+def cumulative(layer, inputs, _):
+    params = layer["params"]
+    if params["op"] != "SUM":
+        raise NotImplementedError(f"CumulativeOperation.{params['op']}")
+    x, axis = floating(inputs[0]), int(inputs[1])
+    if params["reverse"]:
+        x = x.flip(axis)
+    total = torch.cumsum(x, dim=axis)
+    if params["exclusive"]:
+        total = total - x
+    return [total.flip(axis) if params["reverse"] else total]
+
+
+LAYERS: dict[str, Callable] = {
+    "ACTIVATION": activation,
+    "CAST": same,
+    "CONCATENATION": concatenation,
+    "CONSTANT": constant,
+    "CONVOLUTION": convolution,
+    "CUMULATIVE": cumulative,
+    "DEQUANTIZE": dequantize,
+    "ELEMENTWISE": elementwise,
+    "GATHER": gather,
+    "IDENTITY": same,
+    "MATRIX_MULTIPLY": matrix_multiply,
+    "POOLING": pooling,
+    "QUANTIZE": quantize,
+    "REDUCE": reduce,
+    "RESIZE": resize,
+    "SELECT": select,
+    "SHAPE": shape_of,
+    "SHUFFLE": shuffle,
+    "SLICE": slice_layer,
+    "SOFTMAX": softmax,
+    "TOPK": top_k,
+    "UNARY": unary,
+}
+
+
+# --------------------------------------------------------------------------- loops
+
+
+@dataclass
+class Loop:
+    """One ILoop: its boundary layers and body (layers that depend on a recurrence or iterator output)."""
+
+    name: str
+    recurrences: list[dict]
+    iterators: list[dict]
+    trip_limit: dict
+    outputs: list[dict]
+    condition: list[dict]  # body layers the trip limit's input needs, evaluated first in each iteration
+    rest: list[dict]  # the other body layers
+    index: int  # the lowest layer index of the loop: its place in the schedule
+
+    @property
+    def inputs(self) -> set[str]:
+        """Tensors from outside the loop that it reads."""
+        inside = {o["name"] for layer in self.recurrences + self.iterators + self.condition + self.rest
+                  for o in layer["outputs"]}
+        read = [layer["inputs"][0] for layer in self.recurrences + self.iterators]
+        read += [name for layer in self.condition + self.rest for name in layer["inputs"]]
+        read += self.trip_limit["inputs"] + [name for layer in self.outputs for name in layer["inputs"][1:]]
+        read += [layer["inputs"][0] for layer in self.outputs]
+        return {name for name in read if name is not None and name not in inside}
+
+    @property
+    def produces(self) -> list[str]:
+        return [layer["outputs"][0]["name"] for layer in self.outputs]
+
+
+def upstream(layers: list[dict], targets: set[str]) -> list[dict]:
+    """The layers among `layers` that `targets` depend on, in their order."""
+    producer = {o["name"]: layer for layer in layers for o in layer["outputs"]}
+    needed, stack = set(), list(targets)
+    while stack:
+        layer = producer.get(stack.pop())
+        if layer is not None and layer["index"] not in needed:
+            needed.add(layer["index"])
+            stack.extend(name for name in layer["inputs"] if name is not None)
+    return [layer for layer in layers if layer["index"] in needed]
+
+
+def find_loops(layers: list[dict]) -> tuple[list[Loop], set[int]]:
+    """Group loop layers by ILoop; returns the loops and the indices of every layer they own."""
+    boundaries: dict[str, list[dict]] = {}
+    for layer in layers:
+        if layer["type"] in LOOP_BOUNDARIES:
+            boundaries.setdefault(layer["loop"], []).append(layer)
+    consumers: dict[str, list[dict]] = {}
+    for layer in layers:
+        for name in layer["inputs"]:
+            if name is not None:
+                consumers.setdefault(name, []).append(layer)
+    loops, owned = [], set()
+    for name, members in boundaries.items():
+        kinds = {kind: [m for m in members if m["type"] == kind] for kind in LOOP_BOUNDARIES}
+        if len(kinds["TRIP_LIMIT"]) != 1:
+            raise NetworkExecutionError(f"loop '{name}' has {len(kinds['TRIP_LIMIT'])} trip limits; TensorRT needs one")
+        body: dict[int, dict] = {}
+        stack = [o["name"] for m in kinds["RECURRENCE"] + kinds["ITERATOR"] for o in m["outputs"]]
+        while stack:
+            for consumer in consumers.get(stack.pop(), []):
+                if consumer["type"] not in LOOP_BOUNDARIES and consumer["index"] not in body:
+                    body[consumer["index"]] = consumer
+                    stack.extend(o["name"] for o in consumer["outputs"])
+        body_layers = sorted(body.values(), key=lambda layer: layer["index"])
+        condition = upstream(body_layers, {n for n in kinds["TRIP_LIMIT"][0]["inputs"] if n is not None})
+        rest = [layer for layer in body_layers if layer not in condition]
+        indices = {m["index"] for m in members} | set(body)
+        loops.append(Loop(name, kinds["RECURRENCE"], kinds["ITERATOR"], kinds["TRIP_LIMIT"][0],
+                          kinds["LOOP_OUTPUT"], condition, rest, min(indices)))
+        owned |= indices
+    return loops, owned
+
+
+# --------------------------------------------------------------------------- the executor
+
+
+class NetworkExecutor:
+    """`executor({input name: tensor}) -> {output name: tensor}`: the recorded network, evaluated."""
+
+    def __init__(self, record: NetworkRecord, device: str | torch.device = "cpu"):
+        self.record = record
+        self.device = torch.device(device)
+        self.check_known_layers()
+        self.loops, owned = find_loops(record.layers)
+        steps = [layer for layer in record.layers if layer["index"] not in owned] + self.loops
+        self.constants = {layer["outputs"][0]["name"]: self.evaluate(layer, [])[0]
+                          for layer in record.layers if layer["type"] == "CONSTANT"}
+        self.schedule = self.order([s for s in steps if not (isinstance(s, dict) and s["type"] == "CONSTANT")])
+
+    @property
+    def input_shapes(self) -> dict[str, list[int]]:
+        return {entry["name"]: entry["shape"] for entry in self.record.inputs}
+
+    def check_known_layers(self) -> None:
+        known = set(LAYERS) | set(LOOP_BOUNDARIES)
+        for layer in self.record.layers:
+            if layer["type"] not in known:
+                raise NetworkExecutionError(
+                    f"{layer_label(layer)}: the network-definition executor does not implement {layer['type']} "
+                    f"layers (it implements {', '.join(sorted(known))})"
+                )
+
+    def order(self, steps: list) -> list:
+        """Steps in dependency order, ties broken by TensorRT's layer order."""
+        def reads(step):
+            if isinstance(step, Loop):
+                return step.inputs
+            return {name for name in step["inputs"] if name is not None}
+
+        def writes(step):
+            return step.produces if isinstance(step, Loop) else [o["name"] for o in step["outputs"]]
+
+        def index(step):
+            return step.index if isinstance(step, Loop) else step["index"]
+
+        producer = {name: i for i, step in enumerate(steps) for name in writes(step)}
+        waiting = {i: {producer[n] for n in reads(step) if n in producer} for i, step in enumerate(steps)}
+        dependents: dict[int, list[int]] = {}
+        for i, needs in waiting.items():
+            for j in needs:
+                dependents.setdefault(j, []).append(i)
+        ready = [(index(steps[i]), i) for i, needs in waiting.items() if not needs]
+        heapq.heapify(ready)
+        ordered = []
+        while ready:
+            _, i = heapq.heappop(ready)
+            ordered.append(steps[i])
+            for j in dependents.get(i, []):
+                waiting[j].discard(i)
+                if not waiting[j]:
+                    heapq.heappush(ready, (index(steps[j]), j))
+        if len(ordered) != len(steps):
+            raise NetworkExecutionError("the network has a cycle outside its loops")
+        return ordered
+
+    # -- values ---------------------------------------------------------------------------
+
+    def weight(self, layer: Mapping, attribute: str) -> torch.Tensor | None:
+        key = layer["weights"].get(attribute)
+        return None if key is None else torch.from_numpy(self.record.arrays[key]).to(self.device)
+
+    def constant(self, layer: Mapping) -> torch.Tensor:
+        values = self.record.arrays[layer["weights"]["weights"]]
+        return torch.from_numpy(np.asarray(values).reshape(layer["params"]["shape"])).to(self.device)
+
+    def evaluate(self, layer: Mapping, inputs: list) -> list[torch.Tensor]:
+        try:
+            results = LAYERS[layer["type"]](layer, inputs, self)
+        except (NotImplementedError, ValueError, RuntimeError, IndexError, TypeError) as error:
+            raise NetworkExecutionError(f"{layer_label(layer)}: {error}") from error
+        return [self.declared(layer, slot, value) for slot, value in enumerate(results)]
+
+    @staticmethod
+    def declared(layer: Mapping, slot: int, value: torch.Tensor) -> torch.Tensor:
+        """`value` converted to the output's declared type; its kind (float / integer / bool) and shape
+        checked against what TensorRT declared, so a semantics error here cannot hide behind a cast."""
+        spec = layer["outputs"][slot]
+        dtype = TORCH_DTYPES.get(spec["dtype"])
+        if dtype is None:
+            raise NetworkExecutionError(f"{layer_label(layer)}: output type {spec['dtype']} is not implemented")
+        if layer["type"] not in CONVERTING and value_kind(value.dtype) != value_kind(dtype):
+            raise NetworkExecutionError(f"{layer_label(layer)}: computed {value.dtype}, TensorRT declared {spec['dtype']}")
+        shape = list(value.shape)
+        if len(shape) != len(spec["shape"]) or any(d >= 0 and d != s for d, s in zip(spec["shape"], shape)):
+            raise NetworkExecutionError(f"{layer_label(layer)}: computed shape {shape}, TensorRT declared {spec['shape']}")
+        return value.to(dtype)
+
+    def run_step(self, step, values: dict) -> None:
+        if isinstance(step, Loop):
+            self.run_loop(step, values)
+            return
+        inputs = [None if name is None else values[name] for name in step["inputs"]]
+        for output, value in zip(step["outputs"], self.evaluate(step, inputs)):
+            values[output["name"]] = value
+
+    def run_loop(self, loop: Loop, values: dict) -> None:
+        limit = loop.trip_limit
+        state = {layer["outputs"][0]["name"]: values[layer["inputs"][0]] for layer in loop.recurrences}
+        trips = None if limit["params"]["kind"] == "WHILE" else int(values[limit["inputs"][0]])
+        last, iteration = {}, 0
+        while trips is None or iteration < trips:
+            scope = {**values, **state}
+            for iterator in loop.iterators:
+                source, axis = values[iterator["inputs"][0]], iterator["params"]["axis"]
+                position = source.shape[axis] - 1 - iteration if iterator["params"]["reverse"] else iteration
+                scope[iterator["outputs"][0]["name"]] = source.select(axis, position)
+            for layer in loop.condition:
+                self.run_step(layer, scope)
+            if trips is None and not bool(scope[limit["inputs"][0]]):
+                break
+            for layer in loop.rest:
+                self.run_step(layer, scope)
+            for output in loop.outputs:
+                if output["params"]["kind"] != "LAST_VALUE":
+                    raise NetworkExecutionError(f"{layer_label(output)}: LoopOutput.{output['params']['kind']} "
+                                                "is not implemented")
+                last[output["outputs"][0]["name"]] = scope[output["inputs"][0]]
+            state = {layer["outputs"][0]["name"]: scope[layer["inputs"][1]] for layer in loop.recurrences}
+            iteration += 1
+        if not last:
+            raise NetworkExecutionError(f"loop '{loop.name}' ran no iteration, so its LAST_VALUE outputs are undefined")
+        for output in loop.outputs:
+            values[output["outputs"][0]["name"]] = self.declared(output, 0, last[output["outputs"][0]["name"]])
+
+    # -- running ---------------------------------------------------------------------------
+
+    def check_inputs(self, inputs: Mapping[str, torch.Tensor]) -> None:
+        for name, shape in self.input_shapes.items():
+            if name not in inputs:
+                raise ValueError(f"the network needs input '{name}' of shape {shape}")
+            given = list(inputs[name].shape)
+            if len(given) != len(shape) or any(d >= 0 and d != g for d, g in zip(shape, given)):
+                raise ValueError(f"input '{name}' has shape {given}; the network declares {shape}")
+
+    @torch.no_grad()
+    def __call__(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.check_inputs(inputs)
+        dtypes = {entry["name"]: TORCH_DTYPES[entry["dtype"]] for entry in self.record.inputs}
+        values = {**self.constants, **{n: t.to(self.device, dtypes[n]) for n, t in inputs.items()}}
+        for step in self.schedule:
+            self.run_step(step, values)
+        return {name: values[name] for name in self.record.outputs}

@@ -1,0 +1,292 @@
+"""trtflow.netexec: the TensorRT network definition handed to the builder, evaluated layer by layer on the CPU.
+
+Every network here is a real INetworkDefinition of TensorRT-RTX (ONNX-parsed features + the API-built
+head, exactly as the engine stage defines it), recorded by trtflow.network_record. The executor is
+checked against ONNX Runtime (features, Q/DQ as written) and torchvision (whole detectors), and shown
+to catch head bugs that the deployment-form check (ONNX Runtime + StaticHead) cannot see.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from test_engine import small_detector  # noqa: F401  (demo detector, random weights, 128x160, + Q/DQ twin)
+from test_executors import Deployment, deployment  # noqa: F401  (tamed tiny detector + a small COCO set)
+from test_weights import tame, torchvision_detector
+
+import trtflow.network
+from trtflow.engine import EngineSettings, EngineSources, define_network
+from trtflow.executors import network_definition_executor, onnxruntime_static_head_executor
+from trtflow.export import OnnxSession
+from trtflow.netexec import NetworkExecutionError, NetworkExecutor
+from trtflow.network_record import NetworkRecord, NetworkRecordError, read_network
+from trtflow.verify import Thresholds, VerifyError, match_detections, run_verify
+from trtflow.weights import load_head
+
+rtx = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX (pip install tensorrt-rtx-cu13) is not installed")
+
+
+@pytest.fixture(scope="module")
+def backend():
+    from trtflow.backend import load_backend
+
+    return load_backend("tensorrt_rtx")
+
+
+def record_of(backend, onnx_path: Path, precision: str, weights: Path | None = None, manifest=None) -> NetworkRecord:
+    """The record of the network the engine stage defines for `precision` (features only without weights).
+    `manifest` replaces the head metadata the network is built with (the deployment form keeps the file's)."""
+    head = None
+    if weights is not None:
+        stored_manifest, tensors = load_head(weights)
+        head = (manifest or stored_manifest, tensors)
+    builder = backend.create_builder()
+    network, parser = define_network(backend, builder, onnx.load(str(onnx_path)), EngineSources(onnx=onnx_path),
+                                     EngineSettings(precision), head)
+    record = read_network(network, backend.trt)
+    del parser
+    return record
+
+
+def images(batch: int, hw=(128, 160), seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, 1, (batch, 3, *hw)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- the features network
+
+
+def test_fp32_features_network_matches_onnxruntime(backend, small_detector):
+    onnx_path = small_detector / "features.onnx"
+    record = record_of(backend, onnx_path, "fp32")
+    assert {layer["type"] for layer in record.layers} >= {"CONVOLUTION", "RESIZE", "POOLING", "ELEMENTWISE"}
+    batch = images(2)
+    evaluated = NetworkExecutor(record)({"images": torch.from_numpy(batch)})
+    reference = OnnxSession(onnx_path, providers=["CPUExecutionProvider"])(batch)
+    assert list(evaluated) == list(reference)
+    for name, expected in reference.items():
+        error = np.abs(evaluated[name].numpy() - expected).max()
+        assert error <= 1e-5 * np.abs(expected).max(), name
+
+
+def test_qdq_features_network_matches_onnxruntime_as_written(backend, small_detector):
+    """INT8 as TensorRT defines it: the first quantized tensor identical; every output within two quantization
+    steps (every activation of this Q/DQ graph was calibrated to amax 4.0) but for at most 0.1 % of its
+    elements, and within four. Why not all: a convolution summed in another order (ONNX Runtime's kernels
+    vs torch's) moves a value across a rounding boundary now and then, and the one-step flip spreads through
+    the later quantized layers; TensorRT's own INT8 kernels differ from both in the same way."""
+    onnx_path = small_detector / "features.qdq.onnx"
+    record = record_of(backend, onnx_path, "int8")
+    first = next(layer for layer in record.layers if layer["type"] == "QUANTIZE")
+    assert first["inputs"][0] == "images" and first["outputs"][0]["dtype"] == "INT8"
+    quantized = first["outputs"][0]["name"]
+    batch = images(2, seed=1)
+    network = NetworkExecutor(record)
+    network.record.outputs.append(quantized)  # read the intermediate tensor too
+    evaluated = network({"images": torch.from_numpy(batch)})
+    reference = OnnxSession(onnx_path, providers=["CPUExecutionProvider"], extra_outputs=[quantized])(batch)
+    assert evaluated[quantized].dtype == torch.int8
+    assert np.array_equal(evaluated[quantized].numpy(), reference[quantized])
+    step = 4.0 / 127
+    for name in reference:
+        error = np.abs(evaluated[name].float().numpy() - reference[name])
+        assert (error > 2 * step).mean() <= 1e-3 and error.max() <= 4 * step, name
+
+
+# --------------------------------------------------------------------------- whole detectors
+
+
+def network_detections(deployment, record: NetworkRecord, tmp_path: Path):
+    path = tmp_path / "network.safetensors"
+    record.save(path)
+    return deployment.detections(network_definition_executor(path))
+
+
+@pytest.fixture(scope="module")
+def torchvision_reference(deployment):
+    return deployment.detections(deployment.torchvision)
+
+
+@pytest.mark.parametrize("precision, min_recall, max_dscore", [("fp32", 1.0, 1e-4), ("fp16", 0.97, 0.02)])
+def test_network_definition_matches_torchvision(backend, deployment, torchvision_reference, tmp_path, precision,
+                                                min_recall, max_dscore):
+    record = record_of(backend, deployment.onnx, precision, deployment.weights)
+    matching = match_detections(torchvision_reference, network_detections(deployment, record, tmp_path))
+    assert len(torchvision_reference) >= 50
+    assert matching.recall >= min_recall and matching.precision >= min_recall
+    assert np.abs(matching.dscores).max() <= max_dscore
+
+
+@pytest.mark.parametrize("arch", ["fasterrcnn_resnet50_fpn", "fasterrcnn_mobilenet_v3_large_fpn"])
+def test_torchvision_architectures_with_random_weights(backend, arch, tmp_path):
+    """The network the engine stage defines for a torchvision architecture (random weights, 128x160)
+    gives torchvision's detections."""
+    case = Deployment(tmp_path, tame(torchvision_detector(arch), (128, 160)), (128, 160))
+    reference = case.detections(case.torchvision)
+    record = record_of(backend, case.onnx, "fp32", case.weights)
+    matching = match_detections(reference, network_detections(case, record, tmp_path))
+    assert len(reference) >= 20
+    assert matching.recall >= 0.99 and matching.precision >= 0.99
+    assert np.abs(matching.dscores).max() <= 1e-4
+
+
+# --------------------------------------------------------------------------- it can fail
+
+
+def transposed_fc_weight(manifest, monkeypatch):
+    """The first box-head FC reads its weight in the transposed memory order (same shape, scrambled)."""
+    linear = trtflow.network.linear
+    first = next(layer["name"] for layer in manifest["box_head"]["layers"] if layer["kind"] == "linear")
+
+    def scrambled(g, x, layer, tensors):
+        if layer["name"] == first:
+            name = f"{layer['name']}.weight"
+            weight = tensors[name]
+            tensors = {**tensors, name: np.ascontiguousarray(weight.reshape(weight.shape[::-1]).T)}
+        return linear(g, x, layer, tensors)
+
+    monkeypatch.setattr(trtflow.network, "linear", scrambled)
+    return manifest
+
+
+def swapped_box_coder_weights(manifest, monkeypatch):
+    weights = manifest["box"]["box_coder_weights"]
+    return {**manifest, "box": {**manifest["box"], "box_coder_weights": [*weights[2:], *weights[:2]]}}
+
+
+def nms_threshold_off(manifest, monkeypatch):
+    return {**manifest, "box": {**manifest["box"], "nms_thresh": manifest["box"]["nms_thresh"] + 0.2}}
+
+
+def level_mapping_shifted(manifest, monkeypatch):
+    """Each RoI samples the FPN map one level coarser than torchvision's LevelMapper assigns (an off-by-one
+    in the level index; the coarsest level stays)."""
+    fpn_levels = trtflow.network.fpn_levels
+
+    def shifted(g, boxes, roi_pool):
+        return g.minimum(g.add(fpn_levels(g, boxes, roi_pool), 1), len(roi_pool["scales"]) - 1)
+
+    monkeypatch.setattr(trtflow.network, "fpn_levels", shifted)
+    return manifest
+
+
+@pytest.mark.parametrize("bug", [transposed_fc_weight, swapped_box_coder_weights, nms_threshold_off,
+                                 level_mapping_shifted])
+def test_a_wrong_head_fails_at_network_definition_level_only(backend, deployment, torchvision_reference, tmp_path,
+                                                            monkeypatch, bug):
+    manifest = bug(json.loads((deployment.weights / "manifest.json").read_text()), monkeypatch)
+    record = record_of(backend, deployment.onnx, "fp32", deployment.weights, manifest=manifest)
+    monkeypatch.undo()
+    thresholds = Thresholds(min_match_recall=0.99, min_match_precision=0.99)
+
+    def verdict(detections):
+        summary = match_detections(torchvision_reference, detections).summary()
+        return thresholds.failures(summary)
+
+    deployment_form = onnxruntime_static_head_executor(deployment.onnx, deployment.manifest, deployment.tensors,
+                                                       device="cpu")
+    assert verdict(deployment.detections(deployment_form)) == []  # the twin head is right: it cannot notice
+    assert verdict(network_detections(deployment, record, tmp_path))  # the network handed to TensorRT is wrong
+
+
+# --------------------------------------------------------------------------- verify's level
+
+
+def fake_plan(folder: Path) -> Path:
+    plan = folder / "engine_fp32.plan"
+    plan.write_bytes(b"not run")
+    plan.with_suffix(".json").write_text(json.dumps({
+        "backend": "tensorrt_rtx", "backend_version": "1.7.1.116", "precision": "fp32",
+        "compute_capabilities": ["8.0", "8.6", "8.9", "12.0"]}))
+    return plan
+
+
+def test_verify_claims_the_network_definition_level_and_honours_require(backend, deployment, torchvision_reference,
+                                                                        tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible: the plan's refusal for want of one cannot be shown")
+    network = tmp_path / "engine_fp32.network.safetensors"
+    record_of(backend, deployment.onnx, "fp32", deployment.weights).save(network)
+    reference, metrics = tmp_path / "reference.json", tmp_path / "metrics.json"
+    reference.write_text(json.dumps(torchvision_reference))
+    metrics.write_text(json.dumps({"mAP": 0.5, "mAP50": 0.5}))
+    kwargs = dict(plan=fake_plan(tmp_path), network=network, onnx=deployment.onnx, weights_dir=deployment.weights,
+                  val_json=deployment.coco, reference_detections=reference, reference_metrics=metrics,
+                  preprocess=deployment.preprocess, postprocess=deployment.postprocess,
+                  thresholds=Thresholds(min_match_recall=1.0), detections_out=tmp_path / "detections.json")
+    result = run_verify("fp32", settings={"require": "network-definition"}, out_json=tmp_path / "fp32.json", **kwargs)
+    assert result["executor"] == "tensorrt-network" and result["verified_level"] == "network-definition"
+    assert result["engine_executed"] is False and "compilation" in result["unverified"]
+    assert result["passed"] and result["match_recall"] == 1.0 and result["max_abs_dscore"] <= 1e-4
+    with pytest.raises(VerifyError, match="verify.require is engine but the fp32 plan can only be verified at level "
+                                          "network-definition here: cannot run"):
+        run_verify("fp32", settings={"require": "engine"}, out_json=tmp_path / "strict.json", **kwargs)
+
+
+# --------------------------------------------------------------------------- semantics and refusals
+
+
+def test_loops_with_iterator_and_trip_count(backend):
+    """A running sum over an ITERATOR, a COUNT trip limit and a LAST_VALUE output, against torch."""
+    trt = backend.trt
+    network = backend.create_builder().create_network(0)
+    x = network.add_input("x", trt.float32, (5, 3))
+    loop = network.add_loop()
+    loop.add_trip_limit(network.add_constant((), np.asarray(5, dtype=np.int32)).get_output(0), trt.TripLimit.COUNT)
+    row = loop.add_iterator(x, 0, False).get_output(0)
+    total = loop.add_recurrence(network.add_constant((3,), np.zeros(3, dtype=np.float32)).get_output(0))
+    step = network.add_elementwise(total.get_output(0), row, trt.ElementWiseOperation.SUM).get_output(0)
+    total.set_input(1, step)
+    network.mark_output(loop.add_loop_output(step, trt.LoopOutput.LAST_VALUE).get_output(0))
+    values = torch.arange(15, dtype=torch.float32).reshape(5, 3)
+    (result,) = NetworkExecutor(read_network(network, trt))({"x": values}).values()
+    assert torch.equal(result, values.sum(0))
+
+
+def test_quantize_rounds_half_to_even_and_saturates(backend):
+    trt = backend.trt
+    network = backend.create_builder().create_network(0)
+    x = network.add_input("x", trt.float32, (6,))
+    scale = network.add_constant((), np.asarray(0.5, dtype=np.float32)).get_output(0)
+    quantize = network.add_quantize(x, scale, trt.int8)
+    network.mark_output(quantize.get_output(0))
+    (result,) = NetworkExecutor(read_network(network, trt))({"x": torch.tensor([0.25, 0.75, -0.25, 1.25, 100, -100])}).values()
+    assert result.tolist() == [0, 2, 0, 2, 127, -128]
+
+
+def test_an_unknown_layer_type_is_refused_by_index_name_and_type(backend):
+    trt = backend.trt
+    network = backend.create_builder().create_network(0)
+    x = network.add_input("x", trt.float32, (1, 4, 2, 2))
+    layer = network.add_lrn(x, 3, 1.0, 0.75, 1.0)
+    layer.name = "normalise"
+    network.mark_output(layer.get_output(0))
+    with pytest.raises(NetworkExecutionError, match=r"layer 0 'normalise' \(LRN\): the network-definition executor "
+                                                    "does not implement LRN layers"):
+        NetworkExecutor(read_network(network, trt))
+
+
+def test_wrong_input_shape_is_refused(backend, small_detector):
+    record = record_of(backend, small_detector / "features.onnx", "fp32")
+    with pytest.raises(ValueError, match=r"input 'images' has shape \[1, 3, 64, 64\]; the network declares "
+                                         r"\[-1, 3, 128, 160\]"):
+        NetworkExecutor(record)({"images": torch.zeros(1, 3, 64, 64)})
+
+
+def test_record_round_trip_and_bad_files(backend, small_detector, tmp_path):
+    record = record_of(backend, small_detector / "features.qdq.onnx", "int8")
+    path = tmp_path / "network.safetensors"
+    record.save(path)
+    loaded = NetworkRecord.load(path)
+    assert loaded.layers == record.layers and loaded.outputs == record.outputs and loaded.inputs == record.inputs
+    assert loaded.arrays.keys() == record.arrays.keys()
+    assert all(np.array_equal(loaded.arrays[k], v) and loaded.arrays[k].dtype == v.dtype for k, v in record.arrays.items())
+    assert loaded.source["module"] == "tensorrt_rtx"
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    with pytest.raises(NetworkRecordError, match="broken.safetensors is not a trtflow network record"):
+        NetworkRecord.load(broken)
+    with pytest.raises(FileNotFoundError, match="missing.network.safetensors does not exist"):
+        NetworkRecord.load(tmp_path / "missing.network.safetensors")
