@@ -36,16 +36,18 @@ def backend():
     return load_backend("tensorrt_rtx")
 
 
-def record_of(backend, onnx_path: Path, precision: str, weights: Path | None = None, manifest=None) -> NetworkRecord:
+def record_of(backend, onnx_path: Path, precision: str, weights: Path | None = None, manifest=None,
+              **settings) -> NetworkRecord:
     """The record of the network the engine stage defines for `precision` (features only without weights).
-    `manifest` replaces the head metadata the network is built with (the deployment form keeps the file's)."""
+    `manifest` replaces the head metadata the network is built with (the deployment form keeps the file's);
+    `settings` are further EngineSettings."""
     head = None
     if weights is not None:
         stored_manifest, tensors = load_head(weights)
         head = (manifest or stored_manifest, tensors)
     builder = backend.create_builder()
     network, parser = define_network(backend, builder, onnx.load(str(onnx_path)), EngineSources(onnx=onnx_path),
-                                     EngineSettings(precision), head)
+                                     EngineSettings(precision, **settings), head)
     record = read_network(network, backend.trt)
     del parser
     return record
@@ -117,6 +119,15 @@ def test_network_definition_matches_torchvision(backend, deployment, torchvision
     assert len(torchvision_reference) >= 50
     assert matching.recall >= min_recall and matching.precision >= min_recall
     assert np.abs(matching.dscores).max() <= max_dscore
+
+
+def test_the_inms_layer_head_matches_torchvision(backend, deployment, torchvision_reference, tmp_path):
+    """`engine.nms: builtin_layer` (full TensorRT's INMSLayer + a scatter into the keep mask) defined with
+    TensorRT-RTX's network API, whose builder cannot build it: the definition alone is checked here."""
+    record = record_of(backend, deployment.onnx, "fp32", deployment.weights, nms="builtin_layer")
+    assert {"NMS", "SCATTER"} <= {layer["type"] for layer in record.layers}
+    matching = match_detections(torchvision_reference, network_detections(deployment, record, tmp_path))
+    assert matching.recall == 1.0 and matching.precision == 1.0 and np.abs(matching.dscores).max() <= 1e-4
 
 
 @pytest.mark.parametrize("arch", ["fasterrcnn_resnet50_fpn", "fasterrcnn_mobilenet_v3_large_fpn"])
@@ -290,3 +301,45 @@ def test_record_round_trip_and_bad_files(backend, small_detector, tmp_path):
         NetworkRecord.load(broken)
     with pytest.raises(FileNotFoundError, match="missing.network.safetensors does not exist"):
         NetworkRecord.load(tmp_path / "missing.network.safetensors")
+
+
+def test_nms_layer_selects_like_torchvision(backend):
+    """INMSLayer as built on TensorRT-RTX's network API (which cannot build it into a plan) against
+    torchvision's NMS, per batch and class, with the score threshold and the per-class output limit."""
+    import torchvision
+
+    trt = backend.trt
+    generator = torch.Generator().manual_seed(0)
+    corners = torch.rand(2, 40, 2, generator=generator) * 50
+    boxes = torch.cat([corners, corners + 5 + torch.rand(2, 40, 2, generator=generator) * 30], -1)
+    scores = torch.rand(2, 40, 3, generator=generator)
+    network = backend.create_builder().create_network(0)
+    constant = lambda value, dtype: network.add_constant((), np.asarray(value, dtype=dtype)).get_output(0)  # noqa: E731
+    layer = network.add_nms(network.add_input("boxes", trt.float32, (2, 40, 4)),
+                            network.add_input("scores", trt.float32, (2, 40, 3)), constant(6, np.int32))
+    layer.set_input(3, constant(0.4, np.float32))
+    layer.set_input(4, constant(0.2, np.float32))
+    layer.topk_box_limit = 30
+    network.mark_output(layer.get_output(0))
+    network.mark_output(layer.get_output(1))
+    selected, count = NetworkExecutor(read_network(network, trt))({"boxes": boxes, "scores": scores}).values()
+    expected = []
+    for batch in range(2):
+        for cls in range(3):
+            score = scores[batch, :, cls]
+            best = torch.sort(score, descending=True, stable=True).indices[:30]
+            best = best[score[best] > 0.2]
+            kept = best[torchvision.ops.nms(boxes[batch, best], score[best], 0.4)][:6]
+            expected += [[batch, cls, int(i)] for i in kept]
+    assert selected.tolist() == expected and int(count) == len(expected) > 12
+
+
+def test_scatter_nd_writes_the_updates(backend):
+    trt = backend.trt
+    network = backend.create_builder().create_network(0)
+    data = network.add_input("data", trt.float32, (2, 5))
+    indices = network.add_constant((3, 2), np.asarray([[0, 1], [1, 4], [0, 3]], dtype=np.int32)).get_output(0)
+    updates = network.add_constant((3,), np.asarray([7, 8, 9], dtype=np.float32)).get_output(0)
+    network.mark_output(network.add_scatter(data, indices, updates, trt.ScatterMode.ND).get_output(0))
+    (result,) = NetworkExecutor(read_network(network, trt))({"data": torch.zeros(2, 5)}).values()
+    assert result.tolist() == [[0, 7, 0, 9, 0], [0, 0, 0, 0, 8]]

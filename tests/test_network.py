@@ -139,8 +139,6 @@ def test_full_tensorrt_options_refused_on_rtx(tiny):
     _, network, inputs = head_network(rtx, manifest, 1, rtx.float32)
     with pytest.raises(HeadBuildError, match="roi_align: plugin needs full TensorRT.*set engine.roi_align: builtin"):
         add_head(network, rtx, manifest, tensors, *inputs, dtype="float32", roi_align="plugin")
-    with pytest.raises(HeadBuildError, match="INMSLayer does not build.*set engine.nms: static"):
-        add_head(network, rtx, manifest, tensors, *inputs, dtype="float32", nms="builtin_layer")
 
 
 def test_bad_requests_fail_clearly(tiny):

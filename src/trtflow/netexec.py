@@ -441,6 +441,70 @@ def cumulative(layer, inputs, _):
     return [total.flip(axis) if params["reverse"] else total]
 
 
+def corner_pairs(boxes: torch.Tensor, box_format: str) -> torch.Tensor:
+    """(..., 4) boxes as x1 <= x2, y1 <= y2 corners (INMSLayer accepts either corner order)."""
+    if box_format == "CENTER_SIZES":
+        center, size = boxes[..., :2], boxes[..., 2:]
+        boxes = torch.cat([center - size / 2, center + size / 2], -1)
+    elif box_format != "CORNER_PAIRS":
+        raise NotImplementedError(f"BoundingBoxFormat.{box_format}")
+    low, high = torch.minimum(boxes[..., :2], boxes[..., 2:]), torch.maximum(boxes[..., :2], boxes[..., 2:])
+    return torch.cat([low, high], -1)
+
+
+def greedy_selection(boxes: torch.Tensor, scores: torch.Tensor, iou_thresh: float, score_thresh: float,
+                     limit: int, keep: int) -> list[int]:
+    """Indices kept by greedy NMS of one class: candidates scoring above `score_thresh`, the best `limit` of
+    them in descending score, each kept unless its IoU with a kept one exceeds `iou_thresh`; at most `keep`."""
+    candidates = [int(i) for i in torch.sort(scores, descending=True, stable=True).indices if scores[i] > score_thresh]
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    kept: list[int] = []
+    for i in candidates[:limit]:
+        if len(kept) == keep:
+            break
+        if kept:
+            others = boxes[kept]
+            low, high = torch.maximum(others[:, :2], boxes[i, :2]), torch.minimum(others[:, 2:], boxes[i, 2:])
+            inter = (high - low).clamp(min=0).prod(-1)
+            iou = inter / (area[kept] + area[i] - inter)
+            if bool((iou > iou_thresh).any()):
+                continue
+        kept.append(i)
+    return kept
+
+
+def nms(layer, inputs, _):
+    """INMSLayer: boxes (B, N, 4) or per class (B, N, C, 4), scores (B, N, C), max output boxes per class,
+    IoU threshold (default 0), score threshold (default 0) -> selected (batch, class, box) indices, ordered by
+    batch, class, then descending score, and their count."""
+    params = layer["params"]
+    boxes, scores = corner_pairs(inputs[0].float(), params["bounding_box_format"]), inputs[1].float()
+    scalar = lambda i: float(inputs[i]) if len(inputs) > i and inputs[i] is not None else 0.0  # noqa: E731
+    keep, iou_thresh, score_thresh = int(inputs[2]), scalar(3), scalar(4)
+    selected = []
+    for batch in range(scores.shape[0]):
+        for cls in range(scores.shape[2]):
+            class_boxes = boxes[batch, :, cls] if boxes.dim() == 4 else boxes[batch]
+            for index in greedy_selection(class_boxes, scores[batch, :, cls], iou_thresh, score_thresh,
+                                          params["topk_box_limit"], keep):
+                selected.append([batch, cls, index])
+    found = torch.tensor(selected, dtype=torch.int32, device=scores.device).reshape(-1, 3)
+    return [found, torch.tensor(len(selected), dtype=torch.int32, device=scores.device)]
+
+
+def scatter(layer, inputs, _):
+    data, indices, updates = inputs
+    mode = layer["params"]["mode"]
+    if mode == "ELEMENT":
+        return [torch.scatter(data, layer["params"]["axis"], indices.long(), updates)]
+    if mode != "ND":
+        raise NotImplementedError(f"ScatterMode.{mode}")
+    result = data.clone()
+    depth = indices.shape[-1]
+    result[tuple(indices.long().reshape(-1, depth).T)] = updates.reshape(-1, *data.shape[depth:]).to(data.dtype)
+    return [result]
+
+
 LAYERS: dict[str, Callable] = {
     "ACTIVATION": activation,
     "CAST": same,
@@ -453,10 +517,12 @@ LAYERS: dict[str, Callable] = {
     "GATHER": gather,
     "IDENTITY": same,
     "MATRIX_MULTIPLY": matrix_multiply,
+    "NMS": nms,
     "POOLING": pooling,
     "QUANTIZE": quantize,
     "REDUCE": reduce,
     "RESIZE": resize,
+    "SCATTER": scatter,
     "SELECT": select,
     "SHAPE": shape_of,
     "SHUFFLE": shuffle,

@@ -14,8 +14,11 @@ axis may be dynamic: no layer depends on its value (reshapes copy it with 0, con
 over it, batched gathers use one element-wise dimension, padding takes its size from a Shape layer).
 
 Options for full TensorRT only: ``roi_align="plugin"`` (our MultiLevelRoIAlign plugin, see
-trtflow.backend.roi_align_plugin) and ``nms="builtin_layer"`` (INMSLayer). TensorRT-RTX has neither
-a Python plugin path nor an INMSLayer that builds; asking for them there raises `HeadBuildError`.
+trtflow.backend.roi_align_plugin) and ``nms="builtin_layer"`` (INMSLayer). TensorRT-RTX has no Python
+plugin path (``roi_align="plugin"`` raises `HeadBuildError` there); its network API defines an INMSLayer
+that its builder cannot build, so the engine stage refuses ``nms: builtin_layer`` on it before any network
+is defined (trtflow.engine.EngineSettings.check_backend), while the definition itself can still be
+evaluated (trtflow.netexec).
 """
 
 from __future__ import annotations
@@ -504,9 +507,6 @@ def add_head(network, trt: ModuleType, manifest: Mapping, tensors: Mapping, feat
         raise HeadBuildError(f"roi_align={roi_align!r}: use one of {', '.join(ROI_ALIGN_CHOICES)}")
     if nms not in NMS_CHOICES:
         raise HeadBuildError(f"nms={nms!r}: use one of {', '.join(NMS_CHOICES)}")
-    if nms == "builtin_layer" and trt.__name__.startswith("tensorrt_rtx"):
-        raise HeadBuildError("nms: builtin_layer needs full TensorRT; TensorRT-RTX's INMSLayer does not build: "
-                             "set engine.nms: static")
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise HeadBuildError(f"dtype={dtype!r}: use float32 or float16")
