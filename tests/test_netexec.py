@@ -15,7 +15,7 @@ import pytest
 import torch
 from test_engine import small_detector  # noqa: F401  (demo detector, random weights, 128x160, + Q/DQ twin)
 from test_executors import Deployment, deployment  # noqa: F401  (tamed tiny detector + a small COCO set)
-from test_weights import tame, torchvision_detector
+from test_weights import ARCHS, tame, torchvision_detector
 
 import trtflow.network
 from trtflow.engine import EngineSettings, EngineSources, define_network
@@ -23,6 +23,7 @@ from trtflow.executors import network_definition_executor, onnxruntime_static_he
 from trtflow.export import OnnxSession
 from trtflow.netexec import NetworkExecutionError, NetworkExecutor
 from trtflow.network_record import NetworkRecord, NetworkRecordError, read_network
+from trtflow.qdq import insert_qdq, quantization_plan
 from trtflow.verify import Thresholds, VerifyError, match_detections, run_verify
 from trtflow.weights import load_head
 
@@ -130,10 +131,11 @@ def test_the_inms_layer_head_matches_torchvision(backend, deployment, torchvisio
     assert matching.recall == 1.0 and matching.precision == 1.0 and np.abs(matching.dscores).max() <= 1e-4
 
 
-@pytest.mark.parametrize("arch", ["fasterrcnn_resnet50_fpn", "fasterrcnn_mobilenet_v3_large_fpn"])
+@pytest.mark.parametrize("arch", list(ARCHS))
 def test_torchvision_architectures_with_random_weights(backend, arch, tmp_path):
-    """The network the engine stage defines for a torchvision architecture (random weights, 128x160)
-    gives torchvision's detections."""
+    """Every torchvision architecture of the schema (random weights, 128x160): the fp32 network the engine
+    stage defines gives torchvision's detections; its fp16 network and its Q/DQ network (every activation at
+    amax 4.0) hold only layers netexec implements and give the head contract."""
     case = Deployment(tmp_path, tame(torchvision_detector(arch), (128, 160)), (128, 160))
     reference = case.detections(case.torchvision)
     record = record_of(backend, case.onnx, "fp32", case.weights)
@@ -141,6 +143,17 @@ def test_torchvision_architectures_with_random_weights(backend, arch, tmp_path):
     assert len(reference) >= 20
     assert matching.recall >= 0.99 and matching.precision >= 0.99
     assert np.abs(matching.dscores).max() <= 1e-4
+
+    features = onnx.load(str(case.onnx))
+    plan = quantization_plan(features)
+    onnx.save(insert_qdq(features, plan, {name: 4.0 for name in plan.activations}), str(tmp_path / "qdq.onnx"))
+    batch = torch.from_numpy(images(1))
+    detections_per_img = case.manifest["box"]["detections_per_img"]
+    for precision, source in (("fp16", case.onnx), ("int8", tmp_path / "qdq.onnx")):
+        outputs = NetworkExecutor(record_of(backend, source, precision, case.weights))({"images": batch})
+        assert [(name, tuple(t.shape)) for name, t in outputs.items()] == [
+            ("num_detections", (1,)), ("boxes", (1, detections_per_img, 4)), ("scores", (1, detections_per_img)),
+            ("classes", (1, detections_per_img))]
 
 
 # --------------------------------------------------------------------------- it can fail

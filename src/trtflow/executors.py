@@ -247,11 +247,12 @@ def tensorrt_executor(plan: str | Path, metadata: Mapping | None = None, *, cuda
 # --------------------------------------------------------------------------- the network definition
 
 
-def network_definition_executor(record: str | Path, *, device: str | torch.device = "cpu") -> Executor:
-    """The TensorRT network definition recorded at build time, evaluated by trtflow.netexec. A static batch
+def network_definition_executor(record: str | Path, *, device: str | torch.device | None = None) -> Executor:
+    """The TensorRT network definition recorded at build time, evaluated by trtflow.netexec on `device` (default:
+    the GPU where there is one, so a Hopper GPU verifies a TensorRT-RTX plan's network fast). A static batch
     is fed in chunks of its size (a short last chunk padded with copies of its last image, whose results are
     dropped); raises NetworkExecutionError where the network holds a layer netexec does not implement."""
-    network = NetworkExecutor(NetworkRecord.load(record), device)
+    network = NetworkExecutor(NetworkRecord.load(record), device or default_device())
     ((name, shape),) = network.input_shapes.items()
     chunk = shape[0] if shape[0] > 0 else None
 

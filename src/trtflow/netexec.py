@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from contextlib import contextmanager
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -613,6 +614,17 @@ def find_loops(layers: list[dict]) -> tuple[list[Loop], set[int]]:
 # --------------------------------------------------------------------------- the executor
 
 
+@contextmanager
+def full_float32_matmul():
+    """CUDA matrix multiplies in full float32 (no TF32) for the duration."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 class NetworkExecutor:
     """`executor({input name: tensor}) -> {output name: tensor}`: the recorded network, evaluated."""
 
@@ -756,6 +768,8 @@ class NetworkExecutor:
         self.check_inputs(inputs)
         dtypes = {entry["name"]: TORCH_DTYPES[entry["dtype"]] for entry in self.record.inputs}
         values = {**self.constants, **{n: t.to(self.device, dtypes[n]) for n, t in inputs.items()}}
-        for step in self.schedule:
-            self.run_step(step, values)
+        # float32 means float32: cuDNN would otherwise run float32 convolutions in TF32 on Ampere and later
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False), full_float32_matmul():
+            for step in self.schedule:
+                self.run_step(step, values)
         return {name: values[name] for name in self.record.outputs}
