@@ -55,6 +55,9 @@ def test_capabilities_follow_each_versions_bindings(reports, version):
     assert facts["entropy_calibrator2"] == facts["builder_flag_int8"] == (release(version) < (11, 0))
     assert facts["add_plugin_v3"] and facts["add_nms"] and facts["timing_cache_combine"] and facts["inspector_json"]
     assert facts["set_timing_cache_ignore_mismatch"]  # Backend.load_timing_cache passes it by keyword
+    assert facts["strongly_typed_flag"] and facts["progress_monitor"]
+    if release(version) >= (10, 9):
+        assert facts["add_plugin_aot"]
     assert backend["name"] == "tensorrt" and backend["version"] == version
     assert backend["capabilities"] == {
         "python_plugins": True, "cumulative_layer": release(version) >= (10, 8),

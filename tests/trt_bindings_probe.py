@@ -84,7 +84,9 @@ def binding_facts():
     return {
         "add_cumulative": hasattr(network, "add_cumulative"),
         "add_plugin_v3": hasattr(network, "add_plugin_v3"),
-        "add_plugin": hasattr(network, "add_plugin"),
+        # add_multilevel_roi_align calls network.add_plugin(..., aot=True) from 10.9
+        "add_plugin_aot": "aot" in (getattr(network, "add_plugin", None).__doc__ or "")
+        if hasattr(network, "add_plugin") else None,
         "add_nms": hasattr(network, "add_nms") and hasattr(trt.BoundingBoxFormat, "CORNER_PAIRS"),
         "entropy_calibrator2": hasattr(trt, "IInt8EntropyCalibrator2"),
         "builder_flag_int8": hasattr(trt.BuilderFlag, "INT8"),
