@@ -21,7 +21,8 @@ The maps may come LINEAR (NCHW) or channels last: HWC with float32, HWC8 with fl
 padded to a multiple of 8). Both paths offer TensorRT all three and TensorRT times them, with
 the reformatting each needs; the channels-last kernel is the faster one (docs/BENCHMARKS.md).
 CI runs this module against the real Python bindings of TensorRT 10.0 - 11.4 (tests/trt_bindings.py:
-registration, creation, fields, formats, launch parameters), never TensorRT's native library.
+registration, creation, fields, formats, kernel choice; launch values stay symbolic), never TensorRT's
+native library.
 """
 
 from __future__ import annotations
@@ -295,7 +296,7 @@ def _register_decorator_plugin(trt, library: Path, ptx_text: str, num_levels: in
     trtp.aot_impl(plugin_id)(compiled)
 
 
-# -- TensorRT 10.0 - 10.8: class-based IPluginV3 -----------------------------------------------
+# -- TensorRT 10.8: class-based IPluginV3 ------------------------------------------------------
 
 
 class _PluginFields:
