@@ -134,7 +134,7 @@ def test_network_precisions_count_declared_types(rtx):
 
 
 def test_inspector_precisions_read_tensorrt_10_and_11_fields():
-    # Field names as documented: TensorRT 10 "Format/Datatype", TensorRT 11 "DataType".
+    # TensorRT 10 "Format/Datatype"; TensorRT 11 "Format" and "Datatype" (issue 14), older notes "DataType".
     engine_information = json.dumps({
         "Layers": [
             {"Name": "conv1", "LayerType": "CaskConvolution",
@@ -142,14 +142,97 @@ def test_inspector_precisions_read_tensorrt_10_and_11_fields():
             {"Name": "conv2", "LayerType": "CaskConvolution",
              "Outputs": [{"Name": "b", "Format/Datatype": "Channel major INT8 format where channel % 32 == 0"}]},
             {"Name": "cast", "LayerType": "Reformat",
-             "Outputs": [{"Name": "c", "DataType": "Float", "Format": "kLINEAR"}]},
+             "Outputs": [{"Name": "c", "Format": "Row major linear format", "Datatype": "Float"}]},
+            {"Name": "cast2", "LayerType": "Reformat", "Outputs": [{"Name": "d", "DataType": "Half"}]},
             "name-only layer",
         ]
     })
     summary = precisions.from_inspector(engine_information)
-    assert summary["source"] == "engine_inspector" and summary["layers"] == 3
-    assert summary["output_dtypes"] == {"HALF": 1, "INT8": 1, "FLOAT": 1}
+    assert summary["source"] == "engine_inspector" and summary["layers"] == 4
+    assert summary["output_dtypes"] == {"HALF": 2, "INT8": 1, "FLOAT": 1}
     assert summary["by_layer_type"]["CaskConvolution"] == {"HALF": 1, "INT8": 1}
+
+
+# -- timing cache: TensorRT's answers played by a stand-in config (the native library is absent) ----------
+
+
+class StandInTimingCache:
+    def __init__(self, blob: bytes, combine_error: Exception | None = None):
+        self.blob, self.combine_error = blob, combine_error
+
+    def combine(self, other, ignore_mismatch):
+        if self.combine_error:
+            raise self.combine_error
+        self.blob += other.blob
+        return True
+
+    def serialize(self):
+        return self.blob
+
+
+class StandInBuilderConfig:
+    """IBuilderConfig's timing-cache calls; `create_timing_cache` raises on bytes it cannot read, as
+    TensorRT may for a cache of another version or a truncated file."""
+
+    def __init__(self, combine_error: Exception | None = None):
+        self.cache = StandInTimingCache(b"own", combine_error)
+        self.set_caches = []
+
+    def create_timing_cache(self, blob: bytes):
+        if blob.startswith(b"corrupt"):
+            raise RuntimeError("TensorRT could not deserialize the timing cache")
+        return StandInTimingCache(bytes(blob))
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        self.set_caches.append(cache.blob)
+        return True
+
+    def get_timing_cache(self):
+        return self.cache
+
+
+def stand_in_backend(rtx) -> backends.Backend:
+    return backends.Backend(name="tensorrt", trt=rtx.trt, version="10.13.3.9", capabilities=rtx.capabilities,
+                            logger=rtx.logger)
+
+
+def test_unreadable_timing_cache_starts_a_fresh_one(rtx, caplog):
+    config = StandInBuilderConfig()
+    stand_in_backend(rtx).load_timing_cache(config, b"corrupt bytes")
+    assert config.set_caches == [b""]
+    assert "starting a fresh cache" in caplog.text
+
+
+def test_unreadable_stored_timing_cache_is_replaced_by_this_builds(rtx, caplog):
+    merged = stand_in_backend(rtx).merged_timing_cache(StandInBuilderConfig(), b"corrupt bytes")
+    assert merged == b"own" and "it is replaced" in caplog.text
+
+
+def test_failing_timing_cache_combine_keeps_this_builds_cache(rtx, caplog):
+    config = StandInBuilderConfig(combine_error=RuntimeError("mismatched cache"))
+    assert stand_in_backend(rtx).merged_timing_cache(config, b"stored") == b"own"
+    assert "it is replaced" in caplog.text
+    assert stand_in_backend(rtx).merged_timing_cache(StandInBuilderConfig(), b"+stored") == b"own+stored"
+
+
+# -- roi_align: plugin, refused before any job ----------------------------------------------------
+
+
+def test_config_check_refuses_plugin_roi_align_on_tensorrt_rtx(config):
+    from trtflow.config import ConfigError, check_config
+
+    config["backend"], config["engine"]["roi_align"] = "tensorrt_rtx", "plugin"
+    with pytest.raises(ConfigError, match=r"engine.roi_align: plugin -- TensorRT-RTX .* set engine.roi_align: builtin"):
+        check_config(config)
+
+
+def test_config_check_leaves_auto_without_full_tensorrt_to_the_engine_job(config):
+    """A submit host without full TensorRT (backend: auto finds TensorRT-RTX) cannot judge the GPU nodes."""
+    from trtflow.config import environment_problems
+
+    config["engine"]["roi_align"] = "plugin"
+    expected = [] if not FULL_TENSORRT else environment_problems({**config, "backend": "tensorrt"})
+    assert environment_problems(config) == expected
 
 
 # -- full TensorRT (skipped here) ---------------------------------------------------------

@@ -5,6 +5,9 @@ from pathlib import Path
 
 import yaml
 
+from trtflow.backend import BackendUnavailableError, load_backend
+from trtflow.backend.roi_align_plugin import unsupported_reason
+
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow/schemas/config.schema.yaml"
 
 
@@ -108,6 +111,21 @@ def consistency_problems(config: dict) -> list[str]:
     return problems
 
 
+def environment_problems(config: dict) -> list[str]:
+    """Options the TensorRT and NumPy installed here cannot build (`engine.roi_align: plugin`). Where this
+    process has no full TensorRT under `backend: auto` (a cluster's submit host), the engine job checks."""
+    if config["engine"]["roi_align"] != "plugin":
+        return []
+    try:
+        backend = load_backend(config["backend"])
+    except BackendUnavailableError:
+        return []
+    if config["backend"] == "auto" and backend.name != "tensorrt":
+        return []
+    reason = unsupported_reason(backend)
+    return [f"engine.roi_align: plugin -- {reason}"] if reason else []
+
+
 def check_config(config: dict, config_file: str = "config.yaml", workdir: str | Path = ".") -> None:
     """Raise one ConfigError listing every problem of `config` (schema first, then missing paths)."""
     problems = schema_problems(config)
@@ -115,6 +133,6 @@ def check_config(config: dict, config_file: str = "config.yaml", workdir: str | 
         from snakemake.utils import validate
 
         validate(config, str(SCHEMA))  # fills in the defaults
-        problems = consistency_problems(config) + path_problems(config, workdir)
+        problems = consistency_problems(config) + path_problems(config, workdir) + environment_problems(config)
     if problems:
         raise ConfigError(f"{config_file}: " + ("\n  ".join(["invalid configuration:", *problems])))

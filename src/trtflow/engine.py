@@ -28,6 +28,7 @@ import onnx
 from trtflow.artifacts import software_versions, write_bytes, write_text
 from trtflow.backend import Backend, load_backend
 from trtflow.backend import precisions as layer_precisions
+from trtflow.backend.roi_align_plugin import unsupported_reason
 from trtflow.network_record import read_network
 from trtflow.qdq import is_quantized
 
@@ -121,11 +122,9 @@ class EngineSettings:
     def check_backend(self, backend: Backend) -> None:
         """Refuse options this backend cannot build, naming the key and what to set instead."""
         caps = backend.capabilities
-        if self.roi_align == "plugin" and not caps.python_plugins:
-            raise ValueError(
-                f"engine.roi_align = plugin: {backend.describe()} has no custom-plugin layers from Python; "
-                "set engine.roi_align: builtin"
-            )
+        reason = unsupported_reason(backend) if self.roi_align == "plugin" else None
+        if reason:
+            raise ValueError(f"engine.roi_align = plugin: {reason}")
         if self.nms == "builtin_layer" and not caps.nms_layer:
             raise ValueError(
                 f"engine.nms = builtin_layer: {backend.describe()} cannot build INMSLayer; set engine.nms: static"

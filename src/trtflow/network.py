@@ -395,12 +395,14 @@ def plugin_roi_align(g: Graph, maps, boxes, roi_pool: Mapping):
     """Full TensorRT only: our MultiLevelRoIAlign plugin (trtflow.backend.roi_align_plugin, registered
     beforehand by trtflow.plugins.register_plugins) on rois (B·P, 5) = batch index, x1, y1, x2, y2."""
     trt = g.trt
-    if not hasattr(g.network, "add_plugin_v3"):
-        raise HeadBuildError(f"roi_align: plugin needs full TensorRT (add_plugin_v3); {trt.__name__} has no "
-                             "Python plugin layers: set engine.roi_align: builtin")
     from trtflow.backend import load_backend
-    from trtflow.backend.roi_align_plugin import add_multilevel_roi_align
+    from trtflow.backend.roi_align_plugin import add_multilevel_roi_align, unsupported_reason
     from trtflow.plugins import RoIAlignSpec
+
+    backend = load_backend(trt.__name__)
+    reason = unsupported_reason(backend)
+    if reason:
+        raise HeadBuildError(f"roi_align: plugin needs full TensorRT >= 10.8: {reason}")
 
     (out_h, out_w), count = roi_pool["output_size"], boxes.shape[1]
     spec = RoIAlignSpec.from_scales(roi_pool["scales"], output_size=(out_h, out_w),
@@ -412,7 +414,7 @@ def plugin_roi_align(g: Graph, maps, boxes, roi_pool: Mapping):
     cumulative = g.network.add_cumulative(ones, g.const(np.asarray(0, dtype=np.int32)),
                                           trt.CumulativeOperation.SUM, False, False)
     rois = g.reshape(g.concat([g.sub(g.out(cumulative), 1.0), boxes], -1), (-1, 5))
-    pooled = add_multilevel_roi_align(load_backend(trt.__name__), g.network, maps, rois, spec)
+    pooled = add_multilevel_roi_align(backend, g.network, maps, rois, spec)
     return g.reshape(pooled, (-1, count, maps[0].shape[1], out_h, out_w))
 
 

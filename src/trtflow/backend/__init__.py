@@ -53,6 +53,7 @@ class Capabilities:
     """What a backend can build. Each flag decides a config option or a code path."""
 
     python_plugins: bool  # custom plugin layers (our RoIAlign plugin, `roi_align: plugin`)
+    cumulative_layer: bool  # INetworkDefinition.add_cumulative (TensorRT >= 10.8): the plugin's RoI image index
     plugin_aot: bool  # decorator plugins with an ahead-of-time kernel: the plan runs without Python
     nms_layer: bool  # INMSLayer builds (`nms: builtin_layer`)
     int8_kernels: bool  # Q/DQ convolutions run as INT8 kernels, not only simulated
@@ -234,17 +235,36 @@ class Backend:
     # -- timing cache (full TensorRT only) -------------------------------------------------
 
     def load_timing_cache(self, config, blob: bytes) -> None:
-        """Seed the build with `blob`; a cache from another TensorRT version or GPU is set aside, not fatal."""
-        if not config.set_timing_cache(config.create_timing_cache(blob), ignore_mismatch=False):
-            log.warning("the timing cache on disk does not match %s; building without it", self.describe())
+        """Seed the build with `blob`; a cache from another TensorRT version or GPU, or a corrupt one,
+        is set aside, not fatal (TensorRT may refuse it by returning False or by raising)."""
+        cache = self._timing_cache(config, blob)
+        if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+            log.warning("the timing cache on disk does not match %s; starting a fresh cache", self.describe())
             config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
 
     def merged_timing_cache(self, config, stored: bytes | None) -> bytes:
         """This build's timing cache combined with what another build stored meanwhile."""
         cache = config.get_timing_cache()
-        if stored and not cache.combine(config.create_timing_cache(stored), False):
+        other = self._timing_cache(config, stored) if stored else None
+        if stored and (other is None or not self._combined(cache, other)):
             log.warning("the timing cache on disk does not match %s; it is replaced", self.describe())
         return bytes(cache.serialize())
+
+    def _timing_cache(self, config, blob: bytes):
+        """config.create_timing_cache(blob), or None where TensorRT refuses the bytes."""
+        try:
+            return config.create_timing_cache(blob)
+        except (RuntimeError, TypeError, ValueError) as error:
+            log.warning("%s could not read the timing cache (%s)", self.describe(), error)
+            return None
+
+    @staticmethod
+    def _combined(cache, other) -> bool:
+        try:
+            return bool(cache.combine(other, False))
+        except (RuntimeError, TypeError, ValueError) as error:
+            log.warning("combining timing caches failed (%s)", error)
+            return False
 
     # -- INT8 -----------------------------------------------------------------------------
 
@@ -298,6 +318,7 @@ def _capabilities(name: str, trt: ModuleType) -> Capabilities:
     full = name == "tensorrt"
     return Capabilities(
         python_plugins=hasattr(trt.INetworkDefinition, "add_plugin_v3"),
+        cumulative_layer=hasattr(trt.INetworkDefinition, "add_cumulative"),
         plugin_aot=full and version >= (10, 9),
         nms_layer=full,
         int8_kernels=full,

@@ -13,7 +13,9 @@ import re
 from collections import Counter, defaultdict
 
 # Inspector spellings: TensorRT 10 "Format/Datatype" ("Row major linear FP32", "Channel major
-# FP16 format ..."), TensorRT 11 "DataType" ("Float", "Half", "Int8").
+# FP16 format ..."); TensorRT 11 splits it into "Format" and "Datatype" ("Float", "Half", "Int8").
+# Keys are matched without case ("DataType" too).
+_DTYPE_KEYS = ("datatype", "format/datatype")
 _DTYPE_WORDS = {
     "fp32": "FLOAT",
     "float": "FLOAT",
@@ -60,8 +62,7 @@ def from_inspector(engine_information: str) -> dict:
         if not isinstance(layer, dict):  # LAYER_NAMES_ONLY verbosity: names, no types
             continue
         outputs = layer.get("Outputs") or [{}]
-        first = outputs[0]
-        described = first.get("DataType") or first.get("Format/Datatype") or ""
+        described = next((str(value) for key, value in outputs[0].items() if key.lower() in _DTYPE_KEYS), "")
         layers.append((str(layer.get("LayerType", "Unknown")), dtype_from_inspector(described)))
     return _summary("engine_inspector", layers, "precisions of the built engine's layers (after fusion)")
 

@@ -5,23 +5,35 @@ Which plugin path a backend gets:
   implementation hands TensorRT our PTX kernel (results/plugins/multilevel_roi_align.ptx) and
   its launch geometry. The kernel is embedded in the plan, which then runs without Python
   (trtexec, C++). One plugin id per level count: its inputs are fixed by its signature.
-- TensorRT 10.0 - 10.8: a class-based IPluginV3 whose enqueue calls libtrtflow_plugins.so
-  through ctypes; running such a plan needs this Python process and its registered creator.
+- TensorRT 10.8: a class-based IPluginV3 whose enqueue calls libtrtflow_plugins.so through
+  ctypes; running such a plan needs this Python process and its registered creator. (IPluginV3
+  exists from 10.0, but the head gives each RoI its image index with add_cumulative, from 10.8.)
 - TensorRT-RTX: no Python plugin path at all; the head uses its built-in-layer RoIAlign.
+
+`unsupported_reason` says where `roi_align: plugin` cannot build (the config check and the engine
+job ask it): TensorRT-RTX, TensorRT before 10.8, and the decorator plugins of TensorRT 10.9 - 11.1
+with NumPy >= 2.4 (their tensorrt.plugin converts each int attribute with int() of a 1-element
+array, which NumPy 2.4 refuses; 11.2 indexes [0]).
 
 Inputs of every path: the pooled maps (finest first, (B, C, H_l, W_l), float32 or float16, all
 alike) then the RoIs ((N, 5) float32). Output: (N, C, out_h, out_w) in the maps' dtype, LINEAR.
 The maps may come LINEAR (NCHW) or channels last: HWC with float32, HWC8 with float16 (channels
 padded to a multiple of 8). Both paths offer TensorRT all three and TensorRT times them, with
 the reformatting each needs; the channels-last kernel is the faster one (docs/BENCHMARKS.md).
-Written against the TensorRT Python API documentation; CI has no TensorRT to run it.
+CI runs this module against the real Python bindings of TensorRT 10.0 - 11.4 (tests/trt_bindings.py:
+registration, creation, fields, formats, kernel choice; launch values stay symbolic), never TensorRT's
+native library.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
+
+import numpy as np
 
 from trtflow.plugins import (
     MAX_LEVELS,
@@ -41,6 +53,9 @@ CHANNELS_PER_BLOCK = 64
 ATTRIBUTES = ("out_h", "out_w", "sampling_ratio", "aligned", "first_level", "canonical_scale", "canonical_level")
 AOT_MIN_VERSION = (10, 9)
 IPLUGINV3_MIN_VERSION = (10, 0)
+# tensorrt.plugin before 11.2 creates plugins with int(<1-element array>), which NumPy 2.4 refuses.
+PLUGIN_NUMPY_FIXED_VERSION = (11, 2)
+NUMPY_REFUSING_ARRAY_INT = (2, 4)
 
 _registered: dict[str, Path] = {}
 
@@ -57,7 +72,7 @@ def plugin_flavour(backend_name: str, version: str) -> str:
             "MultiLevelRoIAlign plugin cannot be used: set engine.roi_align: builtin (the head's RoIAlign from "
             "built-in layers) or use full TensorRT"
         )
-    release = tuple(int(part) for part in version.split(".")[:2])
+    release = _release(version)
     if release >= AOT_MIN_VERSION:
         return "aot"
     if release >= IPLUGINV3_MIN_VERSION:
@@ -65,6 +80,41 @@ def plugin_flavour(backend_name: str, version: str) -> str:
     raise PluginUnavailableError(
         f"TensorRT {version} predates IPluginV3 (10.0): upgrade TensorRT or set engine.roi_align: builtin"
     )
+
+
+def unsupported_reason(backend, numpy_version: str = np.__version__) -> str | None:
+    """Why `engine.roi_align: plugin` cannot build with `backend` (trtflow.backend.Backend) and this NumPy,
+    naming both versions and the fix; None where it can."""
+    try:
+        flavour = plugin_flavour(backend.name, backend.version)
+    except PluginUnavailableError as error:
+        return str(error)
+    if not backend.capabilities.cumulative_layer:
+        return (f"TensorRT {backend.version} has no INetworkDefinition.add_cumulative (TensorRT >= 10.8), which gives "
+                "each RoI its image index for the plugin: upgrade TensorRT to 10.8 or later, or set "
+                "engine.roi_align: builtin")
+    if (flavour == "aot" and _release(backend.version) < PLUGIN_NUMPY_FIXED_VERSION
+            and _release(numpy_version) >= NUMPY_REFUSING_ARRAY_INT):
+        return (f"TensorRT {backend.version}'s tensorrt.plugin cannot create plugins under NumPy {numpy_version} "
+                "(it converts each int attribute with int() of a 1-element array, which NumPy 2.4 refuses; "
+                'TensorRT 11.2 fixed it): pip install "numpy<2.4", or upgrade TensorRT to 11.2 or later, or set '
+                "engine.roi_align: builtin")
+    return None
+
+
+def tensorrt_plugin(trt: ModuleType) -> ModuleType:
+    """TensorRT's `tensorrt.plugin` package. PyPI's `tensorrt` frontend ships it from 10.14; up to 10.13
+    it exists only inside the bindings wheel, as `tensorrt_bindings.plugin`."""
+    try:
+        return importlib.import_module(f"{trt.__name__}.plugin")
+    except ModuleNotFoundError as error:
+        if error.name != f"{trt.__name__}.plugin":
+            raise
+        return importlib.import_module("tensorrt_bindings.plugin")
+
+
+def _release(version: str) -> tuple[int, int]:
+    return tuple(int(part) for part in version.split(".")[:2])
 
 
 def kernel_name(num_levels: int, dtype: str, layout: str) -> str:
@@ -106,6 +156,9 @@ def kernel_scalar_args(num_rois, batch, channels, stride, sizes: Sequence[tuple]
 
 def register_multilevel_roi_align(backend, library: Path, ptx: Path) -> None:
     """Register the plugin for every level count with `backend` (trtflow.backend.Backend)."""
+    reason = unsupported_reason(backend)
+    if reason:
+        raise PluginUnavailableError(reason)
     flavour = plugin_flavour(backend.name, backend.version)
     library = Path(library)
     load_library(library)  # a missing or stale library fails here, not inside TensorRT
@@ -140,13 +193,12 @@ def add_multilevel_roi_align(backend, network, features: Sequence, rois, spec: R
     attrs = dict(zip(ATTRIBUTES, spec.c_args()))
     trt = backend.trt
     if flavour == "aot":
-        import tensorrt.plugin as trtp
-
-        op = getattr(getattr(trtp.op, NAMESPACE), decorator_plugin_name(spec.num_levels))
+        op = getattr(getattr(tensorrt_plugin(trt).op, NAMESPACE), decorator_plugin_name(spec.num_levels))
         layer = network.add_plugin(op(*features, rois, **attrs), aot=True)
     else:
         creator = trt.get_plugin_registry().get_creator(PLUGIN_NAME, PLUGIN_VERSION, NAMESPACE)
-        plugin = creator.create_plugin(PLUGIN_NAME, _plugin_fields(trt, attrs), trt.TensorRTPhase.BUILD)
+        fields = _PluginFields(trt, attrs)  # alive until the plugin has read them
+        plugin = creator.create_plugin(PLUGIN_NAME, fields.collection, trt.TensorRTPhase.BUILD)
         layer = network.add_plugin_v3([*features, rois], [], plugin)
     layer.name = f"{PLUGIN_NAME}_{spec.num_levels}l"
     return layer.get_output(0)
@@ -161,7 +213,7 @@ def _register_decorator_plugin(trt, library: Path, ptx_text: str, num_levels: in
     tensorrt.plugin reads the plugin's inputs and attributes from the decorated functions'
     signatures (inspect.signature), so the signatures are built for this level count.
     """
-    import tensorrt.plugin as trtp
+    trtp = tensorrt_plugin(trt)
 
     plugin_id = f"{NAMESPACE}::{decorator_plugin_name(num_levels)}"
     positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
@@ -244,16 +296,21 @@ def _register_decorator_plugin(trt, library: Path, ptx_text: str, num_levels: in
     trtp.aot_impl(plugin_id)(compiled)
 
 
-# -- TensorRT 10.0 - 10.8: class-based IPluginV3 -----------------------------------------------
+# -- TensorRT 10.8: class-based IPluginV3 ------------------------------------------------------
 
 
-def _plugin_fields(trt, attrs: dict):
-    import numpy as np
+class _PluginFields:
+    """The plugin's attributes as a PluginFieldCollection, with the int32 arrays it points at.
 
-    return trt.PluginFieldCollection(
-        [trt.PluginField(name, np.array([attrs[name]], dtype=np.int32), trt.PluginFieldType.INT32)
-         for name in ATTRIBUTES]
-    )
+    A PluginField keeps only a pointer to its array's memory, not the array: TensorRT reads freed
+    memory unless the arrays outlive its reads. Keep this object (not only `.collection`) alive.
+    """
+
+    def __init__(self, trt, attrs: dict):
+        self.arrays = {name: np.array([attrs[name]], dtype=np.int32) for name in ATTRIBUTES}
+        self.collection = trt.PluginFieldCollection(
+            [trt.PluginField(name, self.arrays[name], trt.PluginFieldType.INT32) for name in ATTRIBUTES]
+        )
 
 
 def _plugin_v3_classes(trt):
@@ -272,6 +329,7 @@ def _plugin_v3_classes(trt):
             self.plugin_version = PLUGIN_VERSION
             self.library = library
             self.attrs = dict(attrs)
+            self.fields = _PluginFields(trt, self.attrs)  # what get_fields_to_serialize hands TensorRT
 
         def get_capability_interface(self, type):
             return self
@@ -324,7 +382,7 @@ def _plugin_v3_classes(trt):
             return self.clone()
 
         def get_fields_to_serialize(self):
-            return _plugin_fields(trt, self.attrs)
+            return self.fields.collection
 
         def clone(self):
             return MultiLevelRoIAlignPlugin(self.library, self.attrs)
@@ -336,7 +394,8 @@ def _plugin_v3_classes(trt):
             self.plugin_namespace = NAMESPACE
             self.plugin_version = PLUGIN_VERSION
             self.library = library
-            self.field_names = _plugin_fields(trt, dict.fromkeys(ATTRIBUTES, 0))
+            self.fields = _PluginFields(trt, dict.fromkeys(ATTRIBUTES, 0))
+            self.field_names = self.fields.collection
 
         def create_plugin(self, name, fc, phase):
             attrs = {field.name: int(field.data[0]) for field in fc}

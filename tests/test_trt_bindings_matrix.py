@@ -1,0 +1,165 @@
+"""Full TensorRT 10.0 - 11.4: our TensorRT code against each version's real Python bindings.
+
+Each version runs in its own interpreter (tests/trt_bindings.py) on the PyPI bindings wheel and the
+`tensorrt` frontend as PyPI lays it out, over a *library shim* that answers libnvinfer's C entry points
+with NULL. So the classes, enums, signatures, pybind trampolines and all of `tensorrt.plugin` are
+TensorRT's own; nothing is built or run, and the plugin registry is a stand-in dict. What these tests
+prove: capability detection, plugin registration and creation, autotune combinations, aot_impl kernel
+names / PTX / argument counts, IPluginV3 fields and formats, the calibrator class, and the config
+check, each on the real binding layer of every version. What they do not prove: that TensorRT builds
+or runs anything (launch-parameter values, shape inference, timing caches and inspector output come
+from the native library and are not exercised here).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import trt_bindings
+from trtflow.backend.roi_align_plugin import ATTRIBUTES, kernel_name
+from trtflow.plugins import RoIAlignSpec
+
+LEVELS = 4  # the probe's level count (tests/trt_bindings_probe.py)
+ATTRS = dict(zip(ATTRIBUTES, RoIAlignSpec(output_size=(7, 5), sampling_ratio=2, num_levels=LEVELS).c_args()))
+
+
+def release(version: str) -> tuple[int, int]:
+    return tuple(int(part) for part in version.split(".")[:2])
+
+
+AOT_VERSIONS = [v for v in trt_bindings.VERSIONS if release(v) >= (10, 9)]
+RUNS = [(v, False) for v in trt_bindings.VERSIONS] + [(v, True) for v in AOT_VERSIONS]
+run_ids = [f"{v}-numpy<2.4" if old else v for v, old in RUNS]
+
+
+@pytest.fixture(scope="module")
+def reports():
+    try:
+        return trt_bindings.probe_all(RUNS)
+    except trt_bindings.Unavailable as error:
+        pytest.skip(f"TensorRT bindings matrix: {error}")
+
+
+def value(report: dict, key: str):
+    entry = report[key]
+    assert "error" not in entry, f"{key}: {entry['error']}"
+    return entry["value"]
+
+
+@pytest.mark.parametrize("version", trt_bindings.VERSIONS)
+def test_capabilities_follow_each_versions_bindings(reports, version):
+    report = reports[(version, False)]
+    assert report["version"] == version and report["module"].endswith("site/tensorrt/__init__.py")
+    facts, backend = report["bindings"], value(report, "backend")
+    assert facts["add_cumulative"] == (release(version) >= (10, 8))  # the binding itself: 10.7 lacks it
+    assert facts["entropy_calibrator2"] == facts["builder_flag_int8"] == (release(version) < (11, 0))
+    assert facts["add_plugin_v3"] and facts["add_nms"] and facts["timing_cache_combine"] and facts["inspector_json"]
+    assert facts["set_timing_cache_ignore_mismatch"]  # Backend.load_timing_cache passes it by keyword
+    assert facts["strongly_typed_flag"] and facts["progress_monitor"]
+    if release(version) >= (10, 9):
+        assert facts["add_plugin_aot"]
+    assert backend["name"] == "tensorrt" and backend["version"] == version
+    assert backend["capabilities"] == {
+        "python_plugins": True, "cumulative_layer": release(version) >= (10, 8),
+        "plugin_aot": release(version) >= (10, 9), "nms_layer": True, "int8_kernels": True,
+        "implicit_calibrator": release(version) < (11, 0), "timing_cache": True, "compute_capability_targets": False,
+    }
+    assert backend["flavour"] == {"value": "aot" if release(version) >= (10, 9) else "ipluginv3"}
+
+
+@pytest.mark.parametrize(("version", "old_numpy"), RUNS, ids=run_ids)
+def test_roi_align_plugin_is_refused_exactly_where_tensorrt_cannot_take_it(reports, version, old_numpy):
+    """Findings 1 and 2: before 10.8 no add_cumulative; 10.9 - 11.1 under NumPy >= 2.4 TensorRT's own
+    create_plugin raises. The config check refuses those, naming both versions and the fix, and only those."""
+    report = reports[(version, old_numpy)]
+    backend = value(report, "backend")
+    refused, config_check = backend["roi_align_plugin_refused"], backend["config_check"]
+    numpy_major_minor = release(backend["numpy"])
+    created = value(report, "decorator")["create_plugin"] if report["decorator"] else None
+    if release(version) < (10, 8):
+        assert refused.startswith(f"TensorRT {version} has no INetworkDefinition.add_cumulative")
+        assert "10.8" in refused and "engine.roi_align: builtin" in refused
+    elif created not in (None, "ok"):
+        assert created == "TypeError: only 0-dimensional arrays can be converted to Python scalars"
+        assert numpy_major_minor >= (2, 4) and release(version) < (11, 2)
+        assert f"TensorRT {version}" in refused and f"NumPy {backend['numpy']}" in refused
+        assert 'pip install "numpy<2.4"' in refused and "engine.roi_align: builtin" in refused
+    else:
+        assert refused is None
+        if release(version) < (11, 2) and release(version) >= (10, 9):
+            assert numpy_major_minor < (2, 4)  # the fix the refusal names, shown to work
+    assert config_check == ([f"engine.roi_align: plugin -- {refused}"] if refused else [])
+
+
+@pytest.mark.parametrize("version", trt_bindings.VERSIONS)
+def test_tensorrt_plugin_imports_from_both_pypi_layouts(reports, version):
+    """Finding 3: up to 10.13 PyPI's `tensorrt` has no `plugin` subpackage; ours falls back to tensorrt_bindings."""
+    report = reports[(version, False)]
+    if version == "10.0.1":  # the bindings have no plugin package at all; the 10.8 IPluginV3 path needs none
+        assert "No module named 'tensorrt_bindings.plugin'" in report["plugin_import"]["error"]
+        return
+    imported = value(report, "plugin_import")
+    if release(version) >= (10, 14):
+        assert imported == {"import tensorrt.plugin": "ok", "ours": "tensorrt.plugin"}
+    else:
+        assert imported == {"import tensorrt.plugin": "ModuleNotFoundError: No module named 'tensorrt.plugin'",
+                            "ours": "tensorrt_bindings.plugin"}
+
+
+@pytest.mark.parametrize(("version", "old_numpy"), [r for r in RUNS if r[0] in AOT_VERSIONS],
+                         ids=[i for r, i in zip(RUNS, run_ids) if r[0] in AOT_VERSIONS])
+def test_decorator_plugin_registration_and_autotune_through_tensorrt_plugin(reports, version, old_numpy):
+    decorator = value(reports[(version, old_numpy)], "decorator")
+    assert decorator["registered"] == [f"trtflow::multilevel_roi_align_{n}l" for n in range(1, 6)]
+    assert decorator["input_attrs"] == dict.fromkeys(ATTRIBUTES, "int")
+    assert decorator["aot_impl"] and decorator["impl"] and decorator["creator_registered"]
+    maps = lambda dtype, layout: [[dtype] * LEVELS + ["FLOAT", dtype], [layout] * LEVELS + ["LINEAR", "LINEAR"]]
+    assert decorator["autotune"] == sorted([maps("FLOAT", "HWC"), maps("FLOAT", "LINEAR"), maps("HALF", "HWC8"),
+                                            maps("HALF", "LINEAR")])
+
+
+@pytest.mark.parametrize("version", AOT_VERSIONS)
+def test_aot_impl_kernel_names_ptx_and_arguments_through_tensorrt(reports, version):
+    """Under NumPy < 2.4 every decorator version creates the plugin; TensorRT's get_launch_params and
+    get_kernel then take our aot_impl's kernel, PTX and scalar arguments (values stay symbolic here)."""
+    decorator = value(reports[(version, True)], "decorator")
+    assert decorator["create_plugin"] == "ok" and decorator["plugin_class"] == "_TemplateAOTPlugin"
+    assert decorator["attrs"] == ATTRS and decorator["output_types"] == ["HALF"]
+    expected = {"HALF/LINEAR": ("float16", "nchw"), "FLOAT/LINEAR": ("float32", "nchw"),
+                "FLOAT/HWC": ("float32", "nhwc"), "HALF/HWC8": ("float16", "nhwc8")}
+    for combination, (dtype, layout) in expected.items():
+        kernel = decorator["kernels"][combination]
+        assert kernel["kernel"] == kernel_name(LEVELS, dtype, layout) and kernel["ptx_is_ours"]
+        assert kernel["scalar_args"] == 4 + 2 * LEVELS + len(ATTRIBUTES)  # rois, batch, C, stride, (h, w)s, spec
+        assert kernel["launch"] == ["block_x", "block_y", "block_z", "grid_x", "grid_y", "grid_z", "shared_mem"]
+
+
+@pytest.mark.parametrize("version", [v for v in trt_bindings.VERSIONS if (10, 8) <= release(v) < (10, 9)])
+def test_ipluginv3_fields_survive_serialisation_and_formats(reports, version):
+    """Finding 5: the fields TensorRT reads back after get_fields_to_serialize hold our values, not freed memory."""
+    plugin = value(reports[(version, False)], "ipluginv3")
+    assert plugin["creator_fields"] == list(ATTRIBUTES)
+    assert plugin["attrs"] == plugin["round_trip"] == plugin["clone"] == ATTRS
+    assert plugin["output_types"] == ["HALF"]
+    maps = ["FLOAT/LINEAR", "FLOAT/HWC", "HALF/LINEAR", "HALF/HWC8"]
+    rest = lambda first, out: {str(p): [first] for p in range(1, LEVELS)} | {str(LEVELS): ["FLOAT/LINEAR"],
+                                                                            str(LEVELS + 1): [out]}
+    assert plugin["formats"] == {"HALF/HWC8": {"0": maps} | rest("HALF/HWC8", "HALF/LINEAR"),
+                                 "FLOAT/LINEAR": {"0": maps} | rest("FLOAT/LINEAR", "FLOAT/LINEAR")}
+
+
+@pytest.mark.parametrize("version", trt_bindings.VERSIONS)
+def test_implicit_int8_calibrator_serves_our_table(reports, version):
+    report = reports[(version, False)]
+    if release(version) >= (11, 0):
+        assert report["calibrator"] is None  # TensorRT 11 removed IInt8EntropyCalibrator2
+        return
+    assert value(report, "calibrator") == {"cache": "TRT-100-EntropyCalibration2\nimages: 3c010a14\n",
+                                           "batch_size": 2, "batch": None, "algorithm": "ENTROPY_CALIBRATION_2",
+                                           "is_calibrator": True}
+
+
+@pytest.mark.parametrize("version", trt_bindings.VERSIONS)
+def test_inspector_precisions_read_each_major_versions_keys(reports, version):
+    """Finding 4: TensorRT 11 spells the key "Datatype" (10.x "Format/Datatype"); both read as HALF, not UNKNOWN."""
+    assert value(reports[(version, False)], "inspector") == {"HALF": 1}
