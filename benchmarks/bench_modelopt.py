@@ -1,13 +1,14 @@
 """ModelOpt vs trtflow Q/DQ placement (issue 16, item 7) on the same ONNX, images and calibration method.
 
-For each model and method, two quantizers each run in a fresh subprocess (so the peak RSS is their own):
+For each model and method, rule `calibrate`'s code (`trtflow.calibrate.calibrate_features`, with config.yaml's
+`calibration:`) runs twice, each time in a fresh subprocess (so the peak memory is its own), on the same
+features ONNX and the same seeded calibration subset decoded and preprocessed by the same code:
 
-- trtflow: `trtflow.calibrate.calibrate_features`, exactly what rule `calibrate` runs (streamed histograms ->
-  thresholds -> `trtflow.qdq` insertion), with config.yaml's `calibration:` and the method set;
-- modelopt: `modelopt.onnx.quantization.quantize(quantize_mode="int8", calibration_eps=["cpu"])`, fed the same
-  calibration images (the same seeded subset, decoded and preprocessed by `trtflow.calibrate.image_batches`)
-  as one numpy array. `high_precision_dtype="fp32"` keeps the unquantized ops float32, as ours does
-  (ModelOpt's default, fp16, would change two things at once).
+- trtflow: `calibration.qdq_placement: trtflow`, streamed histograms -> thresholds -> `trtflow.qdq` insertion;
+- modelopt: `calibration.qdq_placement: modelopt`, `trtflow.modelopt_qdq.quantize_features`: the images as one
+  numpy array into `modelopt.onnx.quantization.quantize(quantize_mode="int8", calibration_eps=["cpu"],
+  high_precision_dtype="fp32")` (fp32 keeps the unquantized ops float32, as ours does; ModelOpt's default,
+  fp16, would change two things at once).
 
 Methods: `entropy` (ours: TensorRT's EntropyCalibration2 on 2048-bin histograms; ModelOpt: onnxruntime's
 Entropy calibrator), `max` (ours: minmax; ModelOpt: max). ModelOpt offers no percentile method; ours
@@ -18,7 +19,7 @@ a dequantized tensor; a TensorRT-RTX int8 plan built by `trtflow.engine.build_en
 the demo, features only for the random-weights model); and
 - demo detector (results/ from `snakemake results/calib/accuracy.json`): simulated-INT8 COCO mAP through the
   deployment head, `trtflow.calibrate.simulated_accuracy` as rule `calibration_accuracy` runs it;
-- random-weights torchvision `--arch` at `--size` (exported by `trtflow.export.export_features`, num_classes 5):
+- random-weights torchvision architectures (`--models`) at `--size` (exported by `trtflow.export.export_features`, num_classes 5):
   mAP means nothing, so ONNX Runtime agreement of the Q/DQ graph with the float graph on `--agreement-images`
   val images (per output max |error| / max |float|, the worst output and the median over outputs).
 
@@ -34,7 +35,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -46,15 +46,16 @@ import onnx
 import yaml
 from snakemake.utils import validate
 
+from trtflow.artifacts import installed_versions
 from trtflow.calibrate import image_batches, select_calibration_images
 from trtflow.config import SCHEMA
+from trtflow.modelopt_qdq import METHODS as MODELOPT_METHODS
 
 RESULTS = Path("results")
 CALIB_JSON = RESULTS / "data/calib.json"
 VAL_JSON = RESULTS / "data/val.json"
-# ours: the `calibration.algorithm` of each method; modelopt: its `calibration_method`
-METHODS = {"entropy": ("entropy", "entropy"), "max": ("minmax", "max"), "percentile": ("percentile", None)}
-TRTFLOW_KEYS = ("trtflow.checkpoint_sha256", "trtflow.arch", "trtflow.software")
+# method -> config calibration.algorithm (trtflow.modelopt_qdq.METHODS maps it to ModelOpt's calibration_method)
+METHODS = {"entropy": "entropy", "max": "minmax", "percentile": "percentile"}
 
 
 def pipeline_config() -> dict:
@@ -87,51 +88,27 @@ def export_random_model(config: dict, arch: str, size: int, path: Path) -> None:
                     metadata={"trtflow.checkpoint_sha256": f"random-init-{arch}-seed0", "trtflow.arch": arch})
 
 
-def calibration_array(config: dict, preprocess: dict) -> np.ndarray:
-    """The calibration images rule `calibrate` uses, preprocessed the same way, as one (N, 3, H, W) array."""
-    calibration = config["calibration"]
-    paths = select_calibration_images(CALIB_JSON, calibration["num_images"], calibration["seed"])
-    return np.concatenate(list(image_batches(paths, calibration["batch_size"], preprocess)))
+def child(args) -> dict:
+    """One quantization in this (fresh) process, rule `calibrate`'s code with the given placement and method.
 
-
-def run_trtflow(config: dict, source: Path, out: Path, method: str, preprocess: dict) -> None:
+    Time and peak memory cover all of it, image decoding included. Peak memory is VmHWM (this process image's
+    own high-water mark): getrusage's maxrss would carry over the parent's across fork + exec.
+    """
     from trtflow.calibrate import calibrate_features
 
-    calibration = {**config["calibration"], "algorithm": METHODS[method][0]}
-    calibrate_features(source, CALIB_JSON, table_path=out.with_suffix(".table"),
-                       ranges_path=out.with_suffix(".ranges.json"), qdq_path=out, calibration=calibration,
-                       preprocess=preprocess)
-
-
-def run_modelopt(config: dict, source: Path, out: Path, method: str, preprocess: dict) -> None:
-    try:
-        from modelopt.onnx.quantization import quantize
-    except ImportError as error:
-        sys.exit(f"bench_modelopt.py: cannot import modelopt.onnx.quantization ({error}); install ModelOpt as "
-                 "docs/BENCHMARKS.md ('ModelOpt vs trtflow Q/DQ placement') says")
-    quantize(onnx_path=str(source), quantize_mode="int8", calibration_data=calibration_array(config, preprocess),
-             calibration_method=METHODS[method][1], calibration_eps=["cpu"], high_precision_dtype="fp32",
-             output_path=str(out), log_level="WARNING")
-    # build_engine checks that features and head come from one checkpoint: carry trtflow's metadata over
-    model, original = onnx.load(str(out)), onnx.load(str(source))
-    present = {prop.key for prop in model.metadata_props}
-    for prop in original.metadata_props:
-        if prop.key in TRTFLOW_KEYS and prop.key not in present:
-            model.metadata_props.add(key=prop.key, value=prop.value)
-    onnx.save(model, str(out))
-
-
-def child(args) -> dict:
-    """One quantization in this (fresh) process: wall time and peak RSS of all of it, image decoding included."""
     config = pipeline_config()
     preprocess = preprocess_settings(config, None if args.model == "demo" else args.size)
     out = args.workdir / args.model / f"{args.child}_{args.method}.qdq.onnx"
     out.parent.mkdir(parents=True, exist_ok=True)
+    calibration = {**config["calibration"], "algorithm": METHODS[args.method], "qdq_placement": args.child}
     start = time.perf_counter()
-    (run_trtflow if args.child == "trtflow" else run_modelopt)(config, model_onnx(args.workdir, args.model), out,
-                                                              args.method, preprocess)
-    return {"seconds": time.perf_counter() - start,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "qdq_onnx": str(out)}
+    calibrate_features(model_onnx(args.workdir, args.model), CALIB_JSON, table_path=out.with_suffix(".table"),
+                       ranges_path=out.with_suffix(".ranges.json"), qdq_path=out, calibration=calibration,
+                       preprocess=preprocess)
+    seconds = time.perf_counter() - start
+    status = Path("/proc/self/status").read_text()
+    peak_kib = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
+    return {"seconds": seconds, "peak_rss_mb": peak_kib / 1024, "qdq_onnx": str(out)}
 
 
 def measure(args, model: str, tool: str, method: str) -> dict:
@@ -216,7 +193,7 @@ def markdown(rows: list[dict]) -> str:
         readers = ", ".join(f"{op} {n}" for op, n in q["int8_activation_inputs_of"].items())
         plan = f"builds, {r['plan']['build_s']:.1f} s" if r["plan"]["builds"] else f"fails: {r['plan']['error'][:120]}"
         if "int8_sim_mAP" in r:
-            quality = f"{r['fp32_mAP']:.3f} → {r['int8_sim_mAP']:.3f} (Δ {r['delta'] * 100:+.1f} pts)"
+            quality = f"{r['fp32_mAP']:.3f} → {r['int8_sim_mAP']:.3f} ({-r['delta'] * 100:+.1f} pts)"
         else:
             quality = f"worst {r['max_rel_error_worst']:.3f} ({r['worst_output']}), median {r['max_rel_error_median']:.3f}"
         lines.append(f"| {r['model']} | {r['method']} | {r['tool']} | {q['QuantizeLinear']} / {q['DequantizeLinear']} "
@@ -253,7 +230,7 @@ def main() -> None:
         if model != "demo" and not source.exists():
             export_random_model(config, model, args.size, source)
         for method in args.methods:
-            for tool in ("trtflow", "modelopt") if METHODS[method][1] else ("trtflow",):
+            for tool in ("trtflow", "modelopt") if METHODS[method] in MODELOPT_METHODS else ("trtflow",):
                 row = {"model": model, "method": method, "tool": tool, **measure(args, model, tool, method)}
                 if "error" not in row:
                     qdq = Path(row["qdq_onnx"])
@@ -264,14 +241,10 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
 
-    import modelopt
-    import onnxruntime
-    import tensorrt_rtx
-
     summary = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                "cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-               "modelopt": modelopt.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-               "tensorrt_rtx": tensorrt_rtx.__version__, "size": args.size, "rows": rows}
+               "software": installed_versions(("nvidia_modelopt", "onnx", "tensorrt_rtx", "torch")),
+               "size": args.size, "rows": rows}
     (args.workdir / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(markdown(rows))
 
