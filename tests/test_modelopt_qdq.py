@@ -43,6 +43,8 @@ def int8_weight_readers(model: onnx.ModelProto) -> set[str]:
 def test_stage_with_modelopt_placement(tmp_path, modelopt):
     features = resnet_like_model()
     features.metadata_props.add(key="trtflow.checkpoint_sha256", value="0123abcd")
+    # a graph output that a conv also reads, like the FPN maps the head reads: ModelOpt renames it when it quantizes it
+    features.graph.output.append(onnx.helper.make_tensor_value_info("o2", onnx.TensorProto.FLOAT, (1, 16, 16, 16)))
     onnx.save(features, str(tmp_path / "features.onnx"))
     images = write_images(tmp_path / "images", 8)
     out = tmp_path / "out"
@@ -55,18 +57,20 @@ def test_stage_with_modelopt_placement(tmp_path, modelopt):
     assert ops["QuantizeLinear"] == ops["DequantizeLinear"] > len(CONVS)
     assert int8_weight_readers(qdq) == CONVS  # and the Gemm on a 1x16 vector stays float (its GEMV rule)
     # ranges.json and int8calib.table carry exactly the activation scales of the Q/DQ graph
-    amax = activation_amax(qdq, "test")
+    amax = activation_amax(qdq, features, "test")
     table = read_calibration_table(out / "int8calib.table")
     assert document["qdq_placement"] == "modelopt" and document["num_images"] == 8
     assert list(document["tensors"]) == list(table.scales) == list(amax)
-    assert "images" in amax and table.algorithm == "MinMaxCalibration"
+    assert {"images", "o2"} <= set(amax) and table.algorithm == "MinMaxCalibration"
+    # every name is a tensor of the unquantized graph, with the scale of its QuantizeLinear in the Q/DQ graph
     initializers = {t.name: numpy_helper.to_array(t) for t in qdq.graph.initializer}
-    for node in qdq.graph.node:
-        if node.op_type == "QuantizeLinear" and node.input[0] in amax:
-            assert table.scales[node.input[0]] == float(initializers[node.input[1]])
+    scales = sorted(float(initializers[n.input[1]]) for n in qdq.graph.node
+                    if n.op_type == "QuantizeLinear" and n.input[0] not in initializers)
+    assert set(amax) <= {name for node in features.graph.node for name in node.output} | {"images"}
+    assert sorted(table.scales.values()) == scales
     # on a calibration image, the simulated quantization stays close to float in ONNX Runtime
     image = next(image_batches(sorted(images.iterdir())[:1], 1, PREPROCESS))
-    reference, simulated = OnnxSession(resnet_like_model())(image), OnnxSession(qdq)(image)
+    reference, simulated = OnnxSession(features)(image), OnnxSession(qdq)(image)
     for name, expected in reference.items():
         error = np.abs(simulated[name] - expected).max() / np.abs(expected).max()
         assert 1e-4 < error < 0.05, name  # measured: logits 0.005, p 0.022

@@ -40,13 +40,17 @@ def modelopt_method(algorithm: str) -> str:
     return METHODS[algorithm]
 
 
-def activation_amax(model: onnx.ModelProto, source: str | Path) -> dict[str, float]:
-    """amax (scale x 127) of each activation a QuantizeLinear of `model` quantizes, by tensor name.
+def activation_amax(model: onnx.ModelProto, source: onnx.ModelProto, source_path: str | Path) -> dict[str, float]:
+    """amax (scale x 127) of each activation a QuantizeLinear of `model` quantizes, by its name in `source`.
 
-    Weight QuantizeLinears (their input is an initializer) are skipped; an activation must be quantized
-    per tensor and symmetrically (zero point 0), which is what a TensorRT calibration table can hold.
+    Weight QuantizeLinears (their input is an initializer) are skipped. Where ModelOpt quantizes a graph
+    output, it renames the tensor to `<name>_QuantizeLinear_Input` and gives the name to the DequantizeLinear
+    output; the table takes the source name, so that it also fits the unquantized graph (int8_mode: implicit).
+    An activation must be quantized per tensor and symmetrically (zero point 0), as a TensorRT table holds it.
     """
     initializers = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    source_names = {name for node in source.graph.node for name in node.output} | {i.name for i in source.graph.input}
+    dequantized = {node.input[0]: node.output[0] for node in model.graph.node if node.op_type == "DequantizeLinear"}
     amax = {}
     for node in model.graph.node:
         if node.op_type != "QuantizeLinear" or node.input[0] in initializers:
@@ -54,10 +58,13 @@ def activation_amax(model: onnx.ModelProto, source: str | Path) -> dict[str, flo
         scale = initializers.get(node.input[1])
         zero_point = initializers.get(node.input[2]) if len(node.input) > 2 else np.zeros(1)
         if scale is None or scale.size != 1 or zero_point is None or np.any(zero_point != 0):
-            raise ValueError(f"{source}: QuantizeLinear {node.name} of {node.input[0]} is not per-tensor symmetric "
-                             "with constant scales, so no calibration table can describe it; use "
-                             "calibration.qdq_placement: trtflow")
-        amax[node.input[0]] = float(np.float32(scale.item()) * np.float32(INT8_MAX))
+            raise ValueError(f"{source_path}: ModelOpt's QuantizeLinear {node.name} of {node.input[0]} is not "
+                             "per-tensor symmetric with constant scales, so no calibration table can describe it; "
+                             "use calibration.qdq_placement: trtflow")
+        name = node.input[0]
+        if name not in source_names and dequantized.get(node.output[0]) in source_names:
+            name = dequantized[node.output[0]]
+        amax[name] = float(np.float32(scale.item()) * np.float32(INT8_MAX))
     return amax
 
 
@@ -85,7 +92,7 @@ def quantize_features(features_onnx: str | Path, images: np.ndarray, qdq_path: s
     # ModelOpt drops metadata_props; the engine stage matches features and head by trtflow.checkpoint_sha256
     del quantized.metadata_props[:]
     quantized.metadata_props.extend(model.metadata_props)
-    amax = activation_amax(quantized, features_onnx)
+    amax = activation_amax(quantized, model, features_onnx)
     if not amax:
         raise ValueError(f"ModelOpt quantized no activation of {features_onnx}: check calibration.keep_float")
     save_onnx(quantized, qdq_path)
