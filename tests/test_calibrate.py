@@ -226,7 +226,8 @@ def test_stage_outputs_are_deterministic(tmp_path, features_onnx):
     assert sorted(path.name for path in first.iterdir()) == ["features.qdq.onnx", "int8calib.table", "ranges.json"]
     ranges = json.loads((first / "ranges.json").read_text())
     assert ranges == document
-    assert set(ranges) == {"algorithm", "num_images", "images_sha256", "tensors", "software"}
+    assert set(ranges) == {"algorithm", "qdq_placement", "num_images", "images_sha256", "tensors", "software"}
+    assert ranges["qdq_placement"] == "trtflow"
     assert ranges["num_images"] == 5 and len(ranges["images_sha256"]) == 64
     table = read_calibration_table(first / "int8calib.table")
     assert table.algorithm == "EntropyCalibration2"

@@ -1,4 +1,5 @@
 import copy
+import importlib.util
 
 import pytest
 import yaml
@@ -25,6 +26,8 @@ def checked(mutate):
     (lambda c: c["postprocess"].update(iou_thresh=1.5), r"postprocess\.iou_thresh: 1\.5 is greater than the maximum of 1"),
     (lambda c: c["data"].update(surprise=True), r"data: Additional properties are not allowed \('surprise' was unexpected\)"),
     (lambda c: c["model"].update(num_classes=1), r"model\.num_classes: 1 is less than the minimum of 2"),
+    (lambda c: c["calibration"].update(qdq_placement="onnxruntime"),
+     r"calibration\.qdq_placement: 'onnxruntime' is not one of \['trtflow', 'modelopt'\]"),
 ])
 def test_schema_rejects_bad_values_naming_the_key(mutate, message):
     with pytest.raises(ConfigError, match=message):
@@ -45,6 +48,18 @@ def test_schema_rejects_bad_values_naming_the_key(mutate, message):
 def test_missing_files_are_named_before_any_job(mutate, message):
     with pytest.raises(ConfigError, match=message):
         checked(mutate)
+
+
+def test_modelopt_placement_needs_its_methods_and_the_package(monkeypatch):
+    with pytest.raises(ConfigError, match=r"calibration\.algorithm: percentile is not offered by ModelOpt "
+                                          r"\(calibration\.qdq_placement: modelopt\); set calibration\.algorithm to "
+                                          r"entropy or minmax"):
+        checked(lambda c: c["calibration"].update(qdq_placement="modelopt", algorithm="percentile"))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "modelopt" else find_spec(name, *rest))
+    with pytest.raises(ConfigError, match=r"calibration\.qdq_placement: modelopt needs NVIDIA ModelOpt, which is not "
+                                          r"installed; run pip install -e \"\.\[modelopt\]\""):
+        checked(lambda c: c["calibration"].update(qdq_placement="modelopt", algorithm="entropy"))
 
 
 def test_defaults_are_filled_in():

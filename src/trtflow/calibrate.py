@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 
 from trtflow.artifacts import files_sha256, software_versions, write_json, write_text
+from trtflow.modelopt_qdq import quantize_features
 from trtflow.qdq import KeepFloat, insert_qdq, quantization_plan, save_onnx, shared_amax, symmetric_scale
 
 log = logging.getLogger(__name__)
@@ -320,10 +321,11 @@ def calibration_table(amax: Mapping[str, float], algorithm: str, version: str) -
 
 
 def ranges_document(amax: Mapping[str, float], table: CalibrationTable, algorithm: str, num_images: int,
-                    images_sha256: str) -> dict:
+                    images_sha256: str, qdq_placement: str = "trtflow") -> dict:
     """ranges.json: per tensor the calibrated amax (float32) and the table's scale, plus what produced them."""
     return {
         "algorithm": algorithm,
+        "qdq_placement": qdq_placement,
         "num_images": num_images,
         "images_sha256": images_sha256,
         "tensors": {name: {"amax": float(np.float32(amax[name])), "scale": scale} for name, scale in table.scales.items()},
@@ -372,20 +374,28 @@ def calibrate_features(features_onnx: str | Path, images: str | Path, *, table_p
     Returns the ranges document.
     """
     paths = select_calibration_images(images, calibration["num_images"], calibration["seed"])
-    log.info("calibrating %s on %d images from %s (%s)", features_onnx, len(paths), images, calibration["algorithm"])
-    model = onnx.load(str(features_onnx))
-    plan = quantization_plan(model, KeepFloat.from_config(calibration.get("keep_float")))
-    statistics = collect_histograms(model, image_batches(paths, calibration["batch_size"], preprocess),
-                                    plan.activation_names, total_images=len(paths), threads=threads,
-                                    source=features_onnx)
-    # one amax per Concat group, so the table, ranges.json and the Q/DQ graph carry the same scales
-    amax = shared_amax(plan, compute_amax(statistics.histograms, calibration["algorithm"], calibration["percentile"]))
+    placement = calibration.get("qdq_placement", "trtflow")
+    log.info("calibrating %s on %d images from %s (%s, Q/DQ placement: %s)", features_onnx, len(paths), images,
+             calibration["algorithm"], placement)
+    keep_float = KeepFloat.from_config(calibration.get("keep_float"))
+    batches = image_batches(paths, calibration["batch_size"], preprocess)
+    if placement == "modelopt":
+        amax = quantize_features(features_onnx, np.concatenate(list(batches)), qdq_path,
+                                 algorithm=calibration["algorithm"], keep_float=keep_float)
+    else:
+        model = onnx.load(str(features_onnx))
+        plan = quantization_plan(model, keep_float)
+        statistics = collect_histograms(model, batches, plan.activation_names, total_images=len(paths),
+                                        threads=threads, source=features_onnx)
+        # one amax per Concat group, so the table, ranges.json and the Q/DQ graph carry the same scales
+        amax = shared_amax(plan, compute_amax(statistics.histograms, calibration["algorithm"],
+                                              calibration["percentile"]))
+        save_onnx(insert_qdq(model, plan, amax), qdq_path)
     empty = [name for name, value in amax.items() if value <= 0]
     if empty:
         log.warning("%d tensors were all zero on the calibration set (scale 1): %s", len(empty), ", ".join(empty[:5]))
     table = calibration_table(amax, calibration["algorithm"], tensorrt_version_tag(calibration["tensorrt_version"]))
-    document = ranges_document(amax, table, calibration["algorithm"], statistics.num_images, files_sha256(*paths))
-    save_onnx(insert_qdq(model, plan, amax), qdq_path)
+    document = ranges_document(amax, table, calibration["algorithm"], len(paths), files_sha256(*paths), placement)
     write_calibration_table(table_path, table)
     write_text(ranges_path, json.dumps(document, indent=1) + "\n")
     log.info("wrote %s (%d tensors), %s, %s", table_path, len(table.scales), ranges_path, qdq_path)

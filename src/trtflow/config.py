@@ -1,12 +1,14 @@
 """config.yaml checks that run before any job: one clear line per problem, naming the key and the fix."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import yaml
 
 from trtflow.backend import BackendUnavailableError, load_backend
 from trtflow.backend.roi_align_plugin import unsupported_reason
+from trtflow.modelopt_qdq import missing_modelopt, modelopt_method
 
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow/schemas/config.schema.yaml"
 
@@ -97,6 +99,13 @@ def consistency_problems(config: dict) -> list[str]:
         problems.append(f"calibration.batch_size: {calibration['batch_size']} and calibration.num_images: "
                         f"{calibration['num_images']} must be multiples of the features ONNX's static batch "
                         f"onnx.batch_size: {onnx['batch_size']}; change them or set onnx.dynamic_batch: true")
+    if calibration["qdq_placement"] == "modelopt":
+        try:
+            modelopt_method(calibration["algorithm"])
+        except ValueError as error:
+            problems.append(str(error))
+        if importlib.util.find_spec("modelopt") is None:
+            problems.append(missing_modelopt("is not installed"))
     num_train = config["data"]["demo"]["num_train"]
     for name in ("", *(config.get("models") or {})):
         model = model_settings(config, name)

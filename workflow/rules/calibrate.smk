@@ -1,13 +1,14 @@
 # Stage `calibrate`: INT8 ranges of the features network over the calibration images, written as a
 # TensorRT calibration cache + ranges.json, and the explicit-quantization (Q/DQ) features ONNX.
 # results/data/calib.json is the calibration set whatever `calibration.images` names: rule `data` indexes it.
+from trtflow.artifacts import installed_versions
 
 
 rule calibrate:
     input:
         onnx=RESULTS / "{model}onnx/features.onnx",
         images=RESULTS / "data/calib.json",
-        code=library("calibrate", "qdq", "export", "data", "preprocess"),
+        code=library("calibrate", "qdq", "modelopt_qdq", "export", "data", "preprocess"),
     output:
         table=RESULTS / "{model}calib/int8calib.table",
         ranges=RESULTS / "{model}calib/ranges.json",
@@ -15,6 +16,8 @@ rule calibrate:
     params:
         calibration=config_section("calibration"),
         preprocess=preprocess_settings,
+        # a ModelOpt upgrade may place or calibrate differently: it reruns the stage (only when ModelOpt places)
+        modelopt=installed_versions(("nvidia_modelopt",)) if config["calibration"]["qdq_placement"] == "modelopt" else {},
     threads: 4
     conda:
         ENV
