@@ -3,11 +3,15 @@ import importlib.util
 import re
 from pathlib import Path
 
-from trtflow.config import model_settings
+from trtflow.config import locate, model_settings
+from trtflow.plugins import PluginBuildError, find_nvcc
 
+# What the workflow writes, relative to the working directory (--directory); what it reads of its own, from
+# WORKFLOW_DIR (the Snakefile's folder).
 RESULTS = Path("results")
 LOGS = Path("logs")
-SRC = Path("src/trtflow")
+SRC = WORKFLOW_DIR / "src/trtflow"
+PLUGIN_SOURCES = WORKFLOW_DIR / "plugins"
 # The software of every rule (relative to the rule files); documents what `make demo` installs.
 ENV = "../envs/trtflow.yaml"
 
@@ -72,12 +76,25 @@ def preprocess_settings(wildcards):
 def checkpoint_source(wildcards):
     """The checkpoint to validate (the configured file, or a fresh demo training of this model)."""
     source = model_config(wildcards)["checkpoint"]
-    return RESULTS / f"{wildcards.model}model/trained_demo.safetensors" if source == "train" else source
+    if source == "train":
+        return RESULTS / f"{wildcards.model}model/trained_demo.safetensors"
+    return locate(source, workflow_dir=WORKFLOW_DIR)  # the working directory's file, else the shipped one
+
+
+def nvcc_found() -> bool:
+    try:
+        find_nvcc(config["plugins"]["nvcc"])
+    except PluginBuildError:
+        return False
+    return True
 
 
 # Stage `engine`
 ENGINE = config["engine"]
 EXPLICIT_INT8 = ENGINE["int8_mode"] == "explicit"
+# The default target builds the plugin where the engines need it, or where nvcc is there to build it anyway
+# (the plugin's own checks); without nvcc and with roi_align: builtin, nothing asks for it.
+PLUGIN_WANTED = ENGINE["roi_align"] == "plugin" or nvcc_found()
 
 
 def engine_onnx(wildcards):

@@ -3,6 +3,9 @@
 # elsewhere the deployment-form reference (ONNX Runtime + the static head) does, and the JSONs say why.
 
 PRECISIONS = config["engine"]["precisions"]
+# bench.threads, else every core of a local run (--cores), so that no other job runs while bench times; a
+# cluster run gives no --cores: 1, or what its profile's set-threads says (bounded by the profile's max-threads)
+BENCH_THREADS = config["bench"]["threads"] or workflow.resource_settings.cores or 1
 # verify.parity_* belong to rule onnx_parity, and each precision reads only its own thresholds: editing
 # either must not rerun the others
 VERIFY = {
@@ -64,13 +67,12 @@ rule bench:
     wildcard_constraints:
         precision="fp32|fp16|int8",
     params:
-        bench=config_section("bench"),
+        # bench.threads is the job's size, not what it measures
+        bench={key: value for key, value in config_section("bench").items() if key != "threads"},
         model=model_params("arch", "num_classes", "input", "rpn", "box"),
         detector=detector_settings,
         preprocess=preprocess_settings,
-    # more than any machine has: Snakemake scales it down to --cores, so no other job runs while it times
-    # (cluster profiles: set-threads: bench=N)
-    threads: 1024
+    threads: BENCH_THREADS
     resources:
         gpu=1,
     conda:
