@@ -29,6 +29,7 @@ from trtflow.artifacts import software_versions, write_bytes, write_text
 from trtflow.backend import Backend, load_backend
 from trtflow.backend import precisions as layer_precisions
 from trtflow.qdq import is_quantized
+from trtflow.usage import plan_usage
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -468,8 +469,11 @@ def build_engine(
     *,
     backend: str | Backend = "auto",
     timing_cache: Path | None = None,
+    usage: dict | None = None,
 ) -> dict:
     """Build one plan from the sources; write plan + metadata atomically; return the metadata.
+
+    `usage` (preprocess, postprocess, categories) goes into the metadata for runtimes: see `trtflow.usage`.
 
     Everything is checked before TensorRT starts: options against the backend, files, the
     ONNX against the precision, and the ONNX and head weights against one checkpoint.
@@ -532,6 +536,7 @@ def build_engine(
             "plugin_library": file_record(sources.plugin_library),
         },
     }
+    metadata |= plan_usage(metadata, plan_path, usage)
     text = json.dumps(metadata, indent=2) + "\n"
     write_bytes(plan_path, plan)
     if metadata_path is not None:

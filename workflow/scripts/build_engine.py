@@ -16,4 +16,5 @@ with script_logging(snakemake):
         snakemake.output.metadata,
         backend=snakemake.params.backend,
         timing_cache=Path(snakemake.params.timing_cache),
+        usage=snakemake.params.usage,
     )
