@@ -21,6 +21,10 @@ if WORKFLOW_DIR.is_relative_to(Path.cwd().resolve()):
 configfile: "config.yaml"
 
 
+# `snakemake --report report.zip`: this description, then each rule's report() items with their captions
+report: "workflow/report/workflow.rst"
+
+
 # Schema (defaults filled in, unknown keys and bad values refused) and named paths, before any job runs.
 check_config(config, schema=WORKFLOW_DIR / "workflow/schemas/config.schema.yaml", workflow_dir=WORKFLOW_DIR)
 
@@ -49,3 +53,5 @@ rule all:
         RESULTS / "plugins/build.json" if PLUGIN_WANTED else [],
         expand(RESULTS / "{model}engine_{precision}.plan", model=MODEL_DIRS, precision=config["engine"]["precisions"]),
         expand(RESULTS / "{model}report.html", model=MODEL_DIRS),
+        # the plots and table of `snakemake --report` come with it (asked for, so that a run from before them adds them)
+        expand(RESULTS / "{model}report/summary.tsv", model=MODEL_DIRS),

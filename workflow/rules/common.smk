@@ -128,7 +128,18 @@ def verify_onnx(wildcards):
     return RESULTS / wildcards.model / ("onnx/features.qdq.onnx" if wildcards.precision == "int8" else "onnx/features.onnx")
 
 
-def report_labels(wildcards):
-    """`snakemake --report` labels of a verify / bench / report output: its precision, and its model where there are several."""
-    labels = {"precision": wildcards.precision} if "precision" in wildcards.keys() else {}
-    return ({"model": wildcards.model.rstrip("/")} if MODELS else {}) | labels or None
+def report_labels(**fixed):
+    """`snakemake --report` labels of an output: its model where there are several, its precision where it has
+    one, and `fixed` (e.g. figure="latency")."""
+
+    def labels(wildcards):
+        precision = {"precision": wildcards.precision} if "precision" in wildcards.keys() else {}
+        return ({"model": wildcards.model.rstrip("/")} if MODELS else {}) | precision | fixed or None
+
+    return labels
+
+
+def report_figure(name, category):
+    """A PNG of rule report, as a `snakemake --report` item with its caption (workflow/report/<name>.rst)."""
+    return report(RESULTS / f"{{model}}report/{name}.png", caption=f"../report/{name}.rst", category=category,
+                  labels=report_labels(figure=name))

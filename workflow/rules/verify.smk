@@ -30,7 +30,8 @@ rule verify:
             "postprocess", "metrics", "data",
         ),
     output:
-        result=report(RESULTS / "{model}verify/{precision}.json", category="verify", labels=report_labels),
+        result=report(RESULTS / "{model}verify/{precision}.json", caption="../report/verify.rst", category="verify",
+                      labels=report_labels()),
         detections=RESULTS / "{model}verify/{precision}_detections.json",
     wildcard_constraints:
         precision="fp32|fp16|int8",
@@ -63,7 +64,8 @@ rule bench:
             "bench", "executors", "runtime", "verify", "head", "weights", "export", "qdq", "model", "preprocess",
         ),
     output:
-        report(RESULTS / "{model}bench/{precision}.json", category="bench", labels=report_labels),
+        report(RESULTS / "{model}bench/{precision}.json", caption="../report/bench.rst", category="bench",
+               labels=report_labels()),
     wildcard_constraints:
         precision="fp32|fp16|int8",
     params:
@@ -101,7 +103,15 @@ rule report:
         bench=expand(RESULTS / "{model}bench/{precision}.json", precision=PRECISIONS, allow_missing=True),
         code=library("report", "verify", "data"),
     output:
-        report(RESULTS / "{model}report.html", category="report", labels=report_labels),
+        html=report(RESULTS / "{model}report.html", caption="../report/report_html.rst", category="report",
+                    labels=report_labels(page="report.html")),
+        summary=report(RESULTS / "{model}report/summary.tsv", caption="../report/summary.rst", category="verify",
+                       labels=report_labels(table="summary")),
+        latency=report_figure("latency", "bench"),
+        dscore=report_figure("dscore", "verify"),
+        examples=report_figure("examples", "verify"),
+        # calibration checks, shown where an int8 engine is built
+        **({"calibration": report_figure("calibration", "calibrate")} if "int8" in PRECISIONS else {}),
     params:
         precisions=PRECISIONS,
         report=config_section("report"),
