@@ -106,10 +106,10 @@ def test_report_writes_its_plots_and_summary_for_snakemake_report(stage_files, t
         assert picture is not None and min(picture.shape[:2]) >= 200 and picture.std() > 10, name
     rows = [line.split("\t") for line in (tmp_path / "summary.tsv").read_text().splitlines()]
     assert rows[0][:4] == ["precision", "verified", "passed", "executor"]
-    assert [row[:4] for row in rows[1:]] == [["fp32", "deployment-form", "True", "onnxruntime+static-head"],
-                                             ["int8", "deployment-form", "False", "onnxruntime+static-head"]]
+    assert [row[:5] for row in rows[1:]] == [["fp32", "deployment-form", "True", "onnxruntime+static-head", "1"],
+                                             ["int8", "deployment-form", "False", "onnxruntime+static-head", "0.8889"]]
     # the fastest timed executor per image, and why the engine did not run
-    assert rows[1][9:] == ["pytorch float32 bs 1", "14.0", "cannot run engine: no CUDA GPU is visible <here>"]
+    assert rows[1][9:] == ["pytorch float32 bs 1", "14", "cannot run engine: no CUDA GPU is visible <here>"]
 
 
 def test_an_empty_plot_is_written_as_a_note(stage_files, tmp_path):
