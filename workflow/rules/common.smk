@@ -1,4 +1,5 @@
-# Shared paths and helpers for every rule file.
+# Shared paths and helpers for every rule file. The Snakefile that includes it sets WORKFLOW_DIR: the folder of
+# the workflow's own files (src/, plugins/, models/).
 import importlib.util
 import re
 from pathlib import Path
