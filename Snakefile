@@ -1,17 +1,32 @@
 # trtflow: PyTorch Faster R-CNN -> verified TensorRT engines.
 # Every artifact lives under results/; ask for any of them by path.
+# Runs from anywhere: `snakemake -s <clone>/Snakefile --directory <dir> --configfile <file>`, or as a `module`.
+# The workflow's own files (trtflow code, schema, envs, scripts, plugin sources, the shipped demo checkpoint)
+# are found beside this file; the config's paths and results/ are relative to the working directory.
+from pathlib import Path
+
 from snakemake.utils import min_version
 
 from trtflow.config import check_config
 
 min_version("9.0")
 
+# This file's folder, also where a `module` statement includes it from (workflow.basedir is the main Snakefile's);
+# relative where the run is in it (the usual clone), so that a run's records do not depend on where it sits.
+WORKFLOW_DIR = Path(str(workflow.current_basedir)).resolve()
+if WORKFLOW_DIR.is_relative_to(Path.cwd().resolve()):
+    WORKFLOW_DIR = WORKFLOW_DIR.relative_to(Path.cwd().resolve())
+
 
 configfile: "config.yaml"
 
 
+# `snakemake --report report.zip`: this description, then each rule's report() items with their captions
+report: "workflow/report/workflow.rst"
+
+
 # Schema (defaults filled in, unknown keys and bad values refused) and named paths, before any job runs.
-check_config(config)
+check_config(config, schema=WORKFLOW_DIR / "workflow/schemas/config.schema.yaml", workflow_dir=WORKFLOW_DIR)
 
 
 include: "workflow/rules/common.smk"
@@ -34,6 +49,9 @@ rule all:
         expand(RESULTS / "{model}onnx/parity.json", model=MODEL_DIRS),
         # calibration only serves the int8 engine
         expand(RESULTS / "{model}calib/accuracy.json", model=MODEL_DIRS) if "int8" in config["engine"]["precisions"] else [],
-        RESULTS / "plugins/build.json",
+        # the CUDA plugin: where the engines use it, or where nvcc is there to build it
+        RESULTS / "plugins/build.json" if PLUGIN_WANTED else [],
         expand(RESULTS / "{model}engine_{precision}.plan", model=MODEL_DIRS, precision=config["engine"]["precisions"]),
         expand(RESULTS / "{model}report.html", model=MODEL_DIRS),
+        # the plots and table of `snakemake --report` come with it (asked for, so that a run from before them adds them)
+        expand(RESULTS / "{model}report/summary.tsv", model=MODEL_DIRS),

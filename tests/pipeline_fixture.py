@@ -1,7 +1,7 @@
 """Snakemake in scratch copies of the workflow, and one completed run shared by the slow test files.
 
 Test files use it with `pytest_plugins = ["pipeline_fixture"]`, so that the session-scoped
-`completed_run` (the default target, built once: about a minute and a half on 2 cores) is shared by
+`completed_run` (the default target, built once: 1.5 to 3 minutes on 2 cores) is shared by
 all of them. Tests that change files or outputs work on `clone(completed_run, ...)`, never on it.
 """
 from __future__ import annotations

@@ -26,6 +26,7 @@ from trtflow.engine import (
     check_same_checkpoint,
     merge_into_file,
 )
+from trtflow.usage import INPUT_MEANING
 
 CHECKPOINT = "c0ffee" * 10 + "abcd"
 FULL_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -135,7 +136,11 @@ def test_fp32_plan(tmp_path, tiny_onnx):
     plan, meta, metadata = _build(tmp_path, tiny_onnx, "fp32")
     _check_plan_files(plan, meta, metadata)
     assert metadata["inputs"] == [{"name": "images", "dtype": "FLOAT", "shape": [-1, 3, 32, 32], "profile": {
-        "min": [1, 3, 32, 32], "opt": [2, 3, 32, 32], "max": [4, 3, 32, 32]}}]
+        "min": [1, 3, 32, 32], "opt": [2, 3, 32, 32], "max": [4, 3, 32, 32]}, "layout": "NCHW",
+        "meaning": INPUT_MEANING}]
+    # built outside the pipeline: no preprocessing or classes to record, but the command that loads it
+    assert metadata["preprocess"] is metadata["classes"] is None
+    assert metadata["runtime"]["command"].endswith("--loadEngine=engine_fp32.plan --shapes=images:2x3x32x32")
     assert [(o["name"], o["dtype"], o["shape"]) for o in metadata["outputs"]] == [
         ("p1", "FLOAT", [-1, 8, 16, 16]), ("objectness_p1", "FLOAT", [-1, 3, 16, 16]),
         ("deltas_p1", "FLOAT", [-1, 12, 16, 16])]

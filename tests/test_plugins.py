@@ -73,7 +73,9 @@ def built(tmp_path_factory) -> Path:
         return work / "results/plugins"
     (work / "src").symlink_to(ROOT / "src")
     (work / "Snakefile").write_text(  # the project's config with its schema defaults, one GPU arch
+        "from pathlib import Path\n"
         "from snakemake.utils import validate\n"
+        "WORKFLOW_DIR = Path('.')  # where the rules find src/ and plugins/: this scratch folder\n"
         f'configfile: "{ROOT}/config.yaml"\n'
         f'validate(config, "{ROOT}/workflow/schemas/config.schema.yaml")\n'
         f'config["plugins"] = {{"archs": [{arch}], "ptx_arch": {arch}, "nvcc": "nvcc", "extra_nvcc_flags": []}}\n'

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from test_executors import small_coco
 
-from trtflow.report import build_report, find_browser, screenshot
+from trtflow.report import FIGURES, build_report, find_browser, screenshot
 from trtflow.verify import Thresholds, match_detections
 
 PRECISIONS = ("fp32", "int8")
@@ -79,8 +79,10 @@ def test_report_holds_every_stage_and_precision(report):
     for artifact in ("results/onnx/parity.json", "results/calib/ranges.json", "results/calib/accuracy.json",
                      "results/engine_fp32.plan", "results/verify/int8.json", "results/bench/fp32.json"):
         assert f"<td>{artifact}</td>" in text
-    assert "<h3>fp32</h3>" in text and "<h3>int8</h3>" in text
-    assert text.count('class="pass">passed') == 3  # parity, fp32 verify in the stage table and its verdict
+    assert "<h3>fp32<span" in text and "<h3>int8<span" in text
+    assert text.count('class="pass">passed') == 1  # parity; no verify is green: the engine did not run
+    # fp32 passed on the deployment form: amber in the stage table, its heading and its verdict
+    assert text.count('class="partial">verified: deployment form') == 3
     assert "match_recall 0.8889 &lt; 0.99" in text  # int8 lost one detection in nine, named and HTML-escaped
     assert "no CUDA GPU is visible &lt;here&gt;" in text
     assert "simulated INT8 mAP 0.8460 vs fp32 0.8490 (drop 0.30 points, onnxruntime)" in text
@@ -93,6 +95,46 @@ def test_report_embeds_four_decodable_plots(report):
     for alt, data in images:
         picture = cv2.imdecode(np.frombuffer(base64.b64decode(data), np.uint8), cv2.IMREAD_COLOR)
         assert picture is not None and min(picture.shape[:2]) >= 200 and picture.std() > 10, alt
+
+
+def test_report_writes_its_plots_and_summary_for_snakemake_report(stage_files, tmp_path):
+    figures = {name: tmp_path / f"{name}.png" for name in FIGURES}
+    build_report(tmp_path / "report.html", **stage_files, settings={"example_images": 2}, figures=figures,
+                 summary_tsv=tmp_path / "summary.tsv")
+    for name, path in figures.items():
+        picture = cv2.imread(str(path))
+        assert picture is not None and min(picture.shape[:2]) >= 200 and picture.std() > 10, name
+    rows = [line.split("\t") for line in (tmp_path / "summary.tsv").read_text().splitlines()]
+    assert rows[0][:4] == ["precision", "verified", "passed", "executor"]
+    assert [row[:5] for row in rows[1:]] == [["fp32", "deployment-form", "True", "onnxruntime+static-head", "1"],
+                                             ["int8", "deployment-form", "False", "onnxruntime+static-head", "0.8889"]]
+    # the fastest timed executor per image, and why the engine did not run
+    assert rows[1][9:] == ["pytorch float32 bs 1", "14", "cannot run engine: no CUDA GPU is visible <here>"]
+
+
+def test_an_empty_plot_is_written_as_a_note(stage_files, tmp_path):
+    build_report(tmp_path / "report.html", **{**stage_files, "bench": {}}, figures={"latency": tmp_path / "l.png"})
+    assert cv2.imread(str(tmp_path / "l.png")).shape[:2] == (150, 600)
+
+
+@pytest.mark.parametrize(("fields", "badge"), [
+    ({"verified_level": "engine", "engine_executed": True}, 'class="pass">verified: engine'),
+    ({"verified_level": "network-definition", "engine_executed": False,
+      "unverified": "the engine's kernels did not run"}, 'class="partial">verified: network definition'),
+    ({"engine_executed": True}, 'class="pass">verified: engine'),  # a JSON from before verified_level
+    ({"verified_level": "network-definition", "passed": False, "failures": ["match_recall 0.5 < 0.99"]},
+     'class="fail">FAILED (verified: network definition): match_recall 0.5 &lt; 0.99'),
+])
+def test_each_precision_shows_what_its_verification_ran(fields, badge, stage_files, tmp_path):
+    result = {**json.loads(stage_files["verify"]["fp32"].read_text()), **fields}
+    (tmp_path / "fp32.json").write_text(json.dumps(result))
+    text = build_report(tmp_path / "report.html", **{**stage_files, "verify": {"fp32": tmp_path / "fp32.json"},
+                                                      "bench": {}})
+    heading = re.search(r"<h3>fp32(.*?)</h3>", text).group(1)
+    assert badge in heading
+    if "unverified" in fields:
+        assert "<td>not verified</td><td>the engine&#x27;s kernels did not run</td>" in text
+    assert 'class="pass">passed' not in heading
 
 
 def test_report_without_optional_inputs(stage_files, tmp_path):

@@ -10,6 +10,7 @@ from trtflow.backend import BackendUnavailableError, load_backend
 from trtflow.backend.roi_align_plugin import unsupported_reason
 from trtflow.modelopt_qdq import missing_modelopt, modelopt_method
 
+# The schema of a source checkout; the Snakefile passes the one beside it (a workflow run from anywhere).
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow/schemas/config.schema.yaml"
 
 
@@ -47,8 +48,20 @@ def model_settings(config: dict, name: str = "") -> dict:
     return merged
 
 
-def path_problems(config: dict, workdir: str | Path = ".") -> list[str]:
-    """Files and folders named in config that do not exist (after defaults are filled in)."""
+def locate(path: str | Path, workdir: str | Path = ".", workflow_dir: str | Path | None = None) -> Path:
+    """A configured file: absolute as given; relative, in the working directory where it exists there, else in
+    the workflow's own folder (beside the Snakefile: the shipped models/demo_detector.safetensors), so that the
+    default checkpoint works from any working directory. Found nowhere: the working-directory path."""
+    path = Path(path)
+    if path.is_absolute() or (Path(workdir) / path).exists() or workflow_dir is None:
+        return path
+    shipped = Path(workflow_dir) / path
+    return shipped if shipped.exists() else path
+
+
+def path_problems(config: dict, workdir: str | Path = ".", workflow_dir: str | Path | None = None) -> list[str]:
+    """Files and folders named in config that do not exist (after defaults are filled in); model checkpoints are
+    also looked up in `workflow_dir` (see `locate`)."""
     workdir = Path(workdir)
     problems = []
     # `model:`, and each `models:` entry that sets its own checkpoint or arch (the others inherit the verdict)
@@ -58,9 +71,11 @@ def path_problems(config: dict, workdir: str | Path = ".") -> list[str]:
     ]
     for key, model in models:
         checkpoint = model["checkpoint"]
-        if checkpoint != "train" and not (workdir / checkpoint).is_file():
-            problems.append(f"{key}.checkpoint: {checkpoint} does not exist; point it at a state_dict file "
-                            f"(.safetensors/.pt/.pth) or set it to `train` (demo detector only)")
+        if checkpoint != "train" and not (workdir / locate(checkpoint, workdir, workflow_dir)).is_file():
+            problems.append(f"{key}.checkpoint: {checkpoint} does not exist in {workdir.resolve()}"
+                            + (f" nor in the workflow's folder {workflow_dir}" if workflow_dir else "")
+                            + "; point it at a state_dict file (.safetensors/.pt/.pth) or set it to `train` "
+                            "(demo detector only)")
         if checkpoint == "train" and model["arch"] != "demo":
             problems.append(f"{key}.checkpoint: `train` only trains the demo detector, not {model['arch']}; "
                             f"give a state_dict path")
@@ -73,7 +88,7 @@ def path_problems(config: dict, workdir: str | Path = ".") -> list[str]:
     calibration_images = config["calibration"]["images"]
     if calibration_images and not _names_files(workdir, calibration_images):
         problems.append(f"calibration.images: {calibration_images} matches nothing; give a folder, a glob pattern "
-                        "(e.g. images/*.jpg) or a COCO JSON, relative to the repository root, or null")
+                        "(e.g. images/*.jpg) or a COCO JSON, relative to the working directory, or null")
     return problems
 
 
@@ -135,13 +150,15 @@ def environment_problems(config: dict) -> list[str]:
     return [f"engine.roi_align: plugin -- {reason}"] if reason else []
 
 
-def check_config(config: dict, config_file: str = "config.yaml", workdir: str | Path = ".") -> None:
+def check_config(config: dict, config_file: str = "config.yaml", workdir: str | Path = ".", *,
+                 schema: str | Path = SCHEMA, workflow_dir: str | Path | None = None) -> None:
     """Raise one ConfigError listing every problem of `config` (schema first, then missing paths)."""
-    problems = schema_problems(config)
+    problems = schema_problems(config, schema)
     if not problems:
         from snakemake.utils import validate
 
-        validate(config, str(SCHEMA))  # fills in the defaults
-        problems = consistency_problems(config) + path_problems(config, workdir) + environment_problems(config)
+        validate(config, str(schema))  # fills in the defaults
+        problems = (consistency_problems(config) + path_problems(config, workdir, workflow_dir)
+                    + environment_problems(config))
     if problems:
         raise ConfigError(f"{config_file}: " + ("\n  ".join(["invalid configuration:", *problems])))

@@ -2,8 +2,8 @@
 
 Every split the pipeline uses is a COCO instances JSON under ``results/data/``
 (``val.json``, ``calib.json``, ``train.json``) whose ``images[].file_name`` is a path
-relative to the repository root (or absolute for user data), so any stage opens an
-image with ``read_image(image["file_name"])`` from the repository root.
+relative to the working directory (or absolute for user data), so any stage opens an
+image with ``read_image(image["file_name"])`` from the working directory.
 
 Image reading never hands a decoding problem to OpenCV's silent ``None``: every file
 is read as bytes, decoded with ``cv2.imdecode`` and checked, and a problem is either
@@ -220,7 +220,7 @@ def _is_image_file(path: Path) -> bool:
 
 
 def _coco_file_path(file_name: str, json_path: Path) -> Path:
-    """A COCO ``file_name`` as a path: absolute as is; relative to the repository root
+    """A COCO ``file_name`` as a path: absolute as is; relative to the working directory
     (trtflow's own JSONs) when it exists there, else relative to the JSON's folder."""
     path = Path(file_name)
     if path.is_absolute() or path.exists():
@@ -240,7 +240,7 @@ def list_images(spec: str | os.PathLike) -> list[Path]:
         paths = [match for match in paths if match.is_file()]
         if not paths:
             raise DatasetError(
-                text, ["the glob pattern matches no files"], "check the pattern, relative to the repository root"
+                text, ["the glob pattern matches no files"], "check the pattern, relative to the working directory"
             )
     elif path.is_dir():
         paths = [
@@ -265,7 +265,7 @@ def list_images(spec: str | os.PathLike) -> list[Path]:
             "name an image folder, a glob such as 'images/*.jpg', or a COCO JSON",
         )
     else:
-        raise DatasetError(text, ["does not exist"], "check the path (relative paths start at the repository root)")
+        raise DatasetError(text, ["does not exist"], "check the path (relative paths start at the working directory)")
     return sorted(paths, key=lambda match: match.as_posix())
 
 
@@ -280,7 +280,7 @@ def load_json(path: str | os.PathLike) -> dict:
         content = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DatasetError(
-            path, ["does not exist"], "check the path (relative paths start at the repository root)"
+            path, ["does not exist"], "check the path (relative paths start at the working directory)"
         ) from None
     except UnicodeDecodeError:
         raise DatasetError(path, ["is not a UTF-8 text file"], "point at a COCO instances .json file") from None
@@ -750,6 +750,21 @@ def make_demo_split(
 
 # ---------------------------------------------------------------------------------------
 # The pipeline's evaluation and calibration splits
+
+
+def dataset_categories(data: dict) -> list[dict]:
+    """The categories the val split of the ``data:`` config will list, known before rule `data` runs (so that
+    the engines record class names without waiting for it): the demo's shapes, the user's annotations'
+    categories, none for images without annotations."""
+    if data["source"] == "demo":
+        return DEMO_CATEGORIES
+    if not data.get("annotations"):
+        return []
+    try:
+        categories = load_json(data["annotations"]).get("categories")
+    except DatasetError:  # rule `data` refuses the file with the full story, before any engine is built
+        return []
+    return categories if isinstance(categories, list) else []
 
 
 def prepare_data(

@@ -31,6 +31,7 @@ from trtflow.backend import precisions as layer_precisions
 from trtflow.backend.roi_align_plugin import unsupported_reason
 from trtflow.network_record import read_network
 from trtflow.qdq import is_quantized
+from trtflow.usage import plan_usage
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -469,9 +470,12 @@ def build_engine(
     backend: str | Backend = "auto",
     timing_cache: Path | None = None,
     network_record_path: Path | None = None,
+    usage: dict | None = None,
 ) -> dict:
     """Build one plan from the sources; write plan + metadata (and, given `network_record_path`, the record of
     the network definition handed to the builder, for `trtflow.netexec`) atomically; return the metadata.
+
+    `usage` (preprocess, postprocess, categories) goes into the metadata for runtimes: see `trtflow.usage`.
 
     Everything is checked before TensorRT starts: options against the backend, files, the
     ONNX against the precision, and the ONNX and head weights against one checkpoint.
@@ -503,6 +507,8 @@ def build_engine(
     plan, cache_info = build_plan(backend, builder, network, shapes, settings, sources, timing_cache)
     build_seconds = time.perf_counter() - started
     del parser
+    if record is not None:  # written first, so that the metadata can name its sha256
+        record.save(network_record_path)
 
     inputs, outputs = describe_io(network, shapes)
     uses_gpu = not backend.capabilities.compute_capability_targets or settings.compute_capabilities == ("current",)
@@ -525,7 +531,7 @@ def build_engine(
         "nms": settings.nms if head is not None else None,
         "int8_mode": settings.int8_mode if settings.precision == "int8" else None,
         "layer_precisions": plan_precisions(backend, plan, network, gpu),
-        "network_record": None if record is None else {"path": str(network_record_path), "layers": len(record.layers)},
+        "network_record": None if record is None else {**file_record(network_record_path), "layers": len(record.layers)},
         "timing_cache": cache_info,
         "settings": {**asdict(settings), "batch": asdict(settings.batch)},
         "sources": {
@@ -536,10 +542,9 @@ def build_engine(
             "plugin_library": file_record(sources.plugin_library),
         },
     }
+    metadata |= plan_usage(metadata, plan_path, usage)
     text = json.dumps(metadata, indent=2) + "\n"
     write_bytes(plan_path, plan)
-    if record is not None:
-        record.save(network_record_path)
     if metadata_path is not None:
         write_text(metadata_path, text)
     log.info("wrote %s (%d bytes, %.1f s)", plan_path, len(plan), build_seconds)

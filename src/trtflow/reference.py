@@ -29,12 +29,20 @@ def detect_dataset(detect, coco_json: str | Path, preprocess_cfg: dict, postproc
     every executor (PyTorch, ONNX Runtime + deployment head, TensorRT engine) plugs in here.
     """
     coco = json.loads(Path(coco_json).read_text())
-    # an images-only split (data.annotations unset) has no categories to map to: results keep the model labels
-    category_of = {label: category for category, label in category_labels(coco).items()} or _ModelLabels()
+    category_of = {label: category for category, label in category_labels(coco).items()}
+    return detect_images(detect, coco["images"], category_of, preprocess_cfg, postprocess_cfg, batch_size=batch_size,
+                         desc=desc)
+
+
+def detect_images(detect, images: list[dict], category_of: dict[int, int], preprocess_cfg: dict,
+                  postprocess_cfg: dict, *, batch_size: int = 8, desc: str = "detect") -> list[dict]:
+    """COCO results of `detect` (see `detect_dataset`) over `images` ({"id", "file_name"} each); `category_of`:
+    model label -> category id (empty: an images-only data set, whose results keep the model labels)."""
+    category_of = category_of or _ModelLabels()
     results = []
-    for images in tqdm(list(batches(coco["images"], batch_size)), desc=desc, unit="batch"):
-        tensors, letterboxes = preprocess_batch([read_image(image["file_name"]) for image in images], preprocess_cfg)
-        for image, letterbox, raw in zip(images, letterboxes, detect(tensors)):
+    for chunk in tqdm(list(batches(images, batch_size)), desc=desc, unit="batch"):
+        tensors, letterboxes = preprocess_batch([read_image(image["file_name"]) for image in chunk], preprocess_cfg)
+        for image, letterbox, raw in zip(chunk, letterboxes, detect(tensors)):
             detections = postprocess(*raw, letterbox, postprocess_cfg)
             results += to_coco_results(detections, image["id"], category_of.__getitem__)
     return results

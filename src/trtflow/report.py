@@ -1,13 +1,15 @@
-"""Stage `report`: results/report.html, one self-contained page (PNG plots embedded as base64).
+"""Stage `report`: results/report.html, one self-contained page (PNG plots embedded as base64), and the same
+plots as PNG files plus a summary table (TSV) for `snakemake --report` (results/report/).
 
 The pipeline's stages with their checks (ONNX parity, calibration ranges and simulated INT8
-accuracy where present, engines, verify, bench), a table per precision, and matplotlib plots:
-latency bars, the Δscore histogram of matched detections, calibration ranges per tensor, and
-example val images with reference vs deployed boxes.
+accuracy where present, engines, verify, bench), a table per precision headed by what its verification
+actually ran (`verified_level`), and matplotlib plots: latency bars, the Δscore histogram of matched
+detections, calibration ranges per tensor, and example val images with reference vs deployed boxes.
 """
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import io
 import json
@@ -18,10 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
-from trtflow.artifacts import write_text
+from trtflow.artifacts import write_bytes, write_text
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 REFERENCE_COLOR, DEPLOYED_COLOR = "#1a9850", "#d73027"
+REFERENCE_STYLE = {"edgecolor": REFERENCE_COLOR, "linewidth": 5, "alpha": 0.6, "zorder": 2}
+DEPLOYED_STYLE = {"edgecolor": DEPLOYED_COLOR, "linewidth": 1.4, "linestyle": (0, (4, 2)), "zorder": 3}
+FIGURES = ("latency", "dscore", "calibration", "examples")  # the PNG files of `snakemake --report`
+# what a verification ran, strongest first (verify JSON `verified_level`)
+LEVELS = {"engine": "engine", "network-definition": "network definition", "deployment-form": "deployment form"}
 
 
 def read_json(path: str | Path | None):
@@ -105,20 +112,29 @@ def calibration_plot(ranges: Mapping) -> bytes | None:
     if not tensors:
         return None
     names, amax = list(tensors), np.array([value["amax"] for value in tensors.values()])
-    figure, axes = _figure(max(7.0, 0.12 * len(names)), 4)
-    axes.bar(range(len(names)), np.maximum(amax, 1e-8), color="C0")
-    axes.set_yscale("log")
-    axes.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
-    axes.set_ylabel("amax (scale × 127)")
+    # one row per tensor, its name horizontal at a readable size: the figure grows with the tensor count
+    figure, axes = _figure(9, 0.22 * len(names) + 1.4)
+    axes.barh(range(len(names)), np.maximum(amax, 1e-8), color="C0")
+    axes.set_xscale("log")
+    axes.set_yticks(range(len(names)), [short_name(name) for name in names], fontsize=8)
+    axes.set_ylim(len(names) - 0.5, -0.5)  # graph order, top to bottom
+    axes.grid(axis="x", which="major", alpha=0.3)
+    axes.set_xlabel("amax (scale × 127), log scale")
     axes.set_title(f"Calibration ranges: {len(names)} tensors, {ranges.get('algorithm')}, "
                    f"{ranges.get('num_images')} images")
     return png(figure)
 
 
+def short_name(name: str, limit: int = 48) -> str:
+    """A tensor name that fits a plot's label column: its end, where ONNX names say what they are."""
+    return name if len(name) <= limit else "…" + name[-(limit - 1):]
+
+
 def example_images(val: Mapping, reference: Sequence[Mapping], deployed: Mapping[str, Sequence[Mapping]],
                    count: int, min_score: float) -> bytes | None:
-    """The first `count` val images, one column per precision: reference boxes (green, dashed) under the
-    deployed ones (red)."""
+    """The first `count` val images, one column per precision: reference boxes (wide, light green) under the
+    deployed ones (thin red, dashed), so that a box both agree on shows as a red dashed line on a green band and
+    a box only one of them has stands out alone."""
     import matplotlib.patches as patches
 
     from trtflow.data import read_image
@@ -138,13 +154,20 @@ def example_images(val: Mapping, reference: Sequence[Mapping], deployed: Mapping
             axes.set_axis_off()
             if row == 0:
                 axes.set_title(precision)
-            for entries, color, style in ((reference, REFERENCE_COLOR, "--"), (detections, DEPLOYED_COLOR, "-")):
+            for entries, style in ((reference, REFERENCE_STYLE), (detections, DEPLOYED_STYLE)):
                 for entry in entries:
                     if entry["image_id"] == image["id"] and entry["score"] >= min_score:
                         x, y, w, h = entry["bbox"]
-                        axes.add_patch(patches.Rectangle((x, y), w, h, fill=False, edgecolor=color, linestyle=style,
-                                                         linewidth=1.2))
-    figure.suptitle("reference (green, dashed) vs deployed (red)")
+                        axes.add_patch(patches.Rectangle((x, y), w, h, fill=False, **style))
+    figure.suptitle("reference (wide green band) vs deployed (thin red dashes, on top)")
+    return png(figure)
+
+
+def placeholder(message: str) -> bytes:
+    """A small figure saying why a plot is empty (the report's PNG outputs always exist)."""
+    figure, axes = _figure(6, 1.5)
+    axes.set_axis_off()
+    axes.text(0.5, 0.5, message, ha="center", va="center", fontsize=11)
     return png(figure)
 
 
@@ -190,9 +213,31 @@ th { background: #f2f2f2; }
 .pass { background: #1a9850; color: white; padding: 0 0.4em; border-radius: 3px; }
 .fail { background: #d73027; color: white; padding: 0 0.4em; border-radius: 3px; }
 .none { background: #999; color: white; padding: 0 0.4em; border-radius: 3px; }
+.partial { background: #fdae61; color: #222; padding: 0 0.4em; border-radius: 3px; }
+h3 .pass, h3 .fail, h3 .partial { font-size: 0.75em; margin-left: 0.6em; vertical-align: middle; }
 .note { color: #555; font-size: 0.9em; }
 img { max-width: 100%; display: block; margin: 0.6em 0; }
 """
+
+
+def verified_level(result: Mapping) -> str:
+    """What a verification ran: its `verified_level`, or for JSONs without one, whether the engine executed."""
+    return result.get("verified_level") or ("engine" if result.get("engine_executed") else "deployment-form")
+
+
+def verified_badge(result: Mapping) -> Markup:
+    """"verified: <level>": green only where the engine itself ran and passed; amber where a stand-in passed; red
+    with the failures where the thresholds were missed."""
+    level = verified_level(result)
+    text = f"verified: {LEVELS.get(level, level)}"
+    if not result["passed"]:
+        return badge(False, f"FAILED ({text}): " + "; ".join(result["failures"]))
+    return Markup(f'<span class="{"pass" if level == "engine" else "partial"}">{html.escape(text)}</span>')
+
+
+def unverified(result: Mapping) -> str | None:
+    """What the verification left unverified: the JSON's sentence, else why the engine did not run."""
+    return result.get("unverified") or (None if verified_level(result) == "engine" else result.get("reason"))
 
 
 def stage_rows(parity, calibration_accuracy, calibration_ranges, engines, verify, bench) -> list[list]:
@@ -219,7 +264,7 @@ def stage_rows(parity, calibration_accuracy, calibration_ranges, engines, verify
         executed = "engine" if result["engine_executed"] else f"{result['executor']} (engine did not run)"
         rows.append(["verify", f"results/verify/{precision}.json",
                      f"{executed}: match recall {result['match_recall']:.4f}, mAP {result['mAP']:.4f} vs "
-                     f"{result['reference_mAP']:.4f}", badge(result["passed"])])
+                     f"{result['reference_mAP']:.4f}", verified_badge(result)])
     for precision, document in bench.items():
         timed = [entry for entry in document["results"] if "p50_ms" in entry]
         skipped = [entry for entry in document["results"] if "skipped" in entry]
@@ -230,13 +275,15 @@ def stage_rows(parity, calibration_accuracy, calibration_ranges, engines, verify
 
 
 def precision_section(precision: str, result: Mapping | None, bench: Mapping | None) -> str:
-    parts = [f"<h3>{precision}</h3>"]
+    parts = [f"<h3>{precision}{verified_badge(result) if result is not None else ''}</h3>"]
     if result is not None:
         details = ", ".join(f"{key}: {value}" for key, value in result.get("executor_details", {}).items())
         rows = [
+            ["verified", Markup(f"<b>{html.escape(LEVELS.get(verified_level(result), verified_level(result)))}</b>")],
+            *([["not verified", unverified(result)]] if unverified(result) else []),
             ["executor", Markup(f"<b>{html.escape(result['executor'])}</b> ({html.escape(details)})")],
             ["engine executed", result["engine_executed"]],
-            *([["why not", result["reason"]]] if not result["engine_executed"] else []),
+            *([["why not", result["reason"]]] if not result["engine_executed"] and "reason" in result else []),
             ["images", result["images"]],
             ["match recall / precision", f"{result['match_recall']:.4f} / {result['match_precision']:.4f} "
                                          f"(same class, IoU ≥ {result['match_iou']})"],
@@ -249,7 +296,7 @@ def precision_section(precision: str, result: Mapping | None, bench: Mapping | N
             ["mAP deployed / reference", f"{result['mAP']:.4f} / {result['reference_mAP']:.4f} "
                                          f"(drop {result['map_drop_points']:.2f} points)"],
             ["thresholds", ", ".join(f"{k} {v}" for k, v in result["thresholds"].items()) or "none"],
-            ["verdict", badge(result["passed"], "; ".join(result["failures"]) or None)],
+            ["verdict", verified_badge(result)],
         ]
         parts.append(table(["verify", ""], rows))
     if bench is not None:
@@ -267,6 +314,35 @@ def precision_section(precision: str, result: Mapping | None, bench: Mapping | N
     return "\n".join(parts)
 
 
+SUMMARY_HEADER = ("precision", "verified", "passed", "executor", "match_recall", "match_precision", "mAP",
+                  "reference_mAP", "map_drop_points", "fastest", "p50_ms", "not_verified")
+
+
+def summary_rows(verify: Mapping[str, Mapping], bench: Mapping[str, Mapping]) -> list[list]:
+    """One row per precision: what its verification ran and found, and its fastest timed executor."""
+    rows = []
+    for precision in dict.fromkeys([*verify, *bench]):
+        result = verify.get(precision) or {}
+        timed = [entry for entry in (bench.get(precision) or {}).get("results", []) if "p50_ms" in entry]
+        fastest = min(timed, key=lambda entry: entry["p50_ms"] / entry["batch_size"], default=None)
+        rows.append([
+            precision, verified_level(result) if result else None, result.get("passed"), result.get("executor"),
+            *(result.get(key) for key in ("match_recall", "match_precision", "mAP", "reference_mAP", "map_drop_points")),
+            f"{variant(fastest)} bs {fastest['batch_size']}" if fastest else None,
+            fastest["p50_ms"] if fastest else None, unverified(result) if result else None,
+        ])
+    return rows
+
+
+def tsv(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, delimiter="\t", lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([["" if cell is None else f"{cell:.4g}" if isinstance(cell, float) else cell for cell in row]
+                      for row in rows])
+    return buffer.getvalue()
+
+
 def matched_dscores(reference, deployed, match_iou: float) -> np.ndarray:
     from trtflow.verify import match_detections
 
@@ -276,8 +352,12 @@ def matched_dscores(reference, deployed, match_iou: float) -> np.ndarray:
 def build_report(out_html: str | Path, *, val_json, reference_detections, reference_metrics=None, parity=None,
                  verify: Mapping[str, str | Path], deployed: Mapping[str, str | Path], bench: Mapping[str, str | Path],
                  engines: Mapping[str, str | Path] | None = None, calibration_ranges=None, calibration_accuracy=None,
-                 settings: Mapping | None = None) -> str:
-    """Write the report; returns its HTML. Optional inputs that do not exist are left out."""
+                 settings: Mapping | None = None, figures: Mapping[str, str | Path] | None = None,
+                 summary_tsv: str | Path | None = None) -> str:
+    """Write the report; returns its HTML. Optional inputs that do not exist are left out.
+
+    `figures` ({name of FIGURES: PNG path}) and `summary_tsv` also write the plots and the per-precision summary
+    as files (the items of `snakemake --report`); a plot with nothing to show is written as a note saying so."""
     settings = settings or {}
     val = read_json(val_json)
     reference = read_json(reference_detections)
@@ -292,6 +372,17 @@ def build_report(out_html: str | Path, *, val_json, reference_detections, refere
     dscores = {p: matched_dscores(reference, deployed_docs[p], verify_docs[p]["match_iou"])
                for p in precisions if p in deployed_docs and p in verify_docs}
     hardware = next(iter(bench_docs.values()))["hardware"] if bench_docs else {}
+    plots = {
+        "latency": latency_plot(bench_docs),
+        "dscore": dscore_histogram(dscores),
+        "calibration": calibration_plot(ranges_doc) if ranges_doc is not None else None,
+        "examples": example_images(val, reference, deployed_docs, settings.get("example_images", 3),
+                                   settings.get("min_score", 0.5)),
+    }
+    for name, path in (figures or {}).items():
+        write_bytes(path, plots[name] or placeholder(f"{name}: nothing to plot"))
+    if summary_tsv is not None:
+        write_text(summary_tsv, tsv(SUMMARY_HEADER, summary_rows(verify_docs, bench_docs)))
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>trtflow report</title>",
         f"<style>{STYLE}</style></head><body>",
@@ -304,15 +395,12 @@ def build_report(out_html: str | Path, *, val_json, reference_detections, refere
               stage_rows(parity_doc, accuracy_doc, ranges_doc, engine_docs, verify_docs, bench_docs)),
         "<h2>Per precision</h2>",
         *(precision_section(p, verify_docs.get(p), bench_docs.get(p)) for p in precisions),
-        "<h2>Latency</h2>", image(latency_plot(bench_docs), "latency bars"),
-        "<h2>Score differences</h2>", image(dscore_histogram(dscores), "Δscore histogram"),
+        "<h2>Latency</h2>", image(plots["latency"], "latency bars"),
+        "<h2>Score differences</h2>", image(plots["dscore"], "Δscore histogram"),
     ]
     if ranges_doc is not None:
-        parts += ["<h2>Calibration ranges</h2>", image(calibration_plot(ranges_doc), "calibration ranges")]
-    parts += ["<h2>Examples</h2>",
-              image(example_images(val, reference, deployed_docs, settings.get("example_images", 3),
-                                   settings.get("min_score", 0.5)), "example images"),
-              "</body></html>"]
+        parts += ["<h2>Calibration ranges</h2>", image(plots["calibration"], "calibration ranges")]
+    parts += ["<h2>Examples</h2>", image(plots["examples"], "example images"), "</body></html>"]
     text = "\n".join(parts)
     write_text(out_html, text)
     return text

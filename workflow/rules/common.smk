@@ -1,13 +1,18 @@
-# Shared paths and helpers for every rule file.
+# Shared paths and helpers for every rule file. The Snakefile that includes it sets WORKFLOW_DIR: the folder of
+# the workflow's own files (src/, plugins/, models/).
 import importlib.util
 import re
 from pathlib import Path
 
-from trtflow.config import model_settings
+from trtflow.config import locate, model_settings
+from trtflow.plugins import PluginBuildError, find_nvcc
 
+# What the workflow writes, relative to the working directory (--directory); what it reads of its own, from
+# WORKFLOW_DIR (the Snakefile's folder).
 RESULTS = Path("results")
 LOGS = Path("logs")
-SRC = Path("src/trtflow")
+SRC = WORKFLOW_DIR / "src/trtflow"
+PLUGIN_SOURCES = WORKFLOW_DIR / "plugins"
 # The software of every rule (relative to the rule files); documents what `make demo` installs.
 ENV = "../envs/trtflow.yaml"
 
@@ -72,12 +77,25 @@ def preprocess_settings(wildcards):
 def checkpoint_source(wildcards):
     """The checkpoint to validate (the configured file, or a fresh demo training of this model)."""
     source = model_config(wildcards)["checkpoint"]
-    return RESULTS / f"{wildcards.model}model/trained_demo.safetensors" if source == "train" else source
+    if source == "train":
+        return RESULTS / f"{wildcards.model}model/trained_demo.safetensors"
+    return locate(source, workflow_dir=WORKFLOW_DIR)  # the working directory's file, else the shipped one
+
+
+def nvcc_found() -> bool:
+    try:
+        find_nvcc(config["plugins"]["nvcc"])
+    except PluginBuildError:
+        return False
+    return True
 
 
 # Stage `engine`
 ENGINE = config["engine"]
 EXPLICIT_INT8 = ENGINE["int8_mode"] == "explicit"
+# The default target builds the plugin where the engines need it, or where nvcc is there to build it anyway
+# (the plugin's own checks); without nvcc and with roi_align: builtin, nothing asks for it.
+PLUGIN_WANTED = ENGINE["roi_align"] == "plugin" or nvcc_found()
 
 
 def engine_onnx(wildcards):
@@ -111,7 +129,18 @@ def verify_onnx(wildcards):
     return RESULTS / wildcards.model / ("onnx/features.qdq.onnx" if wildcards.precision == "int8" else "onnx/features.onnx")
 
 
-def report_labels(wildcards):
-    """`snakemake --report` labels of a verify / bench / report output: its precision, and its model where there are several."""
-    labels = {"precision": wildcards.precision} if "precision" in wildcards.keys() else {}
-    return ({"model": wildcards.model.rstrip("/")} if MODELS else {}) | labels or None
+def report_labels(**fixed):
+    """`snakemake --report` labels of an output: its model where there are several, its precision where it has
+    one, and `fixed` (e.g. figure="latency")."""
+
+    def labels(wildcards):
+        precision = {"precision": wildcards.precision} if "precision" in wildcards.keys() else {}
+        return ({"model": wildcards.model.rstrip("/")} if MODELS else {}) | precision | fixed or None
+
+    return labels
+
+
+def report_figure(name, category):
+    """A PNG of rule report, as a `snakemake --report` item with its caption (workflow/report/<name>.rst)."""
+    return report(RESULTS / f"{{model}}report/{name}.png", caption=f"../report/{name}.rst", category=category,
+                  labels=report_labels(figure=name))

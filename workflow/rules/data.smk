@@ -1,5 +1,5 @@
 # Data sets: results/data/{val,calib,train}.json (COCO instances; images[].file_name
-# relative to the repository root). Demo images sit beside them in results/data/{split}/.
+# relative to the working directory). Demo images sit beside them in results/data/{split}/.
 
 DATA = RESULTS / "data"
 DEMO_DATA = config["data"]["source"] == "demo"

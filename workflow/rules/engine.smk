@@ -1,10 +1,13 @@
 # Stage `engine`: features ONNX + the TensorRT-API head -> results/engine_{precision}.plan + .json metadata.
 # TensorRT-RTX builds on a CPU (ahead of time); full TensorRT needs the GPU the plan is for.
 from trtflow.artifacts import installed_versions
+from trtflow.data import dataset_categories
 
 # A plan runs only on the TensorRT version that built it, so an upgrade (pip) must rebuild the plans:
 # the installed versions are a param, and a changed param reruns the rule.
 TENSORRT_VERSIONS = installed_versions(("tensorrt",))
+# the class names the plan's JSON records (read from the configuration, so that rule `data` need not run first)
+CATEGORIES = dataset_categories(config["data"])
 
 
 rule engine:
@@ -14,7 +17,7 @@ rule engine:
         weights=RESULTS / "{model}weights/head.safetensors",
         manifest=RESULTS / "{model}weights/manifest.json",
         code=library(
-            "engine", "network", "network_record", "head", "weights", "backend/__init__", "backend/implicit_int8", "backend/precisions",
+            "engine", "usage", "network", "network_record", "head", "weights", "backend/__init__", "backend/implicit_int8", "backend/precisions",
             *(["plugins", "backend/roi_align_plugin"] if ENGINE["roi_align"] == "plugin" else []),
         ),
     output:
@@ -31,6 +34,9 @@ rule engine:
         engine={key: value for key, value in ENGINE.items() if key != "precisions"},
         # shared by concurrent builds (file lock, merged), so not an output of any one job
         timing_cache=RESULTS / "cache/timing.cache",
+        # what a runtime needs beside the plan, recorded in its JSON (trtflow.usage; read by `trtflow detect`)
+        usage=lambda wildcards: {"preprocess": preprocess_settings(wildcards), "postprocess": config["postprocess"],
+                                 "categories": CATEGORIES},
     resources:
         gpu=engine_gpus(),
     conda:

@@ -1,10 +1,10 @@
-# Stage `plugins`: nvcc compiles plugins/*.cu into the plugin library (fat binary + PTX), the
+# Stage `plugins`: nvcc compiles plugins/*.cu (beside the Snakefile) into the plugin library (fat binary + PTX), the
 # PTX the ahead-of-time TensorRT plugin embeds, and build.json. Editing a .cu or .h reruns it.
 
 
 rule plugins:
     input:
-        sources=sorted(Path("plugins").glob("*.cu")) + sorted(Path("plugins").glob("*.h")),
+        sources=sorted(PLUGIN_SOURCES.glob("*.cu")) + sorted(PLUGIN_SOURCES.glob("*.h")),
         code=library("plugins"),
     output:
         library=RESULTS / "plugins/libtrtflow_plugins.so",

@@ -4,6 +4,9 @@
 # JSONs say which level ran and why nothing stronger did.
 
 PRECISIONS = config["engine"]["precisions"]
+# bench.threads, else every core of a local run (--cores), so that no other job runs while bench times; a
+# cluster run gives no --cores: 1, or what its profile's set-threads says (bounded by the profile's max-threads)
+BENCH_THREADS = config["bench"]["threads"] or workflow.resource_settings.cores or 1
 # verify.parity_* belong to rule onnx_parity, and each precision reads only its own thresholds: editing
 # either must not rerun the others
 VERIFY = {
@@ -29,7 +32,8 @@ rule verify:
             "reference", "preprocess", "postprocess", "metrics", "data",
         ),
     output:
-        result=report(RESULTS / "{model}verify/{precision}.json", category="verify", labels=report_labels),
+        result=report(RESULTS / "{model}verify/{precision}.json", caption="../report/verify.rst", category="verify",
+                      labels=report_labels()),
         detections=RESULTS / "{model}verify/{precision}_detections.json",
     wildcard_constraints:
         precision="fp32|fp16|int8",
@@ -62,17 +66,17 @@ rule bench:
             "bench", "executors", "runtime", "verify", "head", "weights", "export", "qdq", "model", "preprocess",
         ),
     output:
-        report(RESULTS / "{model}bench/{precision}.json", category="bench", labels=report_labels),
+        report(RESULTS / "{model}bench/{precision}.json", caption="../report/bench.rst", category="bench",
+               labels=report_labels()),
     wildcard_constraints:
         precision="fp32|fp16|int8",
     params:
-        bench=config_section("bench"),
+        # bench.threads is the job's size, not what it measures
+        bench={key: value for key, value in config_section("bench").items() if key != "threads"},
         model=model_params("arch", "num_classes", "input", "rpn", "box"),
         detector=detector_settings,
         preprocess=preprocess_settings,
-    # more than any machine has: Snakemake scales it down to --cores, so no other job runs while it times
-    # (cluster profiles: set-threads: bench=N)
-    threads: 1024
+    threads: BENCH_THREADS
     resources:
         gpu=1,
     conda:
@@ -101,7 +105,15 @@ rule report:
         bench=expand(RESULTS / "{model}bench/{precision}.json", precision=PRECISIONS, allow_missing=True),
         code=library("report", "verify", "data"),
     output:
-        report(RESULTS / "{model}report.html", category="report", labels=report_labels),
+        html=report(RESULTS / "{model}report.html", caption="../report/report_html.rst", category="report",
+                    labels=report_labels(page="report.html")),
+        summary=report(RESULTS / "{model}report/summary.tsv", caption="../report/summary.rst", category="verify",
+                       labels=report_labels(table="summary")),
+        latency=report_figure("latency", "bench"),
+        dscore=report_figure("dscore", "verify"),
+        examples=report_figure("examples", "verify"),
+        # calibration checks, shown where an int8 engine is built
+        **({"calibration": report_figure("calibration", "calibrate")} if "int8" in PRECISIONS else {}),
     params:
         precisions=PRECISIONS,
         report=config_section("report"),

@@ -17,4 +17,5 @@ with script_logging(snakemake):
         network_record_path=snakemake.output.network,
         backend=snakemake.params.backend,
         timing_cache=Path(snakemake.params.timing_cache),
+        usage=snakemake.params.usage,
     )

@@ -1,0 +1,77 @@
+"""`trtflow detect`: a plan on image files, with the preprocessing, postprocessing and classes of its JSON.
+
+On this CPU machine the plan cannot run, so `trtflow detect --fallback` runs the executor verify ran; on the
+shared completed run its detections on the val images are verify's, entry for entry.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import pytest
+
+pytest_plugins = ["pipeline_fixture"]
+
+TRTFLOW = Path(sys.executable).with_name("trtflow")  # the console script of [project.scripts]
+RESULT_KEYS = ("image_id", "category_id", "bbox", "score")  # a COCO results entry
+
+
+def trtflow(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(TRTFLOW), *args], cwd=workdir, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def detected(completed_run, tmp_path_factory) -> tuple[dict, subprocess.CompletedProcess, Path]:
+    out = tmp_path_factory.mktemp("detect")
+    val = json.loads((completed_run / "results/data/val.json").read_text())
+    files = [image["file_name"] for image in val["images"]]
+    result = trtflow(completed_run, "detect", "--engine", "results/engine_fp32.plan", *files, "--fallback",
+                     "--out", str(out / "dets.json"), "--draw", str(out / "drawn"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((out / "dets.json").read_text()), result, out
+
+
+def test_detect_with_fallback_gives_verifys_detections(completed_run, detected):
+    output, result, _ = detected
+    verify = json.loads((completed_run / "results/verify/fp32.json").read_text())
+    expected = json.loads((completed_run / "results/verify/fp32_detections.json").read_text())
+    # the executor verify ran, named in the output and on the console
+    assert output["executor"] == verify["executor"] and output["engine_executed"] is verify["engine_executed"] is False
+    assert f"by {verify['executor']} (the engine did not run here)" in result.stderr
+    # detect numbers the images 1.. in the order given: map them to the val ids
+    val_ids = {image["file_name"]: image["id"] for image in
+               json.loads((completed_run / "results/data/val.json").read_text())["images"]}
+    ids = {image["id"]: val_ids[image["file_name"]] for image in output["images"]}
+    # verify's file also holds the fields COCO scoring adds (id, area, ...): compare the detections themselves
+    expected = [{key: entry[key] for key in RESULT_KEYS} for entry in expected]
+    assert [{**d, "image_id": ids[d["image_id"]]} for d in output["detections"]] == expected
+    assert len(expected) > 100
+
+
+def test_detect_draws_each_image(detected, completed_run):
+    output, _, out = detected
+    first = output["images"][0]
+    drawn = cv2.imread(str(out / "drawn" / f"{Path(first['file_name']).stem}.png"))
+    original = cv2.imread(str(completed_run / first["file_name"]))
+    assert drawn.shape == original.shape and (drawn != original).any(axis=2).mean() > 0.005
+    assert len(list((out / "drawn").glob("*.png"))) == len(output["images"])
+
+
+def test_detect_without_fallback_says_the_plan_cannot_run_here(completed_run):
+    image = json.loads((completed_run / "results/data/val.json").read_text())["images"][0]["file_name"]
+    result = trtflow(completed_run, "detect", "--engine", "results/engine_fp32.plan", image)
+    assert result.returncode == 1
+    assert "cannot run on this machine; pass --fallback" in result.stderr and "no CUDA GPU" in result.stderr
+
+
+def test_detect_refuses_a_corrupt_image_naming_it(completed_run, tmp_path):
+    good = completed_run / json.loads((completed_run / "results/data/val.json").read_text())["images"][0]["file_name"]
+    ok, encoded = cv2.imencode(".jpg", cv2.imread(str(good)))
+    corrupt = tmp_path / "broken.jpg"
+    corrupt.write_bytes(encoded.tobytes()[: len(encoded) // 2])  # cut: no end-of-image marker
+    result = trtflow(completed_run, "detect", "--engine", "results/engine_fp32.plan", "--fallback", str(good),
+                     str(corrupt), "--out", str(tmp_path / "dets.json"))
+    assert result.returncode == 1
+    assert f"{corrupt}: is a truncated JPEG" in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "dets.json").exists()

@@ -1,0 +1,113 @@
+"""The workflow runs from anywhere: without nvcc, from another folder (-s, --directory, --configfile) and as a
+Snakemake `module` of another workflow.
+
+The default target without nvcc reuses the suite's completed run (a dry run and a real no-op run on a clone of it).
+The one real build from another folder (a small data set: the int8 plan and what it needs, about two minutes on
+2 cores) also serves the module: in that working directory a workflow that imports this one as a module builds
+the fp32 plan from the same data, checkpoint, ONNX and weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.register_assert_rewrite("pipeline_fixture")
+from pipeline_fixture import clone, config_overlay, jobs_of, scratch_workflow, snakemake  # noqa: E402
+
+pytest_plugins = ["pipeline_fixture"]
+
+SMALL_DATA = {"data": {"demo": {"num_val": 8, "num_calib": 8}}}
+# the default target of a fresh run, as the dry run plans it (nvcc is on PATH here)
+DEFAULT_TARGET_RULES = {"data", "model", "onnx", "onnx_parity", "reference", "weights", "calibrate",
+                        "calibration_accuracy", "plugins", "engine", "verify", "bench", "report", "all"}
+
+
+def without_nvcc() -> dict:
+    """An environment in which find_nvcc finds nothing: PATH without nvcc's folders, no CUDA_HOME."""
+    path = [entry for entry in os.environ["PATH"].split(os.pathsep) if not (Path(entry) / "nvcc").exists()]
+    return {"PATH": os.pathsep.join(path), "CUDA_HOME": "", "CUDA_PATH": ""}
+
+
+@pytest.fixture(scope="module")
+def no_nvcc(completed_run) -> tuple[dict, tuple[str, ...]]:
+    """(environment, config arguments) of a machine without nvcc: plugins.nvcc points nowhere too."""
+    overlay = config_overlay(completed_run, "no_nvcc.yaml", "plugins:\n  nvcc: /nowhere/bin/nvcc\n")
+    assert shutil.which("nvcc", path=without_nvcc()["PATH"]) is None
+    return without_nvcc(), overlay
+
+
+def test_without_nvcc_the_default_target_leaves_out_the_plugin(completed_run, no_nvcc):
+    env, overlay = no_nvcc
+    planned = snakemake(completed_run, "--dry-run", "--forceall", *overlay, env=env)
+    rules = {job.rule for job in jobs_of(planned.stdout + planned.stderr)}
+    assert rules == DEFAULT_TARGET_RULES - {"plugins"}, rules
+    # where the engines use the plugin, the default target still asks for it (and its rule says how to get nvcc)
+    plugin_overlay = config_overlay(completed_run, "no_nvcc_plugin.yaml",
+                                    "plugins:\n  nvcc: /nowhere/bin/nvcc\nengine:\n  roi_align: plugin\n")
+    planned = snakemake(completed_run, "--dry-run", "--forceall", *plugin_overlay, env=env)
+    assert "plugins" in {job.rule for job in jobs_of(planned.stdout + planned.stderr)}
+
+
+def test_without_nvcc_snakemake_completes_the_default_target(completed_run, no_nvcc, tmp_path):
+    """A completed run without its plugin library: with nvcc gone, `snakemake --cores 2` has nothing to do."""
+    env, overlay = no_nvcc
+    workdir = clone(completed_run, tmp_path / "run")
+    shutil.rmtree(workdir / "results/plugins")
+    result = snakemake(workdir, *overlay, env=env)
+    assert "Nothing to be done" in result.stdout + result.stderr, result.stderr[-3000:]
+    assert not (workdir / "results/plugins").exists()
+    assert (workdir / "results/report.html").is_file()
+    # with nvcc back (and config.yaml's plugins.nvcc), the same target builds the plugin again
+    planned = snakemake(workdir, "--dry-run")
+    assert [job.rule for job in jobs_of(planned.stdout + planned.stderr) if job.rule != "all"] == ["plugins"]
+
+
+@pytest.fixture(scope="module")
+def elsewhere(tmp_path_factory) -> tuple[Path, Path, str]:
+    """A clone of the workflow, and a working directory elsewhere in which it built results/engine_int8.plan."""
+    root = tmp_path_factory.mktemp("elsewhere")
+    checkout = scratch_workflow(root / "clone")
+    workdir = root / "work"
+    workdir.mkdir()
+    (workdir / "config.yaml").write_text(yaml.safe_dump(SMALL_DATA))  # the rest: the schema's defaults
+    result = snakemake(root, "-s", str(checkout / "Snakefile"), "--directory", "work", "--configfile",
+                       "work/config.yaml", "--", "results/engine_int8.plan")
+    return checkout, workdir, result.stdout + result.stderr
+
+
+def test_from_another_folder_the_workflow_builds_a_plan(elsewhere):
+    checkout, workdir, log = elsewhere
+    metadata = json.loads((workdir / "results/engine_int8.json").read_text())
+    assert (workdir / "results/engine_int8.plan").stat().st_size == metadata["plan_bytes"] > 0
+    assert metadata["precision"] == "int8" and metadata["sources"]["onnx"]["path"] == "results/onnx/features.qdq.onnx"
+    # the shipped checkpoint, trtflow's code and the scripts come from the clone; nothing is written into it
+    model_job = next(job for job in jobs_of(log) if job.rule == "model")
+    assert str(checkout / "models/demo_detector.safetensors") in model_job.fields["input"]
+    assert str(checkout / "src/trtflow/model.py") in model_job.fields["input"]
+    assert not any((checkout / name).exists() for name in ("results", "logs", ".snakemake"))
+    assert json.loads((workdir / "results/data/val.json").read_text())["images"].__len__() == 8
+
+
+def test_as_a_module_the_workflow_plans_everything_and_builds_a_plan(elsewhere):
+    checkout, workdir, _ = elsewhere
+    (workdir / "Snakefile").write_text(
+        'configfile: "config.yaml"\n\n\n'
+        f'module trtflow:\n    snakefile:\n        "{checkout / "Snakefile"}"\n    config:\n        config\n\n\n'
+        "use rule * from trtflow\n"
+    )
+    # the importing workflow's default target is trtflow's: every stage but what the int8 plan already built
+    planned = snakemake(workdir, "--dry-run")
+    rules = {job.rule for job in jobs_of(planned.stdout + planned.stderr)}
+    assert rules == DEFAULT_TARGET_RULES - {"data", "model", "onnx", "weights", "calibrate"}, rules
+    # the module's jobs are the same jobs: the int8 plan is up to date, the fp32 plan builds from the same files
+    assert "Nothing to be done" in (lambda r: r.stdout + r.stderr)(snakemake(workdir, "--dry-run",
+                                                                            "results/engine_int8.plan"))
+    built = snakemake(workdir, "results/engine_fp32.plan")
+    assert [job.rule for job in jobs_of(built.stdout + built.stderr)] == ["engine"]
+    metadata = json.loads((workdir / "results/engine_fp32.json").read_text())
+    assert metadata["precision"] == "fp32" and (workdir / "results/engine_fp32.plan").stat().st_size == metadata["plan_bytes"]
