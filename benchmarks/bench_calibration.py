@@ -32,11 +32,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def export_features_onnx(path: Path) -> None:
-    """Random-init fasterrcnn_mobilenet_v3_large_320_fpn -> features ONNX (trtflow.export.FeaturesNetwork)."""
+    """Random-init fasterrcnn_mobilenet_v3_large_320_fpn -> features ONNX (trtflow.model.FeaturesNetwork)."""
     import torch
     from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
 
-    from trtflow.export import FeaturesNetwork
+    from trtflow.model import FeaturesNetwork
 
     torch.manual_seed(0)
     detector = fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None).eval()

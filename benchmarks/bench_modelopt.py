@@ -170,7 +170,7 @@ def demo_accuracy(config: dict, qdq: Path) -> dict:
 
 def output_agreement(config: dict, float_onnx: Path, qdq: Path, size: int, count: int) -> dict:
     """Per output: max |Q/DQ - float| / max |float| in ONNX Runtime on `count` val images."""
-    from trtflow.export import OnnxSession
+    from trtflow.onnxrun import OnnxSession
 
     paths = select_calibration_images(VAL_JSON, count, 0)
     images = np.concatenate(list(image_batches(paths, count, preprocess_settings(config, size))))

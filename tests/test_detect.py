@@ -4,6 +4,7 @@ On this CPU machine the plan cannot run, so `trtflow detect --fallback` runs the
 shared completed run its detections on the val images are verify's, entry for entry.
 """
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,10 @@ RESULT_KEYS = ("image_id", "category_id", "bbox", "score")  # a COCO results ent
 
 
 def trtflow(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(TRTFLOW), *args], cwd=workdir, capture_output=True, text=True, timeout=600)
+    """The console command, with the one CPU thread Snakemake gave rule verify (`threads: 1` sets
+    OMP_NUM_THREADS=1): float sums split over other thread counts can differ in a score's fifth decimal."""
+    return subprocess.run([str(TRTFLOW), *args], cwd=workdir, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,8 @@ import onnx
 import pytest
 import torch
 
-from trtflow.export import export_features, features_parity, level_names, output_names
+from trtflow.export import export_features, features_parity, level_names
+from trtflow.model import output_names
 from trtflow.model import TORCHVISION_ARCHS, build_detector
 
 
@@ -74,7 +75,7 @@ def scaled_graph(batch: int | str) -> onnx.ModelProto:
 
 
 def test_onnx_session_chunks_a_static_batch_and_exposes_intermediates(tmp_path):
-    from trtflow.export import OnnxSession
+    from trtflow.onnxrun import OnnxSession
 
     path = tmp_path / "static2.onnx"
     onnx.save(scaled_graph(2), str(path))
@@ -88,7 +89,7 @@ def test_onnx_session_chunks_a_static_batch_and_exposes_intermediates(tmp_path):
 
 
 def test_onnx_session_pads_a_short_static_batch_and_names_a_missing_file(tmp_path):
-    from trtflow.export import OnnxSession
+    from trtflow.onnxrun import OnnxSession
 
     path = tmp_path / "static2.onnx"
     onnx.save(scaled_graph(2), str(path))

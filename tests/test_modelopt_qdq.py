@@ -11,7 +11,7 @@ from onnx import numpy_helper
 from test_calibrate import PREPROCESS, features_onnx, run_stage, write_images  # noqa: F401  (features_onnx: a fixture)
 from test_qdq import resnet_like_model
 from trtflow.calibrate import image_batches, read_calibration_table
-from trtflow.export import OnnxSession
+from trtflow.onnxrun import OnnxSession
 from trtflow.modelopt_qdq import activation_amax, modelopt_method
 
 # The convs of test_qdq.resnet_like_model that ModelOpt quantizes: not b1_conv1/b1_conv2, whose 8 in and 8 out

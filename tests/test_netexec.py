@@ -20,7 +20,7 @@ from test_weights import ARCHS, tame, torchvision_detector
 import trtflow.network
 from trtflow.engine import EngineSettings, EngineSources, define_network
 from trtflow.executors import network_definition_executor, onnxruntime_static_head_executor
-from trtflow.export import OnnxSession
+from trtflow.onnxrun import OnnxSession
 from trtflow.netexec import NetworkExecutionError, NetworkExecutor
 from trtflow.network_record import NetworkRecord, NetworkRecordError, read_network
 from trtflow.qdq import insert_qdq, quantization_plan

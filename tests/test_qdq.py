@@ -6,7 +6,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from trtflow.export import OnnxSession
+from trtflow.onnxrun import OnnxSession
 from trtflow.qdq import KeepFloat, insert_qdq, quantization_plan, quantize_weight, shared_amax
 
 INPUT_SHAPE = (1, 3, 32, 32)

@@ -147,7 +147,7 @@ def test_a_real_plan_is_refused_without_a_gpu(features_plan):
 
 @pytest.mark.parametrize("cuda_graph", [False, True])
 def test_engine_runner_matches_onnxruntime(features_plan, cuda_graph):
-    from trtflow.export import OnnxSession
+    from trtflow.onnxrun import OnnxSession
 
     plan, onnx = features_plan
     metadata = json.loads(metadata_path(plan).read_text())

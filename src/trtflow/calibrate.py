@@ -198,7 +198,7 @@ def collect_histograms(model: onnx.ModelProto | str | Path, batches: Iterable[np
     """
     from tqdm import tqdm
 
-    from trtflow.export import OnnxSession
+    from trtflow.onnxrun import OnnxSession
 
     source = model if isinstance(model, (str, Path)) else source or "the ONNX graph"
     model = onnx.load(str(model)) if isinstance(model, (str, Path)) else model
@@ -406,7 +406,7 @@ def simulated_accuracy(features_onnx: str | Path, qdq_onnx: str | Path, weights_
                        out_path: str | Path, *, preprocess: dict, postprocess: dict, batch_size: int = 8) -> dict:
     """COCO mAP of the float features vs the Q/DQ features, both finished by the same deployment head.
 
-    ONNX Runtime runs each graph as written (Q/DQ as simulated quantization, trtflow.qdq.session_options),
+    ONNX Runtime runs each graph as written (Q/DQ as simulated quantization, trtflow.onnxrun.session_options),
     so `delta` is what the scales alone cost, before any TensorRT kernel choice.
     """
     from trtflow.executors import onnxruntime_static_head_executor

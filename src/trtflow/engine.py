@@ -29,21 +29,14 @@ from trtflow.artifacts import software_versions, write_bytes, write_text
 from trtflow.backend import Backend, load_backend
 from trtflow.backend import precisions as layer_precisions
 from trtflow.backend.roi_align_plugin import unsupported_reason
+from trtflow.head import HEAD_OUTPUTS, PRECISIONS, head_dtype
 from trtflow.network_record import read_network
-from trtflow.qdq import is_quantized
+from trtflow.onnxrun import is_quantized
 from trtflow.usage import plan_usage
-
-PRECISIONS = ("fp32", "fp16", "int8")
-
-
-def head_dtype(precision: str) -> str:
-    """The head's dtype in the plan of `precision`: float32 for fp32, float16 for fp16 and int8."""
-    return "float32" if precision == "fp32" else "float16"
 
 ROI_ALIGN = ("builtin", "plugin")
 NMS = ("static", "builtin_layer")
 INT8_MODES = ("explicit", "implicit")
-HEAD_OUTPUTS = ("num_detections", "boxes", "scores", "classes")
 CHECKPOINT_KEY = "trtflow.checkpoint_sha256"  # written into features.onnx by trtflow.export
 RPN_PREFIXES = ("objectness_", "deltas_")
 PIPELINE_FILES = {  # where the pipeline puts the optional inputs

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from trtflow.engine import HEAD_OUTPUTS
-from trtflow.export import FeaturesNetwork, OnnxSession, output_names
-from trtflow.head import StaticHead
+from trtflow.model import FeaturesNetwork, output_names
+from trtflow.onnxrun import OnnxSession
+from trtflow.head import HEAD_OUTPUTS, StaticHead
 from trtflow.netexec import NetworkExecutor
 from trtflow.network_record import NetworkRecord
 

@@ -6,33 +6,15 @@ parser takes cleanly. Everything after it is the head that the TensorRT network 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
-from torch import nn
 
 from trtflow.artifacts import atomic_write, software_versions
-
-INPUT_NAME = "images"
-
-
-class FeaturesNetwork(nn.Module):
-    """Backbone + FPN + RPN head of a torchvision FasterRCNN: every FPN map, then each level's RPN outputs."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.backbone = model.backbone
-        self.rpn_head = model.rpn.head
-
-    def forward(self, images):
-        feature_maps = list(self.backbone(images).values())
-        objectness, deltas = self.rpn_head(feature_maps)
-        per_level = [tensor for pair in zip(objectness, deltas) for tensor in pair]
-        return (*feature_maps, *per_level)
-
+from trtflow.model import INPUT_NAME, FeaturesNetwork, output_names
+from trtflow.onnxrun import OnnxSession
 
 def backbone_maps(model, input_hw: tuple[int, int]) -> dict[str, torch.Tensor]:
     """The backbone's maps, by key, for one zero image of `input_hw`: a dry run for their names and sizes."""
@@ -51,10 +33,6 @@ def level_names(model, input_hw: tuple[int, int], maps: dict[str, torch.Tensor] 
     by_stride = {key: "pool" if key == "pool" else f"p{round(math.log2(input_hw[0] / m.shape[-2]))}" for key, m in maps.items()}
     taken = list(by_stride.values())
     return [name if taken.count(name) == 1 else f"{name}_{key}" for key, name in by_stride.items()]
-
-
-def output_names(levels: list[str]) -> list[str]:
-    return [*levels, *(f"{kind}_{level}" for level in levels for kind in ("objectness", "deltas"))]
 
 
 def export_features(model, input_hw: tuple[int, int], out_path: str | Path, *, opset: int = 18, dynamic_batch: bool = False,
@@ -77,74 +55,6 @@ def export_features(model, input_hw: tuple[int, int], out_path: str | Path, *, o
     onnx.checker.check_model(exported, full_check=True)
     atomic_write(out_path, lambda staging: onnx.save_model(exported, str(staging)))
     return exported
-
-
-class OnnxSession:
-    """An ONNX Runtime session of a graph with one image input: a (B, 3, H, W) batch -> its outputs by name.
-
-    A graph with a static batch size runs the batch in chunks of that size; a short last chunk is padded
-    with copies of its last image, whose outputs are dropped. Q/DQ graphs run as written
-    (`trtflow.qdq.session_options`). `extra_outputs` exposes intermediate tensors as outputs too.
-    """
-
-    def __init__(self, model: onnx.ModelProto | str | Path, *, providers: Sequence[str] | None = None,
-                 threads: int | None = None, extra_outputs: Sequence[str] = ()):
-        import onnxruntime as ort
-
-        from trtflow.qdq import session_options
-
-        if not isinstance(model, onnx.ModelProto):
-            self.source = Path(model)
-            if not self.source.is_file():
-                raise FileNotFoundError(f"{self.source} does not exist; build it first (snakemake {self.source})")
-            model = onnx.load(str(self.source))
-        else:
-            self.source = None
-        existing = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
-        if added := [name for name in extra_outputs if name not in existing]:
-            augmented = onnx.ModelProto()
-            augmented.CopyFrom(model)
-            inferred = onnx.shape_inference.infer_shapes(model).graph.value_info  # int8 of Q/DQ graphs, say
-            types = {info.name: info.type.tensor_type.elem_type for info in inferred}
-            augmented.graph.output.extend(
-                onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None)
-                for name in added
-            )
-            model = augmented
-        self.session = ort.InferenceSession(model.SerializeToString(), session_options(model, threads=threads),
-                                            providers=list(providers or ["CPUExecutionProvider"]))
-        self.input_name = self.session.get_inputs()[0].name
-        self.names = [output.name for output in self.session.get_outputs()]
-        static_batch = self.session.get_inputs()[0].shape[0]
-        self.static_batch = static_batch if isinstance(static_batch, int) else None
-
-    @property
-    def providers(self) -> list[str]:
-        """The providers the session really uses (ONNX Runtime drops ones it cannot load)."""
-        return self.session.get_providers()
-
-    def __call__(self, images: np.ndarray, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """`names` (default: every output) for `images`."""
-        names = list(self.names if names is None else names)
-        chunk = self.static_batch or len(images)
-        runs = []
-        for start in range(0, len(images), chunk):
-            part = images[start:start + chunk]
-            real = len(part)
-            if real == chunk:
-                runs.append(self.session.run(names, {self.input_name: part}))
-                continue
-            padded = np.concatenate([part, np.repeat(part[-1:], chunk - real, axis=0)])
-            outputs = self.session.run(names, {self.input_name: padded})
-            for name, output in zip(names, outputs, strict=True):
-                if output.ndim == 0 or output.shape[0] != chunk:
-                    raise ValueError(f"{self.source or 'the ONNX graph'}: output {name} of shape {list(output.shape)} "
-                                     f"has no batch axis first, so a short batch cannot be padded to {chunk}: feed "
-                                     f"multiples of {chunk} images or export with onnx.dynamic_batch: true")
-            runs.append([output[:real] for output in outputs])
-        if len(runs) == 1:
-            return dict(zip(names, runs[0], strict=True))
-        return {name: np.concatenate([run[k] for run in runs]) for k, name in enumerate(names)}
 
 
 def simplified_if_identical(model: onnx.ModelProto, example: np.ndarray) -> onnx.ModelProto:

@@ -38,6 +38,15 @@ from trtflow.weights import load_head, required_tensors
 NO_SCORE = -1.0  # score of a slot holding no candidate; every real score is a probability >= 0
 LN2 = math.log(2.0)
 
+# The head's contract with whoever runs a plan: its outputs, and its dtype in the plan of each precision.
+PRECISIONS = ("fp32", "fp16", "int8")
+HEAD_OUTPUTS = ("num_detections", "boxes", "scores", "classes")
+
+
+def head_dtype(precision: str) -> str:
+    """The head's dtype in the plan of `precision`: float32 for fp32, float16 for fp16 and int8."""
+    return "float32" if precision == "fp32" else "float16"
+
 
 class Proposals(NamedTuple):
     boxes: Tensor  # (B, P, 4) float32

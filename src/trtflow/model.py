@@ -39,6 +39,28 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used with the configured model."""
 
 
+INPUT_NAME = "images"
+
+
+class FeaturesNetwork(nn.Module):
+    """Backbone + FPN + RPN head of a torchvision FasterRCNN: every FPN map, then each level's RPN outputs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.backbone = model.backbone
+        self.rpn_head = model.rpn.head
+
+    def forward(self, images):
+        feature_maps = list(self.backbone(images).values())
+        objectness, deltas = self.rpn_head(feature_maps)
+        per_level = [tensor for pair in zip(objectness, deltas) for tensor in pair]
+        return (*feature_maps, *per_level)
+
+
+def output_names(levels: list[str]) -> list[str]:
+    return [*levels, *(f"{kind}_{level}" for level in levels for kind in ("objectness", "deltas"))]
+
+
 def conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False),

@@ -371,25 +371,3 @@ def insert_qdq(model: onnx.ModelProto, plan: QuantizationPlan, amax: Mapping[str
 def save_onnx(model: onnx.ModelProto, path: str | Path) -> None:
     """Write an ONNX file atomically (temp file in the same folder, then rename)."""
     write_bytes(path, model.SerializeToString())
-
-
-def is_quantized(model: onnx.ModelProto) -> bool:
-    """Whether the graph holds Q/DQ nodes (explicit quantization)."""
-    return any(node.op_type == "QuantizeLinear" for node in model.graph.node)
-
-
-def session_options(model: onnx.ModelProto, *, threads: int | None = None):
-    """ONNX Runtime options that run `model` as written; for a Q/DQ graph that means simulated quantization.
-
-    Graph optimizations are off for Q/DQ graphs: even onnxruntime's basic level rewrites Q/DQ patterns into
-    its own kernels, which moved outputs of the test graph by about 1% of their range. Without them every
-    Q/DQ is the float math the scales define, which TensorRT matches up to accumulation order.
-    """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if is_quantized(model):
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
-    return options

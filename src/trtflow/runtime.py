@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from trtflow.artifacts import files_sha256
-from trtflow.export import INPUT_NAME
+from trtflow.model import INPUT_NAME
 
 HOPPER = "9.0"
 

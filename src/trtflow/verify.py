@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 from trtflow.artifacts import write_json
-from trtflow.engine import PRECISIONS, head_dtype
 from trtflow.executors import (
     Executor,
     default_device,
@@ -36,6 +35,7 @@ from trtflow.executors import (
     onnxruntime_static_head_executor,
     tensorrt_executor,
 )
+from trtflow.head import PRECISIONS, head_dtype
 from trtflow.metrics import coco_map
 from trtflow.netexec import NetworkExecutionError
 from trtflow.reference import detect_dataset

@@ -8,7 +8,7 @@ rule calibrate:
     input:
         onnx=RESULTS / "{model}onnx/features.onnx",
         images=RESULTS / "data/calib.json",
-        code=library("calibrate", "qdq", "modelopt_qdq", "export", "data", "preprocess"),
+        code=script_code("calibrate"),
     output:
         table=RESULTS / "{model}calib/int8calib.table",
         ranges=RESULTS / "{model}calib/ranges.json",
@@ -34,10 +34,7 @@ rule calibration_accuracy:
         weights=RESULTS / "{model}weights/head.safetensors",
         manifest=RESULTS / "{model}weights/manifest.json",
         val=RESULTS / "data/val.json",
-        code=library(
-            "calibrate", "qdq", "export", "executors", "head", "weights", "reference", "preprocess", "postprocess",
-            "metrics",
-        ),
+        code=script_code("calibration_accuracy"),
     output:
         RESULTS / "{model}calib/accuracy.json",
     params:

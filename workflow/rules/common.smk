@@ -6,6 +6,7 @@ from pathlib import Path
 
 from trtflow.config import locate, model_settings
 from trtflow.plugins import PluginBuildError, find_nvcc
+from trtflow.workflow import code_closure
 
 # What the workflow writes, relative to the working directory (--directory); what it reads of its own, from
 # WORKFLOW_DIR (the Snakefile's folder).
@@ -25,9 +26,10 @@ def config_section(*keys):
     return node
 
 
-def library(*modules):
-    """The trtflow modules a rule runs, as inputs, so that editing their code reruns it."""
-    return [SRC / f"{module}.py" for module in modules]
+def script_code(script):
+    """The trtflow modules a rule's script runs, found from its imports and theirs (trtflow.workflow.code_closure):
+    inputs of the rule, so that editing any of them reruns it, and editing any other does not."""
+    return list(code_closure(WORKFLOW_DIR / "workflow/scripts" / f"{script}.py", SRC))
 
 
 # Several models (config `models:`): every per-model artifact path starts with the {model} wildcard, which is

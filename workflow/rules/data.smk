@@ -9,7 +9,7 @@ CALIBRATION_IMAGES = config.get("calibration", {}).get("images")
 
 rule data:
     input:
-        library("data"),
+        script_code("make_data"),
         # the user's annotations, so that editing them reruns `data`
         [] if DEMO_DATA or not config["data"]["annotations"] else config["data"]["annotations"],
     output:
@@ -35,7 +35,7 @@ rule data:
 
 rule data_train:
     input:
-        library("data"),
+        script_code("make_demo_train"),
     output:
         train=DATA / "train.json",
         images=directory(DATA / "train"),

@@ -16,10 +16,7 @@ rule engine:
         onnx=engine_onnx,
         weights=RESULTS / "{model}weights/head.safetensors",
         manifest=RESULTS / "{model}weights/manifest.json",
-        code=library(
-            "engine", "usage", "network", "network_record", "head", "weights", "backend/__init__", "backend/implicit_int8", "backend/precisions",
-            *(["plugins", "backend/roi_align_plugin"] if ENGINE["roi_align"] == "plugin" else []),
-        ),
+        code=script_code("build_engine"),
     output:
         plan=RESULTS / "{model}engine_{precision}.plan",
         metadata=RESULTS / "{model}engine_{precision}.json",

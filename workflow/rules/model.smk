@@ -5,7 +5,7 @@
 rule train_demo:
     input:
         train=RESULTS / "data/train.json",
-        code=library("train", "model", "preprocess"),
+        code=script_code("train_demo"),
     output:
         RESULTS / "{model}model/trained_demo.safetensors",
     params:
@@ -24,7 +24,7 @@ rule train_demo:
 rule model:
     input:
         checkpoint=checkpoint_source,
-        code=library("model"),
+        code=script_code("validate_model"),
     output:
         checkpoint=RESULTS / "{model}model/checkpoint.safetensors",
         info=RESULTS / "{model}model/model.json",

@@ -5,7 +5,7 @@ rule onnx:
     input:
         checkpoint=RESULTS / "{model}model/checkpoint.safetensors",
         info=RESULTS / "{model}model/model.json",
-        code=library("export", "model"),
+        code=script_code("export_onnx"),
     output:
         RESULTS / "{model}onnx/features.onnx",
     params:
@@ -25,7 +25,7 @@ rule onnx_parity:
         onnx=RESULTS / "{model}onnx/features.onnx",
         checkpoint=RESULTS / "{model}model/checkpoint.safetensors",
         val=RESULTS / "data/val.json",
-        code=library("export", "model", "preprocess", "data"),
+        code=script_code("onnx_parity"),
     output:
         RESULTS / "{model}onnx/parity.json",
     params:

@@ -5,7 +5,7 @@
 rule plugins:
     input:
         sources=sorted(PLUGIN_SOURCES.glob("*.cu")) + sorted(PLUGIN_SOURCES.glob("*.h")),
-        code=library("plugins"),
+        code=script_code("build_plugins"),
     output:
         library=RESULTS / "plugins/libtrtflow_plugins.so",
         ptx=RESULTS / "plugins/multilevel_roi_align.ptx",

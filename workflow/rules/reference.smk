@@ -5,7 +5,7 @@ rule reference:
     input:
         checkpoint=RESULTS / "{model}model/checkpoint.safetensors",
         val=RESULTS / "data/val.json",
-        code=library("reference", "model", "preprocess", "postprocess", "metrics", "data"),
+        code=script_code("reference"),
     output:
         detections=RESULTS / "{model}reference/detections.json",
         metrics=RESULTS / "{model}reference/metrics.json",

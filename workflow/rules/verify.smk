@@ -27,10 +27,7 @@ rule verify:
         val=RESULTS / "data/val.json",
         reference=RESULTS / "{model}reference/detections.json",
         reference_metrics=RESULTS / "{model}reference/metrics.json",
-        code=library(
-            "verify", "executors", "netexec", "network_record", "runtime", "head", "weights", "export", "qdq",
-            "reference", "preprocess", "postprocess", "metrics", "data",
-        ),
+        code=script_code("verify"),
     output:
         result=report(RESULTS / "{model}verify/{precision}.json", caption="../report/verify.rst", category="verify",
                       labels=report_labels()),
@@ -62,9 +59,7 @@ rule bench:
         manifest=RESULTS / "{model}weights/manifest.json",
         checkpoint=RESULTS / "{model}model/checkpoint.safetensors",
         val=RESULTS / "data/val.json",
-        code=library(
-            "bench", "executors", "runtime", "verify", "head", "weights", "export", "qdq", "model", "preprocess",
-        ),
+        code=script_code("bench"),
     output:
         report(RESULTS / "{model}bench/{precision}.json", caption="../report/bench.rst", category="bench",
                labels=report_labels()),
@@ -103,7 +98,7 @@ rule report:
         verify=expand(RESULTS / "{model}verify/{precision}.json", precision=PRECISIONS, allow_missing=True),
         detections=expand(RESULTS / "{model}verify/{precision}_detections.json", precision=PRECISIONS, allow_missing=True),
         bench=expand(RESULTS / "{model}bench/{precision}.json", precision=PRECISIONS, allow_missing=True),
-        code=library("report", "verify", "data"),
+        code=script_code("report"),
     output:
         html=report(RESULTS / "{model}report.html", caption="../report/report_html.rst", category="report",
                     labels=report_labels(page="report.html")),

@@ -8,7 +8,7 @@ rule weights:
     input:
         checkpoint=RESULTS / "{model}model/checkpoint.safetensors",
         info=RESULTS / "{model}model/model.json",
-        code=library("weights", "model", "export"),
+        code=script_code("export_weights"),
     output:
         tensors=RESULTS / "{model}weights/head.safetensors",
         manifest=RESULTS / "{model}weights/manifest.json",

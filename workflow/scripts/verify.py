@@ -1,12 +1,9 @@
 from pathlib import Path
 
-import torch
-
 from trtflow.verify import Thresholds, run_verify
 from trtflow.workflow import script_logging
 
 with script_logging(snakemake):
-    torch.set_num_threads(snakemake.threads)  # parallel jobs each take their share of the cores, no more
     run_verify(
         snakemake.wildcards.precision, plan=snakemake.input.plan, network=snakemake.input.network, onnx=snakemake.input.onnx,
         weights_dir=Path(snakemake.input.manifest).parent, val_json=snakemake.input.val,

@@ -1,0 +1,98 @@
+"""Rebuilt only on change, for code: each rule's code inputs are its script's import closure
+(trtflow.workflow.code_closure), so editing a library module reruns exactly the rules whose scripts
+run it, and what depends on their outputs.
+"""
+import os
+import re
+
+from pipeline_fixture import ROOT, clone, planned, snakemake
+
+from trtflow.workflow import code_closure
+
+pytest_plugins = ["pipeline_fixture"]
+
+
+def rule_scripts() -> dict[str, tuple[str, str]]:
+    """rule name -> (its script's name, the rule's text), from the rule files."""
+    found = {}
+    for path in sorted((ROOT / "workflow/rules").glob("*.smk")):
+        for block in re.split(r"(?m)^(?=rule )", path.read_text()):
+            name, script = re.match(r"rule (\w+):", block), re.search(r'"\.\./scripts/(\w+)\.py"', block)
+            if name and script:
+                found[name.group(1)] = (script.group(1), block)
+    return found
+
+
+def test_every_rule_takes_its_own_scripts_code():
+    rules = rule_scripts()
+    assert {"engine", "verify", "calibrate", "reference", "report"} <= set(rules)
+    for rule, (script, block) in rules.items():
+        assert f'script_code("{script}")' in block, f"rule {rule} does not list the code of ../scripts/{script}.py"
+
+
+def test_the_closure_follows_every_import(tmp_path):
+    """Imports inside functions, `from package import submodule`, and the packages they pass through."""
+    package = tmp_path / "trtflow"
+    (package / "sub").mkdir(parents=True)
+    files = {
+        "__init__.py": "",
+        "a.py": "def f():\n    from trtflow import b\n",
+        "b.py": "from trtflow.sub.c import thing\n",
+        "sub/__init__.py": "",
+        "sub/c.py": "import os\nthing = 1\n",
+        "unused.py": "import trtflow.a\n",
+    }
+    for name, text in files.items():
+        (package / name).write_text(text)
+    script = tmp_path / "script.py"
+    script.write_text("import json\nfrom trtflow.a import f\n")
+    closure = code_closure(script, package)
+    assert [str(path.relative_to(package)) for path in closure] == [
+        "__init__.py", "a.py", "b.py", "sub/__init__.py", "sub/c.py"]
+
+
+def test_the_run_side_does_not_run_the_engine_build():
+    """verify's and report's code: the head contract, not the engine stage that builds plans."""
+    src = ROOT / "src/trtflow"
+    for script in ("verify", "report", "bench"):
+        names = {path.name for path in code_closure(ROOT / f"workflow/scripts/{script}.py", src)}
+        assert {"netexec.py", "network_record.py", "head.py"} <= names
+        assert not names & {"engine.py", "network.py", "calibrate.py", "train.py"}, script
+
+
+def downstream(workdir) -> dict[str, set[str]]:
+    """rule -> the rules of the default target that read its outputs, directly or not (snakemake --rulegraph)."""
+    dot = snakemake(workdir, "--rulegraph").stdout
+    names = dict(re.findall(r'(\d+)\[label = "(\w+)"', dot))
+    edges = [(names[a], names[b]) for a, b in re.findall(r"(\d+) -> (\d+)", dot)]
+    reach = {name: set() for name in names.values()}
+    changed = True
+    while changed:
+        changed = False
+        for source, target in edges:
+            grown = reach[source] | {target} | reach[target]
+            changed |= grown != reach[source]
+            reach[source] = grown
+    return reach
+
+
+def test_editing_each_module_reruns_exactly_the_rules_that_run_it(completed_run, tmp_path):
+    run = clone(completed_run, tmp_path / "run")
+    src = run / "src/trtflow"
+    reach = downstream(run)
+    closures = {rule: {path.relative_to(src) for path in code_closure(run / f"workflow/scripts/{script}.py", src)}
+                for rule, (script, _) in rule_scripts().items() if rule in reach}
+    modules = sorted(path.relative_to(src) for path in src.rglob("*.py"))
+    assert len(modules) >= 30
+    for module in modules:
+        importers = {rule for rule, closure in closures.items() if module in closure}
+        expected = importers.union(*(reach[rule] for rule in importers))
+        path = src / module
+        text, stat = path.read_text(), path.stat()
+        path.write_text(text + "\n# edited\n")  # newer than every output, and other contents
+        try:
+            rules = {job.split("[")[0] for job in planned(run)}
+        finally:
+            path.write_text(text)
+            os.utime(path, (stat.st_atime, stat.st_mtime))
+        assert rules == expected, f"editing {module}: reran {sorted(rules)}, expected {sorted(expected)}"
