@@ -85,6 +85,7 @@ def checkpoint_source(wildcards):
 
 
 def nvcc_found() -> bool:
+    """Whether plugins.nvcc is on PATH (or $CUDA_HOME/bin/nvcc exists), as rule `plugins` looks for it."""
     try:
         find_nvcc(config["plugins"]["nvcc"])
     except PluginBuildError:
