@@ -16,6 +16,7 @@ demo: $(INSTALLED)
 	$(VENV)/bin/snakemake --cores $(CORES) results/engine_int8.plan
 
 test: $(INSTALLED)
+	$(VENV)/bin/ruff check .
 	$(PYTHON) -m pytest
 
 lint: $(INSTALLED)

@@ -7,7 +7,7 @@ import re
 
 from pipeline_fixture import ROOT, clone, planned, snakemake
 
-from trtflow.workflow import code_closure
+from trtflow.workflow import code_closure, imported_modules, module_file
 
 pytest_plugins = ["pipeline_fixture"]
 
@@ -58,6 +58,47 @@ def test_the_run_side_does_not_run_the_engine_build():
         names = {path.name for path in code_closure(ROOT / f"workflow/scripts/{script}.py", src)}
         assert {"netexec.py", "network_record.py", "head.py"} <= names
         assert not names & {"engine.py", "network.py", "calibrate.py", "train.py"}, script
+
+
+# The two wings (docs/ARCHITECTURE.md): they meet through files in results/ and the shared modules (the head
+# contract, the network-record and head-weights file formats, data, model definitions, backend, artifacts).
+BUILD_SIDE = {"export", "weights", "calibrate", "qdq", "modelopt_qdq", "network", "engine", "train", "usage"}
+RUN_SIDE = {"executors", "netexec", "runtime", "verify", "bench", "report", "detect", "cli", "reference", "onnxrun"}
+
+
+def module_imports() -> dict[str, set[str]]:
+    """trtflow module (dotted, from the package) -> the trtflow modules it imports."""
+    src = ROOT / "src/trtflow"
+    graph = {}
+    for path in src.rglob("*.py"):
+        name = ".".join(("trtflow", *path.relative_to(src).with_suffix("").parts)).removesuffix(".__init__")
+        graph[name] = {module for module in imported_modules(path) if module_file(module, src) and module != name}
+    return graph
+
+
+def test_no_import_circle():
+    graph = module_imports()
+
+    def reachable(start):
+        seen, stack = set(), list(graph[start])
+        while stack:
+            module = stack.pop()
+            if module not in seen:
+                seen.add(module)
+                stack.extend(graph.get(module, ()))
+        return seen
+
+    circles = sorted(name for name in graph if name in reachable(name))
+    assert not circles, f"modules that import themselves through others: {circles}"
+
+
+def test_the_run_side_imports_no_build_side_module():
+    graph = module_imports()
+    assert {f"trtflow.{m}" for m in BUILD_SIDE | RUN_SIDE} <= set(graph), "a wing names a module that is gone"
+    first = lambda name: (name.split(".") + [""])[1]  # noqa: E731  (trtflow.<first>...)
+    crossings = {name: sorted(m for m in imports if first(m) in BUILD_SIDE)
+                 for name, imports in graph.items() if first(name) in RUN_SIDE}
+    assert not {name: found for name, found in crossings.items() if found}
 
 
 def downstream(workdir) -> dict[str, set[str]]:

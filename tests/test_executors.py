@@ -32,7 +32,8 @@ class Deployment:
 
     def __init__(self, folder, model=None, input_hw=INPUT_HW):
         from trtflow.export import export_features
-        from trtflow.weights import export_head, load_head
+        from trtflow.head_weights import load_head
+        from trtflow.weights import export_head
 
         self.model = tame(tiny_fpn_detector(), input_hw) if model is None else model
         self.onnx = folder / "features.onnx"

@@ -12,7 +12,8 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import batched_nms, box_iou
 
 from trtflow.head import StaticHead, greedy_nms, level_anchors
-from trtflow.weights import export_head, load_head
+from trtflow.head_weights import load_head
+from trtflow.weights import export_head
 
 BATCH = 2
 

@@ -25,7 +25,7 @@ from trtflow.netexec import NetworkExecutionError, NetworkExecutor
 from trtflow.network_record import NetworkRecord, NetworkRecordError, read_network
 from trtflow.qdq import insert_qdq, quantization_plan
 from trtflow.verify import Thresholds, VerifyError, match_detections, run_verify
-from trtflow.weights import load_head
+from trtflow.head_weights import load_head
 
 rtx = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX (pip install tensorrt-rtx-cu13) is not installed")
 

@@ -13,7 +13,8 @@ from test_weights import tame, tiny_fpn_detector, torchvision_detector
 import trtflow.head
 import trtflow.network
 from trtflow.network import HeadBuildError, add_head
-from trtflow.weights import export_head, load_head
+from trtflow.head_weights import load_head
+from trtflow.weights import export_head
 
 rtx = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX (pip install tensorrt-rtx-cu13) is not installed")
 
@@ -175,7 +176,8 @@ def test_full_tensorrt_options_build(tmp_path):
     trt = pytest.importorskip("tensorrt", reason="full TensorRT cannot be installed here; roi_align: plugin and "
                                                  "nms: builtin_layer are built only where it is (GPU machines)")
     from trtflow.backend import load_backend
-    from trtflow.plugins import DEFAULT_LIBRARY, register_plugins
+    from trtflow.backend.roi_align_plugin import register_plugins
+    from trtflow.plugins import DEFAULT_LIBRARY
 
     if not DEFAULT_LIBRARY.is_file():
         pytest.skip(f"{DEFAULT_LIBRARY} is not built (rule plugins)")

@@ -72,10 +72,11 @@ def built(tmp_path_factory) -> Path:
         build_plugins(work / "plugins", work / "results/plugins", BuildConfig(archs=(arch,), ptx_arch=arch))
         return work / "results/plugins"
     (work / "src").symlink_to(ROOT / "src")
+    (work / "workflow").symlink_to(ROOT / "workflow")  # the rule's code inputs come from its script's imports
     (work / "Snakefile").write_text(  # the project's config with its schema defaults, one GPU arch
         "from pathlib import Path\n"
         "from snakemake.utils import validate\n"
-        "WORKFLOW_DIR = Path('.')  # where the rules find src/ and plugins/: this scratch folder\n"
+        "WORKFLOW_DIR = Path('.')  # where the rules find src/, workflow/ and plugins/: this scratch folder\n"
         f'configfile: "{ROOT}/config.yaml"\n'
         f'validate(config, "{ROOT}/workflow/schemas/config.schema.yaml")\n'
         f'config["plugins"] = {{"archs": [{arch}], "ptx_arch": {arch}, "nvcc": "nvcc", "extra_nvcc_flags": []}}\n'
@@ -467,7 +468,7 @@ def test_tensorrt_rtx_refuses_the_plugin_and_names_the_builtin_head(built):
     pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed")
     from trtflow.backend import load_backend
     from trtflow.backend.roi_align_plugin import PluginUnavailableError
-    from trtflow.plugins import register_plugins
+    from trtflow.backend.roi_align_plugin import register_plugins
 
     backend = load_backend("tensorrt_rtx")
     with pytest.raises(PluginUnavailableError, match=r"TensorRT-RTX .*no Python plugin path.*roi_align: builtin"):
@@ -479,7 +480,7 @@ def test_tensorrt_registers_the_plugin(built):
                                            "only where `import tensorrt` works")
     from trtflow.backend import load_backend
     from trtflow.backend.roi_align_plugin import decorator_plugin_name, plugin_flavour
-    from trtflow.plugins import register_plugins
+    from trtflow.backend.roi_align_plugin import register_plugins
 
     backend = load_backend("tensorrt")
     register_plugins(backend, built / "libtrtflow_plugins.so")

@@ -25,15 +25,8 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCN
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import MultiScaleRoIAlign
 
-from trtflow.weights import (
-    HeadWeightsError,
-    export_head,
-    load_head,
-    read_wts,
-    required_tensors,
-    tensor_sha256,
-    write_wts,
-)
+from trtflow.head_weights import HeadWeightsError, load_head, read_wts, required_tensors, tensor_sha256, write_wts
+from trtflow.weights import export_head
 
 # Test-time budgets small enough for CPU, large enough for real NMS work.
 BUDGETS = {"rpn_pre_nms_top_n_test": 150, "rpn_post_nms_top_n_test": 60}

@@ -28,7 +28,7 @@ from trtflow.executors import (
 from trtflow.artifacts import write_json
 from trtflow.runtime import EngineRefused
 from trtflow.verify import deployment_executor
-from trtflow.weights import load_head
+from trtflow.head_weights import load_head
 
 EXECUTORS = ("tensorrt", "onnxruntime+static-head", "pytorch", "pytorch+static-head")
 

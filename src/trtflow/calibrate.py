@@ -412,7 +412,7 @@ def simulated_accuracy(features_onnx: str | Path, qdq_onnx: str | Path, weights_
     from trtflow.executors import onnxruntime_static_head_executor
     from trtflow.metrics import check_label_set, coco_map
     from trtflow.reference import detect_dataset
-    from trtflow.weights import load_head
+    from trtflow.head_weights import load_head
 
     manifest, tensors = load_head(weights_dir)
     check_label_set(json.loads(Path(val_json).read_text()), manifest["num_classes"], val_json)

@@ -480,7 +480,7 @@ def build_engine(
     check_features_onnx(model, sources.onnx, settings)
     head = None
     if sources.head_weights is not None:
-        from trtflow.weights import load_head  # checks names, shapes and sha256 of every tensor
+        from trtflow.head_weights import load_head  # checks names, shapes and sha256 of every tensor
 
         head = load_head(sources.head_weights)
         check_same_checkpoint(model, sources.onnx, head[0]["source_checkpoint_sha256"],
@@ -488,7 +488,7 @@ def build_engine(
     gpu = build_gpu()
     compute_capabilities = target_compute_capabilities(backend, settings, gpu)
     if settings.roi_align == "plugin":
-        from trtflow.plugins import register_plugins
+        from trtflow.backend.roi_align_plugin import register_plugins
 
         register_plugins(backend, sources.plugin_library)
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 
-from trtflow.weights import load_head, required_tensors
+from trtflow.head_weights import load_head, required_tensors
 
 NO_SCORE = -1.0  # score of a slot holding no candidate; every real score is a probability >= 0
 LN2 = math.log(2.0)

@@ -393,7 +393,7 @@ def multilevel_roi_align(g: Graph, maps, boxes, roi_pool: Mapping):
 
 def plugin_roi_align(g: Graph, maps, boxes, roi_pool: Mapping):
     """Full TensorRT only: our MultiLevelRoIAlign plugin (trtflow.backend.roi_align_plugin, registered
-    beforehand by trtflow.plugins.register_plugins) on rois (B·P, 5) = batch index, x1, y1, x2, y2."""
+    beforehand by trtflow.backend.roi_align_plugin.register_plugins) on rois (B·P, 5) = batch index, x1, y1, x2, y2."""
     trt = g.trt
     from trtflow.backend import load_backend
     from trtflow.backend.roi_align_plugin import add_multilevel_roi_align, unsupported_reason

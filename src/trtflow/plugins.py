@@ -428,17 +428,3 @@ def multilevel_roi_align(
         with torch.cuda.device(first.device):
             call(torch.cuda.current_stream(first.device).cuda_stream)
     return out
-
-
-# -- TensorRT ---------------------------------------------------------------------------------
-
-
-def register_plugins(backend, plugin_library: Path | str = DEFAULT_LIBRARY) -> None:
-    """Register the MultiLevelRoIAlign TensorRT plugin for `backend` (trtflow.backend.Backend).
-
-    The PTX the ahead-of-time path embeds is read from beside the library.
-    """
-    from trtflow.backend.roi_align_plugin import register_multilevel_roi_align
-
-    library = Path(plugin_library)
-    register_multilevel_roi_align(backend, library, library.with_name(ROI_ALIGN_PTX))

@@ -144,7 +144,7 @@ class EngineRunner:
         self.backend = load_backend(self.metadata["backend"])
         trt = self.backend.trt
         if self.metadata.get("roi_align") == "plugin":
-            from trtflow.plugins import register_plugins
+            from trtflow.backend.roi_align_plugin import register_plugins
 
             register_plugins(self.backend, self.metadata["sources"]["plugin_library"]["path"])
         self.runtime = trt.Runtime(self.backend.logger)

@@ -201,7 +201,7 @@ def deployment_executor(precision: str, onnx: str | Path, weights_dir: str | Pat
     """The deployment-form reference as the engine of `precision` is built: `onnx` is features.onnx for fp32
     and fp16, features.qdq.onnx for int8; the head runs float32 for fp32, float16 otherwise. Where the
     head's device cannot run float16 it runs float32 and `details["note"]` says so."""
-    from trtflow.weights import load_head
+    from trtflow.head_weights import load_head
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")

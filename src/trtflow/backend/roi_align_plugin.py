@@ -36,7 +36,9 @@ from types import ModuleType
 import numpy as np
 
 from trtflow.plugins import (
+    DEFAULT_LIBRARY,
     MAX_LEVELS,
+    ROI_ALIGN_PTX,
     PluginLibraryError,
     RoIAlignSpec,
     launch,
@@ -154,6 +156,15 @@ def kernel_scalar_args(num_rois, batch, channels, stride, sizes: Sequence[tuple]
     return [num_rois, batch, channels, stride, *(v for hw in sizes for v in hw), *spec_args]
 
 
+def register_plugins(backend, plugin_library: Path | str = DEFAULT_LIBRARY) -> None:
+    """Register the MultiLevelRoIAlign TensorRT plugin for `backend` (trtflow.backend.Backend).
+
+    The PTX the ahead-of-time path embeds is read from beside the library.
+    """
+    library = Path(plugin_library)
+    register_multilevel_roi_align(backend, library, library.with_name(ROI_ALIGN_PTX))
+
+
 def register_multilevel_roi_align(backend, library: Path, ptx: Path) -> None:
     """Register the plugin for every level count with `backend` (trtflow.backend.Backend)."""
     reason = unsupported_reason(backend)
@@ -187,7 +198,7 @@ def add_multilevel_roi_align(backend, network, features: Sequence, rois, spec: R
     """Add the plugin layer to `network`; returns its output ITensor (N, C, out_h, out_w)."""
     flavour = plugin_flavour(backend.name, backend.version)
     if f"{backend.name}:{flavour}" not in _registered:
-        raise PluginLibraryError("register the plugin first: trtflow.plugins.register_plugins(backend, library)")
+        raise PluginLibraryError("register the plugin first: trtflow.backend.roi_align_plugin.register_plugins(backend, library)")
     if len(features) != spec.num_levels:
         raise ValueError(f"{len(features)} feature maps for a RoIAlignSpec of {spec.num_levels} levels")
     attrs = dict(zip(ATTRIBUTES, spec.c_args()))
