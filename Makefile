@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 CORES ?= 4
 
-.PHONY: demo test lint clean
+.PHONY: demo test test-fast lint clean
 
 $(INSTALLED): pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,6 +18,11 @@ demo: $(INSTALLED)
 test: $(INSTALLED)
 	$(VENV)/bin/ruff check .
 	$(PYTHON) -m pytest
+
+# the unit tests alone (no Snakemake runs): a few minutes instead of CI's full suite
+test-fast: $(INSTALLED)
+	$(VENV)/bin/ruff check .
+	$(PYTHON) -m pytest -m "not pipeline"
 
 lint: $(INSTALLED)
 	$(VENV)/bin/snakemake --lint
