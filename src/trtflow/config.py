@@ -8,7 +8,6 @@ import yaml
 
 from trtflow.backend import BackendUnavailableError, load_backend
 from trtflow.backend.roi_align_plugin import unsupported_reason
-from trtflow.modelopt_qdq import missing_modelopt, modelopt_method
 
 # The schema of a source checkout; the Snakefile passes the one beside it (a workflow run from anywhere).
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow/schemas/config.schema.yaml"
@@ -115,6 +114,9 @@ def consistency_problems(config: dict) -> list[str]:
                         f"{calibration['num_images']} must be multiples of the features ONNX's static batch "
                         f"onnx.batch_size: {onnx['batch_size']}; change them or set onnx.dynamic_batch: true")
     if calibration["qdq_placement"] == "modelopt":
+        # imported here: the ModelOpt adapter loads onnx (about 0.5 s), which every Snakemake start would pay
+        from trtflow.modelopt_qdq import missing_modelopt, modelopt_method
+
         try:
             modelopt_method(calibration["algorithm"])
         except ValueError as error:

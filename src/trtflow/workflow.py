@@ -33,7 +33,8 @@ def script_logging(snakemake):
             raise
 
 
-def imported_modules(source: Path, package: str = "trtflow") -> set[str]:
+@functools.cache
+def imported_modules(source: Path, package: str = "trtflow") -> frozenset[str]:
     """Dotted names of the `package` modules `source` imports, at module top or inside functions alike."""
     names = set()
     for node in ast.walk(ast.parse(source.read_text(), str(source))):
@@ -42,7 +43,7 @@ def imported_modules(source: Path, package: str = "trtflow") -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             # `from trtflow.backend import precisions` may name a submodule: both spellings are candidates
             names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
-    return {name for name in names if name == package or name.startswith(f"{package}.")}
+    return frozenset(name for name in names if name == package or name.startswith(f"{package}."))
 
 
 def module_file(name: str, package_dir: Path) -> Path | None:
