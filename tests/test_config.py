@@ -4,7 +4,12 @@ import importlib.util
 import pytest
 import yaml
 
+from trtflow.backend import CHOICES as BACKEND_CHOICES
+from trtflow.calibrate import ALGORITHMS
 from trtflow.config import ConfigError, check_config
+from trtflow.engine import INT8_MODES
+from trtflow.head import PRECISIONS
+from trtflow.network import HEAD_OPTIONS
 from conftest import ROOT
 
 RAW = yaml.safe_load((ROOT / "config.yaml").read_text())
@@ -67,3 +72,15 @@ def test_defaults_are_filled_in():
     assert config["postprocess"] == {"score_thresh": 0.05, "iou_thresh": 0.5, "max_detections": 100}
     assert config["model"]["box"]["detections_per_img"] == 100
     assert config["onnx"]["opset"] >= 17 and config["model"]["train"]["epochs"] == 30
+
+
+def test_the_schema_offers_exactly_the_values_the_library_implements():
+    """Each option's values are defined where they are implemented; the schema only repeats them for users."""
+    schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())["properties"]
+    engine = schema["engine"]["properties"]
+    assert engine["roi_align"]["enum"] == list(HEAD_OPTIONS["roi_align"])
+    assert engine["nms"]["enum"] == list(HEAD_OPTIONS["nms"])
+    assert engine["int8_mode"]["enum"] == list(INT8_MODES)
+    assert engine["precisions"]["items"]["enum"] == list(PRECISIONS)
+    assert schema["backend"]["enum"] == list(BACKEND_CHOICES)
+    assert schema["calibration"]["properties"]["algorithm"]["enum"] == list(ALGORITHMS)

@@ -147,8 +147,10 @@ def test_bad_requests_fail_clearly(tiny):
     _, network, inputs = head_network(rtx, manifest, 1, rtx.float32)
     with pytest.raises(HeadBuildError, match="dtype='int8'"):
         add_head(network, rtx, manifest, tensors, *inputs, dtype="int8")
-    with pytest.raises(HeadBuildError, match="roi_align='grid'"):
+    with pytest.raises(HeadBuildError, match="roi_align = 'grid': use one of builtin, plugin"):
         add_head(network, rtx, manifest, tensors, *inputs, dtype="float32", roi_align="grid")
+    with pytest.raises(HeadBuildError, match="nms = 'soft': use one of static, builtin_layer"):
+        add_head(network, rtx, manifest, tensors, *inputs, dtype="float32", nms="soft")
     with pytest.raises(KeyError, match="objectness_p2"):
         add_head(network, rtx, manifest, tensors, inputs[0], {}, inputs[2], dtype="float32")
 

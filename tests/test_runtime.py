@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from trtflow.runtime import EngineRefused, EngineRunner, Gpu, check_runnable, metadata_path, refusals
+from trtflow.backend import installed_version
+from trtflow.runtime import EngineRefused, EngineRunner, Gpu, check_runnable, metadata_path, refusals, visible_gpu
 
 RTX_VERSION = "1.7.1.116"
 RTX_TARGETS = ["8.0", "8.6", "8.9", "12.0", "12.1"]
@@ -165,6 +166,4 @@ def test_engine_runner_matches_onnxruntime(features_plan, cuda_graph):
 
 
 def _here(metadata):
-    from trtflow.runtime import installed_version, visible_gpu
-
     return visible_gpu(), {metadata["backend"]: installed_version(metadata["backend"])}

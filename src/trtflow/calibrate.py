@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 
 from trtflow.artifacts import files_sha256, software_versions, write_json, write_text
+from trtflow.backend import installed_version
 from trtflow.modelopt_qdq import quantize_features
 from trtflow.qdq import KeepFloat, insert_qdq, quantization_plan, save_onnx, shared_amax, symmetric_scale
 
@@ -270,11 +271,8 @@ def version_tag(version: str) -> str:
 
 def tensorrt_version_tag(fallback: str | int) -> str:
     """The installed TensorRT's version tag (`tensorrt` imports), else `fallback` (config calibration.tensorrt_version)."""
-    try:
-        import tensorrt
-    except ImportError:
-        return str(fallback)
-    return version_tag(tensorrt.__version__)
+    installed = installed_version("tensorrt")
+    return version_tag(installed) if installed else str(fallback)
 
 
 def scale_hex(scale: float) -> str:

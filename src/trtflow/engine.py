@@ -30,12 +30,11 @@ from trtflow.backend import Backend, load_backend
 from trtflow.backend import precisions as layer_precisions
 from trtflow.backend.roi_align_plugin import unsupported_reason
 from trtflow.head import HEAD_OUTPUTS, PRECISIONS, head_dtype
+from trtflow.network import add_head, check_head_options
 from trtflow.network_record import read_network
 from trtflow.onnxrun import is_quantized
 from trtflow.usage import plan_usage
 
-ROI_ALIGN = ("builtin", "plugin")
-NMS = ("static", "builtin_layer")
 INT8_MODES = ("explicit", "implicit")
 CHECKPOINT_KEY = "trtflow.checkpoint_sha256"  # written into features.onnx by trtflow.export
 RPN_PREFIXES = ("objectness_", "deltas_")
@@ -78,14 +77,10 @@ class EngineSettings:
     debug_outputs: tuple[str, ...] = ()
 
     def __post_init__(self):
-        for key, value, allowed in (
-            ("precision", self.precision, PRECISIONS),
-            ("roi_align", self.roi_align, ROI_ALIGN),
-            ("nms", self.nms, NMS),
-            ("int8_mode", self.int8_mode, INT8_MODES),
-        ):
+        for key, value, allowed in (("precision", self.precision, PRECISIONS), ("int8_mode", self.int8_mode, INT8_MODES)):
             if value not in allowed:
                 raise ValueError(f"engine.{key} = {value!r}: use one of {', '.join(allowed)}")
+        check_head_options("engine.", roi_align=self.roi_align, nms=self.nms)
         if not 0 <= self.opt_level <= 5:
             raise ValueError(f"engine.opt_level = {self.opt_level}: use 0 (fastest build) to 5 (most tactics)")
         if self.workspace_mb < 1:
@@ -359,8 +354,6 @@ def describe_io(network, shapes: dict) -> tuple[list, list]:
 
 def add_detection_head(backend: Backend, network, outputs: FeatureOutputs, manifest: dict, tensors: dict,
                        settings: EngineSettings) -> dict:
-    from trtflow.network import add_head
-
     return add_head(
         network, backend.trt, manifest, tensors, outputs.features, outputs.objectness, outputs.deltas,
         dtype=settings.head_dtype, roi_align=settings.roi_align, nms=settings.nms,

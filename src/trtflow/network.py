@@ -31,13 +31,21 @@ import numpy as np
 from trtflow.head import LN2, NO_SCORE, by_level, level_anchors
 
 MAX_TOP_K = 3840  # ITopKLayer: k <= 3840
-ROI_ALIGN_CHOICES = ("builtin", "plugin")
-NMS_CHOICES = ("static", "builtin_layer")
+# what add_head implements; config.yaml's schema lists the same (a test holds them equal)
+HEAD_OPTIONS = {"roi_align": ("builtin", "plugin"), "nms": ("static", "builtin_layer")}
 NMS_LAYER_TOP_K_LIMIT = 5000  # INMSLayer: topk_box_limit <= 5000 (2000 on SM 5.3 / 6.2)
 
 
 class HeadBuildError(ValueError):
     """The head cannot be built as asked on this TensorRT."""
+
+
+def check_head_options(key_prefix: str = "", **options: str) -> None:
+    """Refuse a head option add_head does not implement; `key_prefix` names where the value came from
+    (``engine.`` for config.yaml)."""
+    for key, value in options.items():
+        if value not in HEAD_OPTIONS[key]:
+            raise HeadBuildError(f"{key_prefix}{key} = {value!r}: use one of {', '.join(HEAD_OPTIONS[key])}")
 
 
 class Graph:
@@ -505,10 +513,7 @@ def add_head(network, trt: ModuleType, manifest: Mapping, tensors: Mapping, feat
     head.proposal_valid, head.roi_features, head.class_logits, head.box_deltas,
     head.candidate_scores, head.candidate_boxes.
     """
-    if roi_align not in ROI_ALIGN_CHOICES:
-        raise HeadBuildError(f"roi_align={roi_align!r}: use one of {', '.join(ROI_ALIGN_CHOICES)}")
-    if nms not in NMS_CHOICES:
-        raise HeadBuildError(f"nms={nms!r}: use one of {', '.join(NMS_CHOICES)}")
+    check_head_options(roi_align=roi_align, nms=nms)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise HeadBuildError(f"dtype={dtype!r}: use float32 or float16")

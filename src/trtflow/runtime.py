@@ -13,7 +13,6 @@ ones the metadata describes, a missing RoIAlign plugin library. Those checks nee
 """
 from __future__ import annotations
 
-import importlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,10 +21,9 @@ from pathlib import Path
 import torch
 
 from trtflow.artifacts import files_sha256
+from trtflow.backend import FLAVOUR_NAMES, INSTALL_COMMANDS, UNSUPPORTED_GPUS, installed_version, load_backend
+from trtflow.backend.roi_align_plugin import register_plugins
 from trtflow.model import INPUT_NAME
-
-HOPPER = "9.0"
-
 
 class EngineRefused(RuntimeError):
     """This machine cannot run the plan; the message says why and what would."""
@@ -43,14 +41,6 @@ def visible_gpu() -> Gpu | None:
         return None
     major, minor = torch.cuda.get_device_capability()
     return Gpu(torch.cuda.get_device_name(), f"{major}.{minor}")
-
-
-def installed_version(backend: str) -> str | None:
-    """`__version__` of the backend's Python module (tensorrt / tensorrt_rtx), None where it does not import."""
-    try:
-        return importlib.import_module(backend).__version__
-    except ImportError:
-        return None
 
 
 def metadata_path(plan: str | Path) -> Path:
@@ -79,18 +69,18 @@ def refusals(metadata: Mapping, gpu: Gpu | None, installed: Mapping[str, str | N
                        "an NVIDIA GPU")
     else:
         targets = [str(cc) for cc in metadata.get("compute_capabilities") or []]
-        if backend == "tensorrt_rtx" and gpu.compute_capability == HOPPER:  # whatever the plan lists
-            reasons.append(f"{gpu.name} is compute capability 9.0 (Hopper), on which TensorRT-RTX plans do not run "
-                           f"(this plan targets {', '.join(targets) or 'none listed'}); build the engine with full "
-                           "TensorRT on this GPU (backend: tensorrt)")
+        unsupported = UNSUPPORTED_GPUS.get(backend, {}).get(gpu.compute_capability)
+        if unsupported:
+            reasons.append(f"{gpu.name} is compute capability {gpu.compute_capability} ({unsupported}), on which "
+                           f"{FLAVOUR_NAMES[backend]} plans do not run (this plan targets "
+                           f"{', '.join(targets) or 'none listed'}); build the engine with full TensorRT on this GPU "
+                           "(backend: tensorrt)")
         elif gpu.compute_capability not in targets:
             reasons.append(f"the plan targets compute capabilities {targets} but {gpu.name} is "
                            f"{gpu.compute_capability}; rebuild it for this GPU (engine.rtx.compute_capabilities, "
                            "or build with full TensorRT on this machine)")
     have = installed.get(backend)
     if have is None:
-        from trtflow.backend import INSTALL_COMMANDS
-
         reasons.append(f"the plan was built with {built} but `import {backend}` fails here; install that version "
                        f"({INSTALL_COMMANDS.get(backend, backend)}=={version})")
     elif have != version:
@@ -139,13 +129,9 @@ class EngineRunner:
         self.plan = Path(plan)
         self.metadata = dict(metadata) if metadata is not None else read_metadata(plan)
         check_runnable(self.plan, self.metadata)
-        from trtflow.backend import load_backend
-
         self.backend = load_backend(self.metadata["backend"])
         trt = self.backend.trt
         if self.metadata.get("roi_align") == "plugin":
-            from trtflow.backend.roi_align_plugin import register_plugins
-
             register_plugins(self.backend, self.metadata["sources"]["plugin_library"]["path"])
         self.runtime = trt.Runtime(self.backend.logger)
         self.engine = self.runtime.deserialize_cuda_engine(self.plan.read_bytes())

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from trtflow.backend import COMMAND_LINE_RUNNERS
+
 INPUT_MEANING = ("preprocessed images, float32 NCHW: see `preprocess` (keep-ratio resize into height x width, "
                  "content at the top-left, pad_value on the right and bottom, colour order, (x/255 - mean) / std)")
 OUTPUT_MEANINGS = {
@@ -32,8 +34,6 @@ POSTPROCESS_STEPS = (
     "drop scores <= score_thresh, per-class NMS at iou_thresh, keep the max_detections best",
     "map boxes to original pixels (divide by the letterbox ratio) and clip to the image; drop zero-area boxes",
 )
-# the command-line runner of each backend (TensorRT-RTX's trtexec is called tensorrt_rtx)
-RUNNER = {"tensorrt": "trtexec", "tensorrt_rtx": "tensorrt_rtx"}
 
 
 def classes_of(categories: Sequence[Mapping]) -> list[dict]:
@@ -55,7 +55,7 @@ def plan_usage(metadata: Mapping, plan_path: str | Path, usage: Mapping | None) 
     usage = usage or {}
     preprocess, postprocess = usage.get("preprocess"), usage.get("postprocess")
     categories = usage.get("categories")
-    runner = RUNNER.get(metadata["backend"], "trtexec")
+    runner = COMMAND_LINE_RUNNERS.get(metadata["backend"], "trtexec")
     return {
         "inputs": [{**entry, "layout": "NCHW", "meaning": INPUT_MEANING} for entry in metadata["inputs"]],
         "outputs": [{**entry, "meaning": OUTPUT_MEANINGS.get(entry["name"], "a debug output (engine.debug_outputs)")}

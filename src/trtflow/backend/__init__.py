@@ -36,6 +36,11 @@ INSTALL_COMMANDS = {
     "tensorrt": "pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu13",
     "tensorrt_rtx": "pip install tensorrt-rtx-cu13",
 }
+# the command-line runner of each flavour (TensorRT-RTX's trtexec is called tensorrt_rtx)
+COMMAND_LINE_RUNNERS = {"tensorrt": "trtexec", "tensorrt_rtx": "tensorrt_rtx"}
+# compute capabilities on which a flavour's plans do not run, whatever targets the plan lists
+UNSUPPORTED_GPUS = {"tensorrt_rtx": {"9.0": "Hopper"}}
+FLAVOUR_NAMES = {"tensorrt": "TensorRT", "tensorrt_rtx": "TensorRT-RTX"}
 
 log = logging.getLogger(__name__)
 
@@ -326,6 +331,12 @@ def _capabilities(name: str, trt: ModuleType) -> Capabilities:
         timing_cache=full,
         compute_capability_targets=hasattr(trt, "ComputeCapability"),
     )
+
+
+def installed_version(name: str) -> str | None:
+    """`__version__` of a flavour's Python module (tensorrt / tensorrt_rtx), None where it does not import."""
+    module = _import(name)
+    return module.__version__ if module is not None else None
 
 
 def _import(name: str) -> ModuleType | None:
