@@ -57,12 +57,12 @@ def test_the_run_side_does_not_run_the_engine_build():
     for script in ("verify", "report", "bench"):
         names = {path.name for path in code_closure(ROOT / f"workflow/scripts/{script}.py", src)}
         assert {"netexec.py", "network_record.py", "head.py"} <= names
-        assert not names & {"engine.py", "network.py", "calibrate.py", "train.py"}, script
+        assert not names & {"engine.py", "head_network.py", "calibrate.py", "train.py"}, script
 
 
 # The two wings (docs/ARCHITECTURE.md): they meet through files in results/ and the shared modules (the head
 # contract, the network-record and head-weights file formats, data, model definitions, backend, artifacts).
-BUILD_SIDE = {"export", "weights", "calibrate", "qdq", "modelopt_qdq", "network", "engine", "train", "usage"}
+BUILD_SIDE = {"export", "weights", "calibrate", "qdq", "modelopt_qdq", "head_network", "engine", "train", "usage"}
 RUN_SIDE = {"executors", "netexec", "runtime", "verify", "bench", "report", "detect", "cli", "reference", "onnxrun"}
 
 

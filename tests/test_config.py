@@ -9,7 +9,7 @@ from trtflow.calibrate import ALGORITHMS
 from trtflow.config import ConfigError, check_config
 from trtflow.engine import INT8_MODES
 from trtflow.head import PRECISIONS
-from trtflow.network import HEAD_OPTIONS
+from trtflow.head_network import HEAD_OPTIONS
 from conftest import ROOT
 
 RAW = yaml.safe_load((ROOT / "config.yaml").read_text())

@@ -17,7 +17,7 @@ from test_engine import small_detector  # noqa: F401  (demo detector, random wei
 from test_executors import Deployment, deployment  # noqa: F401  (tamed tiny detector + a small COCO set)
 from test_weights import ARCHS, tame, torchvision_detector
 
-import trtflow.network
+import trtflow.head_network
 from trtflow.engine import EngineSettings, EngineSources, define_network
 from trtflow.executors import network_definition_executor, onnxruntime_static_head_executor
 from trtflow.onnxrun import OnnxSession
@@ -161,7 +161,7 @@ def test_torchvision_architectures_with_random_weights(backend, arch, tmp_path):
 
 def transposed_fc_weight(manifest, monkeypatch):
     """The first box-head FC reads its weight in the transposed memory order (same shape, scrambled)."""
-    linear = trtflow.network.linear
+    linear = trtflow.head_network.linear
     first = next(layer["name"] for layer in manifest["box_head"]["layers"] if layer["kind"] == "linear")
 
     def scrambled(g, x, layer, tensors):
@@ -171,7 +171,7 @@ def transposed_fc_weight(manifest, monkeypatch):
             tensors = {**tensors, name: np.ascontiguousarray(weight.reshape(weight.shape[::-1]).T)}
         return linear(g, x, layer, tensors)
 
-    monkeypatch.setattr(trtflow.network, "linear", scrambled)
+    monkeypatch.setattr(trtflow.head_network, "linear", scrambled)
     return manifest
 
 
@@ -187,12 +187,12 @@ def nms_threshold_off(manifest, monkeypatch):
 def level_mapping_shifted(manifest, monkeypatch):
     """Each RoI samples the FPN map one level coarser than torchvision's LevelMapper assigns (an off-by-one
     in the level index; the coarsest level stays)."""
-    fpn_levels = trtflow.network.fpn_levels
+    fpn_levels = trtflow.head_network.fpn_levels
 
     def shifted(g, boxes, roi_pool):
         return g.minimum(g.add(fpn_levels(g, boxes, roi_pool), 1), len(roi_pool["scales"]) - 1)
 
-    monkeypatch.setattr(trtflow.network, "fpn_levels", shifted)
+    monkeypatch.setattr(trtflow.head_network, "fpn_levels", shifted)
     return manifest
 
 

@@ -1,7 +1,7 @@
 """Engine stage: features.onnx (int8: its Q/DQ twin) + the TensorRT-API head -> a plan and its metadata.
 
 The features network comes from the ONNX parser; the detection head from
-`trtflow.network.add_head`, built with the network API from `results/weights/`. Precision
+`trtflow.head_network.add_head`, built with the network API from `results/weights/`. Precision
 lives in the graph (strongly typed networks), so one path serves TensorRT 10, 11 and
 TensorRT-RTX:
 - fp32: the ONNX as exported, fp32 head.
@@ -30,7 +30,7 @@ from trtflow.backend import Backend, load_backend
 from trtflow.backend import precisions as layer_precisions
 from trtflow.backend.roi_align_plugin import unsupported_reason
 from trtflow.head import HEAD_OUTPUTS, PRECISIONS, head_dtype
-from trtflow.network import add_head, check_head_options
+from trtflow.head_network import add_head, check_head_options
 from trtflow.network_record import read_network
 from trtflow.onnxrun import is_quantized
 from trtflow.usage import plan_usage
@@ -261,7 +261,7 @@ def network_model(model: onnx.ModelProto, settings: EngineSettings) -> onnx.Mode
 @dataclass
 class FeatureOutputs:
     """The parsed features network's outputs by role, keyed by their ONNX names (p2, objectness_p2,
-    deltas_p2, ...) in export order: the mapping form `trtflow.head` / `trtflow.network` take."""
+    deltas_p2, ...) in export order: the mapping form `trtflow.head` / `trtflow.head_network` take."""
 
     features: dict
     objectness: dict

@@ -3,8 +3,9 @@
 Fed by the features network's outputs (FPN maps, RPN objectness and box deltas per level), it
 reproduces torchvision's ``RegionProposalNetwork`` → ``MultiScaleRoIAlign`` → ``RoIHeads`` in eval
 mode with STATIC shapes: fixed budgets and validity masks instead of compaction, an exact greedy NMS
-from a matrix fixed-point loop, RoIAlign from bilinear gathers. ``trtflow.network`` builds the same
-pieces with the TensorRT network API one to one; each piece names the TensorRT layers it maps to.
+from a matrix fixed-point loop, RoIAlign from bilinear gathers. Its twin ``trtflow.head_network`` builds the
+same pieces, under the same names, with the TensorRT network API; each piece here names the TensorRT layers it
+maps to.
 
 Dtypes: box geometry (anchors, decode, clip, IoU, levels, sampling positions, scores) is float32
 always — fp16 cannot hold box areas above 65504 px²; feature sampling and the box head run in the
@@ -13,7 +14,7 @@ head dtype (float32 or float16).
 Batch: every tensor carries the batch first; nothing depends on its value (the network writes static
 slices as gathers on constant indices, which need no batch size, so its batch axis may be dynamic).
 
-Outputs (COMMON.md head contract): ``num_detections`` (B,) int32, ``boxes`` (B, K, 4) float32
+Outputs (the head contract, `HEAD_OUTPUTS`): ``num_detections`` (B,) int32, ``boxes`` (B, K, 4) float32
 x1,y1,x2,y2 in input pixels, ``scores`` (B, K) float32, ``classes`` (B, K) int32 (1..C-1),
 K = detections_per_img; entries at and beyond ``num_detections`` are zero.
 

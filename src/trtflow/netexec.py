@@ -3,7 +3,7 @@
 Input: a `trtflow.network_record.NetworkRecord`, read from the very `INetworkDefinition` the engine
 stage hands to the builder (ONNX-parsed features + the API-built head, outputs marked). Every layer is
 evaluated with the semantics of TensorRT's documentation of that layer type, written here without
-looking at `trtflow.head` or `trtflow.network`, so that it can disagree with them. What this proves:
+looking at `trtflow.head` or `trtflow.head_network`, so that it can disagree with them. What this proves:
 the network we hand TensorRT computes the detections we claim. What it does not: TensorRT's own
 compilation of it (fusions, kernel choice, reduced-precision kernels).
 

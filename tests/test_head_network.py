@@ -1,4 +1,4 @@
-"""trtflow.network: the head built with the TensorRT network API.
+"""trtflow.head_network: the head built with the TensorRT network API.
 
 TensorRT-RTX builds real plans on this CPU-only machine (ahead of time) but cannot run them, so the
 tests here build: fp32 with a dynamic batch, fp16 with a static one, both box-head kinds, the MobileNet
@@ -11,8 +11,8 @@ import torch
 from test_weights import tame, tiny_fpn_detector, torchvision_detector
 
 import trtflow.head
-import trtflow.network
-from trtflow.network import HeadBuildError, add_head
+import trtflow.head_network
+from trtflow.head_network import HeadBuildError, add_head
 from trtflow.head_weights import load_head
 from trtflow.weights import export_head
 
@@ -166,12 +166,12 @@ def test_top_k_beyond_tensorrt_limit_fails_clearly(tmp_path):
 
 
 def test_network_mirrors_every_head_piece():
-    """network.py has a builder for each functional piece of head.py, under the same name."""
+    """head_network.py has a builder for each functional piece of head.py, under the same name."""
     pieces = ["flatten_rpn_level", "decode_boxes", "clip_boxes", "sides_at_least", "pairwise_iou", "greedy_nms",
               "rpn_proposals", "fpn_levels", "bilinear_taps", "sample_positions", "multilevel_roi_align",
               "box_head", "linear", "box_detections"]
     for piece in pieces:
-        assert callable(getattr(trtflow.head, piece)) and callable(getattr(trtflow.network, piece)), piece
+        assert callable(getattr(trtflow.head, piece)) and callable(getattr(trtflow.head_network, piece)), piece
 
 
 def test_full_tensorrt_options_build(tmp_path):
