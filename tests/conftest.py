@@ -1,34 +1,66 @@
+"""Test markers, registered once, and the fixtures test modules share.
+
+Markers: `pipeline` (runs Snakemake; `make test-fast` leaves these out; set here, by module), `needs_cuda`,
+`needs_full_tensorrt` and `needs_snakemake` (skipped, with the reason, where this machine lacks it).
+"""
+
 import copy
-from pathlib import Path
+import importlib.util
 
 import pytest
+import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+pytest.register_assert_rewrite("snakemake_runs")
+from snakemake_runs import ROOT, scratch_workflow, snakemake  # noqa: E402  (after the assert-rewrite hook)
+
+MARKERS = {
+    "pipeline": "runs Snakemake on the workflow (the shared completed demo run, or runs of its own)",
+    "needs_cuda": "needs a CUDA GPU",
+    "needs_full_tensorrt": "needs full TensorRT (not TensorRT-RTX)",
+    "needs_snakemake": "needs Snakemake installed (the GPU machine has none)",
+}
+FULL_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+MISSING = {  # marker -> why it is skipped here; only the markers whose requirement is missing
+    marker: reason for marker, missing, reason in (
+        ("needs_cuda", not torch.cuda.is_available(), "no CUDA GPU is visible here"),
+        ("needs_full_tensorrt", not FULL_TENSORRT,
+         "full TensorRT is not installed here (it needs NVIDIA's pip index and a CUDA GPU)"),
+        ("needs_snakemake", importlib.util.find_spec("snakemake") is None, "snakemake is not installed here"),
+    ) if missing
+}
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "pipeline: runs Snakemake on the workflow (the shared completed demo run, or "
-                                       "runs of its own); `make test-fast` leaves these out")
+    for marker, meaning in MARKERS.items():
+        config.addinivalue_line("markers", f"{marker}: {meaning}")
 
 
 def runs_snakemake(module) -> bool:
-    """Whether a test module uses tests/pipeline_fixture.py (its fixtures or its Snakemake helpers)."""
-    helpers = (getattr(value, "__module__", None) for value in vars(module).values())
-    return "pipeline_fixture" in getattr(module, "pytest_plugins", ()) or "pipeline_fixture" in helpers
+    """Whether a test module uses tests/snakemake_runs.py's helpers."""
+    return any(getattr(value, "__module__", None) == "snakemake_runs" for value in vars(module).values())
 
 
 def pytest_collection_modifyitems(items):
-    """Every test of a module that runs Snakemake is a `pipeline` test."""
     for item in items:
         if runs_snakemake(item.module) or "completed_run" in item.fixturenames:
             item.add_marker(pytest.mark.pipeline)
+        for marker in MISSING.keys() & {mark.name for mark in item.iter_markers()}:
+            item.add_marker(pytest.mark.skip(reason=MISSING[marker]))
+
+
+@pytest.fixture(scope="session")
+def completed_run(tmp_path_factory):
+    """The default target (reference, parity, plugins, calibration, three engines, verify, report), built once."""
+    workdir = scratch_workflow(tmp_path_factory.mktemp("completed_run"))
+    snakemake(workdir, timeout=1200)
+    return workdir
 
 
 @pytest.fixture(scope="session")
 def default_config() -> dict:
     """config.yaml with the schema's defaults filled in, as the pipeline sees it."""
-    from snakemake.utils import validate
+    from snakemake.utils import validate  # not at the top: the GPU machine runs tests without Snakemake
 
     config = yaml.safe_load((ROOT / "config.yaml").read_text())
     validate(config, str(ROOT / "workflow/schemas/config.schema.yaml"))

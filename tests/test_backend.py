@@ -4,19 +4,15 @@ TensorRT-RTX (in the venv) is exercised for real on this CPU. Full TensorRT cann
 here (NVIDIA's index and a CUDA GPU); its tests skip with that reason.
 """
 
-import importlib.util
 import json
 import sys
 
 import pytest
 
+from conftest import FULL_TENSORRT
 from trtflow import backend as backends
 from trtflow.backend import BackendUnavailableError, load_backend, precisions
 
-FULL_TENSORRT = importlib.util.find_spec("tensorrt") is not None
-needs_full_tensorrt = pytest.mark.skipif(
-    not FULL_TENSORRT, reason="full TensorRT is not installed here (it needs NVIDIA's pip index and a CUDA GPU)"
-)
 
 
 @pytest.fixture
@@ -238,7 +234,7 @@ def test_config_check_leaves_auto_without_full_tensorrt_to_the_engine_job(config
 # -- full TensorRT (skipped here) ---------------------------------------------------------
 
 
-@needs_full_tensorrt
+@pytest.mark.needs_full_tensorrt
 def test_tensorrt_capabilities_follow_the_version():
     trt_backend = load_backend("tensorrt")
     caps = trt_backend.capabilities
@@ -247,14 +243,14 @@ def test_tensorrt_capabilities_follow_the_version():
     assert not caps.compute_capability_targets
 
 
-@needs_full_tensorrt
+@pytest.mark.needs_full_tensorrt
 def test_tensorrt_network_is_strongly_typed():
     trt_backend = load_backend("tensorrt")
     network = trt_backend.create_network(trt_backend.create_builder())
     assert network.get_flag(trt_backend.trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 
 
-@needs_full_tensorrt
+@pytest.mark.needs_full_tensorrt
 def test_tensorrt_10_calibrator_serves_the_table_without_batches():
     trt_backend = load_backend("tensorrt")
     if not trt_backend.capabilities.implicit_calibrator:

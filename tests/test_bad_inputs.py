@@ -22,14 +22,13 @@ import pytest
 import yaml
 from onnx import TensorProto, helper
 
-pytest.register_assert_rewrite("pipeline_fixture")
-from pipeline_fixture import ROOT, config_overlay, scratch_workflow, snakemake  # noqa: E402
+from snakemake_runs import ROOT, config_overlay, scratch_workflow, snakemake
 
-from trtflow import artifacts, data  # noqa: E402
-from trtflow.config import ConfigError, check_config  # noqa: E402
-from trtflow.data import DatasetError  # noqa: E402
-from trtflow.metrics import LabelSetError  # noqa: E402
-from trtflow.model import CheckpointError  # noqa: E402
+from trtflow import artifacts, data
+from trtflow.config import ConfigError, check_config
+from trtflow.data import DatasetError
+from trtflow.metrics import LabelSetError
+from trtflow.model import CheckpointError
 
 DEMO_CHECKPOINT = ROOT / "models/demo_detector.safetensors"
 CATEGORIES = [{"id": i, "name": name} for i, name in enumerate(("circle", "rectangle", "triangle", "star"), 1)]

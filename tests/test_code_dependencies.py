@@ -5,11 +5,9 @@ run it, and what depends on their outputs.
 import os
 import re
 
-from pipeline_fixture import ROOT, clone, planned, snakemake
+from snakemake_runs import ROOT, clone, planned, snakemake
 
 from trtflow.workflow import code_closure, imported_modules, module_file
-
-pytest_plugins = ["pipeline_fixture"]
 
 
 def rule_scripts() -> dict[str, tuple[str, str]]:

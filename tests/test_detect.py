@@ -12,8 +12,6 @@ from pathlib import Path
 import cv2
 import pytest
 
-pytest_plugins = ["pipeline_fixture"]
-
 TRTFLOW = Path(sys.executable).with_name("trtflow")  # the console script of [project.scripts]
 RESULT_KEYS = ("image_id", "category_id", "bbox", "score")  # a COCO results entry
 

@@ -4,7 +4,6 @@ and the timing-cache file survive each other. Full-TensorRT paths skip with the 
 """
 
 import hashlib
-import importlib.util
 import json
 import multiprocessing
 import time
@@ -29,10 +28,6 @@ from trtflow.engine import (
 from trtflow.usage import INPUT_MEANING
 
 CHECKPOINT = "c0ffee" * 10 + "abcd"
-FULL_TENSORRT = importlib.util.find_spec("tensorrt") is not None
-needs_full_tensorrt = pytest.mark.skipif(
-    not FULL_TENSORRT, reason="full TensorRT is not installed here (it needs NVIDIA's pip index and a CUDA GPU)"
-)
 
 
 class TinyFeatures(torch.nn.Module):
@@ -411,7 +406,7 @@ def test_two_concurrent_builds_share_the_output_directory(tmp_path, tiny_onnx):
 # -- full TensorRT (skipped here) -------------------------------------------------------------
 
 
-@needs_full_tensorrt
+@pytest.mark.needs_full_tensorrt
 def test_tensorrt_timing_cache_grows_across_concurrent_builds(tmp_path, tiny_onnx):
     cache = tmp_path / "cache" / "timing.cache"
     context = multiprocessing.get_context("spawn")
@@ -428,7 +423,7 @@ def test_tensorrt_timing_cache_grows_across_concurrent_builds(tmp_path, tiny_onn
         assert metadata["timing_cache"]["used"] and metadata["built_on"] == "gpu"
 
 
-@needs_full_tensorrt
+@pytest.mark.needs_full_tensorrt
 def test_tensorrt_10_implicit_int8_from_the_table(tmp_path, tiny_onnx):
     backend = load_backend("tensorrt")
     if not backend.capabilities.implicit_calibrator:

@@ -132,7 +132,7 @@ def test_head_detections_cut_each_image_at_num_detections():
     assert b1.shape == (0, 4) and s1.size == 0 and c1.size == 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU; none is visible")
+@pytest.mark.needs_cuda
 def test_cuda_graph_features_replay_matches_eager(deployment, torchvision_detections):
     model = tame(tiny_fpn_detector(), INPUT_HW).cuda()
     eager = pytorch_static_head_executor(model, deployment.manifest, deployment.tensors)

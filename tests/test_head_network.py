@@ -11,9 +11,12 @@ import torch
 from test_weights import tame, tiny_fpn_detector, torchvision_detector
 
 import trtflow.head
+from trtflow.backend import load_backend
+from trtflow.backend.roi_align_plugin import register_plugins
 import trtflow.head_network
 from trtflow.head_network import HeadBuildError, add_head
 from trtflow.head_weights import load_head
+from trtflow.plugins import DEFAULT_LIBRARY
 from trtflow.weights import export_head
 
 rtx = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX (pip install tensorrt-rtx-cu13) is not installed")
@@ -174,13 +177,10 @@ def test_network_mirrors_every_head_piece():
         assert callable(getattr(trtflow.head, piece)) and callable(getattr(trtflow.head_network, piece)), piece
 
 
+@pytest.mark.needs_full_tensorrt
 def test_full_tensorrt_options_build(tmp_path):
-    trt = pytest.importorskip("tensorrt", reason="full TensorRT cannot be installed here; roi_align: plugin and "
-                                                 "nms: builtin_layer are built only where it is (GPU machines)")
-    from trtflow.backend import load_backend
-    from trtflow.backend.roi_align_plugin import register_plugins
-    from trtflow.plugins import DEFAULT_LIBRARY
-
+    """roi_align: plugin and nms: builtin_layer build only where full TensorRT is (GPU machines)."""
+    trt = load_backend("tensorrt").trt
     if not DEFAULT_LIBRARY.is_file():
         pytest.skip(f"{DEFAULT_LIBRARY} is not built (rule plugins)")
     register_plugins(load_backend("tensorrt"), DEFAULT_LIBRARY)

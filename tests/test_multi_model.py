@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from pipeline_fixture import Job, jobs_of, scratch_workflow
-from pipeline_fixture import snakemake as run_snakemake
+from snakemake_runs import Job, jobs_of, scratch_workflow
+from snakemake_runs import snakemake as run_snakemake
 from trtflow.config import ConfigError, check_config, model_settings
 
 PRECISIONS = ("fp32", "fp16", "int8")

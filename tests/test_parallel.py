@@ -12,10 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytest.register_assert_rewrite("pipeline_fixture")
-from pipeline_fixture import PRECISIONS, ROOT, clone, config_overlay, events_of, jobs_of, snakemake  # noqa: E402
-
-pytest_plugins = ["pipeline_fixture"]
+from snakemake_runs import PRECISIONS, ROOT, clone, config_overlay, events_of, jobs_of, snakemake
 
 ENGINES = tuple(f"results/engine_{precision}.plan" for precision in PRECISIONS)
 # Rules that use a GPU when one is there: training, full-TensorRT builds, and running the engines.

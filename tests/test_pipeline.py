@@ -1,9 +1,7 @@
-"""The demo pipeline end to end: what the default target produced (run once, tests/pipeline_fixture.py).
+"""The demo pipeline end to end: what the default target produced (run once: conftest.completed_run).
 
 Reruns and parallel runs of the same completed run are tested in test_reruns.py and test_parallel.py."""
 import json
-
-pytest_plugins = ["pipeline_fixture"]
 
 
 def test_demo_reference_reaches_the_map_bar(completed_run):

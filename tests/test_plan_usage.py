@@ -1,15 +1,11 @@
 """The plan stands on its own: results/engine_<precision>.json says how to use the plan (trtflow.usage)."""
 import json
 
-import pytest
 import yaml
 
-pytest.register_assert_rewrite("pipeline_fixture")
-from pipeline_fixture import ROOT  # noqa: E402
+from snakemake_runs import ROOT
 
-from trtflow.usage import plan_usage  # noqa: E402
-
-pytest_plugins = ["pipeline_fixture"]
+from trtflow.usage import plan_usage
 
 CONFIG = yaml.safe_load((ROOT / "config.yaml").read_text())
 

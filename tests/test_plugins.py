@@ -24,6 +24,16 @@ import torch
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 from trtflow.artifacts import files_sha256
+from trtflow.backend import load_backend
+from trtflow.backend.roi_align_plugin import (
+    PluginUnavailableError,
+    decorator_plugin_name,
+    kernel_name,
+    kernel_scalar_args,
+    pixel_stride,
+    plugin_flavour,
+    register_plugins,
+)
 from trtflow.plugins import (
     ABI_VERSION,
     BuildConfig,
@@ -41,7 +51,6 @@ from trtflow.plugins import (
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device: the kernel runs on a GPU only")
 IMAGE_HW = (512, 640)
 
 
@@ -54,7 +63,6 @@ def target_arch() -> int:
 
 
 HAS_SNAKEMAKE = importlib.util.find_spec("snakemake") is not None
-needs_snakemake = pytest.mark.skipif(not HAS_SNAKEMAKE, reason="snakemake is not installed (GPU machine)")
 
 
 @pytest.fixture(scope="session")
@@ -115,7 +123,7 @@ def test_rule_builds_library_ptx_and_record(built):
     assert not list(built.glob(".build-*")), "the scratch folder must not outlive the build"
 
 
-@needs_snakemake
+@pytest.mark.needs_snakemake
 def test_editing_a_source_reruns_the_rule(built):
     work = built.parents[1]
     assert "Nothing to be done" in snakemake(work, "-n", "results/plugins/libtrtflow_plugins.so")
@@ -135,8 +143,6 @@ def test_library_abi_is_found_with_ctypes(built):
 
 def test_kernel_parameters_match_the_aot_argument_list(built):
     """The ahead-of-time plugin passes inputs, then int32 scalars, then the output."""
-    from trtflow.backend.roi_align_plugin import kernel_name, kernel_scalar_args
-
     ptx = (built / "multilevel_roi_align.ptx").read_text()
     for levels in (1, 4, 5):
         spec = RoIAlignSpec(num_levels=levels)
@@ -335,7 +341,7 @@ GPU_CASES = [  # (RoIs over a batch of 2, dtype, output_size, sampling_ratio, al
 LAYOUTS = [(torch.contiguous_format, 67), (torch.channels_last, 66), (torch.channels_last, 67)]
 
 
-@needs_cuda
+@pytest.mark.needs_cuda
 @pytest.mark.parametrize("memory_format,channels", LAYOUTS, ids=["nchw", "nhwc", "nhwc-odd-channels"])
 @pytest.mark.parametrize("count,dtype,output_size,sampling_ratio,aligned", GPU_CASES)
 def test_cuda_kernel_matches_torchvision(built, count, dtype, output_size, sampling_ratio, aligned, memory_format,
@@ -361,7 +367,7 @@ def test_cuda_kernel_matches_torchvision(built, count, dtype, output_size, sampl
         assert torch.equal(again, result), "the kernel must be deterministic"
 
 
-@needs_cuda
+@pytest.mark.needs_cuda
 def test_cuda_kernel_runs_on_the_current_stream(built):
     features = make_pyramid(4, batch=2, channels=64, device="cuda")
     rois = make_rois(200, batch=2).cuda()
@@ -375,11 +381,9 @@ def test_cuda_kernel_runs_on_the_current_stream(built):
     assert relative_error(result, reference) <= 1e-5
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda)])
 def test_padded_channels_last_maps_match_torchvision(built, device):
     """TensorRT's HWC8: channels padded to a multiple of 8; the padding (NaN here) is never read."""
-    from trtflow.backend.roi_align_plugin import pixel_stride
-
     channels = 67 if device == "cuda" else 3  # odd: real channels end inside a pixel's padding
     dtype = torch.float16 if device == "cuda" else torch.float32
     features = make_pyramid(4, batch=2, channels=channels, dtype=dtype, device=device)
@@ -434,7 +438,7 @@ def test_library_rejects_an_unknown_layout(built):
                make_rois(1, batch=1).data_ptr(), 1, out.data_ptr(), "float32", None, "nhwc")
 
 
-@needs_cuda
+@pytest.mark.needs_cuda
 def test_cuda_kernel_reads_unaligned_channels_last_views(built):
     """A channels_last view starting one element into its storage cannot take paired loads."""
     features = make_pyramid(4, batch=2, channels=66, device="cuda")
@@ -455,8 +459,6 @@ def test_cuda_kernel_reads_unaligned_channels_last_views(built):
 
 
 def test_plugin_paths_by_backend_version():
-    from trtflow.backend.roi_align_plugin import PluginUnavailableError, plugin_flavour
-
     assert plugin_flavour("tensorrt", "10.8.0.43") == "ipluginv3"
     assert plugin_flavour("tensorrt", "10.9.0.34") == "aot"
     assert plugin_flavour("tensorrt", "11.1.0") == "aot"
@@ -466,22 +468,13 @@ def test_plugin_paths_by_backend_version():
 
 def test_tensorrt_rtx_refuses_the_plugin_and_names_the_builtin_head(built):
     pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed")
-    from trtflow.backend import load_backend
-    from trtflow.backend.roi_align_plugin import PluginUnavailableError
-    from trtflow.backend.roi_align_plugin import register_plugins
-
     backend = load_backend("tensorrt_rtx")
     with pytest.raises(PluginUnavailableError, match=r"TensorRT-RTX .*no Python plugin path.*roi_align: builtin"):
         register_plugins(backend, built / "libtrtflow_plugins.so")
 
 
+@pytest.mark.needs_full_tensorrt
 def test_tensorrt_registers_the_plugin(built):
-    pytest.importorskip("tensorrt", reason="full TensorRT is not installable here; its plugin paths run "
-                                           "only where `import tensorrt` works")
-    from trtflow.backend import load_backend
-    from trtflow.backend.roi_align_plugin import decorator_plugin_name, plugin_flavour
-    from trtflow.backend.roi_align_plugin import register_plugins
-
     backend = load_backend("tensorrt")
     register_plugins(backend, built / "libtrtflow_plugins.so")
     if plugin_flavour(backend.name, backend.version) == "aot":

@@ -12,10 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytest.register_assert_rewrite("pipeline_fixture")
-from pipeline_fixture import ROOT, config_overlay, jobs_of, snakemake  # noqa: E402
-
-pytest_plugins = ["pipeline_fixture"]
+from snakemake_runs import ROOT, config_overlay, jobs_of, snakemake
 
 PROFILES = ("slurm", "kubernetes")
 # profile keys that only the named executor or storage plugin understands

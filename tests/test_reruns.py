@@ -1,19 +1,15 @@
 """Minimal reruns: after one complete run, each kind of edit reruns exactly the jobs that depend on it.
 
 Each test asks Snakemake's dry run (`snakemake -n`, what a user would type) which jobs an edit
-would start, on the completed run of `pipeline_fixture`; tests that edit files work on a clone.
+would start, on the completed run of conftest's `completed_run`; tests that edit files work on a clone.
 """
 import json
 import time
 from importlib import metadata
 
 import onnx
-import pytest
 
-pytest.register_assert_rewrite("pipeline_fixture")
-from pipeline_fixture import PRECISIONS, clone, config_overlay, planned, snakemake  # noqa: E402
-
-pytest_plugins = ["pipeline_fixture"]
+from snakemake_runs import PRECISIONS, clone, config_overlay, planned, snakemake
 
 # the jobs that follow one engine: its verify and bench, then the report that reads every precision
 DOWNSTREAM_OF_ENGINE = ("verify[{p}]", "bench[{p}]")

@@ -16,10 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytest.register_assert_rewrite("pipeline_fixture")
-from pipeline_fixture import clone, config_overlay, jobs_of, scratch_workflow, snakemake  # noqa: E402
-
-pytest_plugins = ["pipeline_fixture"]
+from snakemake_runs import clone, config_overlay, jobs_of, scratch_workflow, snakemake
 
 SMALL_DATA = {"data": {"demo": {"num_val": 8, "num_calib": 8}}}
 # the default target of a fresh run, as the dry run plans it (nvcc is on PATH here)

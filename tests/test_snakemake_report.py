@@ -6,10 +6,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.register_assert_rewrite("pipeline_fixture")
-from pipeline_fixture import ROOT, snakemake  # noqa: E402
-
-pytest_plugins = ["pipeline_fixture"]
+from snakemake_runs import ROOT, snakemake
 
 ITEMS = ("latency.png", "dscore.png", "calibration.png", "examples.png", "summary.tsv", "report.html")
 # a phrase of each caption (and of the workflow description) as the report renders it

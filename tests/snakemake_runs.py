@@ -1,8 +1,8 @@
-"""Snakemake in scratch copies of the workflow, and one completed run shared by the slow test files.
+"""Snakemake in scratch copies of the workflow, as a user types it, and what its log says.
 
-Test files use it with `pytest_plugins = ["pipeline_fixture"]`, so that the session-scoped
-`completed_run` (the default target, built once: 1.5 to 3 minutes on 2 cores) is shared by
-all of them. Tests that change files or outputs work on `clone(completed_run, ...)`, never on it.
+conftest's session fixture `completed_run` (the default target, built once: 1.5 to 3 minutes on 2 cores)
+is shared by the slow test files. Tests that change files or outputs work on `clone(completed_run, ...)`,
+never on it. A test module that imports from here is a `pipeline` test (conftest marks it).
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW_FILES = ("Snakefile", "config.yaml", "workflow", "profiles", "src", "models", "plugins")
@@ -132,11 +131,3 @@ def config_overlay(workdir: Path, name: str, yaml_text: str) -> tuple[str, ...]:
     path = workdir / name
     path.write_text(yaml_text)
     return ("--configfile", "config.yaml", name)
-
-
-@pytest.fixture(scope="session")
-def completed_run(tmp_path_factory) -> Path:
-    """The default target (reference, parity, plugins, calibration, three engines, verify, report), built once."""
-    workdir = scratch_workflow(tmp_path_factory.mktemp("completed_run"))
-    snakemake(workdir, timeout=1200)
-    return workdir
