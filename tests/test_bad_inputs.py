@@ -1,7 +1,7 @@
 """Bad input, stage by stage: one message naming the file or config key and the fix, a failure (an exception
 in-process, a non-zero exit through Snakemake), and no partial artifact left behind.
 
-Unit tests of each reader live beside their modules (test_data, test_model, test_config, ...); this file
+Unit tests of each reader live beside their modules (test_images, test_coco, test_model, test_config, ...); this file
 drives the stages that use them, and a few Snakemake runs of single rules in a scratch workflow (no
 completed pipeline needed: each rule here runs from source files only).
 """
@@ -25,8 +25,9 @@ from onnx import TensorProto, helper
 from snakemake_runs import ROOT, config_overlay, scratch_workflow, snakemake
 
 from trtflow import artifacts, data
+from trtflow.coco import DatasetError
 from trtflow.config import ConfigError, check_config
-from trtflow.data import DatasetError
+from trtflow.images import read_image
 from trtflow.metrics import LabelSetError
 from trtflow.model import CheckpointError
 
@@ -145,7 +146,7 @@ def test_gray_16_bit_and_rgba_images_are_converted_not_refused(user_images, tmp_
     for image in val["images"]:
         expected = CONVERTED_IMAGES[Path(image["file_name"]).name][1]
         assert (image["height"], image["width"]) == (48, 64)
-        assert np.array_equal(data.read_image(image["file_name"]), expected)
+        assert np.array_equal(read_image(image["file_name"]), expected)
 
 
 def test_a_bad_calibration_image_fails_naming_it(user_images, tmp_path):

@@ -12,6 +12,7 @@ from trtflow.calibrate import (NUM_BINS, AbsHistogram, CalibrationTable, calibra
                                compute_amax, entropy_amax, format_calibration_table, parse_calibration_table,
                                percentile_amax, read_calibration_table, scale_hex, tensorrt_version_tag, version_tag,
                                write_calibration_table)
+from trtflow.images import BadImageError
 
 
 def histogram_of(samples: np.ndarray, chunks: int = 1) -> AbsHistogram:
@@ -216,7 +217,6 @@ def run_stage(features_onnx, images, out, **overrides):
 
 
 def test_stage_outputs_are_deterministic(tmp_path, features_onnx):
-    pytest.importorskip("trtflow.data", reason="trtflow.data (image listing/decoding) is not in this checkout")
     images = write_images(tmp_path / "images", 8)
     first, second = tmp_path / "run1", tmp_path / "run2"
     document = run_stage(features_onnx, images, first)
@@ -238,7 +238,6 @@ def test_stage_outputs_are_deterministic(tmp_path, features_onnx):
 
 
 def test_stage_subset_is_seeded(tmp_path):
-    pytest.importorskip("trtflow.data", reason="trtflow.data (image listing/decoding) is not in this checkout")
     from trtflow.calibrate import select_calibration_images
 
     images = write_images(tmp_path / "images", 10)
@@ -249,7 +248,6 @@ def test_stage_subset_is_seeded(tmp_path):
 
 
 def test_more_images_than_available_warns_and_uses_all(tmp_path):
-    pytest.importorskip("trtflow.data", reason="trtflow.data (image listing/decoding) is not in this checkout")
     from trtflow.calibrate import select_calibration_images
 
     images = write_images(tmp_path / "images", 3)
@@ -258,7 +256,6 @@ def test_more_images_than_available_warns_and_uses_all(tmp_path):
 
 
 def test_empty_calibration_set_fails_clearly(tmp_path, features_onnx):
-    pytest.importorskip("trtflow.data", reason="trtflow.data (image listing/decoding) is not in this checkout")
     (tmp_path / "calib_set").mkdir()
     with pytest.raises(ValueError, match="calib_set.*no image files"):
         run_stage(features_onnx, tmp_path / "calib_set", tmp_path / "out")
@@ -266,10 +263,9 @@ def test_empty_calibration_set_fails_clearly(tmp_path, features_onnx):
 
 
 def test_unreadable_calibration_image_fails_clearly(tmp_path, features_onnx):
-    data = pytest.importorskip("trtflow.data", reason="trtflow.data (image listing/decoding) is not in this checkout")
     images = write_images(tmp_path / "images", 3)
     (images / "img_001.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    with pytest.raises(data.BadImageError, match="img_001.png"):
+    with pytest.raises(BadImageError, match="img_001.png"):
         run_stage(features_onnx, images, tmp_path / "out", num_images=3)
     assert not (tmp_path / "out").exists()
 

@@ -59,7 +59,8 @@ def test_the_run_side_does_not_run_the_engine_build():
 
 
 # The two wings (docs/ARCHITECTURE.md): they meet through files in results/ and the shared modules (the head
-# contract, the network-record and head-weights file formats, data, model definitions, backend, artifacts).
+# contract, the network-record and head-weights file formats, image reading and COCO data sets, model definitions,
+# backend, artifacts).
 BUILD_SIDE = {"export", "weights", "calibrate", "qdq", "modelopt_qdq", "head_network", "engine", "train", "usage"}
 RUN_SIDE = {"executors", "netexec", "runtime", "verify", "bench", "report", "detect", "cli", "reference", "onnxrun"}
 

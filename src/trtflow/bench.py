@@ -29,6 +29,7 @@ from trtflow.artifacts import write_json
 from trtflow.runtime import EngineRefused
 from trtflow.verify import deployment_executor
 from trtflow.head_weights import load_head
+from trtflow.images import read_image
 
 EXECUTORS = ("tensorrt", "onnxruntime+static-head", "pytorch", "pytorch+static-head")
 
@@ -96,7 +97,6 @@ def tiled_batch(images: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def val_images(val_json: str | Path, preprocess: dict, count: int) -> np.ndarray:
-    from trtflow.data import read_image
     from trtflow.preprocess import preprocess_batch
 
     files = [image["file_name"] for image in json.loads(Path(val_json).read_text())["images"][:count]]

@@ -32,6 +32,8 @@ import onnx
 
 from trtflow.artifacts import files_sha256, software_versions, write_json, write_text
 from trtflow.backend import installed_version
+from trtflow.coco import list_images
+from trtflow.images import read_image
 from trtflow.modelopt_qdq import quantize_features
 from trtflow.qdq import KeepFloat, insert_qdq, quantization_plan, save_onnx, shared_amax, symmetric_scale
 
@@ -338,8 +340,6 @@ def select_calibration_images(spec: str | Path, num_images: int, seed: int) -> l
 
     Asking for more than there are warns and uses all; an empty set fails.
     """
-    from trtflow.data import list_images
-
     paths = list_images(spec)
     if not paths:
         raise ValueError(f"no calibration images found in {spec!r}: point calibration.images at a folder, "
@@ -355,7 +355,6 @@ def select_calibration_images(spec: str | Path, num_images: int, seed: int) -> l
 
 def image_batches(paths: Sequence[Path], batch_size: int, preprocess_cfg: dict) -> Iterator[np.ndarray]:
     """Decoded and preprocessed exactly as at inference, `batch_size` images at a time."""
-    from trtflow.data import read_image
     from trtflow.preprocess import preprocess_batch
 
     for start in range(0, len(paths), batch_size):

@@ -4,7 +4,7 @@ Everything comes from the plan's JSON (`trtflow.usage`): the preprocessing, the 
 names. The plan runs where this machine can run it; where it cannot, `detect_files` says why and, with
 `fallback`, runs the best executor that can (`trtflow.verify.choose_executor`, given the network record, ONNX
 and head weights the JSON names: the TensorRT network definition where it was recorded); the result names the
-executor that ran and its verification level. Images are read by `trtflow.data.read_image`,
+executor that ran and its verification level. Images are read by `trtflow.images.read_image`,
 so a bad file is refused with the same message as in the pipeline.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 import cv2
 
 from trtflow.artifacts import files_sha256, write_bytes, write_json
-from trtflow.data import read_image
 from trtflow.executors import Executor, tensorrt_executor
+from trtflow.images import read_image
 from trtflow.reference import detect_images
 from trtflow.runtime import EngineRefused, read_metadata
 from trtflow.verify import choose_executor, level_status

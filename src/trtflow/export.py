@@ -13,6 +13,7 @@ import onnx
 import torch
 
 from trtflow.artifacts import atomic_write, software_versions
+from trtflow.images import read_image
 from trtflow.model import INPUT_NAME, FeaturesNetwork, output_names
 from trtflow.onnxrun import OnnxSession
 
@@ -98,7 +99,6 @@ def check_parity(model, onnx_path, coco_json, preprocess_cfg: dict, num_images: 
     """
     import json
 
-    from trtflow.data import read_image
     from trtflow.artifacts import write_json
     from trtflow.preprocess import preprocess_batch
 

@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from trtflow.artifacts import software_versions, write_json
-from trtflow.data import read_image
+from trtflow.images import read_image
 from trtflow.metrics import category_labels, check_label_set, coco_map
 from trtflow.model import run_detector
 from trtflow.postprocess import postprocess, to_coco_results

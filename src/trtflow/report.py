@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from trtflow.artifacts import write_bytes, write_text
+from trtflow.images import read_image
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 REFERENCE_COLOR, DEPLOYED_COLOR = "#1a9850", "#d73027"
@@ -136,8 +137,6 @@ def example_images(val: Mapping, reference: Sequence[Mapping], deployed: Mapping
     deployed ones (thin red, dashed), so that a box both agree on shows as a red dashed line on a green band and
     a box only one of them has stands out alone."""
     import matplotlib.patches as patches
-
-    from trtflow.data import read_image
 
     images = val["images"][:count]
     if not images or not deployed:

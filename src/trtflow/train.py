@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from trtflow.artifacts import atomic_write
-from trtflow.data import read_image
+from trtflow.images import read_image
 from trtflow.metrics import category_labels
 from trtflow.model import build_detector, run_detector
 from trtflow.preprocess import letterbox_geometry, resize_with_ratio
