@@ -14,9 +14,9 @@ SCHEMA_NAME = "config.schema.yaml"
 
 
 def find_schema() -> Path:
-    """The config schema of this trtflow. Installed (pip install <clone>, the Docker image), the package ships it
-    as trtflow.schemas, which pyproject maps to workflow/schemas/; run from a source checkout (src/ on
-    PYTHONPATH, or an editable install's path entry), that package is absent and the checkout's folder is read
+    """The config schema of this trtflow. Installed (pip install <clone>, the Docker image; pip install -e maps it
+    to the clone's folder), the package holds it as trtflow.schemas, which pyproject maps to workflow/schemas/;
+    run from a source checkout with src/ on PYTHONPATH, that package is absent and the checkout's folder is read
     directly. The Snakefile passes the schema beside it, as it may run a clone other than the installed trtflow."""
     if importlib.util.find_spec("trtflow.schemas") is not None:
         return Path(str(importlib.resources.files("trtflow.schemas") / SCHEMA_NAME))
