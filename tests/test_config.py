@@ -6,7 +6,7 @@ import yaml
 
 from trtflow.backend import CHOICES as BACKEND_CHOICES
 from trtflow.calibrate import ALGORITHMS
-from trtflow.config import ConfigError, check_config
+from trtflow.config import SCHEMA, ConfigError, check_config
 from trtflow.engine import INT8_MODES
 from trtflow.head import PRECISIONS
 from trtflow.head_network import HEAD_OPTIONS
@@ -20,6 +20,16 @@ def checked(mutate):
     mutate(config)
     check_config(config, workdir=ROOT)
     return config
+
+
+def test_a_source_checkout_reads_the_workflows_schema():
+    # tests/test_install.py: an installed trtflow reads the copy its wheel ships
+    assert SCHEMA == ROOT / "workflow/schemas/config.schema.yaml"
+
+
+def test_a_missing_schema_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=rf"the config schema {tmp_path}/none.yaml does not exist: .* reinstall it"):
+        check_config(copy.deepcopy(RAW), workdir=ROOT, schema=tmp_path / "none.yaml")
 
 
 @pytest.mark.parametrize("mutate, message", [

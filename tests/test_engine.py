@@ -6,6 +6,7 @@ and the timing-cache file survive each other. Full-TensorRT paths skip with the 
 import hashlib
 import json
 import multiprocessing
+import re
 import time
 from pathlib import Path
 
@@ -22,12 +23,14 @@ from trtflow.engine import (
     EngineSettings,
     EngineSources,
     build_engine,
+    check_features_onnx,
     check_same_checkpoint,
     merge_into_file,
 )
 from trtflow.usage import INPUT_MEANING
 
 CHECKPOINT = "c0ffee" * 10 + "abcd"
+MODEL_DIR = Path("results/demo_320")  # a `models:` entry's folder, where the engine rule finds its inputs
 
 
 class TinyFeatures(torch.nn.Module):
@@ -165,6 +168,22 @@ def test_int8_plan_from_qdq(tmp_path, qdq_onnx):
     assert by_type["CONVOLUTION"] == {"FLOAT": 3}
 
 
+def test_engine_json_records_the_files_it_was_given(tmp_path, tiny_onnx, monkeypatch):
+    """Built from a `models:` entry's folder, the plan's JSON names that folder's files, which `trtflow detect`
+    finds again (relative to the pipeline's working directory)."""
+    monkeypatch.chdir(tmp_path)
+    features = MODEL_DIR / "onnx/features.onnx"
+    features.parent.mkdir(parents=True)
+    features.write_bytes(tiny_onnx.read_bytes())
+    plan, network = MODEL_DIR / "engine_fp32.plan", MODEL_DIR / "engine_fp32.network.safetensors"
+    metadata = build_engine(EngineSources(onnx=features), EngineSettings("fp32"), plan, plan.with_suffix(".json"),
+                            backend="tensorrt_rtx", network_record_path=network)
+    assert metadata["sources"]["onnx"]["path"] == str(features)
+    assert metadata["network_record"]["path"] == str(network)
+    assert metadata["runtime"]["command"].startswith("tensorrt_rtx --loadEngine=engine_fp32.plan ")
+    assert set(re.findall(r"results/[^/\"]*", plan.with_suffix(".json").read_text())) == {str(MODEL_DIR)}
+
+
 def test_debug_outputs_are_added_and_unknown_names_refused(tmp_path, tiny_onnx):
     network_names = [node.output[0] for node in onnx.load(str(tiny_onnx)).graph.node if node.op_type == "Relu"]
     _, _, metadata = _build(tmp_path, tiny_onnx, "fp32", debug_outputs=tuple(network_names))
@@ -231,25 +250,51 @@ def test_features_and_weights_from_different_checkpoints_fail_before_building(tm
 
 
 def test_int8_needs_the_qdq_onnx(tmp_path, tiny_onnx):
-    with pytest.raises(ValueError, match=r"has no Q/DQ nodes: int8 .*/features\.qdq\.onnx"):
+    qdq_twin = re.escape(str(tiny_onnx.with_name("features.qdq.onnx")))
+    with pytest.raises(ValueError, match=rf"has no Q/DQ nodes: int8 .* from its Q/DQ graph {qdq_twin} \(rule calibrate"):
         _build(tmp_path, tiny_onnx, "int8")
     assert not list(tmp_path.iterdir()), "a failed build left files"
 
 
 def test_fp32_refuses_a_quantized_onnx(tmp_path, qdq_onnx):
-    with pytest.raises(ValueError, match="is quantized"):
+    export = re.escape(str(qdq_onnx.with_name("features.onnx")))
+    with pytest.raises(ValueError, match=rf"is quantized .* built from the unquantized features ONNX {export}$"):
         _build(tmp_path, qdq_onnx, "fp32")
 
 
+def test_onnx_messages_name_the_models_files(tiny_onnx, qdq_onnx):
+    """Under `models:` the files are results/<model>/...: each message names the file it was given and the
+    files of that model that fix it, never the single-model results/onnx/."""
+    features, qdq = MODEL_DIR / "onnx/features.onnx", MODEL_DIR / "onnx/features.qdq.onnx"
+    manifest = MODEL_DIR / "weights/manifest.json"
+    with pytest.raises(ValueError) as plain_for_int8:
+        check_features_onnx(onnx.load(str(tiny_onnx)), features, EngineSettings("int8"))
+    assert str(plain_for_int8.value) == (
+        f"{features} has no Q/DQ nodes: int8 (engine.int8_mode: explicit) is built from its Q/DQ graph {qdq} "
+        f"(rule calibrate: snakemake {qdq})")
+    with pytest.raises(ValueError) as quantized_for_fp16:
+        check_features_onnx(onnx.load(str(qdq_onnx)), qdq, EngineSettings("fp16"))
+    assert str(quantized_for_fp16.value).endswith(f"plan is built from the unquantized features ONNX {features}")
+    model = onnx.load(str(qdq_onnx))
+    with pytest.raises(ValueError) as other_checkpoint:
+        check_same_checkpoint(model, qdq, "123456789abcdef", manifest)
+    assert str(other_checkpoint.value).endswith(f"(snakemake -f {features} {qdq} {manifest})")
+    del model.metadata_props[:]
+    with pytest.raises(ValueError) as no_checkpoint:
+        check_same_checkpoint(model, features, CHECKPOINT, manifest)
+    assert str(no_checkpoint.value).endswith(f"re-export it with the pipeline (snakemake -f {features})")
+
+
 def test_plugin_roi_align_needs_the_library():
-    with pytest.raises(ValueError, match=r"engine.roi_align = plugin needs the RoIAlign plugin library "
-                                         r"results/plugins/libtrtflow_plugins.so"):
+    with pytest.raises(ValueError, match=r"^engine.roi_align = plugin needs a RoIAlign plugin library but none was "
+                                         r"given; pass the one rule plugins writes as EngineSources\(plugin_library="):
         EngineSources(onnx=__file__).check(EngineSettings("fp32", roi_align="plugin"))
 
 
 def test_implicit_int8_needs_its_table():
     settings = EngineSettings("int8", int8_mode="implicit")
-    with pytest.raises(ValueError, match=r"int8_mode = implicit needs the calibration table results/calib/int8calib"):
+    with pytest.raises(ValueError, match=r"int8_mode = implicit needs a calibration table but none was given; pass "
+                                         r"the one rule calibrate writes as EngineSources\(calibration_table="):
         EngineSources(onnx=__file__).check(settings)
     with pytest.raises(FileNotFoundError, match=r"calibration table missing/int8calib.table does not exist"):
         EngineSources(onnx=__file__, calibration_table="missing/int8calib.table").check(settings)

@@ -13,6 +13,7 @@ from trtflow.report import FIGURES, build_report, find_browser, screenshot
 from trtflow.verify import Thresholds, match_detections
 
 PRECISIONS = ("fp32", "int8")
+MODEL = "demo_320"  # a `models:` entry: its artifacts under results/demo_320/
 
 
 def shifted(detections, dx, dscore):
@@ -21,64 +22,91 @@ def shifted(detections, dx, dscore):
 
 
 @pytest.fixture(scope="module")
-def stage_files(tmp_path_factory):
-    """The JSONs the report reads, as the stages write them: a 3-image data set, a reference, fp32 deployed
-    exactly, int8 deployed shifted (one detection lost), their verify and bench results, engines, parity and
-    calibration files."""
-    folder = tmp_path_factory.mktemp("report")
-    coco = small_coco(folder, ((120, 160), (96, 128), (80, 80)))
+def stage_layout(tmp_path_factory):
+    """The JSONs the report reads, where the stages write them for the model `MODEL` of `models:` (absolute paths
+    under a working directory, `workdir`): a 3-image data set, a reference, fp32 deployed exactly, int8 deployed
+    shifted (one detection lost), their verify and bench results, engines, parity and calibration files."""
+    workdir = tmp_path_factory.mktemp("report")
+    coco = small_coco(workdir, ((120, 160), (96, 128), (80, 80)))
 
     def write(name, payload):
-        (folder / name).write_text(json.dumps(payload))
-        return folder / name
+        path = workdir / "results" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload))
+        return path
+
+    def model_file(name, payload):
+        return write(f"{MODEL}/{name}", payload)
 
     reference = [{"image_id": i["id"], "category_id": 1, "bbox": [10.0 * k, 5.0, 30.0, 40.0], "score": 0.9 - 0.1 * k}
                  for i in coco["images"] for k in range(3)]
     deployed = {"fp32": reference, "int8": shifted(reference[:-1], 1.0, -0.02)}
-    files = {"val_json": write("val.json", coco), "reference_detections": write("reference.json", reference),
-             "reference_metrics": write("metrics.json", {"mAP": 0.849}),
-             "parity": write("parity.json", {"images": 4, "max_abs": 1.9e-5, "tolerance": 1e-4, "passed": True}),
-             "calibration_ranges": write("ranges.json", {"algorithm": "entropy", "num_images": 64, "tensors": {
+    files = {"val_json": write("data/val.json", coco),
+             "reference_detections": model_file("reference/detections.json", reference),
+             "reference_metrics": model_file("reference/metrics.json", {"mAP": 0.849}),
+             "parity": model_file("onnx/parity.json", {"images": 4, "max_abs": 1.9e-5, "tolerance": 1e-4,
+                                                       "passed": True}),
+             "calibration_ranges": model_file("calib/ranges.json", {"algorithm": "entropy", "num_images": 64, "tensors": {
                  f"relu_{k}": {"amax": 2.0 ** k, "scale": 2.0 ** k / 127} for k in range(6)}}),
-             "calibration_accuracy": write("accuracy.json", {"fp32_mAP": 0.849, "int8_sim_mAP": 0.846, "delta": 0.003,
-                                                             "executor": "onnxruntime"}),
+             "calibration_accuracy": model_file("calib/accuracy.json", {"fp32_mAP": 0.849, "int8_sim_mAP": 0.846,
+                                                                        "delta": 0.003, "executor": "onnxruntime"}),
              "verify": {}, "deployed": {}, "bench": {}, "engines": {}}
     for precision in PRECISIONS:
         matching = match_detections(reference, deployed[precision])
         failures = Thresholds(min_match_recall=0.99).failures(matching.summary())
-        files["deployed"][precision] = write(f"{precision}_detections.json", deployed[precision])
-        files["verify"][precision] = write(f"{precision}.json", {
+        files["deployed"][precision] = model_file(f"verify/{precision}_detections.json", deployed[precision])
+        files["verify"][precision] = model_file(f"verify/{precision}.json", {
             "precision": precision, "executor": "onnxruntime+static-head", "engine_executed": False,
             "reason": "cannot run engine: no CUDA GPU is visible <here>", "executor_details": {"head_dtype": "float32"},
             "images": 3, **matching.summary(), "match_iou": 0.9, "mAP": 0.8, "reference_mAP": 0.849,
             "map_drop_points": 4.9, "thresholds": {"min_match_recall": 0.99}, "failures": failures,
             "passed": not failures})
-        files["bench"][precision] = write(f"bench_{precision}.json", {
+        files["bench"][precision] = model_file(f"bench/{precision}.json", {
             "precision": precision, "hardware": {"cpu": "Test CPU", "gpu": None}, "results": [
                 {"executor": "tensorrt", "skipped": "no CUDA GPU is visible"},
                 {"executor": "pytorch", "dtype": "float32", "device": "cpu", "batch_size": 1, "p50_ms": 14.0,
                  "p90_ms": 15.0, "p99_ms": 16.0, "throughput_ips": 70.0},
                 {"executor": "onnxruntime+static-head", "head_dtype": "float32", "batch_size": 1, "p50_ms": 80.0,
                  "p90_ms": 90.0, "p99_ms": 95.0, "throughput_ips": 12.0}]})
-        files["engines"][precision] = write(f"engine_{precision}.json", {
+        files["engines"][precision] = model_file(f"engine_{precision}.json", {
             "backend": "tensorrt_rtx", "backend_version": "1.7.1.116", "built_on": "cpu-aot", "plan_bytes": 19_000_000,
             "build_seconds": 2.7, "roi_align": "builtin"})
-    return files
+    return workdir, files
 
 
 @pytest.fixture(scope="module")
-def report(stage_files, tmp_path_factory):
-    out = tmp_path_factory.mktemp("out") / "report.html"
-    text = build_report(out, **stage_files, settings={"example_images": 2, "min_score": 0.5})
+def stage_files(stage_layout):
+    return stage_layout[1]
+
+
+@pytest.fixture(scope="module")
+def report(stage_layout):
+    """The report of `MODEL`, rendered from the pipeline's working directory as rule report does."""
+    workdir, files = stage_layout
+    out = workdir / "results" / MODEL / "report.html"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(workdir)
+        text = build_report(out, **files, settings={"example_images": 2, "min_score": 0.5})
     return out, text
+
+
+def stage_table(text: str) -> list[list[str]]:
+    """The cells of the "Stages and their checks" table, one list per row."""
+    body = re.search(r"<h2>Stages and their checks</h2>\n<table>.*?<tbody>(.*?)</tbody>", text).group(1)
+    return [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", body)]
 
 
 def test_report_holds_every_stage_and_precision(report):
     path, text = report
     assert path.read_text() == text
-    for artifact in ("results/onnx/parity.json", "results/calib/ranges.json", "results/calib/accuracy.json",
-                     "results/engine_fp32.plan", "results/verify/int8.json", "results/bench/fp32.json"):
-        assert f"<td>{artifact}</td>" in text
+    # each row names the file the report was given, relative to the working directory: the model's own folder
+    assert [row[:2] for row in stage_table(text)] == [
+        ["onnx", f"results/{MODEL}/onnx/parity.json"], ["calibrate", f"results/{MODEL}/calib/ranges.json"],
+        ["calibrate", f"results/{MODEL}/calib/accuracy.json"],
+        ["engine", f"results/{MODEL}/engine_fp32.plan"], ["engine", f"results/{MODEL}/engine_int8.plan"],
+        ["verify", f"results/{MODEL}/verify/fp32.json"], ["verify", f"results/{MODEL}/verify/int8.json"],
+        ["bench", f"results/{MODEL}/bench/fp32.json"], ["bench", f"results/{MODEL}/bench/int8.json"]]
+    assert "results/engine_" not in text and "results/onnx/" not in text and "results/verify/" not in text
     assert "<h3>fp32<span" in text and "<h3>int8<span" in text
     assert text.count('class="pass">passed') == 1  # parity; no verify is green: the engine did not run
     # fp32 passed on the deployment form: amber in the stage table, its heading and its verdict
@@ -137,11 +165,18 @@ def test_each_precision_shows_what_its_verification_ran(fields, badge, stage_fil
     assert 'class="pass">passed' not in heading
 
 
+def test_a_file_outside_the_working_directory_is_named_as_given(stage_files, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    text = build_report(tmp_path / "report.html", **stage_files, settings={"example_images": 0})
+    assert ["onnx", str(stage_files["parity"])] in [row[:2] for row in stage_table(text)]
+
+
 def test_report_without_optional_inputs(stage_files, tmp_path):
     minimal = {**stage_files, "parity": None, "calibration_ranges": None, "calibration_accuracy": None, "engines": None,
                "reference_metrics": tmp_path / "absent.json"}
     text = build_report(tmp_path / "report.html", **minimal, settings={"example_images": 0})
-    assert "Calibration ranges" not in text and "results/onnx/parity.json" not in text
+    assert "Calibration ranges" not in text
+    assert [row[0] for row in stage_table(text)] == ["verify", "verify", "bench", "bench"]
     assert "example images: nothing to plot." in text
 
 

@@ -1,6 +1,7 @@
 """config.yaml checks that run before any job: one clear line per problem, naming the key and the fix."""
 from __future__ import annotations
 
+import importlib.resources
 import importlib.util
 from pathlib import Path
 
@@ -9,8 +10,20 @@ import yaml
 from trtflow.backend import BackendUnavailableError, load_backend
 from trtflow.backend.roi_align_plugin import unsupported_reason
 
-# The schema of a source checkout; the Snakefile passes the one beside it (a workflow run from anywhere).
-SCHEMA = Path(__file__).resolve().parents[2] / "workflow/schemas/config.schema.yaml"
+SCHEMA_NAME = "config.schema.yaml"
+
+
+def find_schema() -> Path:
+    """The config schema of this trtflow. Installed (pip install <clone>, the Docker image; pip install -e maps it
+    to the clone's folder), the package holds it as trtflow.schemas, which pyproject maps to workflow/schemas/;
+    run from a source checkout with src/ on PYTHONPATH, that package is absent and the checkout's folder is read
+    directly. The Snakefile passes the schema beside it, as it may run a clone other than the installed trtflow."""
+    if importlib.util.find_spec("trtflow.schemas") is not None:
+        return Path(str(importlib.resources.files("trtflow.schemas") / SCHEMA_NAME))
+    return Path(__file__).resolve().parents[2] / "workflow/schemas" / SCHEMA_NAME
+
+
+SCHEMA = find_schema()
 
 
 class ConfigError(ValueError):
@@ -25,6 +38,10 @@ def schema_problems(config: dict, schema_path: str | Path = SCHEMA) -> list[str]
     """Every schema violation as `key: problem`, most specific first."""
     import jsonschema
 
+    if not Path(schema_path).is_file():
+        raise ConfigError(f"the config schema {schema_path} does not exist: this trtflow is neither an installed "
+                          "package with its schema nor a source checkout; reinstall it (pip install <clone>) or pass "
+                          "the workflow's workflow/schemas/config.schema.yaml")
     schema = yaml.safe_load(Path(schema_path).read_text())
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: (-len(e.absolute_path), e.message))

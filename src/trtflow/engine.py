@@ -38,10 +38,7 @@ from trtflow.usage import plan_usage
 INT8_MODES = ("explicit", "implicit")
 CHECKPOINT_KEY = "trtflow.checkpoint_sha256"  # written into features.onnx by trtflow.export
 RPN_PREFIXES = ("objectness_", "deltas_")
-PIPELINE_FILES = {  # where the pipeline puts the optional inputs
-    "calibration table": "results/calib/int8calib.table",
-    "RoIAlign plugin library": "results/plugins/libtrtflow_plugins.so",
-}
+QDQ_SUFFIX = ".qdq.onnx"  # rule calibrate writes the Q/DQ graph of <name>.onnx beside it, as <name>.qdq.onnx
 
 log = logging.getLogger(__name__)
 
@@ -151,13 +148,16 @@ class EngineSources:
         if self.head_weights is not None:
             required.append(("head weights manifest", self.head_weights / "manifest.json", None))
         if settings.implicit_int8:
-            required.append(("calibration table", self.calibration_table, "engine.int8_mode = implicit"))
+            required.append(("calibration table", self.calibration_table,
+                             ("engine.int8_mode = implicit", "calibration_table", "rule calibrate")))
         if settings.roi_align == "plugin":
-            required.append(("RoIAlign plugin library", self.plugin_library, "engine.roi_align = plugin"))
-        for what, path, option in required:
+            required.append(("RoIAlign plugin library", self.plugin_library,
+                             ("engine.roi_align = plugin", "plugin_library", "rule plugins")))
+        for what, path, needed_by in required:
             if path is None:
-                default = PIPELINE_FILES[what]
-                raise ValueError(f"{option} needs the {what} {default} (snakemake {default})")
+                option, field, rule = needed_by
+                raise ValueError(f"{option} needs a {what} but none was given; pass the one {rule} writes as "
+                                 f"EngineSources({field}=...)")
             if not path.is_file():
                 raise FileNotFoundError(f"{what} {path} does not exist; build it first (snakemake {path})")
 
@@ -209,18 +209,31 @@ def read_features_onnx(path: Path) -> onnx.ModelProto:
             from error
 
 
+def qdq_graph_of(features_onnx: Path) -> Path:
+    """The Q/DQ graph rule calibrate makes of a features ONNX: results/<model>/onnx/features.qdq.onnx."""
+    return features_onnx.with_name(features_onnx.name.removesuffix(".onnx") + QDQ_SUFFIX)
+
+
+def export_of(onnx_path: Path) -> Path:
+    """The exported features ONNX a graph comes from: itself, or for a Q/DQ graph the ONNX calibrated into it."""
+    if onnx_path.name.endswith(QDQ_SUFFIX):
+        return onnx_path.with_name(onnx_path.name.removesuffix(QDQ_SUFFIX) + ".onnx")
+    return onnx_path
+
+
 def check_features_onnx(model: onnx.ModelProto, path: Path, settings: EngineSettings) -> None:
     """The ONNX suits the precision: Q/DQ exactly when building explicit INT8."""
     quantized = is_quantized(model)
     if settings.precision == "int8" and not settings.implicit_int8 and not quantized:
         raise ValueError(
-            f"{path} has no Q/DQ nodes: int8 (engine.int8_mode: explicit) is built from results/onnx/features.qdq.onnx "
-            "(rule calibrate)"
+            f"{path} has no Q/DQ nodes: int8 (engine.int8_mode: explicit) is built from its Q/DQ graph "
+            f"{qdq_graph_of(path)} (rule calibrate: snakemake {qdq_graph_of(path)})"
         )
     if quantized and (settings.precision != "int8" or settings.implicit_int8):
         raise ValueError(
             f"{path} is quantized (Q/DQ nodes) but the {settings.precision} "
-            f"{'implicit-INT8 ' if settings.implicit_int8 else ''}plan is built from results/onnx/features.onnx"
+            f"{'implicit-INT8 ' if settings.implicit_int8 else ''}plan is built from the unquantized features ONNX"
+            + (f" {export_of(path)}" if export_of(path) != path else " (rule onnx)")
         )
 
 
@@ -234,14 +247,19 @@ def check_same_checkpoint(model: onnx.ModelProto, onnx_path: Path, checkpoint_sh
     if onnx_checkpoint is None:
         raise ValueError(
             f"{onnx_path} has no '{CHECKPOINT_KEY}' metadata, so it cannot be matched to the head weights; "
-            "re-export it with the pipeline (snakemake -f results/onnx/features.onnx)"
+            f"re-export it with the pipeline ({reexport_command(onnx_path)})"
         )
     if onnx_checkpoint != checkpoint_sha256:
         raise ValueError(
             f"{onnx_path} was exported from checkpoint {onnx_checkpoint[:12]}... but {manifest_path} holds head "
             f"weights of checkpoint {checkpoint_sha256[:12]}...; rebuild both from the current checkpoint "
-            "(snakemake -f results/onnx/features.onnx results/weights/manifest.json)"
+            f"({reexport_command(onnx_path, manifest_path)})"
         )
+
+
+def reexport_command(onnx_path: Path, *others: Path) -> str:
+    """`snakemake -f` of a features graph (a Q/DQ graph after the export it is calibrated from) and `others`."""
+    return "snakemake -f " + " ".join(str(path) for path in dict.fromkeys([export_of(onnx_path), onnx_path, *others]))
 
 
 def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -126,7 +126,7 @@ def load_head(directory: str | os.PathLike, *, source: str = "safetensors") -> t
     folder = Path(directory)
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
-        raise HeadWeightsError(f"{manifest_path} not found; run the `weights` rule (snakemake results/weights/{MANIFEST})")
+        raise HeadWeightsError(f"{manifest_path} not found; run the `weights` rule (snakemake {manifest_path})")
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("version") != MANIFEST_VERSION:
         raise HeadWeightsError(f"{manifest_path}: manifest version {manifest.get('version')}, this trtflow "

@@ -1,5 +1,6 @@
-"""Stage `report`: results/report.html, one self-contained page (PNG plots embedded as base64), and the same
-plots as PNG files plus a summary table (TSV) for `snakemake --report` (results/report/).
+"""Stage `report`: results/report.html (results/<model>/report.html under `models:`), one self-contained page
+(PNG plots embedded as base64), and the same plots as PNG files plus a summary table (TSV) for `snakemake --report`
+(results/report/). Its tables name the files the rule gave it.
 
 The pipeline's stages with their checks (ONNX parity, calibration ranges and simulated INT8
 accuracy where present, engines, verify, bench), a table per precision headed by what its verification
@@ -17,6 +18,7 @@ import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -34,6 +36,31 @@ LEVELS = {"engine": "engine", "network-definition": "network definition", "deplo
 
 def read_json(path: str | Path | None):
     return None if path is None or not Path(path).is_file() else json.loads(Path(path).read_text())
+
+
+class Artifact(NamedTuple):
+    """A stage's JSON as the report read it: the path the report names it by, and its content."""
+
+    path: str
+    document: Any
+
+
+def shown_path(path: str | Path) -> str:
+    """A file as the report names it: relative to the working directory where it lies under it (the pipeline's
+    results/<model>/...), else as given."""
+    path, workdir = Path(path), Path.cwd()
+    return str(path.relative_to(workdir) if path.is_absolute() and path.is_relative_to(workdir) else path)
+
+
+def read_artifact(path: str | Path | None) -> Artifact | None:
+    """The JSON at `path` with the path it was given; None where there is none (an optional input)."""
+    document = read_json(path)
+    return None if document is None else Artifact(shown_path(path), document)
+
+
+def read_artifacts(paths: Mapping[str, str | Path]) -> dict[str, Artifact]:
+    """{precision: Artifact} of the precisions whose JSON exists."""
+    return {precision: artifact for precision, path in paths.items() if (artifact := read_artifact(path)) is not None}
 
 
 # --------------------------------------------------------------------------- plots
@@ -239,35 +266,44 @@ def unverified(result: Mapping) -> str | None:
     return result.get("unverified") or (None if verified_level(result) == "engine" else result.get("reason"))
 
 
-def stage_rows(parity, calibration_accuracy, calibration_ranges, engines, verify, bench) -> list[list]:
+def stage_rows(parity: Artifact | None, calibration_accuracy: Artifact | None, calibration_ranges: Artifact | None,
+               engines: Mapping[str, Artifact], verify: Mapping[str, Artifact], bench: Mapping[str, Artifact]) -> list[list]:
+    """One row per stage artifact, named by the path the report read it from (results/<model>/... under `models:`)."""
     rows = []
     if parity is not None:
-        rows.append(["onnx", "results/onnx/parity.json", f"ONNX Runtime vs PyTorch on {parity['images']} images, "
-                     f"max |Δ| {parity['max_abs']:.3g} (tolerance {parity['tolerance']} × max|ref|)",
-                     badge(parity["passed"])])
+        document = parity.document
+        rows.append(["onnx", parity.path, f"ONNX Runtime vs PyTorch on {document['images']} images, "
+                     f"max |Δ| {document['max_abs']:.3g} (tolerance {document['tolerance']} × max|ref|)",
+                     badge(document["passed"])])
     if calibration_ranges is not None:
-        rows.append(["calibrate", "results/calib/ranges.json",
-                     f"{len(calibration_ranges['tensors'])} tensors, {calibration_ranges['algorithm']}, "
-                     f"{calibration_ranges['num_images']} images", badge(None, "written")])
+        document = calibration_ranges.document
+        rows.append(["calibrate", calibration_ranges.path,
+                     f"{len(document['tensors'])} tensors, {document['algorithm']}, "
+                     f"{document['num_images']} images", badge(None, "written")])
     if calibration_accuracy is not None:
-        rows.append(["calibrate", "results/calib/accuracy.json",
-                     f"simulated INT8 mAP {calibration_accuracy['int8_sim_mAP']:.4f} vs fp32 "
-                     f"{calibration_accuracy['fp32_mAP']:.4f} (drop {100 * calibration_accuracy['delta']:.2f} points, "
-                     f"{calibration_accuracy.get('executor', '?')})", badge(None, "measured")])
-    for precision, metadata in engines.items():
-        rows.append(["engine", f"results/engine_{precision}.plan",
+        document = calibration_accuracy.document
+        rows.append(["calibrate", calibration_accuracy.path,
+                     f"simulated INT8 mAP {document['int8_sim_mAP']:.4f} vs fp32 "
+                     f"{document['fp32_mAP']:.4f} (drop {100 * document['delta']:.2f} points, "
+                     f"{document.get('executor', '?')})", badge(None, "measured")])
+    for engine in engines.values():
+        metadata = engine.document
+        # the engine JSON describes the plan beside it (engine_<precision>.json -> engine_<precision>.plan)
+        rows.append(["engine", str(Path(engine.path).with_suffix(".plan")),
                      f"{metadata['backend']} {metadata['backend_version']}, built {metadata.get('built_on')}, "
                      f"{metadata['plan_bytes'] / 1e6:.1f} MB in {metadata['build_seconds']:.1f} s, "
                      f"RoIAlign {metadata.get('roi_align')}", badge(True, "built")])
-    for precision, result in verify.items():
+    for verification in verify.values():
+        result = verification.document
         executed = "engine" if result["engine_executed"] else f"{result['executor']} (engine did not run)"
-        rows.append(["verify", f"results/verify/{precision}.json",
+        rows.append(["verify", verification.path,
                      f"{executed}: match recall {result['match_recall']:.4f}, mAP {result['mAP']:.4f} vs "
                      f"{result['reference_mAP']:.4f}", verified_badge(result)])
-    for precision, document in bench.items():
+    for timing in bench.values():
+        document = timing.document
         timed = [entry for entry in document["results"] if "p50_ms" in entry]
         skipped = [entry for entry in document["results"] if "skipped" in entry]
-        rows.append(["bench", f"results/bench/{precision}.json",
+        rows.append(["bench", timing.path,
                      f"{len(timed)} timings, {len(skipped)} skipped, on {document['hardware'].get('gpu') or document['hardware']['cpu']}",
                      badge(None, "measured")])
     return rows
@@ -360,11 +396,13 @@ def build_report(out_html: str | Path, *, val_json, reference_detections, refere
     settings = settings or {}
     val = read_json(val_json)
     reference = read_json(reference_detections)
-    verify_docs, deployed_docs, bench_docs, engine_docs = (
-        {p: doc for p, path in paths.items() if (doc := read_json(path)) is not None}
-        for paths in (verify, deployed, bench, engines or {})
-    )
-    parity_doc, ranges_doc, accuracy_doc = read_json(parity), read_json(calibration_ranges), read_json(calibration_accuracy)
+    verify_artifacts, bench_artifacts, engine_artifacts = (read_artifacts(paths) for paths in (verify, bench, engines or {}))
+    verify_docs, bench_docs = ({p: artifact.document for p, artifact in artifacts.items()}
+                               for artifacts in (verify_artifacts, bench_artifacts))
+    deployed_docs = {p: doc for p, path in deployed.items() if (doc := read_json(path)) is not None}
+    parity_artifact, ranges_artifact, accuracy_artifact = (
+        read_artifact(path) for path in (parity, calibration_ranges, calibration_accuracy))
+    ranges_doc = ranges_artifact.document if ranges_artifact is not None else None
     reference_doc = read_json(reference_metrics)
     precisions = list(dict.fromkeys([*verify_docs, *bench_docs]))
 
@@ -391,7 +429,8 @@ def build_report(out_html: str | Path, *, val_json, reference_detections, refere
         f"{html.escape(str(hardware.get('gpu') or hardware.get('cpu', '?')))}.</p>",
         "<h2>Stages and their checks</h2>",
         table(["stage", "artifact", "check", "result"],
-              stage_rows(parity_doc, accuracy_doc, ranges_doc, engine_docs, verify_docs, bench_docs)),
+              stage_rows(parity_artifact, accuracy_artifact, ranges_artifact, engine_artifacts, verify_artifacts,
+                         bench_artifacts)),
         "<h2>Per precision</h2>",
         *(precision_section(p, verify_docs.get(p), bench_docs.get(p)) for p in precisions),
         "<h2>Latency</h2>", image(plots["latency"], "latency bars"),
