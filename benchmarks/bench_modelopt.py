@@ -18,7 +18,7 @@ Then, in this process, for every Q/DQ ONNX: QuantizeLinear/DequantizeLinear coun
 a dequantized tensor; a TensorRT-RTX int8 plan built by `trtflow.engine.build_engine` (features + head for
 the demo, features only for the random-weights model); and
 - demo detector (results/ from `snakemake results/calib/accuracy.json`): simulated-INT8 COCO mAP through the
-  deployment head, `trtflow.calibrate.simulated_accuracy` as rule `calibration_accuracy` runs it;
+  deployment head, `trtflow.qdq_accuracy.simulated_accuracy` as rule `calibration_accuracy` runs it;
 - random-weights torchvision architectures (`--models`) at `--size` (exported by `trtflow.export.export_features`, num_classes 5):
   mAP means nothing, so ONNX Runtime agreement of the Q/DQ graph with the float graph on `--agreement-images`
   val images (per output max |error| / max |float|, the worst output and the median over outputs).
@@ -160,7 +160,7 @@ def build_int8_plan(config: dict, qdq: Path, with_head: bool) -> dict:
 
 
 def demo_accuracy(config: dict, qdq: Path) -> dict:
-    from trtflow.calibrate import simulated_accuracy
+    from trtflow.qdq_accuracy import simulated_accuracy
 
     report = simulated_accuracy(RESULTS / "onnx/features.onnx", qdq, RESULTS / "weights", VAL_JSON,
                                 qdq.with_suffix(".accuracy.json"), preprocess=preprocess_settings(config, None),

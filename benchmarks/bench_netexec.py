@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from trtflow.executors import network_definition_executor
-from trtflow.reference import detect_dataset
+from trtflow.detection_loop import detect_dataset
 from trtflow.verify import deployment_executor
 
 

@@ -62,7 +62,8 @@ def test_the_run_side_does_not_run_the_engine_build():
 # contract, the network-record and head-weights file formats, image reading and COCO data sets, model definitions,
 # backend, artifacts).
 BUILD_SIDE = {"export", "weights", "calibrate", "qdq", "modelopt_qdq", "head_network", "engine", "train", "usage"}
-RUN_SIDE = {"executors", "netexec", "runtime", "verify", "bench", "report", "detect", "cli", "reference", "onnxrun"}
+RUN_SIDE = {"executors", "netexec", "runtime", "verify", "bench", "report", "detect", "cli", "reference", "onnxrun",
+            "detection_loop", "qdq_accuracy"}
 
 
 def module_imports() -> dict[str, set[str]]:

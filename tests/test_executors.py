@@ -20,7 +20,7 @@ from trtflow.executors import (
     pytorch_executor,
     pytorch_static_head_executor,
 )
-from trtflow.reference import detect_dataset
+from trtflow.detection_loop import detect_dataset
 from trtflow.verify import match_detections
 
 INPUT_HW = (96, 128)

@@ -98,7 +98,7 @@ def test_run_verify_on_cpu_names_the_executor_and_why_not_the_engine(deployment,
     import torch
 
     from trtflow.metrics import coco_map
-    from trtflow.reference import detect_dataset
+    from trtflow.detection_loop import detect_dataset
     from trtflow.verify import run_verify
 
     if torch.cuda.is_available():

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trtflow.artifacts import write_json
 from trtflow.executors import (
     CaptureError,
     Executor,
@@ -25,11 +26,11 @@ from trtflow.executors import (
     pytorch_static_head_executor,
     tensorrt_executor,
 )
-from trtflow.artifacts import write_json
-from trtflow.runtime import EngineRefused
-from trtflow.verify import deployment_executor
 from trtflow.head_weights import load_head
 from trtflow.images import read_image
+from trtflow.preprocess import preprocess_batch
+from trtflow.runtime import EngineRefused
+from trtflow.verify import deployment_executor
 
 EXECUTORS = ("tensorrt", "onnxruntime+static-head", "pytorch", "pytorch+static-head")
 
@@ -97,8 +98,6 @@ def tiled_batch(images: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def val_images(val_json: str | Path, preprocess: dict, count: int) -> np.ndarray:
-    from trtflow.preprocess import preprocess_batch
-
     files = [image["file_name"] for image in json.loads(Path(val_json).read_text())["images"][:count]]
     return preprocess_batch([read_image(file) for file in files], preprocess)[0]
 

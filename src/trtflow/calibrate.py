@@ -30,11 +30,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from trtflow.artifacts import files_sha256, software_versions, write_json, write_text
+from trtflow.artifacts import files_sha256, software_versions, write_text
 from trtflow.backend import installed_version
 from trtflow.coco import list_images
 from trtflow.images import read_image
 from trtflow.modelopt_qdq import quantize_features
+from trtflow.onnxrun import OnnxSession
+from trtflow.preprocess import preprocess_batch
 from trtflow.qdq import KeepFloat, insert_qdq, quantization_plan, save_onnx, shared_amax, symmetric_scale
 
 log = logging.getLogger(__name__)
@@ -201,7 +203,6 @@ def collect_histograms(model: onnx.ModelProto | str | Path, batches: Iterable[np
     """
     from tqdm import tqdm
 
-    from trtflow.onnxrun import OnnxSession
 
     source = model if isinstance(model, (str, Path)) else source or "the ONNX graph"
     model = onnx.load(str(model)) if isinstance(model, (str, Path)) else model
@@ -355,8 +356,6 @@ def select_calibration_images(spec: str | Path, num_images: int, seed: int) -> l
 
 def image_batches(paths: Sequence[Path], batch_size: int, preprocess_cfg: dict) -> Iterator[np.ndarray]:
     """Decoded and preprocessed exactly as at inference, `batch_size` images at a time."""
-    from trtflow.preprocess import preprocess_batch
-
     for start in range(0, len(paths), batch_size):
         images = [read_image(path) for path in paths[start:start + batch_size]]
         yield preprocess_batch(images, preprocess_cfg)[0]
@@ -397,29 +396,3 @@ def calibrate_features(features_onnx: str | Path, images: str | Path, *, table_p
     write_text(ranges_path, json.dumps(document, indent=1) + "\n")
     log.info("wrote %s (%d tensors), %s, %s", table_path, len(table.scales), ranges_path, qdq_path)
     return document
-
-
-def simulated_accuracy(features_onnx: str | Path, qdq_onnx: str | Path, weights_dir: str | Path, val_json: str | Path,
-                       out_path: str | Path, *, preprocess: dict, postprocess: dict, batch_size: int = 8) -> dict:
-    """COCO mAP of the float features vs the Q/DQ features, both finished by the same deployment head.
-
-    ONNX Runtime runs each graph as written (Q/DQ as simulated quantization, trtflow.onnxrun.session_options),
-    so `delta` is what the scales alone cost, before any TensorRT kernel choice.
-    """
-    from trtflow.executors import onnxruntime_static_head_executor
-    from trtflow.metrics import check_label_set, coco_map
-    from trtflow.reference import detect_dataset
-    from trtflow.head_weights import load_head
-
-    manifest, tensors = load_head(weights_dir)
-    check_label_set(json.loads(Path(val_json).read_text()), manifest["num_classes"], val_json)
-    scores = {}
-    for key, onnx_path in (("fp32_mAP", features_onnx), ("int8_sim_mAP", qdq_onnx)):
-        executor = onnxruntime_static_head_executor(onnx_path, manifest, tensors, device="cpu",
-                                                    providers=["CPUExecutionProvider"])
-        results = detect_dataset(executor, val_json, preprocess, postprocess, batch_size=batch_size, desc=key)
-        scores[key] = coco_map(val_json, results)["mAP"]
-    report = {**scores, "delta": scores["fp32_mAP"] - scores["int8_sim_mAP"], "executor": "onnxruntime",
-              "head": "trtflow.head.StaticHead (fp32, CPU)", "software": software_versions()}
-    write_json(out_path, report)
-    return report

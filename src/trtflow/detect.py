@@ -16,9 +16,9 @@ from pathlib import Path
 import cv2
 
 from trtflow.artifacts import files_sha256, write_bytes, write_json
+from trtflow.detection_loop import detect_images
 from trtflow.executors import Executor, tensorrt_executor
 from trtflow.images import read_image
-from trtflow.reference import detect_images
 from trtflow.runtime import EngineRefused, read_metadata
 from trtflow.verify import choose_executor, level_status
 

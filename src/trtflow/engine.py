@@ -25,12 +25,13 @@ from typing import Callable, Iterator
 
 import onnx
 
-from trtflow.artifacts import software_versions, write_bytes, write_text
+from trtflow.artifacts import files_sha256, software_versions, write_bytes, write_text
 from trtflow.backend import Backend, load_backend
 from trtflow.backend import precisions as layer_precisions
-from trtflow.backend.roi_align_plugin import unsupported_reason
+from trtflow.backend.roi_align_plugin import register_plugins, unsupported_reason
 from trtflow.head import HEAD_OUTPUTS, PRECISIONS, head_dtype
 from trtflow.head_network import add_head, check_head_options
+from trtflow.head_weights import load_head
 from trtflow.network_record import read_network
 from trtflow.onnxrun import is_quantized
 from trtflow.usage import plan_usage
@@ -460,8 +461,6 @@ def plan_precisions(backend: Backend, plan: bytes, network, gpu: dict | None) ->
 
 
 def file_record(path: Path | None) -> dict | None:
-    from trtflow.artifacts import files_sha256
-
     return None if path is None else {"path": str(path), "sha256": files_sha256(path)}
 
 
@@ -491,16 +490,12 @@ def build_engine(
     check_features_onnx(model, sources.onnx, settings)
     head = None
     if sources.head_weights is not None:
-        from trtflow.head_weights import load_head  # checks names, shapes and sha256 of every tensor
-
         head = load_head(sources.head_weights)
         check_same_checkpoint(model, sources.onnx, head[0]["source_checkpoint_sha256"],
                               sources.head_weights / "manifest.json")
     gpu = build_gpu()
     compute_capabilities = target_compute_capabilities(backend, settings, gpu)
     if settings.roi_align == "plugin":
-        from trtflow.backend.roi_align_plugin import register_plugins
-
         register_plugins(backend, sources.plugin_library)
 
     started = time.perf_counter()

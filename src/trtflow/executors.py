@@ -1,5 +1,5 @@
 """Executors: the `detect` callables that verification and benchmarks plug into
-`trtflow.reference.detect_dataset`, each carrying its name and exactly what it runs.
+`trtflow.detection_loop.detect_dataset`, each carrying its name and exactly what it runs.
 
 - ``pytorch``: torchvision's own detector, eager (the reference).
 - ``pytorch+static-head``: the deployment form in PyTorch: the features network (backbone, FPN, RPN head
@@ -26,11 +26,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from trtflow.model import FeaturesNetwork, output_names
-from trtflow.onnxrun import OnnxSession
 from trtflow.head import HEAD_OUTPUTS, StaticHead
+from trtflow.model import FeaturesNetwork, output_names, run_detector
 from trtflow.netexec import NetworkExecutor
 from trtflow.network_record import NetworkRecord
+from trtflow.onnxrun import OnnxSession
+from trtflow.runtime import EngineRunner
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 CUDA_GRAPH_MODES = ("none", "features", "whole")
@@ -122,8 +123,6 @@ class GraphPerShape:
 
 def pytorch_executor(model, *, dtype: str = "float32") -> Executor:
     """torchvision's detector, eager, on the model's device; float16 runs under CUDA autocast."""
-    from trtflow.model import run_detector
-
     device = next(model.parameters()).device
     if dtype == "float16" and device.type != "cuda":
         raise ValueError("pytorch float16 runs under CUDA autocast; on the CPU use dtype float32")
@@ -233,8 +232,6 @@ def onnxruntime_static_head_executor(onnx_path: str | Path, manifest: Mapping, t
 
 def tensorrt_executor(plan: str | Path, metadata: Mapping | None = None, *, cuda_graph: bool = False) -> Executor:
     """A plan through trtflow.runtime.EngineRunner; raises EngineRefused where this machine cannot run it."""
-    from trtflow.runtime import EngineRunner
-
     runner = EngineRunner(plan, metadata, cuda_graph=cuda_graph)
 
     @torch.no_grad()

@@ -12,10 +12,12 @@ import numpy as np
 import onnx
 import torch
 
-from trtflow.artifacts import atomic_write, software_versions
+from trtflow.artifacts import atomic_write, software_versions, write_json
 from trtflow.images import read_image
 from trtflow.model import INPUT_NAME, FeaturesNetwork, output_names
 from trtflow.onnxrun import OnnxSession
+from trtflow.preprocess import preprocess_batch
+
 
 def backbone_maps(model, input_hw: tuple[int, int]) -> dict[str, torch.Tensor]:
     """The backbone's maps, by key, for one zero image of `input_hw`: a dry run for their names and sizes."""
@@ -99,8 +101,6 @@ def check_parity(model, onnx_path, coco_json, preprocess_cfg: dict, num_images: 
     """
     import json
 
-    from trtflow.artifacts import write_json
-    from trtflow.preprocess import preprocess_batch
 
     files = [image["file_name"] for image in json.loads(Path(coco_json).read_text())["images"][:num_images]]
     images, _ = preprocess_batch([read_image(file) for file in files], preprocess_cfg)

@@ -28,7 +28,10 @@ from types import ModuleType
 
 import numpy as np
 
+from trtflow.backend import load_backend
+from trtflow.backend.roi_align_plugin import add_multilevel_roi_align, unsupported_reason
 from trtflow.head import LN2, NO_SCORE, by_level, level_anchors
+from trtflow.plugins import RoIAlignSpec
 
 MAX_TOP_K = 3840  # ITopKLayer: k <= 3840
 # what add_head implements; config.yaml's schema lists the same (a test holds them equal)
@@ -403,9 +406,6 @@ def plugin_roi_align(g: Graph, maps, boxes, roi_pool: Mapping):
     """Full TensorRT only: our MultiLevelRoIAlign plugin (trtflow.backend.roi_align_plugin, registered
     beforehand by trtflow.backend.roi_align_plugin.register_plugins) on rois (B·P, 5) = batch index, x1, y1, x2, y2."""
     trt = g.trt
-    from trtflow.backend import load_backend
-    from trtflow.backend.roi_align_plugin import add_multilevel_roi_align, unsupported_reason
-    from trtflow.plugins import RoIAlignSpec
 
     backend = load_backend(trt.__name__)
     reason = unsupported_reason(backend)

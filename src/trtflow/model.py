@@ -19,7 +19,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from trtflow.artifacts import files_sha256
+from trtflow.artifacts import atomic_write, files_sha256, software_versions, write_json
 
 TORCHVISION_ARCHS = (
     "fasterrcnn_resnet50_fpn",
@@ -210,7 +210,6 @@ def save_validated_checkpoint(model_cfg: dict, source: str | Path, checkpoint_ou
     """
     from safetensors.torch import save_file
 
-    from trtflow.artifacts import atomic_write, software_versions, write_json
 
     model = load_detector(model_cfg, source)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}

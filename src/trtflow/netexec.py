@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import heapq
 import math
-from contextlib import contextmanager
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np

@@ -24,6 +24,7 @@ import numpy as np
 
 from trtflow.artifacts import write_bytes, write_text
 from trtflow.images import read_image
+from trtflow.verify import match_detections
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 REFERENCE_COLOR, DEPLOYED_COLOR = "#1a9850", "#d73027"
@@ -379,8 +380,6 @@ def tsv(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 
 def matched_dscores(reference, deployed, match_iou: float) -> np.ndarray:
-    from trtflow.verify import match_detections
-
     return match_detections(reference, deployed, match_iou).dscores
 
 

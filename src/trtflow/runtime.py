@@ -25,6 +25,7 @@ from trtflow.backend import FLAVOUR_NAMES, INSTALL_COMMANDS, UNSUPPORTED_GPUS, i
 from trtflow.backend.roi_align_plugin import register_plugins
 from trtflow.model import INPUT_NAME
 
+
 class EngineRefused(RuntimeError):
     """This machine cannot run the plan; the message says why and what would."""
 

@@ -1,6 +1,6 @@
 """Stage `verify`: every precision's detections against the PyTorch reference, on the val split.
 
-The deployed executor runs through `trtflow.reference.detect_dataset`, the same pre- and
+The deployed executor runs through `trtflow.detection_loop.detect_dataset`, the same pre- and
 postprocessing as the reference. Its detections are matched to the reference's (same image, same
 class, IoU >= `verify.match_iou`, greedy: reference detections in descending score each take the
 best-overlapping unmatched deployed one) giving match recall / precision, |Δscore| and box IoU of
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from trtflow.artifacts import write_json
+from trtflow.detection_loop import detect_dataset
 from trtflow.executors import (
     Executor,
     default_device,
@@ -36,9 +37,10 @@ from trtflow.executors import (
     tensorrt_executor,
 )
 from trtflow.head import PRECISIONS, head_dtype
+from trtflow.head_weights import load_head
 from trtflow.metrics import coco_map
 from trtflow.netexec import NetworkExecutionError
-from trtflow.reference import detect_dataset
+from trtflow.runtime import EngineRefused
 
 log = logging.getLogger(__name__)
 
@@ -201,8 +203,6 @@ def deployment_executor(precision: str, onnx: str | Path, weights_dir: str | Pat
     """The deployment-form reference as the engine of `precision` is built: `onnx` is features.onnx for fp32
     and fp16, features.qdq.onnx for int8; the head runs float32 for fp32, float16 otherwise. Where the
     head's device cannot run float16 it runs float32 and `details["note"]` says so."""
-    from trtflow.head_weights import load_head
-
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     device = torch.device(device) if device is not None else default_device()
@@ -223,8 +223,6 @@ def choose_executor(precision: str, *, plan: str | Path, onnx: str | Path, weigh
                     network: str | Path | None = None, cuda_graph: bool = False) -> tuple[Executor, dict]:
     """The strongest executor this machine can run: the engine, else the recorded network definition
     (`network`, the record beside the plan), else the deployment-form reference; with `level_status`."""
-    from trtflow.runtime import EngineRefused
-
     try:
         return tensorrt_executor(plan, cuda_graph=cuda_graph), level_status("engine", [])
     except EngineRefused as refused:

@@ -34,6 +34,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
 from trtflow.artifacts import atomic_write, software_versions
+from trtflow.export import backbone_maps, level_names
 from trtflow.head_weights import (
     FORMATS,
     MANIFEST,
@@ -59,8 +60,6 @@ def feature_levels(model: nn.Module, input_hw: tuple[int, int]) -> list[dict]:
     ``anchor_stride`` is torchvision's ``AnchorGenerator`` stride (integer division of the input
     size by the map size), which is what places the anchors.
     """
-    from trtflow.export import backbone_maps, level_names
-
     height, width = input_hw
     maps = backbone_maps(model, input_hw)
     return [{"name": name, "key": key, "channels": fmap.shape[1], "size": list(fmap.shape[-2:]),

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Sequence
 
+from trtflow.backend.implicit_int8 import cache_only_calibrator
+
 BACKENDS = ("tensorrt", "tensorrt_rtx")
 CHOICES = ("auto", *BACKENDS)
 
@@ -278,8 +280,6 @@ class Backend:
 
         Only where `capabilities.implicit_calibrator` (EngineSettings.check_backend refuses the rest).
         """
-        from trtflow.backend.implicit_int8 import cache_only_calibrator
-
         trt = self.trt
         calibrator = cache_only_calibrator(trt, calibration_table, batch_size=batch_size)
         config.set_flag(trt.BuilderFlag.INT8)
