@@ -16,11 +16,13 @@ demo: $(INSTALLED)
 	$(VENV)/bin/snakemake --cores $(CORES) results/engine_int8.plan
 
 test: $(INSTALLED)
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 	$(PYTHON) -m pytest
 
 # the unit tests alone (no Snakemake runs): a few minutes instead of CI's full suite
 test-fast: $(INSTALLED)
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 	$(PYTHON) -m pytest -m "not pipeline"
 

@@ -12,6 +12,7 @@ Phases: ours = collection (ORT inference with the tensors exposed + streaming hi
 creation included) and threshold search; ORT = setup (shape inference, augmented model, session),
 collect_data and compute_data. Results: <workdir>/results.json and a Markdown table on stdout.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,14 @@ def export_features_onnx(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # The TorchScript exporter, as in the issue's anchor measurement: its graph has the 204 float tensors
     # onnxruntime calibrates (the dynamo exporter's leaner graph has 155).
-    torch.onnx.export(FeaturesNetwork(detector).eval(), (torch.randn(*INPUT_SHAPE),), str(path), dynamo=False,
-                      opset_version=17, input_names=["images"])
+    torch.onnx.export(
+        FeaturesNetwork(detector).eval(),
+        (torch.randn(*INPUT_SHAPE),),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["images"],
+    )
 
 
 def synthetic_batches(count: int, seed: int = 0):
@@ -82,8 +89,15 @@ def run_ours(onnx_path: Path, images: int, tensors: str) -> dict:
     collected = time.perf_counter()
     amax = compute_amax(statistics.histograms, "entropy")
     searched = time.perf_counter()
-    result = {"tool": "trtflow", "tensors": len(amax), "images": images, "collect_s": collected - start,
-              "search_s": searched - collected, "total_s": searched - start, "peak_rss_mb": peak_rss_mb()}
+    result = {
+        "tool": "trtflow",
+        "tensors": len(amax),
+        "images": images,
+        "collect_s": collected - start,
+        "search_s": searched - collected,
+        "total_s": searched - start,
+        "peak_rss_mb": peak_rss_mb(),
+    }
     if tensors == "plan":
         result["qdq_rtx_build_s"] = tensorrt_rtx_build_seconds(onnx_path, amax)
     return result
@@ -125,17 +139,28 @@ def run_onnxruntime(onnx_path: Path, images: int, workdir: Path) -> dict:
             return None if batch is None else {"images": batch}
 
     start = time.perf_counter()
-    calibrator = create_calibrator(onnx_path, None, str(workdir / "ort_augmented.onnx"),
-                                   calibrate_method=CalibrationMethod.Entropy,
-                                   extra_options={"num_bins": 2048, "num_quantized_bins": 128})
+    calibrator = create_calibrator(
+        onnx_path,
+        None,
+        str(workdir / "ort_augmented.onnx"),
+        calibrate_method=CalibrationMethod.Entropy,
+        extra_options={"num_bins": 2048, "num_quantized_bins": 128},
+    )
     ready = time.perf_counter()
     calibrator.collect_data(Reader())
     collected = time.perf_counter()
     ranges = calibrator.compute_data()
     searched = time.perf_counter()
-    return {"tool": "onnxruntime", "tensors": len(ranges.data), "images": images, "setup_s": ready - start,
-            "collect_s": collected - ready, "search_s": searched - collected, "total_s": searched - start,
-            "peak_rss_mb": peak_rss_mb()}
+    return {
+        "tool": "onnxruntime",
+        "tensors": len(ranges.data),
+        "images": images,
+        "setup_s": ready - start,
+        "collect_s": collected - ready,
+        "search_s": searched - collected,
+        "total_s": searched - start,
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def measure(args: list[str]) -> dict:
@@ -145,12 +170,16 @@ def measure(args: list[str]) -> dict:
 
 
 def markdown(results: list[dict]) -> str:
-    rows = ["| tool | tensors | images | setup s | collect s | threshold search s | total s | peak RSS MB |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| tool | tensors | images | setup s | collect s | threshold search s | total s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         setup = f"{r['setup_s']:.1f}" if "setup_s" in r else "(in collect)"
-        rows.append(f"| {r['tool']} | {r['tensors']} | {r['images']} | {setup} | {r['collect_s']:.1f} | "
-                    f"{r['search_s']:.2f} | {r['total_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+        rows.append(
+            f"| {r['tool']} | {r['tensors']} | {r['images']} | {setup} | {r['collect_s']:.1f} | "
+            f"{r['search_s']:.2f} | {r['total_s']:.1f} | {r['peak_rss_mb']:.0f} |"
+        )
     return "\n".join(rows)
 
 
@@ -178,18 +207,30 @@ def main() -> None:
         export_features_onnx(onnx_path)
     workdir = ["--workdir", str(args.workdir)]
     results = [measure([*workdir, "--child", "ours", "--count", str(n)]) for n in args.images]
-    results.append({**measure([*workdir, "--child", "ours-plan", "--count", str(args.images[0])]),
-                    "tool": "trtflow (Q/DQ plan tensors)"})
+    results.append(
+        {
+            **measure([*workdir, "--child", "ours-plan", "--count", str(args.images[0])]),
+            "tool": "trtflow (Q/DQ plan tensors)",
+        }
+    )
     results += [measure([*workdir, "--child", "onnxruntime", "--count", str(n)]) for n in args.ort_images]
-    summary = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpus": len(os.sched_getaffinity(0)),
-               "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
-               "onnx": str(onnx_path), "results": results}
+    summary = {
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "cpus": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "onnx": str(onnx_path),
+        "results": results,
+    }
     ours = next((r for r in results if r["tool"] == "trtflow" and r["images"] in args.ort_images), None)
     theirs = next((r for r in results if r["tool"] == "onnxruntime" and ours and r["images"] == ours["images"]), None)
     if ours and theirs:
-        summary["speedup"] = {"total": theirs["total_s"] / ours["total_s"], "search": theirs["search_s"] / ours["search_s"],
-                              "collect": (theirs["setup_s"] + theirs["collect_s"]) / ours["collect_s"],
-                              "memory": theirs["peak_rss_mb"] / ours["peak_rss_mb"]}
+        summary["speedup"] = {
+            "total": theirs["total_s"] / ours["total_s"],
+            "search": theirs["search_s"] / ours["search_s"],
+            "collect": (theirs["setup_s"] + theirs["collect_s"]) / ours["collect_s"],
+            "memory": theirs["peak_rss_mb"] / ours["peak_rss_mb"],
+        }
     (args.workdir / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(markdown(results))
     if "speedup" in summary:

@@ -15,6 +15,7 @@ The `dets` column counts each variant's detections on that batch: torchvision's 
 survivors, while the static head always does its full fixed-budget work.
 Needs torch, torchvision, numpy and trtflow (src/) with its imports (onnx, safetensors).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,6 +44,7 @@ def parse_size(text: str) -> tuple[int, int]:
 def timer(device: torch.device):
     """Milliseconds of one call: CUDA events on a GPU, perf_counter on the CPU."""
     if device.type == "cuda":
+
         def measure(fn, x):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -51,10 +53,12 @@ def timer(device: torch.device):
             end.synchronize()
             return start.elapsed_time(end)
     else:
+
         def measure(fn, x):
             started = time.perf_counter()
             fn(x)
             return (time.perf_counter() - started) * 1e3
+
     return measure
 
 
@@ -73,8 +77,13 @@ def run_row(name: str, fn, images: torch.Tensor, *, warmup: int, iters: int, dev
     except Exception as error:  # reported per row and in the exit status, never a number
         row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         return row
-    row.update(median_ms=statistics.median(times), p10_ms=float(np.percentile(times, 10)),
-               p90_ms=float(np.percentile(times, 90)), min_ms=min(times), iters=len(times))
+    row.update(
+        median_ms=statistics.median(times),
+        p10_ms=float(np.percentile(times, 10)),
+        p90_ms=float(np.percentile(times, 90)),
+        min_ms=min(times),
+        iters=len(times),
+    )
     return row
 
 
@@ -99,13 +108,16 @@ def variants(model, manifest, tensors, images: torch.Tensor):
         def call(images):
             with autocast(fp16):
                 return run_detector(model, images)
+
         return call
 
     yield "torchvision model(images) fp32", torchvision_full
     yield "torchvision backbone+rpn+roi_heads fp32", torchvision_parts(False)
     yield "torchvision backbone+rpn+roi_heads fp16 autocast", torchvision_parts(True)
-    forms = {label: DeploymentForm(model, manifest, tensors, dtype).to(device).eval()
-             for dtype, label in ((torch.float32, "fp32"), (torch.float16, "fp16 .half()"))}
+    forms = {
+        label: DeploymentForm(model, manifest, tensors, dtype).to(device).eval()
+        for dtype, label in ((torch.float32, "fp32"), (torch.float16, "fp16 .half()"))
+    }
     for label, form in forms.items():
         maps = form.extract(images)
         yield f"deployment form {label}", form
@@ -115,8 +127,10 @@ def variants(model, manifest, tensors, images: torch.Tensor):
         return
     for label, form in forms.items():
         graphed = GraphPerShape(form.extract)
-        yield f"deployment form {label} cuda-graph features + eager head", \
-            lambda images, form=form, graphed=graphed: form.detect(graphed(images))
+        yield (
+            f"deployment form {label} cuda-graph features + eager head",
+            lambda images, form=form, graphed=graphed: form.detect(graphed(images)),
+        )
     for label, form in forms.items():
         yield f"deployment form {label} cuda-graph whole", GraphPerShape(form)
     yield "torchvision backbone+rpn+roi_heads fp32 cuda-graph", GraphPerShape(torchvision_parts(False))
@@ -143,26 +157,39 @@ def main(argv=None) -> int:
     images = torch.randn(args.batch, 3, *args.size, generator=torch.Generator().manual_seed(0)).to(device)
 
     torch.set_grad_enabled(False)
-    rows = [run_row(name, fn, images, warmup=args.warmup, iters=args.iters, device=device)
-            for name, fn in variants(model, manifest, tensors, images)]
+    rows = [
+        run_row(name, fn, images, warmup=args.warmup, iters=args.iters, device=device)
+        for name, fn in variants(model, manifest, tensors, images)
+    ]
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
-        "model": "fasterrcnn_resnet50_fpn (random init, 91 classes)", "size": list(args.size), "batch": args.batch,
-        "warmup": args.warmup, "iters": args.iters,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+        "model": "fasterrcnn_resnet50_fpn (random init, 91 classes)",
+        "size": list(args.size),
+        "batch": args.batch,
+        "warmup": args.warmup,
+        "iters": args.iters,
         "timing": "CUDA events per call" if device.type == "cuda" else "perf_counter per call",
-        "budgets": {"rpn": {k: manifest["rpn"][k] for k in ("pre_nms_top_n", "post_nms_top_n")},
-                    "box_candidates": manifest["box"]["candidates"],
-                    "detections_per_img": manifest["box"]["detections_per_img"]},
+        "budgets": {
+            "rpn": {k: manifest["rpn"][k] for k in ("pre_nms_top_n", "post_nms_top_n")},
+            "box_candidates": manifest["box"]["candidates"],
+            "detections_per_img": manifest["box"]["detections_per_img"],
+        },
         "rows": rows,
     }
-    print(f"{result['device']}, torch {result['torch']}, torchvision {result['torchvision']}, "
-          f"{args.batch}x3x{args.size[0]}x{args.size[1]}, median of {args.iters} after {args.warmup} warm-up")
+    print(
+        f"{result['device']}, torch {result['torch']}, torchvision {result['torchvision']}, "
+        f"{args.batch}x3x{args.size[0]}x{args.size[1]}, median of {args.iters} after {args.warmup} warm-up"
+    )
     print(f"{'':60s} {'median ms':>10s} {'p10':>8s} {'p90':>8s} {'dets':>6s}")
     for row in rows:
         if "median_ms" in row:
             detections = "–" if row["detections"] is None else str(row["detections"])
-            print(f"{row['name']:60s} {row['median_ms']:10.2f} {row['p10_ms']:8.2f} {row['p90_ms']:8.2f} {detections:>6s}")
+            print(
+                f"{row['name']:60s} {row['median_ms']:10.2f} {row['p10_ms']:8.2f} {row['p90_ms']:8.2f} {detections:>6s}"
+            )
         else:
             reason = row.get("not_captured") or f"ERROR {row['error']}"
             print(f"{row['name']:60s} {'n/a':>10s}  ({reason[:110]})")

@@ -29,6 +29,7 @@ the demo, features only for the random-weights model); and
 Needs ModelOpt (see docs/BENCHMARKS.md for the install that keeps the pipeline's onnx/onnxruntime).
 Results: <workdir>/results.json and a Markdown table on stdout.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,8 +85,13 @@ def export_random_model(config: dict, arch: str, size: int, path: Path) -> None:
 
     torch.manual_seed(0)
     detector = build_detector({**config["model"], "arch": arch, "num_classes": 5}).eval()
-    export_features(detector, (size, size), path, opset=config["onnx"]["opset"],
-                    metadata={"trtflow.checkpoint_sha256": f"random-init-{arch}-seed0", "trtflow.arch": arch})
+    export_features(
+        detector,
+        (size, size),
+        path,
+        opset=config["onnx"]["opset"],
+        metadata={"trtflow.checkpoint_sha256": f"random-init-{arch}-seed0", "trtflow.arch": arch},
+    )
 
 
 def child(args) -> dict:
@@ -102,9 +108,15 @@ def child(args) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     calibration = {**config["calibration"], "algorithm": METHODS[args.method], "qdq_placement": args.child}
     start = time.perf_counter()
-    calibrate_features(model_onnx(args.workdir, args.model), CALIB_JSON, table_path=out.with_suffix(".table"),
-                       ranges_path=out.with_suffix(".ranges.json"), qdq_path=out, calibration=calibration,
-                       preprocess=preprocess)
+    calibrate_features(
+        model_onnx(args.workdir, args.model),
+        CALIB_JSON,
+        table_path=out.with_suffix(".table"),
+        ranges_path=out.with_suffix(".ranges.json"),
+        qdq_path=out,
+        calibration=calibration,
+        preprocess=preprocess,
+    )
     seconds = time.perf_counter() - start
     status = Path("/proc/self/status").read_text()
     peak_kib = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
@@ -112,8 +124,20 @@ def child(args) -> dict:
 
 
 def measure(args, model: str, tool: str, method: str) -> dict:
-    command = [sys.executable, __file__, "--workdir", str(args.workdir), "--size", str(args.size),
-               "--child", tool, "--model", model, "--method", method]
+    command = [
+        sys.executable,
+        __file__,
+        "--workdir",
+        str(args.workdir),
+        "--size",
+        str(args.size),
+        "--child",
+        tool,
+        "--model",
+        model,
+        "--method",
+        method,
+    ]
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode:
         tail = (completed.stderr or completed.stdout).strip().splitlines()[-12:]
@@ -139,10 +163,13 @@ def qdq_summary(path: Path) -> dict:
         if True in kinds:
             weight_readers[node.op_type] += 1
     ops = Counter(node.op_type for node in graph.node)
-    return {"QuantizeLinear": ops["QuantizeLinear"], "DequantizeLinear": ops["DequantizeLinear"],
-            "weight_DequantizeLinear": sum(dequantized.values()),
-            "int8_activation_inputs_of": dict(sorted(activation_readers.items())),
-            "int8_weights_of": dict(sorted(weight_readers.items()))}
+    return {
+        "QuantizeLinear": ops["QuantizeLinear"],
+        "DequantizeLinear": ops["DequantizeLinear"],
+        "weight_DequantizeLinear": sum(dequantized.values()),
+        "int8_activation_inputs_of": dict(sorted(activation_readers.items())),
+        "int8_weights_of": dict(sorted(weight_readers.items())),
+    }
 
 
 def build_int8_plan(config: dict, qdq: Path, with_head: bool) -> dict:
@@ -151,8 +178,9 @@ def build_int8_plan(config: dict, qdq: Path, with_head: bool) -> dict:
     engine = {key: value for key, value in config["engine"].items() if key != "precisions"}
     sources = EngineSources(onnx=qdq, head_weights=RESULTS / "weights" if with_head else None)
     try:
-        metadata = build_engine(sources, EngineSettings.from_config(engine, "int8"), qdq.with_suffix(".plan"),
-                                backend="tensorrt_rtx")
+        metadata = build_engine(
+            sources, EngineSettings.from_config(engine, "int8"), qdq.with_suffix(".plan"), backend="tensorrt_rtx"
+        )
     except Exception as error:  # the result to record, not a failure of the benchmark
         return {"builds": False, "error": f"{type(error).__name__}: {str(error)[:300]}"}
     qdq.with_suffix(".plan").unlink()
@@ -162,9 +190,15 @@ def build_int8_plan(config: dict, qdq: Path, with_head: bool) -> dict:
 def demo_accuracy(config: dict, qdq: Path) -> dict:
     from trtflow.qdq_accuracy import simulated_accuracy
 
-    report = simulated_accuracy(RESULTS / "onnx/features.onnx", qdq, RESULTS / "weights", VAL_JSON,
-                                qdq.with_suffix(".accuracy.json"), preprocess=preprocess_settings(config, None),
-                                postprocess=config["postprocess"])
+    report = simulated_accuracy(
+        RESULTS / "onnx/features.onnx",
+        qdq,
+        RESULTS / "weights",
+        VAL_JSON,
+        qdq.with_suffix(".accuracy.json"),
+        preprocess=preprocess_settings(config, None),
+        postprocess=config["postprocess"],
+    )
     return {"fp32_mAP": report["fp32_mAP"], "int8_sim_mAP": report["int8_sim_mAP"], "delta": report["delta"]}
 
 
@@ -175,16 +209,23 @@ def output_agreement(config: dict, float_onnx: Path, qdq: Path, size: int, count
     paths = select_calibration_images(VAL_JSON, count, 0)
     images = np.concatenate(list(image_batches(paths, count, preprocess_settings(config, size))))
     reference, quantized = OnnxSession(float_onnx)(images), OnnxSession(qdq)(images)
-    errors = {name: float(np.abs(quantized[name] - value).max() / np.abs(value).max())
-              for name, value in reference.items()}
-    return {"agreement_images": count, "worst_output": max(errors, key=errors.get),
-            "max_rel_error_worst": max(errors.values()), "max_rel_error_median": float(np.median(list(errors.values())))}
+    errors = {
+        name: float(np.abs(quantized[name] - value).max() / np.abs(value).max()) for name, value in reference.items()
+    }
+    return {
+        "agreement_images": count,
+        "worst_output": max(errors, key=errors.get),
+        "max_rel_error_worst": max(errors.values()),
+        "max_rel_error_median": float(np.median(list(errors.values()))),
+    }
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | method | tool | Q / DQ (weight DQ) | int8 inputs of | time s | peak RSS MB | "
-             "TensorRT-RTX int8 plan | fp32 → sim-INT8 mAP / output error |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | method | tool | Q / DQ (weight DQ) | int8 inputs of | time s | peak RSS MB | "
+        "TensorRT-RTX int8 plan | fp32 → sim-INT8 mAP / output error |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['method']} | {r['tool']} | failed: {r['error'][:200]} | | | | | |")
@@ -195,20 +236,33 @@ def markdown(rows: list[dict]) -> str:
         if "int8_sim_mAP" in r:
             quality = f"{r['fp32_mAP']:.3f} → {r['int8_sim_mAP']:.3f} ({-r['delta'] * 100:+.1f} pts)"
         else:
-            quality = f"worst {r['max_rel_error_worst']:.3f} ({r['worst_output']}), median {r['max_rel_error_median']:.3f}"
-        lines.append(f"| {r['model']} | {r['method']} | {r['tool']} | {q['QuantizeLinear']} / {q['DequantizeLinear']} "
-                     f"({q['weight_DequantizeLinear']}) | {readers} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | "
-                     f"{plan} | {quality} |")
+            quality = (
+                f"worst {r['max_rel_error_worst']:.3f} ({r['worst_output']}), median {r['max_rel_error_median']:.3f}"
+            )
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['tool']} | {q['QuantizeLinear']} / {q['DequantizeLinear']} "
+            f"({q['weight_DequantizeLinear']}) | {readers} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | "
+            f"{plan} | {quality} |"
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=RESULTS / "bench_modelopt")
-    parser.add_argument("--models", nargs="+", default=["demo", "fasterrcnn_mobilenet_v3_large_320_fpn"],
-                        help="demo (the pipeline's results/) and/or random-weights torchvision architectures")
-    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=["entropy", "max", "percentile"],
-                        help="percentile runs trtflow only (ModelOpt has no percentile method)")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["demo", "fasterrcnn_mobilenet_v3_large_320_fpn"],
+        help="demo (the pipeline's results/) and/or random-weights torchvision architectures",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=sorted(METHODS),
+        default=["entropy", "max", "percentile"],
+        help="percentile runs trtflow only (ModelOpt has no percentile method)",
+    )
     parser.add_argument("--size", type=int, default=256, help="input side of the random-weights models")
     parser.add_argument("--agreement-images", type=int, default=8, help="val images of the output agreement check")
     parser.add_argument("--child", choices=["trtflow", "modelopt"], help=argparse.SUPPRESS)
@@ -221,8 +275,10 @@ def main() -> None:
 
     for needed in (RESULTS / "onnx/features.onnx", RESULTS / "weights/manifest.json", CALIB_JSON, VAL_JSON):
         if not needed.exists():
-            sys.exit(f"bench_modelopt.py: {needed} does not exist; run: .venv/bin/snakemake --cores 2 "
-                     "results/calib/accuracy.json")
+            sys.exit(
+                f"bench_modelopt.py: {needed} does not exist; run: .venv/bin/snakemake --cores 2 "
+                "results/calib/accuracy.json"
+            )
     config = pipeline_config()
     rows = []
     for model in args.models:
@@ -236,15 +292,22 @@ def main() -> None:
                     qdq = Path(row["qdq_onnx"])
                     row["qdq"] = qdq_summary(qdq)
                     row["plan"] = build_int8_plan(config, qdq, with_head=model == "demo")
-                    row.update(demo_accuracy(config, qdq) if model == "demo" else
-                               output_agreement(config, source, qdq, args.size, args.agreement_images))
+                    row.update(
+                        demo_accuracy(config, qdq)
+                        if model == "demo"
+                        else output_agreement(config, source, qdq, args.size, args.agreement_images)
+                    )
                 rows.append(row)
                 print(json.dumps(row), flush=True)
 
-    summary = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-               "cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-               "software": installed_versions(("nvidia_modelopt", "onnx", "tensorrt_rtx", "torch")),
-               "size": args.size, "rows": rows}
+    summary = {
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "cpus": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "software": installed_versions(("nvidia_modelopt", "onnx", "tensorrt_rtx", "torch")),
+        "size": args.size,
+        "rows": rows,
+    }
     (args.workdir / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(markdown(rows))
 

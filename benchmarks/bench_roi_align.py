@@ -44,15 +44,17 @@ from trtflow.plugins import (
 IMAGE_HW = (800, 1344)
 CHANNELS = 256
 LEVELS = (2, 3, 4, 5)
-SCALES = [2.0 ** -k for k in LEVELS]
+SCALES = [2.0**-k for k in LEVELS]
 # sqrt(area) ranges LevelMapper sends to p2..p5 (k0 = 4, canonical 224).
 LEVEL_RANGES = {2: (16.0, 112.0), 3: (112.0, 224.0), 4: (224.0, 448.0), 5: (448.0, 896.0)}
 
 
 def pyramid(dtype: torch.dtype, generator: torch.Generator) -> list[torch.Tensor]:
     h, w = IMAGE_HW
-    return [torch.randn(1, CHANNELS, math.ceil(h / 2**k), math.ceil(w / 2**k), generator=generator, device="cuda")
-            .to(dtype) for k in LEVELS]
+    return [
+        torch.randn(1, CHANNELS, math.ceil(h / 2**k), math.ceil(w / 2**k), generator=generator, device="cuda").to(dtype)
+        for k in LEVELS
+    ]
 
 
 def spread_rois(count: int, generator: torch.Generator) -> torch.Tensor:
@@ -67,8 +69,10 @@ def spread_rois(count: int, generator: torch.Generator) -> torch.Tensor:
     bw, bh = side * aspect.sqrt(), side / aspect.sqrt()
     cx = torch.rand(count, generator=generator, device="cuda") * w
     cy = torch.rand(count, generator=generator, device="cuda") * h
-    boxes = torch.stack([(cx - bw / 2).clamp(0, w), (cy - bh / 2).clamp(0, h),
-                         (cx + bw / 2).clamp(0, w), (cy + bh / 2).clamp(0, h)], dim=1)
+    boxes = torch.stack(
+        [(cx - bw / 2).clamp(0, w), (cy - bh / 2).clamp(0, h), (cx + bw / 2).clamp(0, w), (cy + bh / 2).clamp(0, h)],
+        dim=1,
+    )
     return torch.cat([torch.zeros(count, 1, device="cuda"), boxes], dim=1)
 
 
@@ -107,11 +111,13 @@ def bench(lib_path: Path, dtype: torch.dtype, count: int, args, flush: torch.Ten
     pooler = MultiScaleRoIAlign(names, 7, 2)
     features = OrderedDict(zip(names, maps))
     boxes = [rois[:, 1:].to(dtype)]  # torchvision needs boxes in the maps' dtype
-    reference = MultiScaleRoIAlign(names, 7, 2)(OrderedDict(zip(names, [m.float() for m in maps])),
-                                                [rois[:, 1:]], [IMAGE_HW])
+    reference = MultiScaleRoIAlign(names, 7, 2)(
+        OrderedDict(zip(names, [m.float() for m in maps])), [rois[:, 1:]], [IMAGE_HW]
+    )
     torchvision_out = pooler(features, boxes, [IMAGE_HW])
-    ours_out = multilevel_roi_align(maps, rois, output_size=7, spatial_scales=SCALES, sampling_ratio=2,
-                                    lib_path=lib_path)
+    ours_out = multilevel_roi_align(
+        maps, rois, output_size=7, spatial_scales=SCALES, sampling_ratio=2, lib_path=lib_path
+    )
     levels = pooler.map_levels([rois[:, 1:]]).bincount(minlength=len(LEVELS)).tolist()
 
     out = torch.empty_like(ours_out)
@@ -119,18 +125,32 @@ def bench(lib_path: Path, dtype: torch.dtype, count: int, args, flush: torch.Ten
     maps_nhwc = [m.contiguous(memory_format=torch.channels_last) for m in maps]
 
     def kernel(levels: list[torch.Tensor], layout: str, output: torch.Tensor) -> None:
-        launch(load_library(lib_path), RoIAlignSpec.from_scales(SCALES), [m.data_ptr() for m in levels],
-               [tuple(m.shape[2:]) for m in levels], 1, CHANNELS, rois.data_ptr(), count, output.data_ptr(),
-               "float16" if dtype == torch.float16 else "float32", torch.cuda.current_stream().cuda_stream,
-               layout)
+        launch(
+            load_library(lib_path),
+            RoIAlignSpec.from_scales(SCALES),
+            [m.data_ptr() for m in levels],
+            [tuple(m.shape[2:]) for m in levels],
+            1,
+            CHANNELS,
+            rois.data_ptr(),
+            count,
+            output.data_ptr(),
+            "float16" if dtype == torch.float16 else "float32",
+            torch.cuda.current_stream().cuda_stream,
+            layout,
+        )
 
     def convert_and_kernel() -> None:
         kernel([m.contiguous(memory_format=torch.channels_last) for m in maps], "nhwc", out_nhwc)
 
     timing = {"warmup": args.warmup, "repeats": args.repeats, "flush": flush}
     t_torchvision = median_seconds(lambda: pooler(features, boxes, [IMAGE_HW]), **timing)
-    t_call = median_seconds(lambda: multilevel_roi_align(maps, rois, output_size=7, spatial_scales=SCALES,
-                                                         sampling_ratio=2, lib_path=lib_path), **timing)
+    t_call = median_seconds(
+        lambda: multilevel_roi_align(
+            maps, rois, output_size=7, spatial_scales=SCALES, sampling_ratio=2, lib_path=lib_path
+        ),
+        **timing,
+    )
     t_kernel = median_seconds(lambda: kernel(maps, "nchw", out), **timing)
     t_nhwc = median_seconds(lambda: kernel(maps_nhwc, "nhwc", out_nhwc), **timing)
     t_convert_nhwc = median_seconds(convert_and_kernel, **timing)
@@ -182,26 +202,63 @@ def main() -> None:
             lib_path = Path(scratch) / "libtrtflow_plugins.so"
         copy_bw = copy_bandwidth()
         flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-        rows = [bench(lib_path, dtype, count, args, flush, copy_bw)
-                for dtype in (getattr(torch, name) for name in args.dtypes) for count in args.rois]
+        rows = [
+            bench(lib_path, dtype, count, args, flush, copy_bw)
+            for dtype in (getattr(torch, name) for name in args.dtypes)
+            for count in args.rois
+        ]
 
     device = torch.cuda.get_device_name()
     print(f"\n{device}, torch {torch.__version__}, copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write)")
-    header = ("dtype", "RoIs", "torchvision ms", "ours call ms", "ours kernel ms", "NHWC kernel ms",
-              "NHWC + convert ms", "x call", "x kernel", "x NHWC", "x NHWC + convert", "out GB/s", "% copy BW",
-              "err ours", "err NHWC", "err tv")
+    header = (
+        "dtype",
+        "RoIs",
+        "torchvision ms",
+        "ours call ms",
+        "ours kernel ms",
+        "NHWC kernel ms",
+        "NHWC + convert ms",
+        "x call",
+        "x kernel",
+        "x NHWC",
+        "x NHWC + convert",
+        "out GB/s",
+        "% copy BW",
+        "err ours",
+        "err NHWC",
+        "err tv",
+    )
     print(" | ".join(header))
     for r in rows:
-        print(" | ".join([
-            r["dtype"], str(r["rois"]), f"{r['torchvision_ms']:.3f}", f"{r['ours_call_ms']:.3f}",
-            f"{r['ours_kernel_ms']:.3f}", f"{r['nhwc_kernel_ms']:.3f}", f"{r['nhwc_convert_ms']:.3f}",
-            f"{r['speedup_call']:.1f}", f"{r['speedup_kernel']:.1f}", f"{r['speedup_nhwc']:.1f}",
-            f"{r['speedup_nhwc_convert']:.1f}", f"{r['output_gbps']:.0f}", f"{100 * r['fraction_of_copy_bw']:.0f}",
-            f"{r['ours_max_rel_error']:.1e}", f"{r['nhwc_max_rel_error']:.1e}", f"{r['torchvision_max_rel_error']:.1e}",
-        ]))
+        print(
+            " | ".join(
+                [
+                    r["dtype"],
+                    str(r["rois"]),
+                    f"{r['torchvision_ms']:.3f}",
+                    f"{r['ours_call_ms']:.3f}",
+                    f"{r['ours_kernel_ms']:.3f}",
+                    f"{r['nhwc_kernel_ms']:.3f}",
+                    f"{r['nhwc_convert_ms']:.3f}",
+                    f"{r['speedup_call']:.1f}",
+                    f"{r['speedup_kernel']:.1f}",
+                    f"{r['speedup_nhwc']:.1f}",
+                    f"{r['speedup_nhwc_convert']:.1f}",
+                    f"{r['output_gbps']:.0f}",
+                    f"{100 * r['fraction_of_copy_bw']:.0f}",
+                    f"{r['ours_max_rel_error']:.1e}",
+                    f"{r['nhwc_max_rel_error']:.1e}",
+                    f"{r['torchvision_max_rel_error']:.1e}",
+                ]
+            )
+        )
     if args.json:
-        args.json.write_text(json.dumps({"device": device, "torch": torch.__version__,
-                                         "copy_bandwidth_gbps": copy_bw / 1e9, "results": rows}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {"device": device, "torch": torch.__version__, "copy_bandwidth_gbps": copy_bw / 1e9, "results": rows},
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

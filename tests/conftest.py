@@ -22,12 +22,17 @@ MARKERS = {
 }
 FULL_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 MISSING = {  # marker -> why it is skipped here; only the markers whose requirement is missing
-    marker: reason for marker, missing, reason in (
+    marker: reason
+    for marker, missing, reason in (
         ("needs_cuda", not torch.cuda.is_available(), "no CUDA GPU is visible here"),
-        ("needs_full_tensorrt", not FULL_TENSORRT,
-         "full TensorRT is not installed here (it needs NVIDIA's pip index and a CUDA GPU)"),
+        (
+            "needs_full_tensorrt",
+            not FULL_TENSORRT,
+            "full TensorRT is not installed here (it needs NVIDIA's pip index and a CUDA GPU)",
+        ),
         ("needs_snakemake", importlib.util.find_spec("snakemake") is None, "snakemake is not installed here"),
-    ) if missing
+    )
+    if missing
 }
 
 

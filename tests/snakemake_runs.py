@@ -4,6 +4,7 @@ conftest's session fixture `completed_run` (the default target, built once: 1.5 
 is shared by the slow test files. Tests that change files or outputs work on `clone(completed_run, ...)`,
 never on it. A test module that imports from here is a `pipeline` test (conftest marks it).
 """
+
 from __future__ import annotations
 
 import os
@@ -13,7 +14,6 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW_FILES = ("Snakefile", "config.yaml", "workflow", "profiles", "src", "models", "plugins")
@@ -39,14 +39,23 @@ def clone(workdir: Path, destination: Path) -> Path:
     return destination
 
 
-def snakemake(workdir: Path, *args: str, cores: int = 2, check: bool = True, env: dict | None = None,
-              timeout: float = 600) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path, *args: str, cores: int = 2, check: bool = True, env: dict | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """`snakemake --cores N ARGS` in `workdir`, as a user types it (no profile unless ARGS names one)."""
-    result = subprocess.run([sys.executable, "-m", "snakemake", "--cores", str(cores), *args], cwd=workdir,
-                            capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--cores", str(cores), *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
     if check and result.returncode:
-        raise AssertionError(f"snakemake {' '.join(args)} failed ({result.returncode}):\n"
-                             f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed ({result.returncode}):\n"
+            f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
     return result
 
 

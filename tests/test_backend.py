@@ -14,7 +14,6 @@ from trtflow import backend as backends
 from trtflow.backend import BackendUnavailableError, load_backend, precisions
 
 
-
 @pytest.fixture
 def fresh_backends():
     """load_backend caches per name; tests that hide modules need an empty cache before and after."""
@@ -61,7 +60,11 @@ def test_rtx_version_and_capabilities(rtx):
     assert rtx.major >= 1 and rtx.version == rtx.trt.__version__
     caps = rtx.capabilities
     assert (caps.python_plugins, caps.nms_layer, caps.int8_kernels, caps.implicit_calibrator, caps.timing_cache) == (
-        False, False, False, False, False,
+        False,
+        False,
+        False,
+        False,
+        False,
     )
     assert caps.compute_capability_targets
 
@@ -131,18 +134,29 @@ def test_network_precisions_count_declared_types(rtx):
 
 def test_inspector_precisions_read_tensorrt_10_and_11_fields():
     # TensorRT 10 "Format/Datatype"; TensorRT 11 "Format" and "Datatype" (issue 14), older notes "DataType".
-    engine_information = json.dumps({
-        "Layers": [
-            {"Name": "conv1", "LayerType": "CaskConvolution",
-             "Outputs": [{"Name": "a", "Format/Datatype": "Channel major FP16 format where channel % 8 == 0"}]},
-            {"Name": "conv2", "LayerType": "CaskConvolution",
-             "Outputs": [{"Name": "b", "Format/Datatype": "Channel major INT8 format where channel % 32 == 0"}]},
-            {"Name": "cast", "LayerType": "Reformat",
-             "Outputs": [{"Name": "c", "Format": "Row major linear format", "Datatype": "Float"}]},
-            {"Name": "cast2", "LayerType": "Reformat", "Outputs": [{"Name": "d", "DataType": "Half"}]},
-            "name-only layer",
-        ]
-    })
+    engine_information = json.dumps(
+        {
+            "Layers": [
+                {
+                    "Name": "conv1",
+                    "LayerType": "CaskConvolution",
+                    "Outputs": [{"Name": "a", "Format/Datatype": "Channel major FP16 format where channel % 8 == 0"}],
+                },
+                {
+                    "Name": "conv2",
+                    "LayerType": "CaskConvolution",
+                    "Outputs": [{"Name": "b", "Format/Datatype": "Channel major INT8 format where channel % 32 == 0"}],
+                },
+                {
+                    "Name": "cast",
+                    "LayerType": "Reformat",
+                    "Outputs": [{"Name": "c", "Format": "Row major linear format", "Datatype": "Float"}],
+                },
+                {"Name": "cast2", "LayerType": "Reformat", "Outputs": [{"Name": "d", "DataType": "Half"}]},
+                "name-only layer",
+            ]
+        }
+    )
     summary = precisions.from_inspector(engine_information)
     assert summary["source"] == "engine_inspector" and summary["layers"] == 4
     assert summary["output_dtypes"] == {"HALF": 2, "INT8": 1, "FLOAT": 1}
@@ -188,8 +202,9 @@ class StandInBuilderConfig:
 
 
 def stand_in_backend(rtx) -> backends.Backend:
-    return backends.Backend(name="tensorrt", trt=rtx.trt, version="10.13.3.9", capabilities=rtx.capabilities,
-                            logger=rtx.logger)
+    return backends.Backend(
+        name="tensorrt", trt=rtx.trt, version="10.13.3.9", capabilities=rtx.capabilities, logger=rtx.logger
+    )
 
 
 def test_unreadable_timing_cache_starts_a_fresh_one(rtx, caplog):

@@ -5,6 +5,7 @@ Unit tests of each reader live beside their modules (test_images, test_coco, tes
 drives the stages that use them, and a few Snakemake runs of single rules in a scratch workflow (no
 completed pipeline needed: each rule here runs from source files only).
 """
+
 import errno
 import importlib.util
 import json
@@ -23,7 +24,6 @@ import yaml
 from onnx import TensorProto, helper
 
 from snakemake_runs import ROOT, config_overlay, scratch_workflow, snakemake
-
 from trtflow import artifacts, data
 from trtflow.coco import DatasetError
 from trtflow.config import ConfigError, check_config
@@ -55,7 +55,7 @@ def photo(height=64, width=80, seed=0) -> np.ndarray:
 def corrupt_png(path: Path) -> None:
     encoded = bytearray(encode(path, photo(96, 96)).read_bytes())
     data_start = encoded.index(b"IDAT") + 8
-    encoded[data_start:data_start + 64] = bytes(64)  # damaged compressed pixels: zlib and the CRC both fail
+    encoded[data_start : data_start + 64] = bytes(64)  # damaged compressed pixels: zlib and the CRC both fail
     path.write_bytes(bytes(encoded))
 
 
@@ -111,8 +111,12 @@ def user_images(tmp_path_factory) -> Path:
 
 
 def user_data(images: Path, annotations: Path | None, bad_images: str = "fail") -> dict:
-    return {"source": "coco", "images": str(images), "annotations": annotations and str(annotations),
-            "bad_images": bad_images}
+    return {
+        "source": "coco",
+        "images": str(images),
+        "annotations": annotations and str(annotations),
+        "bad_images": bad_images,
+    }
 
 
 # -- images, through the data stage (rule `data`, data.source: coco) ---------------------------
@@ -133,7 +137,8 @@ def test_a_bad_image_in_the_val_set_fails_naming_it_or_is_skipped(user_images, t
     val = json.loads((out / "val.json").read_text())
     assert [Path(image["file_name"]).name for image in val["images"]] == ["good0.jpg", "good1.jpg"]
     assert [(Path(s["file"]).name, problem in f"{s['file']}: {s['reason']}") for s in val["info"]["skipped"]] == [
-        (name, True)]
+        (name, True)
+    ]
     assert val["info"]["annotations_dropped_with_skipped_images"] == 1 and len(val["annotations"]) == 2
 
 
@@ -155,8 +160,12 @@ def test_a_bad_calibration_image_fails_naming_it(user_images, tmp_path):
     truncated_jpeg(calibration / "cut.jpg")
     annotations = coco_for(user_images, ["good0.jpg"])
     with pytest.raises(DatasetError) as caught:
-        data.prepare_data(user_data(user_images, annotations), tmp_path / "out/val.json", tmp_path / "out/calib.json",
-                          calibration_images=str(calibration))
+        data.prepare_data(
+            user_data(user_images, annotations),
+            tmp_path / "out/val.json",
+            tmp_path / "out/calib.json",
+            calibration_images=str(calibration),
+        )
     assert str(caught.value).startswith(f"{calibration}: ")
     assert f"{calibration / 'cut.jpg'}: is a truncated JPEG" in str(caught.value)
     # val.json is complete and valid on its own; Snakemake removes it with the failed job's other outputs
@@ -184,8 +193,9 @@ def test_rule_data_names_every_bad_image_and_leaves_nothing(scratch, user_images
     assert files_under(scratch / "results") == []
     assert f"{user_images / 'zero.jpg'}: is empty" in (scratch / "logs/data/data.log").read_text()
 
-    skip = config_overlay(scratch, "user_data_skip.yaml",
-                          yaml.safe_dump({"data": user_data(user_images, annotations, "skip")}))
+    skip = config_overlay(
+        scratch, "user_data_skip.yaml", yaml.safe_dump({"data": user_data(user_images, annotations, "skip")})
+    )
     snakemake(scratch, "results/data/val.json", *skip)
     val = json.loads((scratch / "results/data/val.json").read_text())
     kept = [Path(image["file_name"]).name for image in val["images"]]
@@ -227,10 +237,12 @@ def demo_model(default_config):
     return load_detector(default_config["model"], DEMO_CHECKPOINT)
 
 
-@pytest.mark.parametrize("categories", [CATEGORIES[:3], [*CATEGORIES, {"id": 9, "name": "hexagon"}]],
-                         ids=["fewer", "more"])
-def test_categories_that_are_not_the_models_classes_fail_before_scoring(demo_model, default_config, user_images,
-                                                                          tmp_path, categories):
+@pytest.mark.parametrize(
+    "categories", [CATEGORIES[:3], [*CATEGORIES, {"id": 9, "name": "hexagon"}]], ids=["fewer", "more"]
+)
+def test_categories_that_are_not_the_models_classes_fail_before_scoring(
+    demo_model, default_config, user_images, tmp_path, categories
+):
     from trtflow.reference import run_reference
 
     annotations = coco_for(user_images, ["good0.jpg"], categories)
@@ -239,23 +251,32 @@ def test_categories_that_are_not_the_models_classes_fail_before_scoring(demo_mod
     preprocess = {"input": default_config["model"]["input"], **default_config["preprocess"]}
     out = tmp_path / "reference"
     with pytest.raises(LabelSetError) as caught:
-        run_reference(demo_model, val, preprocess, default_config["postprocess"], out / "detections.json",
-                      out / "metrics.json")
+        run_reference(
+            demo_model, val, preprocess, default_config["postprocess"], out / "detections.json", out / "metrics.json"
+        )
     assert str(caught.value).startswith(
-        f"{val} lists {len(categories)} categories but model.num_classes is 5 (4 object classes + background)")
+        f"{val} lists {len(categories)} categories but model.num_classes is 5 (4 object classes + background)"
+    )
     assert f"model.num_classes: {len(categories) + 1}" in str(caught.value)
     assert not out.exists()
 
 
 def test_images_without_annotations_give_reference_detections_and_say_map_is_not_measured(
-        demo_model, default_config, user_images, tmp_path):
+    demo_model, default_config, user_images, tmp_path
+):
     val = tmp_path / "val.json"
     data.prepare_data(user_data(user_images, None, "skip"), val, tmp_path / "calib.json")
     preprocess = {"input": default_config["model"]["input"], **default_config["preprocess"]}
     from trtflow.reference import run_reference
 
-    metrics = run_reference(demo_model, val, preprocess, default_config["postprocess"], tmp_path / "detections.json",
-                            tmp_path / "metrics.json")
+    metrics = run_reference(
+        demo_model,
+        val,
+        preprocess,
+        default_config["postprocess"],
+        tmp_path / "detections.json",
+        tmp_path / "metrics.json",
+    )
     assert metrics["images"] == 2 + len(CONVERTED_IMAGES)
     assert metrics["skipped"].endswith("has no annotations (data.annotations unset): mAP is not measured")
     detections = json.loads((tmp_path / "detections.json").read_text())
@@ -284,15 +305,25 @@ def pickled_model(path: Path) -> None:
 
 CHECKPOINTS = {  # file -> (how it is made, config change, what the message must say)
     "truncated.safetensors": (truncated_checkpoint, {}, "model.checkpoint: cannot read {path} ("),
-    "garbage.pth": (lambda p: p.write_bytes(b"\x00not a pickle"), {},
-                    "model.checkpoint: cannot read {path}: it is not tensors saved with torch.save"),
-    "whole_model.pt": (pickled_model, {}, "model.checkpoint: cannot read {path}: it is not tensors saved with "
-                                          "torch.save (a damaged file, or a whole pickled model: save "
-                                          "model.state_dict() instead)"),
+    "garbage.pth": (
+        lambda p: p.write_bytes(b"\x00not a pickle"),
+        {},
+        "model.checkpoint: cannot read {path}: it is not tensors saved with torch.save",
+    ),
+    "whole_model.pt": (
+        pickled_model,
+        {},
+        "model.checkpoint: cannot read {path}: it is not tensors saved with "
+        "torch.save (a damaged file, or a whole pickled model: save "
+        "model.state_dict() instead)",
+    ),
     "list.pt": (pickled_list, {}, "model.checkpoint: {path} holds no state_dict of tensors; save model.state_dict()"),
-    "demo.safetensors": (lambda p: shutil.copy(DEMO_CHECKPOINT, p), {"num_classes": 7},
-                         "{path}: the checkpoint has 5 classes (background included) but config model.num_classes "
-                         "is 7; set model.num_classes: 5"),
+    "demo.safetensors": (
+        lambda p: shutil.copy(DEMO_CHECKPOINT, p),
+        {"num_classes": 7},
+        "{path}: the checkpoint has 5 classes (background included) but config model.num_classes "
+        "is 7; set model.num_classes: 5",
+    ),
 }
 
 
@@ -305,8 +336,9 @@ def test_a_bad_checkpoint_is_named_with_the_fix_and_nothing_is_saved(default_con
     make(path)
     out = tmp_path / "results"
     with pytest.raises(CheckpointError) as caught:
-        save_validated_checkpoint({**default_config["model"], **change}, path, out / "checkpoint.safetensors",
-                                  out / "model.json")
+        save_validated_checkpoint(
+            {**default_config["model"], **change}, path, out / "checkpoint.safetensors", out / "model.json"
+        )
     assert str(caught.value).startswith(message.format(path=path))
     assert not out.exists()
 
@@ -335,24 +367,37 @@ def test_rule_model_fails_on_a_corrupt_checkpoint_and_saves_nothing(scratch, tmp
 # -- config.yaml (checked before any job; test_config covers the schema's basic cases) -----------
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"calibration": {"num_images": 0}}, "calibration.num_images: 0 is less than the minimum of 1"),
-    ({"calibration": {"percentile": 150}}, "calibration.percentile: 150 is greater than the maximum of 100"),
-    ({"engine": {"precisions": ["int4"]}}, "engine.precisions.0: 'int4' is not one of ['fp32', 'fp16', 'int8']"),
-    ({"engine": {"opt_level": 9}}, "engine.opt_level: 9 is greater than the maximum of 5"),
-    ({"data": {"bad_images": "ignore"}}, "data.bad_images: 'ignore' is not one of ['fail', 'skip']"),
-    ({"preprocess": {"std": [0.2, 0, 0.2]}}, "preprocess.std.1: 0 is less than or equal to the minimum of 0"),
-    ({"model": {"input": "320x320"}}, "model.input: '320x320' is not of type 'object'"),
-    ({"verify": {"enforce": ["fp64"]}}, "verify.enforce.0: 'fp64' is not one of ['fp32', 'fp16', 'int8']"),
-    ({"engine": {"batch": {"min": 2, "opt": 1, "max": 1}}}, "engine.batch: {'min': 2, 'opt': 1, 'max': 1} needs "
-                                                            "min <= opt <= max"),
-    ({"engine": {"batch": {"min": 1, "opt": 4, "max": 8}}}, "the features ONNX has the static batch "
-                                                            "onnx.batch_size: 1; set engine.batch to {min: 1, opt: 1, "
-                                                            "max: 1} or onnx.dynamic_batch: true"),
-    ({"plugins": {"archs": [75, 86], "ptx_arch": 86}}, "plugins.ptx_arch: 86 is newer than the oldest of "
-                                                       "plugins.archs [75, 86]; set it to at most 75"),
-    ({"calibration": {"images": "no/such/images/*.jpg"}}, "calibration.images: no/such/images/*.jpg matches nothing"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"calibration": {"num_images": 0}}, "calibration.num_images: 0 is less than the minimum of 1"),
+        ({"calibration": {"percentile": 150}}, "calibration.percentile: 150 is greater than the maximum of 100"),
+        ({"engine": {"precisions": ["int4"]}}, "engine.precisions.0: 'int4' is not one of ['fp32', 'fp16', 'int8']"),
+        ({"engine": {"opt_level": 9}}, "engine.opt_level: 9 is greater than the maximum of 5"),
+        ({"data": {"bad_images": "ignore"}}, "data.bad_images: 'ignore' is not one of ['fail', 'skip']"),
+        ({"preprocess": {"std": [0.2, 0, 0.2]}}, "preprocess.std.1: 0 is less than or equal to the minimum of 0"),
+        ({"model": {"input": "320x320"}}, "model.input: '320x320' is not of type 'object'"),
+        ({"verify": {"enforce": ["fp64"]}}, "verify.enforce.0: 'fp64' is not one of ['fp32', 'fp16', 'int8']"),
+        (
+            {"engine": {"batch": {"min": 2, "opt": 1, "max": 1}}},
+            "engine.batch: {'min': 2, 'opt': 1, 'max': 1} needs min <= opt <= max",
+        ),
+        (
+            {"engine": {"batch": {"min": 1, "opt": 4, "max": 8}}},
+            "the features ONNX has the static batch "
+            "onnx.batch_size: 1; set engine.batch to {min: 1, opt: 1, "
+            "max: 1} or onnx.dynamic_batch: true",
+        ),
+        (
+            {"plugins": {"archs": [75, 86], "ptx_arch": 86}},
+            "plugins.ptx_arch: 86 is newer than the oldest of plugins.archs [75, 86]; set it to at most 75",
+        ),
+        (
+            {"calibration": {"images": "no/such/images/*.jpg"}},
+            "calibration.images: no/such/images/*.jpg matches nothing",
+        ),
+    ],
+)
 def test_config_values_that_cannot_work_name_the_key(change, message):
     config = yaml.safe_load((ROOT / "config.yaml").read_text())
     for section, values in change.items():
@@ -394,16 +439,28 @@ def test_rule_plugins_without_nvcc_names_the_fix_and_builds_nothing(scratch):
 
 def tiny_features_model() -> onnx.ModelProto:
     """The smallest graph that follows the features contract: one map p2, its objectness and deltas."""
+
     def conv(name, inputs, out_channels, in_channels):
-        weight = helper.make_tensor(f"{name}.weight", TensorProto.FLOAT, [out_channels, in_channels, 1, 1],
-                                    np.full(out_channels * in_channels, 0.1, np.float32))
+        weight = helper.make_tensor(
+            f"{name}.weight",
+            TensorProto.FLOAT,
+            [out_channels, in_channels, 1, 1],
+            np.full(out_channels * in_channels, 0.1, np.float32),
+        )
         return helper.make_node("Conv", [inputs, weight.name], [name]), weight
 
     nodes, weights = zip(conv("p2", "images", 4, 3), conv("objectness_p2", "p2", 3, 4), conv("deltas_p2", "p2", 12, 4))
-    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, channels, 32, 32])
-               for name, channels in (("p2", 4), ("objectness_p2", 3), ("deltas_p2", 12))]
-    graph = helper.make_graph(list(nodes), "features", [helper.make_tensor_value_info(
-        "images", TensorProto.FLOAT, [1, 3, 32, 32])], outputs, initializer=list(weights))
+    outputs = [
+        helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, channels, 32, 32])
+        for name, channels in (("p2", 4), ("objectness_p2", 3), ("deltas_p2", 12))
+    ]
+    graph = helper.make_graph(
+        list(nodes),
+        "features",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 32, 32])],
+        outputs,
+        initializer=list(weights),
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
@@ -420,8 +477,13 @@ def test_engine_stage_without_tensorrt_names_the_install_command(tmp_path):
 
     sources = EngineSources(onnx=tiny_features_onnx(tmp_path / "features.onnx"))
     with pytest.raises(BackendUnavailableError) as caught:
-        build_engine(sources, EngineSettings("fp32"), tmp_path / "engine_fp32.plan", tmp_path / "engine_fp32.json",
-                     backend="tensorrt")
+        build_engine(
+            sources,
+            EngineSettings("fp32"),
+            tmp_path / "engine_fp32.plan",
+            tmp_path / "engine_fp32.json",
+            backend="tensorrt",
+        )
     assert str(caught.value).startswith("backend: tensorrt -- no TensorRT Python module imports (tensorrt)")
     assert "pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu13" in str(caught.value)
     assert files_under(tmp_path) == ["features.onnx"]
@@ -433,17 +495,22 @@ def test_a_plan_for_other_gpus_is_refused_with_the_reason(tmp_path):
     from trtflow.runtime import EngineRefused, Gpu, check_runnable, refusals
 
     plan = tmp_path / "engine_fp32.plan"
-    metadata = build_engine(EngineSources(onnx=tiny_features_onnx(tmp_path / "features.onnx")), EngineSettings("fp32"),
-                            plan, tmp_path / "engine_fp32.json", backend="tensorrt_rtx")
+    metadata = build_engine(
+        EngineSources(onnx=tiny_features_onnx(tmp_path / "features.onnx")),
+        EngineSettings("fp32"),
+        plan,
+        tmp_path / "engine_fp32.json",
+        backend="tensorrt_rtx",
+    )
     installed = {"tensorrt_rtx": metadata["backend_version"]}
     assert refusals(metadata, Gpu("NVIDIA RTX A6000", "8.6"), installed, plan) == []
-    hopper, = refusals(metadata, Gpu("NVIDIA H100 80GB HBM3", "9.0"), installed, plan)
+    (hopper,) = refusals(metadata, Gpu("NVIDIA H100 80GB HBM3", "9.0"), installed, plan)
     assert "compute capability 9.0 (Hopper), on which TensorRT-RTX plans do not run" in hopper
     assert "build the engine with full TensorRT on this GPU (backend: tensorrt)" in hopper
-    turing, = refusals(metadata, Gpu("Tesla T4", "7.5"), installed, plan)
+    (turing,) = refusals(metadata, Gpu("Tesla T4", "7.5"), installed, plan)
     assert f"the plan targets compute capabilities {metadata['compute_capabilities']} but Tesla T4 is 7.5" in turing
     assert "engine.rtx.compute_capabilities" in turing
-    upgraded, = refusals(metadata, Gpu("NVIDIA RTX A6000", "8.6"), {"tensorrt_rtx": "9.9.9"}, plan)
+    (upgraded,) = refusals(metadata, Gpu("NVIDIA RTX A6000", "8.6"), {"tensorrt_rtx": "9.9.9"}, plan)
     assert "a plan runs only on the version that built it" in upgraded
     import torch
 
@@ -457,6 +524,7 @@ def test_a_plan_for_other_gpus_is_refused_with_the_reason(tmp_path):
 
 def fsync_fails_with_enospc(monkeypatch):
     """What a full disk looks like to a writer on a file system that allocates late (ext4, XFS, NFS)."""
+
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -485,8 +553,13 @@ def write_plan(path):
 
     with tempfile.TemporaryDirectory() as sources:
         features = tiny_features_onnx(Path(sources) / "features.onnx")
-        build_engine(EngineSources(onnx=features), EngineSettings("fp32"), path, path.with_suffix(".json"),
-                     backend="tensorrt_rtx")
+        build_engine(
+            EngineSources(onnx=features),
+            EngineSettings("fp32"),
+            path,
+            path.with_suffix(".json"),
+            backend="tensorrt_rtx",
+        )
 
 
 def write_qdq(path):
@@ -561,11 +634,16 @@ def user_namespaces_work() -> bool:
 def test_rule_data_on_a_really_full_disk(scratch):
     """results/ on a 256 KiB tmpfs (a private mount namespace): the demo images fill it while rule data runs."""
     (scratch / "results").mkdir(exist_ok=True)
-    script = (f"mount -t tmpfs -o size=256k tmpfs results && {sys.executable} -m snakemake --cores 1 "
-              "results/data/val.json; echo exit=$?; find results -type f")
-    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=scratch, capture_output=True, text=True,
-                            timeout=300)
+    script = (
+        f"mount -t tmpfs -o size=256k tmpfs results && {sys.executable} -m snakemake --cores 1 "
+        "results/data/val.json; echo exit=$?; find results -type f"
+    )
+    result = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script], cwd=scratch, capture_output=True, text=True, timeout=300
+    )
     assert "exit=1" in result.stdout, result.stdout + result.stderr
-    assert ("DiskFullError: results/data/val: the disk is full (no space left on the device holding results/data"
-            in result.stderr), result.stderr[-3000:]
+    assert (
+        "DiskFullError: results/data/val: the disk is full (no space left on the device holding results/data"
+        in result.stderr
+    ), result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "exit=1"  # `find` listed no file: nothing half-written

@@ -1,4 +1,5 @@
 """INT8 calibration (trtflow.calibrate): histograms, thresholds, the TensorRT cache, the stage end to end."""
+
 from __future__ import annotations
 
 import json
@@ -8,10 +9,23 @@ import struct
 import numpy as np
 import pytest
 
-from trtflow.calibrate import (NUM_BINS, AbsHistogram, CalibrationTable, calibration_table, collect_histograms,
-                               compute_amax, entropy_amax, format_calibration_table, parse_calibration_table,
-                               percentile_amax, read_calibration_table, scale_hex, tensorrt_version_tag, version_tag,
-                               write_calibration_table)
+from trtflow.calibrate import (
+    NUM_BINS,
+    AbsHistogram,
+    CalibrationTable,
+    calibration_table,
+    collect_histograms,
+    compute_amax,
+    entropy_amax,
+    format_calibration_table,
+    parse_calibration_table,
+    percentile_amax,
+    read_calibration_table,
+    scale_hex,
+    tensorrt_version_tag,
+    version_tag,
+    write_calibration_table,
+)
 from trtflow.images import BadImageError
 
 
@@ -84,8 +98,10 @@ def test_histogram_growth_rebins_exactly():
     everything = np.abs(np.concatenate(batches))
     assert streamed.amax == everything.max()
     assert everything.max() <= streamed.range < 2 * everything.max()
-    direct = np.bincount(np.minimum((everything * np.float32(NUM_BINS / streamed.range)).astype(np.int64), NUM_BINS - 1),
-                         minlength=NUM_BINS)
+    direct = np.bincount(
+        np.minimum((everything * np.float32(NUM_BINS / streamed.range)).astype(np.int64), NUM_BINS - 1),
+        minlength=NUM_BINS,
+    )
     assert streamed.counts.sum() == everything.size
     assert np.abs(streamed.counts - direct).sum() <= 4  # float32 rounding at bin edges only
 
@@ -125,6 +141,7 @@ def test_threshold_search_is_fast():
 
 # --- the TensorRT calibration cache ---------------------------------------------------------------------------
 
+
 def test_scale_bits_are_big_endian_float32_hex():
     assert scale_hex(np.float32(1.0) / np.float32(127)) == "3c010204"  # an amax of 1.0, as TensorRT writes it
     assert struct.unpack(">f", bytes.fromhex(scale_hex(0.5)))[0] == 0.5
@@ -152,7 +169,8 @@ def test_table_reader_names_bad_lines():
     with pytest.raises(ValueError, match="line 3: expected"):
         parse_calibration_table("TRT-100300-EntropyCalibration2\nconv1: 3c010204\nconv2 3c010204\n")
     assert parse_calibration_table("TRT-7000-EntropyCalibration2\ndata: 3c008912\n") == CalibrationTable(
-        "7000", "EntropyCalibration2", {"data": struct.unpack(">f", bytes.fromhex("3c008912"))[0]})
+        "7000", "EntropyCalibration2", {"data": struct.unpack(">f", bytes.fromhex("3c008912"))[0]}
+    )
 
 
 def test_version_tag():
@@ -164,9 +182,9 @@ def test_version_tag():
 
 # --- collection and the stage -----------------------------------------------------------------------------
 
+
 def test_collection_uses_the_qdq_plan_and_streams():
     from test_qdq import INPUT_SHAPE, resnet_like_model
-
     from trtflow.qdq import quantization_plan
 
     model = resnet_like_model()
@@ -192,15 +210,28 @@ def write_images(folder, count, seed=0):
     return folder
 
 
-CALIBRATION = {"num_images": 5, "batch_size": 2, "seed": 0, "algorithm": "entropy", "percentile": 99.99,
-               "tensorrt_version": "101600", "keep_float": {"nodes": [], "op_types": []}}
-PREPROCESS = {"input": {"height": 32, "width": 32}, "color": "rgb", "mean": [0.485, 0.456, 0.406],
-              "std": [0.229, 0.224, 0.225], "pad_value": 0}
+CALIBRATION = {
+    "num_images": 5,
+    "batch_size": 2,
+    "seed": 0,
+    "algorithm": "entropy",
+    "percentile": 99.99,
+    "tensorrt_version": "101600",
+    "keep_float": {"nodes": [], "op_types": []},
+}
+PREPROCESS = {
+    "input": {"height": 32, "width": 32},
+    "color": "rgb",
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+    "pad_value": 0,
+}
 
 
 @pytest.fixture
 def features_onnx(tmp_path):
     import onnx
+
     from test_qdq import resnet_like_model
 
     path = tmp_path / "features.onnx"
@@ -211,9 +242,15 @@ def features_onnx(tmp_path):
 def run_stage(features_onnx, images, out, **overrides):
     from trtflow.calibrate import calibrate_features
 
-    return calibrate_features(features_onnx, images, table_path=out / "int8calib.table", ranges_path=out / "ranges.json",
-                              qdq_path=out / "features.qdq.onnx", calibration={**CALIBRATION, **overrides},
-                              preprocess=PREPROCESS)
+    return calibrate_features(
+        features_onnx,
+        images,
+        table_path=out / "int8calib.table",
+        ranges_path=out / "ranges.json",
+        qdq_path=out / "features.qdq.onnx",
+        calibration={**CALIBRATION, **overrides},
+        preprocess=PREPROCESS,
+    )
 
 
 def test_stage_outputs_are_deterministic(tmp_path, features_onnx):
@@ -273,6 +310,7 @@ def test_unreadable_calibration_image_fails_clearly(tmp_path, features_onnx):
 def test_collection_refuses_a_batch_that_misfits_a_static_batch(tmp_path):
     """Padding a short batch would count copies of an image twice, so calibration refuses it instead."""
     import onnx
+
     from test_qdq import resnet_like_model
 
     model = resnet_like_model()
@@ -280,6 +318,9 @@ def test_collection_refuses_a_batch_that_misfits_a_static_batch(tmp_path):
     path = tmp_path / "static2.onnx"
     onnx.save(model, str(path))
     batch = np.zeros((3, 3, 32, 32), np.float32)
-    with pytest.raises(ValueError, match=r"static2\.onnx takes batches of exactly 2 images, got a batch of 3: make "
-                                         r"calibration\.batch_size and the number of calibration images multiples of 2"):
+    with pytest.raises(
+        ValueError,
+        match=r"static2\.onnx takes batches of exactly 2 images, got a batch of 3: make "
+        r"calibration\.batch_size and the number of calibration images multiples of 2",
+    ):
         collect_histograms(path, iter([batch]), progress=False)

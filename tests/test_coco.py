@@ -5,11 +5,10 @@ from pathlib import Path
 
 import pytest
 from pycocotools.coco import COCO
-from test_images import picture, write_image
 
+from test_images import picture, write_image
 from trtflow.artifacts import write_json
 from trtflow.coco import DatasetError, index_coco, index_images, list_images
-
 
 # --- bad image policy ------------------------------------------------------------------
 
@@ -218,4 +217,3 @@ def test_list_images_names_a_missing_or_empty_spec(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(DatasetError, match="neither a folder, a glob pattern nor a COCO .json"):
         list_images(tmp_path / "notes.txt")
-

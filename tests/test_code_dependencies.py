@@ -2,11 +2,11 @@
 (trtflow.workflow.code_closure), so editing a library module reruns exactly the rules whose scripts
 run it, and what depends on their outputs.
 """
+
 import os
 import re
 
 from snakemake_runs import ROOT, clone, planned, snakemake
-
 from trtflow.workflow import code_closure, imported_modules, module_file
 
 
@@ -46,7 +46,12 @@ def test_the_closure_follows_every_import(tmp_path):
     script.write_text("import json\nfrom trtflow.a import f\n")
     closure = code_closure(script, package)
     assert [str(path.relative_to(package)) for path in closure] == [
-        "__init__.py", "a.py", "b.py", "sub/__init__.py", "sub/c.py"]
+        "__init__.py",
+        "a.py",
+        "b.py",
+        "sub/__init__.py",
+        "sub/c.py",
+    ]
 
 
 def test_the_run_side_does_not_run_the_engine_build():
@@ -62,8 +67,20 @@ def test_the_run_side_does_not_run_the_engine_build():
 # contract, the network-record and head-weights file formats, image reading and COCO data sets, model definitions,
 # backend, artifacts).
 BUILD_SIDE = {"export", "weights", "calibrate", "qdq", "modelopt_qdq", "head_network", "engine", "train", "usage"}
-RUN_SIDE = {"executors", "netexec", "runtime", "verify", "bench", "report", "detect", "cli", "reference", "onnxrun",
-            "detection_loop", "qdq_accuracy"}
+RUN_SIDE = {
+    "executors",
+    "netexec",
+    "runtime",
+    "verify",
+    "bench",
+    "report",
+    "detect",
+    "cli",
+    "reference",
+    "onnxrun",
+    "detection_loop",
+    "qdq_accuracy",
+}
 
 
 def module_imports() -> dict[str, set[str]]:
@@ -96,8 +113,11 @@ def test_the_run_side_imports_no_build_side_module():
     graph = module_imports()
     assert {f"trtflow.{m}" for m in BUILD_SIDE | RUN_SIDE} <= set(graph), "a wing names a module that is gone"
     first = lambda name: (name.split(".") + [""])[1]  # noqa: E731  (trtflow.<first>...)
-    crossings = {name: sorted(m for m in imports if first(m) in BUILD_SIDE)
-                 for name, imports in graph.items() if first(name) in RUN_SIDE}
+    crossings = {
+        name: sorted(m for m in imports if first(m) in BUILD_SIDE)
+        for name, imports in graph.items()
+        if first(name) in RUN_SIDE
+    }
     assert not {name: found for name, found in crossings.items() if found}
 
 
@@ -121,8 +141,11 @@ def test_editing_each_module_reruns_exactly_the_rules_that_run_it(completed_run,
     run = clone(completed_run, tmp_path / "run")
     src = run / "src/trtflow"
     reach = downstream(run)
-    closures = {rule: {path.relative_to(src) for path in code_closure(run / f"workflow/scripts/{script}.py", src)}
-                for rule, (script, _) in rule_scripts().items() if rule in reach}
+    closures = {
+        rule: {path.relative_to(src) for path in code_closure(run / f"workflow/scripts/{script}.py", src)}
+        for rule, (script, _) in rule_scripts().items()
+        if rule in reach
+    }
     modules = sorted(path.relative_to(src) for path in src.rglob("*.py"))
     assert len(modules) >= 30
     for module in modules:

@@ -4,13 +4,13 @@ import importlib.util
 import pytest
 import yaml
 
+from conftest import ROOT
 from trtflow.backend import CHOICES as BACKEND_CHOICES
 from trtflow.calibrate import ALGORITHMS
 from trtflow.config import SCHEMA, ConfigError, check_config
 from trtflow.engine import INT8_MODES
 from trtflow.head import PRECISIONS
 from trtflow.head_network import HEAD_OPTIONS
-from conftest import ROOT
 
 RAW = yaml.safe_load((ROOT / "config.yaml").read_text())
 
@@ -32,48 +32,95 @@ def test_a_missing_schema_is_named(tmp_path):
         check_config(copy.deepcopy(RAW), workdir=ROOT, schema=tmp_path / "none.yaml")
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda c: c["model"]["input"].update(height=-320), r"model\.input\.height: -320 is less than the minimum of 32"),
-    (lambda c: c["model"]["input"].update(width=333), r"model\.input\.width: 333 is not a multiple of 32"),
-    (lambda c: c["model"].update(arch="yolo"), r"model\.arch: 'yolo' is not one of \['demo'"),
-    (lambda c: c["model"]["rpn"].update(pre_nms_top_n="many"), r"model\.rpn\.pre_nms_top_n: 'many' is not of type 'integer'"),
-    (lambda c: c.update(backend="onnx"), r"backend: 'onnx' is not one of"),
-    (lambda c: c["postprocess"].update(iou_thresh=1.5), r"postprocess\.iou_thresh: 1\.5 is greater than the maximum of 1"),
-    (lambda c: c["data"].update(surprise=True), r"data: Additional properties are not allowed \('surprise' was unexpected\)"),
-    (lambda c: c["model"].update(num_classes=1), r"model\.num_classes: 1 is less than the minimum of 2"),
-    (lambda c: c["calibration"].update(qdq_placement="onnxruntime"),
-     r"calibration\.qdq_placement: 'onnxruntime' is not one of \['trtflow', 'modelopt'\]"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (
+            lambda c: c["model"]["input"].update(height=-320),
+            r"model\.input\.height: -320 is less than the minimum of 32",
+        ),
+        (lambda c: c["model"]["input"].update(width=333), r"model\.input\.width: 333 is not a multiple of 32"),
+        (lambda c: c["model"].update(arch="yolo"), r"model\.arch: 'yolo' is not one of \['demo'"),
+        (
+            lambda c: c["model"]["rpn"].update(pre_nms_top_n="many"),
+            r"model\.rpn\.pre_nms_top_n: 'many' is not of type 'integer'",
+        ),
+        (lambda c: c.update(backend="onnx"), r"backend: 'onnx' is not one of"),
+        (
+            lambda c: c["postprocess"].update(iou_thresh=1.5),
+            r"postprocess\.iou_thresh: 1\.5 is greater than the maximum of 1",
+        ),
+        (
+            lambda c: c["data"].update(surprise=True),
+            r"data: Additional properties are not allowed \('surprise' was unexpected\)",
+        ),
+        (lambda c: c["model"].update(num_classes=1), r"model\.num_classes: 1 is less than the minimum of 2"),
+        (
+            lambda c: c["calibration"].update(qdq_placement="onnxruntime"),
+            r"calibration\.qdq_placement: 'onnxruntime' is not one of \['trtflow', 'modelopt'\]",
+        ),
+    ],
+)
 def test_schema_rejects_bad_values_naming_the_key(mutate, message):
     with pytest.raises(ConfigError, match=message):
         checked(mutate)
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda c: c["model"].update(checkpoint="models/missing.pth"), r"model\.checkpoint: models/missing\.pth does not exist"),
-    (lambda c: c["model"].update(checkpoint="train", arch="fasterrcnn_resnet50_fpn"), r"`train` only trains the demo"),
-    (lambda c: c["data"].update(source="coco", images="no/such/folder"), r"data\.images: no/such/folder is not a folder"),
-    (lambda c: c["data"].update(source="coco", images="tests", annotations="no.json"), r"data\.annotations: no\.json does not exist"),
-    (lambda c: c["model"].update(checkpoint="train") or c["data"]["demo"].update(num_train=4),
-     r"data\.demo\.num_train: 4 training images make no batch of model\.train\.batch_size 16"),
-    (lambda c: c.setdefault("onnx", {}).update(batch_size=3) or c["engine"].update(batch={"min": 3, "opt": 3, "max": 3}),
-     r"calibration\.batch_size: 8 and calibration\.num_images: 64 must be multiples of the features ONNX's static "
-     r"batch onnx\.batch_size: 3"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (
+            lambda c: c["model"].update(checkpoint="models/missing.pth"),
+            r"model\.checkpoint: models/missing\.pth does not exist",
+        ),
+        (
+            lambda c: c["model"].update(checkpoint="train", arch="fasterrcnn_resnet50_fpn"),
+            r"`train` only trains the demo",
+        ),
+        (
+            lambda c: c["data"].update(source="coco", images="no/such/folder"),
+            r"data\.images: no/such/folder is not a folder",
+        ),
+        (
+            lambda c: c["data"].update(source="coco", images="tests", annotations="no.json"),
+            r"data\.annotations: no\.json does not exist",
+        ),
+        (
+            lambda c: c["model"].update(checkpoint="train") or c["data"]["demo"].update(num_train=4),
+            r"data\.demo\.num_train: 4 training images make no batch of model\.train\.batch_size 16",
+        ),
+        (
+            lambda c: (
+                c.setdefault("onnx", {}).update(batch_size=3)
+                or c["engine"].update(batch={"min": 3, "opt": 3, "max": 3})
+            ),
+            r"calibration\.batch_size: 8 and calibration\.num_images: 64 must be multiples of the features ONNX's static "
+            r"batch onnx\.batch_size: 3",
+        ),
+    ],
+)
 def test_missing_files_are_named_before_any_job(mutate, message):
     with pytest.raises(ConfigError, match=message):
         checked(mutate)
 
 
 def test_modelopt_placement_needs_its_methods_and_the_package(monkeypatch):
-    with pytest.raises(ConfigError, match=r"calibration\.algorithm: percentile is not offered by ModelOpt "
-                                          r"\(calibration\.qdq_placement: modelopt\); set calibration\.algorithm to "
-                                          r"entropy or minmax"):
+    with pytest.raises(
+        ConfigError,
+        match=r"calibration\.algorithm: percentile is not offered by ModelOpt "
+        r"\(calibration\.qdq_placement: modelopt\); set calibration\.algorithm to "
+        r"entropy or minmax",
+    ):
         checked(lambda c: c["calibration"].update(qdq_placement="modelopt", algorithm="percentile"))
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "modelopt" else find_spec(name, *rest))
-    with pytest.raises(ConfigError, match=r"calibration\.qdq_placement: modelopt needs NVIDIA ModelOpt, which is not "
-                                          r"installed; run pip install -e \"\.\[modelopt\]\""):
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *rest: None if name == "modelopt" else find_spec(name, *rest)
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"calibration\.qdq_placement: modelopt needs NVIDIA ModelOpt, which is not "
+        r"installed; run pip install -e \"\.\[modelopt\]\"",
+    ):
         checked(lambda c: c["calibration"].update(qdq_placement="modelopt", algorithm="entropy"))
 
 

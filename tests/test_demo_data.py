@@ -95,4 +95,3 @@ def test_demo_objects_are_visible_and_varied():
         categories |= {o["category_id"] for o in objects}
     assert categories == {1, 2, 3, 4}
     assert min(sizes) >= 16 and max(sizes) > 120 and np.median(sizes) > 30
-

@@ -3,6 +3,7 @@
 On this CPU machine the plan cannot run, so `trtflow detect --fallback` runs the executor verify ran; on the
 shared completed run its detections on the val images are verify's, entry for entry.
 """
+
 import json
 import os
 import subprocess
@@ -19,8 +20,14 @@ RESULT_KEYS = ("image_id", "category_id", "bbox", "score")  # a COCO results ent
 def trtflow(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     """The console command, with the one CPU thread Snakemake gave rule verify (`threads: 1` sets
     OMP_NUM_THREADS=1): float sums split over other thread counts can differ in a score's fifth decimal."""
-    return subprocess.run([str(TRTFLOW), *args], cwd=workdir, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        [str(TRTFLOW), *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +35,18 @@ def detected(completed_run, tmp_path_factory) -> tuple[dict, subprocess.Complete
     out = tmp_path_factory.mktemp("detect")
     val = json.loads((completed_run / "results/data/val.json").read_text())
     files = [image["file_name"] for image in val["images"]]
-    result = trtflow(completed_run, "detect", "--engine", "results/engine_fp32.plan", *files, "--fallback",
-                     "--out", str(out / "dets.json"), "--draw", str(out / "drawn"))
+    result = trtflow(
+        completed_run,
+        "detect",
+        "--engine",
+        "results/engine_fp32.plan",
+        *files,
+        "--fallback",
+        "--out",
+        str(out / "dets.json"),
+        "--draw",
+        str(out / "drawn"),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((out / "dets.json").read_text()), result, out
 
@@ -42,8 +59,10 @@ def test_detect_with_fallback_gives_verifys_detections(completed_run, detected):
     assert output["executor"] == verify["executor"] and output["engine_executed"] is verify["engine_executed"] is False
     assert f"by {verify['executor']} (the engine did not run here)" in result.stderr
     # detect numbers the images 1.. in the order given: map them to the val ids
-    val_ids = {image["file_name"]: image["id"] for image in
-               json.loads((completed_run / "results/data/val.json").read_text())["images"]}
+    val_ids = {
+        image["file_name"]: image["id"]
+        for image in json.loads((completed_run / "results/data/val.json").read_text())["images"]
+    }
     ids = {image["id"]: val_ids[image["file_name"]] for image in output["images"]}
     # verify's file also holds the fields COCO scoring adds (id, area, ...): compare the detections themselves
     expected = [{key: entry[key] for key in RESULT_KEYS} for entry in expected]
@@ -72,8 +91,17 @@ def test_detect_refuses_a_corrupt_image_naming_it(completed_run, tmp_path):
     ok, encoded = cv2.imencode(".jpg", cv2.imread(str(good)))
     corrupt = tmp_path / "broken.jpg"
     corrupt.write_bytes(encoded.tobytes()[: len(encoded) // 2])  # cut: no end-of-image marker
-    result = trtflow(completed_run, "detect", "--engine", "results/engine_fp32.plan", "--fallback", str(good),
-                     str(corrupt), "--out", str(tmp_path / "dets.json"))
+    result = trtflow(
+        completed_run,
+        "detect",
+        "--engine",
+        "results/engine_fp32.plan",
+        "--fallback",
+        str(good),
+        str(corrupt),
+        "--out",
+        str(tmp_path / "dets.json"),
+    )
     assert result.returncode == 1
     assert f"{corrupt}: is a truncated JPEG" in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "dets.json").exists()

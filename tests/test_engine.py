@@ -57,9 +57,14 @@ def _with_checkpoint(model: onnx.ModelProto, checkpoint: str = CHECKPOINT) -> on
 def tiny_onnx(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     program = torch.onnx.export(
-        TinyFeatures().eval(), (torch.randn(1, 3, 32, 32),), dynamo=True, opset_version=18,
-        input_names=["images"], output_names=["p1", "objectness_p1", "deltas_p1"],
-        dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=64)}}, verbose=False,
+        TinyFeatures().eval(),
+        (torch.randn(1, 3, 32, 32),),
+        dynamo=True,
+        opset_version=18,
+        input_names=["images"],
+        output_names=["p1", "objectness_p1", "deltas_p1"],
+        dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=64)}},
+        verbose=False,
     )
     path = tmp_path_factory.mktemp("onnx") / "features.onnx"
     onnx.save(_with_checkpoint(program.model_proto), str(path))
@@ -80,8 +85,9 @@ def _qdq_conv(name, source, weight, scale):
     nodes = [
         helper.make_node("QuantizeLinear", [source, f"{name}_x_scale", f"{name}_x_zero"], [f"{name}_x_q"]),
         helper.make_node("DequantizeLinear", [f"{name}_x_q", f"{name}_x_scale", f"{name}_x_zero"], [f"{name}_x_dq"]),
-        helper.make_node("DequantizeLinear", [f"{name}_w_q", f"{name}_w_scale", f"{name}_w_zero"], [f"{name}_w_dq"],
-                         axis=0),
+        helper.make_node(
+            "DequantizeLinear", [f"{name}_w_q", f"{name}_w_scale", f"{name}_w_zero"], [f"{name}_w_dq"], axis=0
+        ),
         helper.make_node("Conv", [f"{name}_x_dq", f"{name}_w_dq"], [name], pads=[weight.shape[-1] // 2] * 4),
     ]
     return nodes, initializers
@@ -97,10 +103,14 @@ def qdq_onnx(tmp_path_factory) -> Path:
     nodes = [*stem, helper.make_node("Relu", ["stem"], ["p1"]), *obj, *dlt]
     p1_shape = ["batch", 8, 32, 32]
     graph = helper.make_graph(
-        nodes, "features_qdq", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 32, 32])],
-        [helper.make_tensor_value_info("p1", TensorProto.FLOAT, p1_shape),
-         helper.make_tensor_value_info("objectness_p1", TensorProto.FLOAT, ["batch", 3, 32, 32]),
-         helper.make_tensor_value_info("deltas_p1", TensorProto.FLOAT, ["batch", 12, 32, 32])],
+        nodes,
+        "features_qdq",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 32, 32])],
+        [
+            helper.make_tensor_value_info("p1", TensorProto.FLOAT, p1_shape),
+            helper.make_tensor_value_info("objectness_p1", TensorProto.FLOAT, ["batch", 3, 32, 32]),
+            helper.make_tensor_value_info("deltas_p1", TensorProto.FLOAT, ["batch", 12, 32, 32]),
+        ],
         [*stem_init, *obj_init, *dlt_init],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
@@ -113,8 +123,9 @@ def qdq_onnx(tmp_path_factory) -> Path:
 def _build(tmp_path, onnx_path, precision, **settings):
     plan, meta = tmp_path / f"engine_{precision}.plan", tmp_path / f"engine_{precision}.json"
     settings.setdefault("batch", BatchProfile(1, 2, 4))
-    metadata = build_engine(EngineSources(onnx=onnx_path), EngineSettings(precision, **settings), plan, meta,
-                            backend="tensorrt_rtx")
+    metadata = build_engine(
+        EngineSources(onnx=onnx_path), EngineSettings(precision, **settings), plan, meta, backend="tensorrt_rtx"
+    )
     return plan, meta, metadata
 
 
@@ -133,15 +144,24 @@ def _check_plan_files(plan: Path, meta: Path, metadata: dict):
 def test_fp32_plan(tmp_path, tiny_onnx):
     plan, meta, metadata = _build(tmp_path, tiny_onnx, "fp32")
     _check_plan_files(plan, meta, metadata)
-    assert metadata["inputs"] == [{"name": "images", "dtype": "FLOAT", "shape": [-1, 3, 32, 32], "profile": {
-        "min": [1, 3, 32, 32], "opt": [2, 3, 32, 32], "max": [4, 3, 32, 32]}, "layout": "NCHW",
-        "meaning": INPUT_MEANING}]
+    assert metadata["inputs"] == [
+        {
+            "name": "images",
+            "dtype": "FLOAT",
+            "shape": [-1, 3, 32, 32],
+            "profile": {"min": [1, 3, 32, 32], "opt": [2, 3, 32, 32], "max": [4, 3, 32, 32]},
+            "layout": "NCHW",
+            "meaning": INPUT_MEANING,
+        }
+    ]
     # built outside the pipeline: no preprocessing or classes to record, but the command that loads it
     assert metadata["preprocess"] is metadata["classes"] is None
     assert metadata["runtime"]["command"].endswith("--loadEngine=engine_fp32.plan --shapes=images:2x3x32x32")
     assert [(o["name"], o["dtype"], o["shape"]) for o in metadata["outputs"]] == [
-        ("p1", "FLOAT", [-1, 8, 16, 16]), ("objectness_p1", "FLOAT", [-1, 3, 16, 16]),
-        ("deltas_p1", "FLOAT", [-1, 12, 16, 16])]
+        ("p1", "FLOAT", [-1, 8, 16, 16]),
+        ("objectness_p1", "FLOAT", [-1, 3, 16, 16]),
+        ("deltas_p1", "FLOAT", [-1, 12, 16, 16]),
+    ]
     assert metadata["layer_precisions"]["source"] == "network_definition"
     assert metadata["layer_precisions"]["by_layer_type"]["CONVOLUTION"] == {"FLOAT": 4}
     assert metadata["sources"]["checkpoint_sha256"] == CHECKPOINT
@@ -176,8 +196,14 @@ def test_engine_json_records_the_files_it_was_given(tmp_path, tiny_onnx, monkeyp
     features.parent.mkdir(parents=True)
     features.write_bytes(tiny_onnx.read_bytes())
     plan, network = MODEL_DIR / "engine_fp32.plan", MODEL_DIR / "engine_fp32.network.safetensors"
-    metadata = build_engine(EngineSources(onnx=features), EngineSettings("fp32"), plan, plan.with_suffix(".json"),
-                            backend="tensorrt_rtx", network_record_path=network)
+    metadata = build_engine(
+        EngineSources(onnx=features),
+        EngineSettings("fp32"),
+        plan,
+        plan.with_suffix(".json"),
+        backend="tensorrt_rtx",
+        network_record_path=network,
+    )
     assert metadata["sources"]["onnx"]["path"] == str(features)
     assert metadata["network_record"]["path"] == str(network)
     assert metadata["runtime"]["command"].startswith("tensorrt_rtx --loadEngine=engine_fp32.plan ")
@@ -206,8 +232,14 @@ def small_detector(tmp_path_factory, default_config):
     torch.manual_seed(0)
     model = build_detector({**default_config["model"], "input": {"height": 128, "width": 160}}).eval()
     folder = tmp_path_factory.mktemp("detector")
-    features = export_features(model, (128, 160), folder / "features.onnx", dynamic_batch=True, simplify=False,
-                               metadata={CHECKPOINT_KEY: CHECKPOINT})
+    features = export_features(
+        model,
+        (128, 160),
+        folder / "features.onnx",
+        dynamic_batch=True,
+        simplify=False,
+        metadata={CHECKPOINT_KEY: CHECKPOINT},
+    )
     export_head(model, (128, 160), folder / "weights", checkpoint_sha256=CHECKPOINT)
     plan = quantization_plan(features)
     onnx.save(insert_qdq(features, plan, {name: 4.0 for name in plan.activations}), str(folder / "features.qdq.onnx"))
@@ -220,13 +252,19 @@ def test_detector_plan_has_the_head_contract(tmp_path, small_detector, precision
     metadata = build_engine(
         EngineSources(onnx=onnx_path, head_weights=small_detector / "weights"),
         EngineSettings(precision, batch=BatchProfile(1, 2, 2), debug_outputs=("head.proposals",)),
-        tmp_path / "engine.plan", tmp_path / "engine.json", backend="tensorrt_rtx",
+        tmp_path / "engine.plan",
+        tmp_path / "engine.json",
+        backend="tensorrt_rtx",
     )
     manifest = json.loads((small_detector / "weights" / "manifest.json").read_text())
     k, proposals = manifest["box"]["detections_per_img"], manifest["rpn"]["post_nms_top_n"]
     assert [(o["name"], o["dtype"], o["shape"]) for o in metadata["outputs"]] == [
-        ("num_detections", "INT32", [-1]), ("boxes", "FLOAT", [-1, k, 4]), ("scores", "FLOAT", [-1, k]),
-        ("classes", "INT32", [-1, k]), ("head.proposals", "FLOAT", [-1, proposals, 4])]
+        ("num_detections", "INT32", [-1]),
+        ("boxes", "FLOAT", [-1, k, 4]),
+        ("scores", "FLOAT", [-1, k]),
+        ("classes", "INT32", [-1, k]),
+        ("head.proposals", "FLOAT", [-1, proposals, 4]),
+    ]
     assert metadata["inputs"][0]["profile"]["max"] == [2, 3, 128, 160]
     assert metadata["head"] and (metadata["roi_align"], metadata["nms"]) == ("builtin", "static")
     assert metadata["plan_bytes"] == (tmp_path / "engine.plan").stat().st_size
@@ -241,8 +279,13 @@ def test_features_and_weights_from_different_checkpoints_fail_before_building(tm
     other = tmp_path / "features.onnx"
     onnx.save(model, str(other))
     with pytest.raises(ValueError, match=r"exported from checkpoint feedbeeffeed\.\.\. but .*manifest.json holds"):
-        build_engine(EngineSources(onnx=other, head_weights=small_detector / "weights"), EngineSettings("fp32"),
-                     tmp_path / "engine.plan", tmp_path / "engine.json", backend="tensorrt_rtx")
+        build_engine(
+            EngineSources(onnx=other, head_weights=small_detector / "weights"),
+            EngineSettings("fp32"),
+            tmp_path / "engine.plan",
+            tmp_path / "engine.json",
+            backend="tensorrt_rtx",
+        )
     assert not (tmp_path / "engine.plan").exists()
 
 
@@ -251,7 +294,9 @@ def test_features_and_weights_from_different_checkpoints_fail_before_building(tm
 
 def test_int8_needs_the_qdq_onnx(tmp_path, tiny_onnx):
     qdq_twin = re.escape(str(tiny_onnx.with_name("features.qdq.onnx")))
-    with pytest.raises(ValueError, match=rf"has no Q/DQ nodes: int8 .* from its Q/DQ graph {qdq_twin} \(rule calibrate"):
+    with pytest.raises(
+        ValueError, match=rf"has no Q/DQ nodes: int8 .* from its Q/DQ graph {qdq_twin} \(rule calibrate"
+    ):
         _build(tmp_path, tiny_onnx, "int8")
     assert not list(tmp_path.iterdir()), "a failed build left files"
 
@@ -271,7 +316,8 @@ def test_onnx_messages_name_the_models_files(tiny_onnx, qdq_onnx):
         check_features_onnx(onnx.load(str(tiny_onnx)), features, EngineSettings("int8"))
     assert str(plain_for_int8.value) == (
         f"{features} has no Q/DQ nodes: int8 (engine.int8_mode: explicit) is built from its Q/DQ graph {qdq} "
-        f"(rule calibrate: snakemake {qdq})")
+        f"(rule calibrate: snakemake {qdq})"
+    )
     with pytest.raises(ValueError) as quantized_for_fp16:
         check_features_onnx(onnx.load(str(qdq_onnx)), qdq, EngineSettings("fp16"))
     assert str(quantized_for_fp16.value).endswith(f"plan is built from the unquantized features ONNX {features}")
@@ -286,15 +332,21 @@ def test_onnx_messages_name_the_models_files(tiny_onnx, qdq_onnx):
 
 
 def test_plugin_roi_align_needs_the_library():
-    with pytest.raises(ValueError, match=r"^engine.roi_align = plugin needs a RoIAlign plugin library but none was "
-                                         r"given; pass the one rule plugins writes as EngineSources\(plugin_library="):
+    with pytest.raises(
+        ValueError,
+        match=r"^engine.roi_align = plugin needs a RoIAlign plugin library but none was "
+        r"given; pass the one rule plugins writes as EngineSources\(plugin_library=",
+    ):
         EngineSources(onnx=__file__).check(EngineSettings("fp32", roi_align="plugin"))
 
 
 def test_implicit_int8_needs_its_table():
     settings = EngineSettings("int8", int8_mode="implicit")
-    with pytest.raises(ValueError, match=r"int8_mode = implicit needs a calibration table but none was given; pass "
-                                         r"the one rule calibrate writes as EngineSources\(calibration_table="):
+    with pytest.raises(
+        ValueError,
+        match=r"int8_mode = implicit needs a calibration table but none was given; pass "
+        r"the one rule calibrate writes as EngineSources\(calibration_table=",
+    ):
         EngineSources(onnx=__file__).check(settings)
     with pytest.raises(FileNotFoundError, match=r"calibration table missing/int8calib.table does not exist"):
         EngineSources(onnx=__file__, calibration_table="missing/int8calib.table").check(settings)
@@ -330,13 +382,21 @@ def test_bad_settings_name_the_key(config, message):
 
 def test_settings_from_config():
     settings = EngineSettings.from_config(
-        {"workspace_mb": 512, "opt_level": 4, "batch": {"min": 1, "opt": 4, "max": 8}, "roi_align": "builtin",
-         "nms": "static", "int8_mode": "explicit", "rtx": {"compute_capabilities": ["8.6", 12.0]},
-         "debug_outputs": ["p2"]},
+        {
+            "workspace_mb": 512,
+            "opt_level": 4,
+            "batch": {"min": 1, "opt": 4, "max": 8},
+            "roi_align": "builtin",
+            "nms": "static",
+            "int8_mode": "explicit",
+            "rtx": {"compute_capabilities": ["8.6", 12.0]},
+            "debug_outputs": ["p2"],
+        },
         "fp16",
     )
-    assert settings == EngineSettings("fp16", 512, 4, BatchProfile(1, 4, 8), compute_capabilities=("8.6", "12.0"),
-                                      debug_outputs=("p2",))
+    assert settings == EngineSettings(
+        "fp16", 512, 4, BatchProfile(1, 4, 8), compute_capabilities=("8.6", "12.0"), debug_outputs=("p2",)
+    )
     assert settings.head_dtype == "float16"
 
 
@@ -377,15 +437,21 @@ def test_missing_onnx_says_how_to_build_it(tmp_path):
 
 def test_build_errors_carry_tensorrt_messages(tmp_path):
     # A batch hard-coded into a Reshape (a classic export mistake) only fails when TensorRT builds the profile.
-    nodes = [helper.make_node("Reshape", ["images", "flat"], ["p1"]),
-             helper.make_node("Relu", ["images"], ["objectness_p1"]),
-             helper.make_node("Sigmoid", ["images"], ["deltas_p1"])]
+    nodes = [
+        helper.make_node("Reshape", ["images", "flat"], ["p1"]),
+        helper.make_node("Relu", ["images"], ["objectness_p1"]),
+        helper.make_node("Sigmoid", ["images"], ["deltas_p1"]),
+    ]
     image_shape = ["batch", 3, 4, 4]
     graph = helper.make_graph(
-        nodes, "hard_coded_batch", [helper.make_tensor_value_info("images", TensorProto.FLOAT, image_shape)],
-        [helper.make_tensor_value_info("p1", TensorProto.FLOAT, [1, 48]),
-         helper.make_tensor_value_info("objectness_p1", TensorProto.FLOAT, image_shape),
-         helper.make_tensor_value_info("deltas_p1", TensorProto.FLOAT, image_shape)],
+        nodes,
+        "hard_coded_batch",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, image_shape)],
+        [
+            helper.make_tensor_value_info("p1", TensorProto.FLOAT, [1, 48]),
+            helper.make_tensor_value_info("objectness_p1", TensorProto.FLOAT, image_shape),
+            helper.make_tensor_value_info("deltas_p1", TensorProto.FLOAT, image_shape),
+        ],
         [numpy_helper.from_array(np.array([1, 48], np.int64), "flat")],
     )
     path = tmp_path / "features.onnx"
@@ -421,8 +487,14 @@ def test_locked_merge_keeps_every_concurrent_writer(tmp_path):
 
 def _build_in_process(onnx_path: str, out_dir: str, precision: str) -> None:
     out = Path(out_dir)
-    build_engine(EngineSources(onnx=onnx_path), EngineSettings(precision), out / f"engine_{precision}.plan",
-                 out / f"engine_{precision}.json", backend="tensorrt_rtx", timing_cache=out / "cache" / "timing.cache")
+    build_engine(
+        EngineSources(onnx=onnx_path),
+        EngineSettings(precision),
+        out / f"engine_{precision}.plan",
+        out / f"engine_{precision}.json",
+        backend="tensorrt_rtx",
+        timing_cache=out / "cache" / "timing.cache",
+    )
 
 
 def test_two_concurrent_builds_share_the_output_directory(tmp_path, tiny_onnx):
@@ -444,8 +516,10 @@ def test_two_concurrent_builds_share_the_output_directory(tmp_path, tiny_onnx):
         assert metadata["plan_sha256"] == hashlib.sha256(plan).hexdigest()
         assert metadata["precision"] == precision
         # TensorRT-RTX ignores timing caches; the metadata says so instead of writing an empty one.
-        assert metadata["timing_cache"] == {"used": False, "reason": f"tensorrt_rtx {metadata['backend_version']} "
-                                                                     "does not use timing caches"}
+        assert metadata["timing_cache"] == {
+            "used": False,
+            "reason": f"tensorrt_rtx {metadata['backend_version']} does not use timing caches",
+        }
 
 
 # -- full TensorRT (skipped here) -------------------------------------------------------------
@@ -455,8 +529,10 @@ def test_two_concurrent_builds_share_the_output_directory(tmp_path, tiny_onnx):
 def test_tensorrt_timing_cache_grows_across_concurrent_builds(tmp_path, tiny_onnx):
     cache = tmp_path / "cache" / "timing.cache"
     context = multiprocessing.get_context("spawn")
-    builds = [context.Process(target=_build_in_process, args=(str(tiny_onnx), str(tmp_path), precision))
-              for precision in ("fp32", "fp16")]
+    builds = [
+        context.Process(target=_build_in_process, args=(str(tiny_onnx), str(tmp_path), precision))
+        for precision in ("fp32", "fp16")
+    ]
     for build in builds:
         build.start()
     for build in builds:
@@ -480,7 +556,9 @@ def test_tensorrt_10_implicit_int8_from_the_table(tmp_path, tiny_onnx):
     metadata = build_engine(
         EngineSources(onnx=tiny_onnx, calibration_table=table),
         EngineSettings("int8", int8_mode="implicit", batch=BatchProfile(1, 2, 4)),
-        tmp_path / "engine_int8.plan", tmp_path / "engine_int8.json", backend=backend,
+        tmp_path / "engine_int8.plan",
+        tmp_path / "engine_int8.json",
+        backend=backend,
     )
     assert metadata["int8_mode"] == "implicit"
     assert metadata["layer_precisions"]["source"] == "engine_inspector"

@@ -4,14 +4,16 @@ pre/post-processing; what each executor says it runs; latency statistics.
 
 Also home of the `deployment` fixture test_verify.py shares.
 """
+
 import json
 
 import cv2
 import numpy as np
 import pytest
 import torch
-from test_weights import tame, tiny_fpn_detector
 
+from test_weights import tame, tiny_fpn_detector
+from trtflow.detection_loop import detect_dataset
 from trtflow.executors import (
     CaptureError,
     Executor,
@@ -20,7 +22,6 @@ from trtflow.executors import (
     pytorch_executor,
     pytorch_static_head_executor,
 )
-from trtflow.detection_loop import detect_dataset
 from trtflow.verify import match_detections
 
 INPUT_HW = (96, 128)
@@ -44,8 +45,13 @@ class Deployment:
         self.coco = folder / "val.json"
         self.images = len(IMAGE_SIZES)
         self.coco.write_text(json.dumps(small_coco(folder, IMAGE_SIZES)))
-        self.preprocess = {"input": {"height": input_hw[0], "width": input_hw[1]}, "color": "rgb",
-                           "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "pad_value": 0}
+        self.preprocess = {
+            "input": {"height": input_hw[0], "width": input_hw[1]},
+            "color": "rgb",
+            "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225],
+            "pad_value": 0,
+        }
         self.postprocess = {"score_thresh": 0.05, "iou_thresh": 0.5, "max_detections": 100}
         self.torchvision = pytorch_executor(self.model)
 
@@ -64,10 +70,21 @@ def small_coco(folder, sizes) -> dict:
         path = folder / f"image_{index}.png"
         cv2.imwrite(str(path), picture)
         images.append({"id": index, "file_name": str(path), "height": h, "width": w})
-        annotations.append({"id": index, "image_id": index, "category_id": 1 + index % 3, "iscrowd": 0,
-                            "bbox": [x, y, w // 3, h // 3], "area": float(w // 3 * h // 3)})
-    return {"images": images, "annotations": annotations,
-            "categories": [{"id": i, "name": f"class{i}"} for i in (1, 2, 3)]}
+        annotations.append(
+            {
+                "id": index,
+                "image_id": index,
+                "category_id": 1 + index % 3,
+                "iscrowd": 0,
+                "bbox": [x, y, w // 3, h // 3],
+                "area": float(w // 3 * h // 3),
+            }
+        )
+    return {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": i, "name": f"class{i}"} for i in (1, 2, 3)],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -87,10 +104,21 @@ def torchvision_detections(deployment):
 
 @pytest.mark.parametrize("head_dtype, least", [("float32", 0.99), ("float16", 0.97)])
 def test_onnxruntime_static_head_matches_torchvision(deployment, torchvision_detections, head_dtype, least):
-    executor = onnxruntime_static_head_executor(deployment.onnx, deployment.manifest, deployment.tensors,
-                                                head_dtype=head_dtype, device="cpu", providers=["CPUExecutionProvider"])
-    assert executor.describe() == {"executor": "onnxruntime+static-head", "onnx": str(deployment.onnx),
-                                   "providers": ["CPUExecutionProvider"], "head_device": "cpu", "head_dtype": head_dtype}
+    executor = onnxruntime_static_head_executor(
+        deployment.onnx,
+        deployment.manifest,
+        deployment.tensors,
+        head_dtype=head_dtype,
+        device="cpu",
+        providers=["CPUExecutionProvider"],
+    )
+    assert executor.describe() == {
+        "executor": "onnxruntime+static-head",
+        "onnx": str(deployment.onnx),
+        "providers": ["CPUExecutionProvider"],
+        "head_device": "cpu",
+        "head_dtype": head_dtype,
+    }
     matching = match_detections(torchvision_detections, deployment.detections(executor))
     assert matching.recall >= least and matching.precision >= least
     assert np.abs(matching.dscores).max() <= (1e-4 if head_dtype == "float32" else 1e-2)
@@ -98,24 +126,34 @@ def test_onnxruntime_static_head_matches_torchvision(deployment, torchvision_det
 
 def test_pytorch_static_head_matches_torchvision(deployment, torchvision_detections):
     executor = pytorch_static_head_executor(deployment.model, deployment.manifest, deployment.tensors, device="cpu")
-    assert executor.describe() == {"executor": "pytorch+static-head", "device": "cpu", "dtype": "float32",
-                                   "head_dtype": "float32", "cuda_graph": "none"}
+    assert executor.describe() == {
+        "executor": "pytorch+static-head",
+        "device": "cpu",
+        "dtype": "float32",
+        "head_dtype": "float32",
+        "cuda_graph": "none",
+    }
     matching = match_detections(torchvision_detections, deployment.detections(executor))
     assert matching.recall >= 0.99 and matching.precision >= 0.99
     assert np.abs(matching.dscores).max() <= 1e-4 and matching.ious.min() >= 0.999
 
 
 def test_pytorch_executor_names_itself(deployment):
-    assert deployment.torchvision.describe() == {"executor": "pytorch", "device": "cpu", "dtype": "float32",
-                                                 "autocast": False}
+    assert deployment.torchvision.describe() == {
+        "executor": "pytorch",
+        "device": "cpu",
+        "dtype": "float32",
+        "autocast": False,
+    }
 
 
 def test_executors_refuse_what_they_cannot_run(deployment, tmp_path):
     with pytest.raises(ValueError, match="float16 runs under CUDA autocast"):
         pytorch_executor(deployment.model, dtype="float16")
     with pytest.raises(ValueError, match="needs a CUDA device"):
-        pytorch_static_head_executor(deployment.model, deployment.manifest, deployment.tensors, device="cpu",
-                                     cuda_graph="features")
+        pytorch_static_head_executor(
+            deployment.model, deployment.manifest, deployment.tensors, device="cpu", cuda_graph="features"
+        )
     with pytest.raises(ValueError, match="use one of none, features, whole"):
         pytorch_static_head_executor(deployment.model, deployment.manifest, deployment.tensors, cuda_graph="yes")
     with pytest.raises(FileNotFoundError, match=r"missing\.onnx does not exist; build it first"):
@@ -124,11 +162,16 @@ def test_executors_refuse_what_they_cannot_run(deployment, tmp_path):
 
 def test_head_detections_cut_each_image_at_num_detections():
     boxes = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
-    outputs = {"num_detections": torch.tensor([2, 0], dtype=torch.int32), "boxes": boxes,
-               "scores": torch.tensor([[0.9, 0.8, 0.0], [0.0, 0.0, 0.0]]),
-               "classes": torch.tensor([[1, 2, 0], [0, 0, 0]], dtype=torch.int32)}
+    outputs = {
+        "num_detections": torch.tensor([2, 0], dtype=torch.int32),
+        "boxes": boxes,
+        "scores": torch.tensor([[0.9, 0.8, 0.0], [0.0, 0.0, 0.0]]),
+        "classes": torch.tensor([[1, 2, 0], [0, 0, 0]], dtype=torch.int32),
+    }
     (b0, s0, c0), (b1, s1, c1) = head_detections(outputs)
-    assert np.array_equal(b0, boxes[0, :2].numpy()) and s0.tolist() == pytest.approx([0.9, 0.8]) and c0.tolist() == [1, 2]
+    assert (
+        np.array_equal(b0, boxes[0, :2].numpy()) and s0.tolist() == pytest.approx([0.9, 0.8]) and c0.tolist() == [1, 2]
+    )
     assert b1.shape == (0, 4) and s1.size == 0 and c1.size == 0
 
 
@@ -164,8 +207,9 @@ def test_time_detect_warms_up_then_times_each_call():
     from trtflow.bench import tiled_batch, time_detect
 
     batches = []
-    stats = time_detect(lambda batch: batches.append(len(batch)), np.zeros((3, 3, 4, 4), np.float32), warmup=2,
-                        iterations=5)
+    stats = time_detect(
+        lambda batch: batches.append(len(batch)), np.zeros((3, 3, 4, 4), np.float32), warmup=2, iterations=5
+    )
     assert batches == [3] * 7 and stats["iterations"] == 5 and stats["p50_ms"] <= stats["p99_ms"]
     tiled = tiled_batch(np.arange(3, dtype=np.float32).reshape(3, 1, 1, 1), 5)
     assert tiled.ravel().tolist() == [0, 1, 2, 0, 1]
@@ -176,8 +220,15 @@ def test_bench_on_cpu_lists_the_refused_engine_and_times_the_rest(deployment, tm
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is visible: the CPU executor set cannot be shown")
-    executors = bench_executors("fp16", EXECUTORS, plan=tmp_path / "engine_fp16.plan", onnx=deployment.onnx,
-                                weights_dir=deployment.weights, model=deployment.model, cuda_graph=True)
+    executors = bench_executors(
+        "fp16",
+        EXECUTORS,
+        plan=tmp_path / "engine_fp16.plan",
+        onnx=deployment.onnx,
+        weights_dir=deployment.weights,
+        model=deployment.model,
+        cuda_graph=True,
+    )
     assert [e["executor"] if isinstance(e, dict) else e.name for e in executors] == list(EXECUTORS)
     assert "engine_fp16.json not found" in executors[0]["skipped"]
     assert executors[1].details["head_dtype"] == "float16"  # as the fp16 engine's head
@@ -187,7 +238,8 @@ def test_bench_on_cpu_lists_the_refused_engine_and_times_the_rest(deployment, tm
     assert len(results) == 1 + 3 * 2
     timed = [entry for entry in results if "p50_ms" in entry]
     assert [(e["executor"], e["batch_size"]) for e in timed] == [
-        (name, size) for name in EXECUTORS[1:] for size in (1, 2)]
+        (name, size) for name in EXECUTORS[1:] for size in (1, 2)
+    ]
     assert all(0 < e["p50_ms"] <= e["p99_ms"] and e["iterations"] == 2 for e in timed)
 
 

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from trtflow.export import export_features, features_parity, level_names
-from trtflow.model import output_names
-from trtflow.model import TORCHVISION_ARCHS, build_detector
+from trtflow.model import TORCHVISION_ARCHS, build_detector, output_names
 
 
 def exported(tmp_path, model_cfg, **kwargs):
@@ -67,10 +66,15 @@ def scaled_graph(batch: int | str) -> onnx.ModelProto:
 
     shape = [batch, 3, 4, 4]
     graph = helper.make_graph(
-        [helper.make_node("Add", ["images", "images"], ["doubled"]), helper.make_node("Add", ["doubled", "one"], ["out"])],
-        "scaled", [helper.make_tensor_value_info("images", TensorProto.FLOAT, shape)],
+        [
+            helper.make_node("Add", ["images", "images"], ["doubled"]),
+            helper.make_node("Add", ["doubled", "one"], ["out"]),
+        ],
+        "scaled",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, shape)],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, shape)],
-        [helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])])
+        [helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
@@ -100,8 +104,13 @@ def test_onnx_session_pads_a_short_static_batch_and_names_a_missing_file(tmp_pat
     no_batch_axis.graph.output.append(onnx.helper.make_tensor_value_info("total", onnx.TensorProto.FLOAT, []))
     session = OnnxSession(no_batch_axis)
     assert session(images[:2])["total"].shape == ()  # a full batch passes every output through untouched
-    with pytest.raises(ValueError, match=r"output total of shape \[\] has no batch axis first, so a short batch "
-                                         r"cannot be padded to 2"):
+    with pytest.raises(
+        ValueError,
+        match=r"output total of shape \[\] has no batch axis first, so a short batch "
+        r"cannot be padded to 2",
+    ):
         session(images)
-    with pytest.raises(FileNotFoundError, match=r"missing\.onnx does not exist; build it first \(snakemake .*missing\.onnx\)"):
+    with pytest.raises(
+        FileNotFoundError, match=r"missing\.onnx does not exist; build it first \(snakemake .*missing\.onnx\)"
+    ):
         OnnxSession(tmp_path / "missing.onnx")

@@ -7,10 +7,10 @@ detections matched (same class, IoU >= 0.9) at >= 0.99; NMS exact against batche
 
 import pytest
 import torch
-from test_weights import ARCHS, tame, tiny_fpn_detector, torchvision_detector
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import batched_nms, box_iou
 
+from test_weights import ARCHS, tame, tiny_fpn_detector, torchvision_detector
 from trtflow.head import StaticHead, greedy_nms, level_anchors
 from trtflow.head_weights import load_head
 from trtflow.weights import export_head
@@ -82,9 +82,16 @@ def test_roi_align_matches_multiscale_roi_align(case):
     below one pixel, larger than the image (level clamps), on the last row/column."""
     torch.manual_seed(3)
     height, width = case.input_hw
-    edge = torch.tensor([[-30.0, -30.0, 10.0, 12.0], [width - 5.0, height - 3.0, width + 40.0, height + 20.0],
-                         [3.2, 4.1, 3.5, 4.3], [-200.0, -150.0, width + 300.0, height + 250.0],
-                         [0.0, 0.0, width, height], [width - 1.0, 0.0, width, height - 1.0]])
+    edge = torch.tensor(
+        [
+            [-30.0, -30.0, 10.0, 12.0],
+            [width - 5.0, height - 3.0, width + 40.0, height + 20.0],
+            [3.2, 4.1, 3.5, 4.3],
+            [-200.0, -150.0, width + 300.0, height + 250.0],
+            [0.0, 0.0, width, height],
+            [width - 1.0, 0.0, width, height - 1.0],
+        ]
+    )
     corner = torch.rand(40, 2) * torch.tensor([width, height])
     random_boxes = torch.cat([corner, corner + torch.rand(40, 2) * 150 + 0.5], dim=1)
     boxes = [torch.cat([p, edge, random_boxes]) for p in case.proposals]
@@ -181,9 +188,11 @@ def test_candidate_budget_keeps_the_best(tmp_path):
 def test_named_inputs_and_fp16_head(tmp_path):
     case = Case(tame(tiny_fpn_detector(), (96, 128)), (96, 128), tmp_path)
     names = [level["name"] for level in case.manifest["features"]]
-    named = {**dict(zip(names, case.maps)),
-             **{f"objectness_{n}": o for n, o in zip(names, case.objectness)},
-             **{f"deltas_{n}": d for n, d in zip(names, case.deltas)}}
+    named = {
+        **dict(zip(names, case.maps)),
+        **{f"objectness_{n}": o for n, o in zip(names, case.objectness)},
+        **{f"deltas_{n}": d for n, d in zip(names, case.deltas)},
+    }
     half = StaticHead.from_export(tmp_path, dtype=torch.float16)
     with torch.no_grad():
         by_name = case.head(named, named, named)
@@ -193,7 +202,9 @@ def test_named_inputs_and_fp16_head(tmp_path):
         assert torch.equal(by_name[key], listed[key])
     for b in range(BATCH):
         n, m = int(listed["num_detections"][b]), int(fp16["num_detections"][b])
-        assert match_rate(listed["boxes"][b, :n], listed["classes"][b, :n],
-                          fp16["boxes"][b, :m], fp16["classes"][b, :m]) >= 0.9
+        assert (
+            match_rate(listed["boxes"][b, :n], listed["classes"][b, :n], fp16["boxes"][b, :m], fp16["classes"][b, :m])
+            >= 0.9
+        )
     with pytest.raises(KeyError, match="objectness_p2"):
         case.head.propose({}, named)

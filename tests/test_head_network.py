@@ -8,12 +8,12 @@ errors for the full-TensorRT-only options. Numbers are checked where an engine c
 
 import pytest
 import torch
-from test_weights import tame, tiny_fpn_detector, torchvision_detector
 
 import trtflow.head
+import trtflow.head_network
+from test_weights import tame, tiny_fpn_detector, torchvision_detector
 from trtflow.backend import load_backend
 from trtflow.backend.roi_align_plugin import register_plugins
-import trtflow.head_network
 from trtflow.head_network import HeadBuildError, add_head
 from trtflow.head_weights import load_head
 from trtflow.plugins import DEFAULT_LIBRARY
@@ -22,8 +22,16 @@ from trtflow.weights import export_head
 rtx = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX (pip install tensorrt-rtx-cu13) is not installed")
 
 CONTRACT = {"num_detections": "INT32", "boxes": "FLOAT", "scores": "FLOAT", "classes": "INT32"}
-DEBUG_TENSORS = ("head.proposals", "head.proposal_scores", "head.proposal_valid", "head.roi_features",
-                 "head.class_logits", "head.box_deltas", "head.candidate_scores", "head.candidate_boxes")
+DEBUG_TENSORS = (
+    "head.proposals",
+    "head.proposal_scores",
+    "head.proposal_valid",
+    "head.roi_features",
+    "head.class_logits",
+    "head.box_deltas",
+    "head.candidate_scores",
+    "head.candidate_boxes",
+)
 
 
 def exported(tmp_path, model, input_hw):
@@ -46,11 +54,14 @@ def head_network(trt, manifest, batch, feature_dtype):
     builder = trt.Builder(trt.Logger(trt.Logger.ERROR))
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     features, objectness, deltas = {}, {}, {}
-    for level, sizes, ratios in zip(manifest["features"], manifest["rpn"]["anchor_sizes"],
-                                    manifest["rpn"]["aspect_ratios"]):
+    for level, sizes, ratios in zip(
+        manifest["features"], manifest["rpn"]["anchor_sizes"], manifest["rpn"]["aspect_ratios"]
+    ):
         (h, w), anchors, name = level["size"], len(sizes) * len(ratios), level["name"]
         features[name] = network.add_input(name, feature_dtype, (batch, level["channels"], h, w))
-        objectness[f"objectness_{name}"] = network.add_input(f"objectness_{name}", feature_dtype, (batch, anchors, h, w))
+        objectness[f"objectness_{name}"] = network.add_input(
+            f"objectness_{name}", feature_dtype, (batch, anchors, h, w)
+        )
         deltas[f"deltas_{name}"] = network.add_input(f"deltas_{name}", feature_dtype, (batch, 4 * anchors, h, w))
     return builder, network, (features, objectness, deltas)
 
@@ -74,15 +85,19 @@ def layer_types(network) -> set[str]:
 
 
 def tensor_names(network) -> set[str]:
-    return {network.get_layer(i).get_output(j).name
-            for i in range(network.num_layers) for j in range(network.get_layer(i).num_outputs)}
+    return {
+        network.get_layer(i).get_output(j).name
+        for i in range(network.num_layers)
+        for j in range(network.get_layer(i).num_outputs)
+    }
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_head_builds_with_tensorrt_rtx(tiny, tiny_conv, dtype):
     """fp32: TwoMLPHead, fp32 features, dynamic batch 1..3. fp16: conv box head, fp16 features, batch 2."""
     (manifest, tensors), batch, feature_dtype, batch_range = (
-        (tiny, -1, rtx.float32, (1, 2, 3)) if dtype == "float32" else (tiny_conv, 2, rtx.float16, None))
+        (tiny, -1, rtx.float32, (1, 2, 3)) if dtype == "float32" else (tiny_conv, 2, rtx.float16, None)
+    )
     builder, network, inputs = head_network(rtx, manifest, batch, feature_dtype)
     outputs = add_head(network, rtx, manifest, tensors, *inputs, dtype=dtype)
     k = manifest["box"]["detections_per_img"]
@@ -133,8 +148,16 @@ def test_mobilenet_level_layout_builds(tmp_path):
 def test_inputs_in_manifest_order_are_accepted(tiny):
     manifest, tensors = tiny
     _, network, (features, objectness, deltas) = head_network(rtx, manifest, 1, rtx.float32)
-    outputs = add_head(network, rtx, manifest, tensors, list(features.values()), list(objectness.values()),
-                       list(deltas.values()), dtype=rtx.float32)
+    outputs = add_head(
+        network,
+        rtx,
+        manifest,
+        tensors,
+        list(features.values()),
+        list(objectness.values()),
+        list(deltas.values()),
+        dtype=rtx.float32,
+    )
     assert tuple(outputs["boxes"].shape) == (1, manifest["box"]["detections_per_img"], 4)
 
 
@@ -170,9 +193,22 @@ def test_top_k_beyond_tensorrt_limit_fails_clearly(tmp_path):
 
 def test_network_mirrors_every_head_piece():
     """head_network.py has a builder for each functional piece of head.py, under the same name."""
-    pieces = ["flatten_rpn_level", "decode_boxes", "clip_boxes", "sides_at_least", "pairwise_iou", "greedy_nms",
-              "rpn_proposals", "fpn_levels", "bilinear_taps", "sample_positions", "multilevel_roi_align",
-              "box_head", "linear", "box_detections"]
+    pieces = [
+        "flatten_rpn_level",
+        "decode_boxes",
+        "clip_boxes",
+        "sides_at_least",
+        "pairwise_iou",
+        "greedy_nms",
+        "rpn_proposals",
+        "fpn_levels",
+        "bilinear_taps",
+        "sample_positions",
+        "multilevel_roi_align",
+        "box_head",
+        "linear",
+        "box_detections",
+    ]
     for piece in pieces:
         assert callable(getattr(trtflow.head, piece)) and callable(getattr(trtflow.head_network, piece)), piece
 
@@ -186,8 +222,9 @@ def test_full_tensorrt_options_build(tmp_path):
     register_plugins(load_backend("tensorrt"), DEFAULT_LIBRARY)
     manifest, tensors = exported(tmp_path, tame(tiny_fpn_detector(), (96, 128)), (96, 128))
     builder, network, inputs = head_network(trt, manifest, 1, trt.float32)
-    outputs = add_head(network, trt, manifest, tensors, *inputs, dtype="float16", roi_align="plugin",
-                       nms="builtin_layer")
+    outputs = add_head(
+        network, trt, manifest, tensors, *inputs, dtype="float16", roi_align="plugin", nms="builtin_layer"
+    )
     for tensor in outputs.values():
         network.mark_output(tensor)
     assert {"NMS", "PLUGIN_V3"} <= layer_types(network)

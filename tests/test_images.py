@@ -88,4 +88,3 @@ def test_missing_and_folder_paths_are_bad_images(tmp_path):
         read_image(tmp_path / "nowhere.jpg")
     with pytest.raises(BadImageError, match="is a folder"):
         read_image(tmp_path)
-

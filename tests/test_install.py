@@ -4,6 +4,7 @@ wheel, and trtflow.config finds the config schema the package ships, without the
 The wheel is built without build isolation (the test environment's setuptools), so no network is needed; building
 and installing take a few seconds.
 """
+
 import json
 import os
 import shutil
@@ -43,8 +44,13 @@ print(json.dumps({"trtflow": trtflow.__file__, "schema": str(SCHEMA), "filled_in
 
 
 def pip(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", *args], check=True,
-                   capture_output=True, text=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +81,19 @@ def test_the_wheel_holds_every_module(installed):
 def test_an_installed_trtflow_validates_config_with_its_packaged_schema(installed, tmp_path):
     # the installed trtflow first; the test environment's site-packages (after PYTHONPATH) for its dependencies
     environment = {**os.environ, "PYTHONPATH": str(installed)}
-    result = subprocess.run([sys.executable, "-c", CHECK_CONFIGS, str(ROOT)], cwd=tmp_path, env=environment,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", CHECK_CONFIGS, str(ROOT)],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert Path(report["trtflow"]).is_relative_to(installed)
     assert Path(report["schema"]) == installed / "trtflow/schemas/config.schema.yaml"
     assert report["filled_in"] == {"batch_size": 8}  # `reference:`: config.yaml leaves it to the schema's defaults
-    assert report["refusal"] == ("config.yaml: invalid configuration:\n"
-                                 "  model.input.width: 333 is not a multiple of 32")
+    assert report["refusal"] == (
+        "config.yaml: invalid configuration:\n  model.input.width: 333 is not a multiple of 32"
+    )

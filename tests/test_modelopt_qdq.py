@@ -1,4 +1,5 @@
 """calibration.qdq_placement: modelopt (trtflow.modelopt_qdq); the stage tests run only where ModelOpt is installed."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -11,8 +12,8 @@ from onnx import numpy_helper
 from test_calibrate import PREPROCESS, features_onnx, run_stage, write_images  # noqa: F401  (features_onnx: a fixture)
 from test_qdq import resnet_like_model
 from trtflow.calibrate import image_batches, read_calibration_table
-from trtflow.onnxrun import OnnxSession
 from trtflow.modelopt_qdq import activation_amax, modelopt_method
+from trtflow.onnxrun import OnnxSession
 
 # The convs of test_qdq.resnet_like_model that ModelOpt quantizes: not b1_conv1/b1_conv2, whose 8 in and 8 out
 # channels its small-conv rule leaves in float (modelopt graph_utils.find_nodes_from_convs_to_exclude).
@@ -21,14 +22,18 @@ CONVS = {"stem_conv", "b2_conv1", "b2_conv2", "b2_shortcut", "head_conv", "later
 
 @pytest.fixture
 def modelopt():
-    return pytest.importorskip("modelopt.onnx.quantization",
-                               reason='NVIDIA ModelOpt is not installed (pip install -e ".[modelopt]")')
+    return pytest.importorskip(
+        "modelopt.onnx.quantization", reason='NVIDIA ModelOpt is not installed (pip install -e ".[modelopt]")'
+    )
 
 
 def test_percentile_is_refused_naming_the_fix():
     assert modelopt_method("entropy") == "entropy" and modelopt_method("minmax") == "max"
-    with pytest.raises(ValueError, match=r"calibration\.algorithm: percentile is not offered by ModelOpt .*set "
-                                         r"calibration\.algorithm to entropy or minmax, or calibration\.qdq_placement: trtflow"):
+    with pytest.raises(
+        ValueError,
+        match=r"calibration\.algorithm: percentile is not offered by ModelOpt .*set "
+        r"calibration\.algorithm to entropy or minmax, or calibration\.qdq_placement: trtflow",
+    ):
         modelopt_method("percentile")
 
 
@@ -48,8 +53,9 @@ def test_stage_with_modelopt_placement(tmp_path, modelopt):
     onnx.save(features, str(tmp_path / "features.onnx"))
     images = write_images(tmp_path / "images", 8)
     out = tmp_path / "out"
-    document = run_stage(tmp_path / "features.onnx", images, out, num_images=8, algorithm="minmax",
-                         qdq_placement="modelopt")
+    document = run_stage(
+        tmp_path / "features.onnx", images, out, num_images=8, algorithm="minmax", qdq_placement="modelopt"
+    )
     qdq = onnx.load(str(out / "features.qdq.onnx"))
     # ModelOpt drops metadata; the engine stage needs the checkpoint's sha256 to match the head weights
     assert {p.key: p.value for p in qdq.metadata_props} == {"trtflow.checkpoint_sha256": "0123abcd"}
@@ -64,8 +70,11 @@ def test_stage_with_modelopt_placement(tmp_path, modelopt):
     assert {"images", "o2"} <= set(amax) and table.algorithm == "MinMaxCalibration"
     # every name is a tensor of the unquantized graph, with the scale of its QuantizeLinear in the Q/DQ graph
     initializers = {t.name: numpy_helper.to_array(t) for t in qdq.graph.initializer}
-    scales = sorted(float(initializers[n.input[1]]) for n in qdq.graph.node
-                    if n.op_type == "QuantizeLinear" and n.input[0] not in initializers)
+    scales = sorted(
+        float(initializers[n.input[1]])
+        for n in qdq.graph.node
+        if n.op_type == "QuantizeLinear" and n.input[0] not in initializers
+    )
     assert set(amax) <= {name for node in features.graph.node for name in node.output} | {"images"}
     assert sorted(table.scales.values()) == scales
     # on a calibration image, the simulated quantization stays close to float in ONNX Runtime
@@ -78,8 +87,14 @@ def test_stage_with_modelopt_placement(tmp_path, modelopt):
 
 def test_keep_float_reaches_modelopt(tmp_path, features_onnx, modelopt):  # noqa: F811
     images = write_images(tmp_path / "images", 4)
-    run_stage(features_onnx, images, tmp_path / "out", num_images=4, qdq_placement="modelopt",
-              keep_float={"nodes": ["head_*"], "op_types": ["ConvTranspose"]})
+    run_stage(
+        features_onnx,
+        images,
+        tmp_path / "out",
+        num_images=4,
+        qdq_placement="modelopt",
+        keep_float={"nodes": ["head_*"], "op_types": ["ConvTranspose"]},
+    )
     qdq = onnx.load(str(tmp_path / "out" / "features.qdq.onnx"))
     assert int8_weight_readers(qdq) == CONVS - {"head_conv"}
 
@@ -93,6 +108,7 @@ def test_modelopt_qdq_builds_with_tensorrt_rtx(tmp_path, features_onnx, modelopt
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     assert parser.parse((tmp_path / "out" / "features.qdq.onnx").read_bytes()), [
-        str(parser.get_error(i)) for i in range(parser.num_errors)]
+        str(parser.get_error(i)) for i in range(parser.num_errors)
+    ]
     plan = builder.build_serialized_network(network, builder.create_builder_config())
     assert plan is not None and plan.nbytes > 10_000

@@ -3,6 +3,7 @@
 Dry runs prove the plans; one real run of two models (a minute on 2 cores) goes through the cluster-generic
 executor, tests/submit_local.sh submitting every job to this machine, and proves the outputs and the reruns.
 """
+
 from __future__ import annotations
 
 import copy
@@ -71,9 +72,18 @@ def two_model_run(tmp_path_factory):
     (workdir / "two_models.yaml").write_text(yaml.safe_dump({**SMALL_DATA, **TWO_MODELS}))
     submitted = workdir / "submitted.txt"
     log = snakemake(
-        workdir, "--executor", "cluster-generic", "--jobs", "2", "--seconds-between-status-checks", "1",
-        "--cluster-generic-submit-cmd", f"SUBMIT_LOG={submitted} bash tests/submit_local.sh {{rule}}",
-        *RUN_TARGETS, "--configfile", "two_models.yaml",
+        workdir,
+        "--executor",
+        "cluster-generic",
+        "--jobs",
+        "2",
+        "--seconds-between-status-checks",
+        "1",
+        "--cluster-generic-submit-cmd",
+        f"SUBMIT_LOG={submitted} bash tests/submit_local.sh {{rule}}",
+        *RUN_TARGETS,
+        "--configfile",
+        "two_models.yaml",
     )
     return workdir, log, submitted.read_text().split("\n")[:-1]
 
@@ -89,7 +99,10 @@ def edited(change) -> dict:
 
 
 def test_an_entry_is_the_base_model_with_its_overrides_merged_key_by_key():
-    config = {**copy.deepcopy(RAW), "models": {"big": {"input": {"height": 640}, "rpn": {"nms_thresh": 0.6}}, "same": {}}}
+    config = {
+        **copy.deepcopy(RAW),
+        "models": {"big": {"input": {"height": 640}, "rpn": {"nms_thresh": 0.6}}, "same": {}},
+    }
     check_config(config, workdir=ROOT)
     # defaults go into `model:` only; an entry keeps just what it overrides
     assert config["models"] == {"big": {"input": {"height": 640}, "rpn": {"nms_thresh": 0.6}}, "same": {}}
@@ -99,15 +112,25 @@ def test_an_entry_is_the_base_model_with_its_overrides_merged_key_by_key():
     assert model_settings(config, "same") == model_settings(config, "") == config["model"]
 
 
-@pytest.mark.parametrize("models, message", [
-    ({"onnx": {}}, r"models: 'onnx' cannot be a name here: model names are folders under results/"),
-    ({"my model": {}}, r"models: 'my model' cannot be a name here"),
-    ({"big": {"input": {"height": 650}}}, r"models\.big\.input\.height: 650 is not a multiple of 32"),
-    ({"big": {"precision": "int8"}}, r"models\.big: Additional properties are not allowed \('precision' was unexpected\)"),
-    ({"big": None}, r"models\.big: None is not of type 'object'"),
-    ({"big": {"checkpoint": "models/missing.pth"}}, r"models\.big\.checkpoint: models/missing\.pth does not exist"),
-    ({"big": {"arch": "fasterrcnn_resnet50_fpn", "checkpoint": "train"}}, r"models\.big\.checkpoint: `train` only trains"),
-], ids=["stage-folder", "space", "input-size", "unknown-key", "empty-entry", "missing-checkpoint", "train-non-demo"])
+@pytest.mark.parametrize(
+    "models, message",
+    [
+        ({"onnx": {}}, r"models: 'onnx' cannot be a name here: model names are folders under results/"),
+        ({"my model": {}}, r"models: 'my model' cannot be a name here"),
+        ({"big": {"input": {"height": 650}}}, r"models\.big\.input\.height: 650 is not a multiple of 32"),
+        (
+            {"big": {"precision": "int8"}},
+            r"models\.big: Additional properties are not allowed \('precision' was unexpected\)",
+        ),
+        ({"big": None}, r"models\.big: None is not of type 'object'"),
+        ({"big": {"checkpoint": "models/missing.pth"}}, r"models\.big\.checkpoint: models/missing\.pth does not exist"),
+        (
+            {"big": {"arch": "fasterrcnn_resnet50_fpn", "checkpoint": "train"}},
+            r"models\.big\.checkpoint: `train` only trains",
+        ),
+    ],
+    ids=["stage-folder", "space", "input-size", "unknown-key", "empty-entry", "missing-checkpoint", "train-non-demo"],
+)
 def test_bad_model_entries_are_named_before_any_job(models, message):
     with pytest.raises(ConfigError, match=message):
         check_config({**copy.deepcopy(RAW), "models": models}, workdir=ROOT)
@@ -144,7 +167,9 @@ def test_two_models_plan_every_precision_each_sharing_data_and_plugins(scratch):
         assert sorted(model_dir(job.output[0]) for job in by_rule[rule]) == sorted(NAMES), rule
     assert {len(by_rule[rule]) for rule in ("engine", "verify", "bench")} == {6}
     # nothing of the single-model layout, and every model's log apart
-    assert all(model_dir(path) in NAMES for job in jobs if job.rule not in ("data", "plugins", "all") for path in job.output)
+    assert all(
+        model_dir(path) in NAMES for job in jobs if job.rule not in ("data", "plugins", "all") for path in job.output
+    )
     assert "logs/engine/demo_256x320/int8.log" in {job.log for job in by_rule["engine"]}
 
 
@@ -157,8 +182,7 @@ def test_a_model_that_trains_gets_its_own_training(scratch):
 
 def test_an_unknown_model_has_no_rule(scratch):
     (scratch / "two_models.yaml").write_text(yaml.safe_dump(TWO_MODELS))
-    output = snakemake(scratch, "-n", "results/nobody/engine_int8.plan", "--configfile",
-                       "two_models.yaml", check=False)
+    output = snakemake(scratch, "-n", "results/nobody/engine_int8.plan", "--configfile", "two_models.yaml", check=False)
     assert "No rule to produce results/nobody/engine_int8.plan" in output
 
 
@@ -196,13 +220,19 @@ def test_editing_one_models_input_size_reruns_only_that_model(two_model_run):
 def test_a_head_setting_of_one_model_rebuilds_its_head_not_its_onnx(two_model_run):
     config = edited(lambda c: c["models"]["demo_320"].update(box={"score_thresh": 0.1}))
     jobs = dry_run(two_model_run[0], *RUN_TARGETS, config=config)
-    assert sorted((job.rule, model_dir(job.output[0])) for job in jobs) == [("engine", "demo_320"), ("weights", "demo_320")]
+    assert sorted((job.rule, model_dir(job.output[0])) for job in jobs) == [
+        ("engine", "demo_320"),
+        ("weights", "demo_320"),
+    ]
 
 
 def test_a_base_model_edit_reruns_the_models_that_inherit_it(two_model_run):
     def change(config):
         config["model"] = {"box": {"score_thresh": 0.1}}
         config["models"]["demo_320"]["box"] = {"score_thresh": 0.05}  # keeps its value: only the other inherits
+
     jobs = dry_run(two_model_run[0], *RUN_TARGETS, config=edited(change))
     assert sorted((job.rule, model_dir(job.output[0])) for job in jobs) == [
-        ("engine", "demo_256x320"), ("weights", "demo_256x320")]
+        ("engine", "demo_256x320"),
+        ("weights", "demo_256x320"),
+    ]

@@ -13,19 +13,19 @@ import numpy as np
 import onnx
 import pytest
 import torch
+
+import trtflow.head_network
 from test_engine import small_detector  # noqa: F401  (demo detector, random weights, 128x160, + Q/DQ twin)
 from test_executors import Deployment, deployment  # noqa: F401  (tamed tiny detector + a small COCO set)
 from test_weights import ARCHS, tame, torchvision_detector
-
-import trtflow.head_network
 from trtflow.engine import EngineSettings, EngineSources, define_network
 from trtflow.executors import network_definition_executor, onnxruntime_static_head_executor
-from trtflow.onnxrun import OnnxSession
+from trtflow.head_weights import load_head
 from trtflow.netexec import NetworkExecutionError, NetworkExecutor
 from trtflow.network_record import NetworkRecord, NetworkRecordError, read_network
+from trtflow.onnxrun import OnnxSession
 from trtflow.qdq import insert_qdq, quantization_plan
 from trtflow.verify import Thresholds, VerifyError, match_detections, run_verify
-from trtflow.head_weights import load_head
 
 rtx = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX (pip install tensorrt-rtx-cu13) is not installed")
 
@@ -37,8 +37,9 @@ def backend():
     return load_backend("tensorrt_rtx")
 
 
-def record_of(backend, onnx_path: Path, precision: str, weights: Path | None = None, manifest=None,
-              **settings) -> NetworkRecord:
+def record_of(
+    backend, onnx_path: Path, precision: str, weights: Path | None = None, manifest=None, **settings
+) -> NetworkRecord:
     """The record of the network the engine stage defines for `precision` (features only without weights).
     `manifest` replaces the head metadata the network is built with (the deployment form keeps the file's);
     `settings` are further EngineSettings."""
@@ -47,8 +48,14 @@ def record_of(backend, onnx_path: Path, precision: str, weights: Path | None = N
         stored_manifest, tensors = load_head(weights)
         head = (manifest or stored_manifest, tensors)
     builder = backend.create_builder()
-    network, parser = define_network(backend, builder, onnx.load(str(onnx_path)), EngineSources(onnx=onnx_path),
-                                     EngineSettings(precision, **settings), head)
+    network, parser = define_network(
+        backend,
+        builder,
+        onnx.load(str(onnx_path)),
+        EngineSources(onnx=onnx_path),
+        EngineSettings(precision, **settings),
+        head,
+    )
     record = read_network(network, backend.trt)
     del parser
     return record
@@ -113,8 +120,9 @@ def torchvision_reference(deployment):
 
 
 @pytest.mark.parametrize("precision, min_recall, max_dscore", [("fp32", 1.0, 1e-4), ("fp16", 0.97, 0.02)])
-def test_network_definition_matches_torchvision(backend, deployment, torchvision_reference, tmp_path, precision,
-                                                min_recall, max_dscore):
+def test_network_definition_matches_torchvision(
+    backend, deployment, torchvision_reference, tmp_path, precision, min_recall, max_dscore
+):
     record = record_of(backend, deployment.onnx, precision, deployment.weights)
     matching = match_detections(torchvision_reference, network_detections(deployment, record, tmp_path))
     assert len(torchvision_reference) >= 50
@@ -152,8 +160,11 @@ def test_torchvision_architectures_with_random_weights(backend, arch, tmp_path):
     for precision, source in (("fp16", case.onnx), ("int8", tmp_path / "qdq.onnx")):
         outputs = NetworkExecutor(record_of(backend, source, precision, case.weights))({"images": batch})
         assert [(name, tuple(t.shape)) for name, t in outputs.items()] == [
-            ("num_detections", (1,)), ("boxes", (1, detections_per_img, 4)), ("scores", (1, detections_per_img)),
-            ("classes", (1, detections_per_img))]
+            ("num_detections", (1,)),
+            ("boxes", (1, detections_per_img, 4)),
+            ("scores", (1, detections_per_img)),
+            ("classes", (1, detections_per_img)),
+        ]
 
 
 # --------------------------------------------------------------------------- it can fail
@@ -196,10 +207,12 @@ def level_mapping_shifted(manifest, monkeypatch):
     return manifest
 
 
-@pytest.mark.parametrize("bug", [transposed_fc_weight, swapped_box_coder_weights, nms_threshold_off,
-                                 level_mapping_shifted])
-def test_a_wrong_head_fails_at_network_definition_level_only(backend, deployment, torchvision_reference, tmp_path,
-                                                            monkeypatch, bug):
+@pytest.mark.parametrize(
+    "bug", [transposed_fc_weight, swapped_box_coder_weights, nms_threshold_off, level_mapping_shifted]
+)
+def test_a_wrong_head_fails_at_network_definition_level_only(
+    backend, deployment, torchvision_reference, tmp_path, monkeypatch, bug
+):
     manifest = bug(json.loads((deployment.weights / "manifest.json").read_text()), monkeypatch)
     record = record_of(backend, deployment.onnx, "fp32", deployment.weights, manifest=manifest)
     monkeypatch.undo()
@@ -209,8 +222,9 @@ def test_a_wrong_head_fails_at_network_definition_level_only(backend, deployment
         summary = match_detections(torchvision_reference, detections).summary()
         return thresholds.failures(summary)
 
-    deployment_form = onnxruntime_static_head_executor(deployment.onnx, deployment.manifest, deployment.tensors,
-                                                       device="cpu")
+    deployment_form = onnxruntime_static_head_executor(
+        deployment.onnx, deployment.manifest, deployment.tensors, device="cpu"
+    )
     assert verdict(deployment.detections(deployment_form)) == []  # the twin head is right: it cannot notice
     assert verdict(network_detections(deployment, record, tmp_path))  # the network handed to TensorRT is wrong
 
@@ -221,14 +235,22 @@ def test_a_wrong_head_fails_at_network_definition_level_only(backend, deployment
 def fake_plan(folder: Path) -> Path:
     plan = folder / "engine_fp32.plan"
     plan.write_bytes(b"not run")
-    plan.with_suffix(".json").write_text(json.dumps({
-        "backend": "tensorrt_rtx", "backend_version": "1.7.1.116", "precision": "fp32",
-        "compute_capabilities": ["8.0", "8.6", "8.9", "12.0"]}))
+    plan.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "backend": "tensorrt_rtx",
+                "backend_version": "1.7.1.116",
+                "precision": "fp32",
+                "compute_capabilities": ["8.0", "8.6", "8.9", "12.0"],
+            }
+        )
+    )
     return plan
 
 
-def test_verify_claims_the_network_definition_level_and_honours_require(backend, deployment, torchvision_reference,
-                                                                        tmp_path):
+def test_verify_claims_the_network_definition_level_and_honours_require(
+    backend, deployment, torchvision_reference, tmp_path
+):
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is visible: the plan's refusal for want of one cannot be shown")
     network = tmp_path / "engine_fp32.network.safetensors"
@@ -236,16 +258,28 @@ def test_verify_claims_the_network_definition_level_and_honours_require(backend,
     reference, metrics = tmp_path / "reference.json", tmp_path / "metrics.json"
     reference.write_text(json.dumps(torchvision_reference))
     metrics.write_text(json.dumps({"mAP": 0.5, "mAP50": 0.5}))
-    kwargs = dict(plan=fake_plan(tmp_path), network=network, onnx=deployment.onnx, weights_dir=deployment.weights,
-                  val_json=deployment.coco, reference_detections=reference, reference_metrics=metrics,
-                  preprocess=deployment.preprocess, postprocess=deployment.postprocess,
-                  thresholds=Thresholds(min_match_recall=1.0), detections_out=tmp_path / "detections.json")
+    kwargs = dict(
+        plan=fake_plan(tmp_path),
+        network=network,
+        onnx=deployment.onnx,
+        weights_dir=deployment.weights,
+        val_json=deployment.coco,
+        reference_detections=reference,
+        reference_metrics=metrics,
+        preprocess=deployment.preprocess,
+        postprocess=deployment.postprocess,
+        thresholds=Thresholds(min_match_recall=1.0),
+        detections_out=tmp_path / "detections.json",
+    )
     result = run_verify("fp32", settings={"require": "network-definition"}, out_json=tmp_path / "fp32.json", **kwargs)
     assert result["executor"] == "tensorrt-network" and result["verified_level"] == "network-definition"
     assert result["engine_executed"] is False and "compilation" in result["unverified"]
     assert result["passed"] and result["match_recall"] == 1.0 and result["max_abs_dscore"] <= 1e-4
-    with pytest.raises(VerifyError, match="verify.require is engine but the fp32 plan can only be verified at level "
-                                          "network-definition here: cannot run"):
+    with pytest.raises(
+        VerifyError,
+        match="verify.require is engine but the fp32 plan can only be verified at level "
+        "network-definition here: cannot run",
+    ):
         run_verify("fp32", settings={"require": "engine"}, out_json=tmp_path / "strict.json", **kwargs)
 
 
@@ -276,7 +310,9 @@ def test_quantize_rounds_half_to_even_and_saturates(backend):
     scale = network.add_constant((), np.asarray(0.5, dtype=np.float32)).get_output(0)
     quantize = network.add_quantize(x, scale, trt.int8)
     network.mark_output(quantize.get_output(0))
-    (result,) = NetworkExecutor(read_network(network, trt))({"x": torch.tensor([0.25, 0.75, -0.25, 1.25, 100, -100])}).values()
+    (result,) = NetworkExecutor(read_network(network, trt))(
+        {"x": torch.tensor([0.25, 0.75, -0.25, 1.25, 100, -100])}
+    ).values()
     assert result.tolist() == [0, 2, 0, 2, 127, -128]
 
 
@@ -287,15 +323,21 @@ def test_an_unknown_layer_type_is_refused_by_index_name_and_type(backend):
     layer = network.add_lrn(x, 3, 1.0, 0.75, 1.0)
     layer.name = "normalise"
     network.mark_output(layer.get_output(0))
-    with pytest.raises(NetworkExecutionError, match=r"layer 0 'normalise' \(LRN\): the network-definition executor "
-                                                    "does not implement LRN layers"):
+    with pytest.raises(
+        NetworkExecutionError,
+        match=r"layer 0 'normalise' \(LRN\): the network-definition executor "
+        "does not implement LRN layers",
+    ):
         NetworkExecutor(read_network(network, trt))
 
 
 def test_wrong_input_shape_is_refused(backend, small_detector):
     record = record_of(backend, small_detector / "features.onnx", "fp32")
-    with pytest.raises(ValueError, match=r"input 'images' has shape \[1, 3, 64, 64\]; the network declares "
-                                         r"\[-1, 3, 128, 160\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"input 'images' has shape \[1, 3, 64, 64\]; the network declares "
+        r"\[-1, 3, 128, 160\]",
+    ):
         NetworkExecutor(record)({"images": torch.zeros(1, 3, 64, 64)})
 
 
@@ -306,7 +348,9 @@ def test_record_round_trip_and_bad_files(backend, small_detector, tmp_path):
     loaded = NetworkRecord.load(path)
     assert loaded.layers == record.layers and loaded.outputs == record.outputs and loaded.inputs == record.inputs
     assert loaded.arrays.keys() == record.arrays.keys()
-    assert all(np.array_equal(loaded.arrays[k], v) and loaded.arrays[k].dtype == v.dtype for k, v in record.arrays.items())
+    assert all(
+        np.array_equal(loaded.arrays[k], v) and loaded.arrays[k].dtype == v.dtype for k, v in record.arrays.items()
+    )
     assert loaded.source["module"] == "tensorrt_rtx"
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
@@ -328,8 +372,11 @@ def test_nms_layer_selects_like_torchvision(backend):
     scores = torch.rand(2, 40, 3, generator=generator)
     network = backend.create_builder().create_network(0)
     constant = lambda value, dtype: network.add_constant((), np.asarray(value, dtype=dtype)).get_output(0)  # noqa: E731
-    layer = network.add_nms(network.add_input("boxes", trt.float32, (2, 40, 4)),
-                            network.add_input("scores", trt.float32, (2, 40, 3)), constant(6, np.int32))
+    layer = network.add_nms(
+        network.add_input("boxes", trt.float32, (2, 40, 4)),
+        network.add_input("scores", trt.float32, (2, 40, 3)),
+        constant(6, np.int32),
+    )
     layer.set_input(3, constant(0.4, np.float32))
     layer.set_input(4, constant(0.2, np.float32))
     layer.topk_box_limit = 30

@@ -4,6 +4,7 @@ The engine builds here are TensorRT-RTX ahead-of-time builds (no GPU needed): th
 are independent jobs. Full TensorRT builds on the GPU and declares `gpu=1`, so the default profile
 (`resources: gpu: 1`) queues them; `--set-resources engine:gpu=1` reproduces that scheduling here.
 """
+
 import hashlib
 import json
 import multiprocessing
@@ -59,7 +60,9 @@ def test_three_engine_builds_run_together_and_twice_give_identical_plans(complet
             assert first_sha == second_sha == first_record["plan_sha256"], precision
             # and it has no timing cache: the metadata says so instead of writing an empty one
             assert first_record["timing_cache"] == {
-                "used": False, "reason": f"tensorrt_rtx {first_record['backend_version']} does not use timing caches"}
+                "used": False,
+                "reason": f"tensorrt_rtx {first_record['backend_version']} does not use timing caches",
+            }
         else:  # full TensorRT times tactics on the GPU: plans may differ in bytes, the shared cache is merged
             assert first_record["timing_cache"]["used"] and second_record["timing_cache"]["used"]
     assert (workdir / "results/cache/timing.cache").exists() == (backend == "tensorrt")
@@ -70,8 +73,9 @@ def test_the_default_profile_lets_one_gpu_job_run_at_a_time(completed_run, tmp_p
     profile = yaml.safe_load((ROOT / "workflow/profiles/default/config.yaml").read_text())
     assert profile["resources"] == {"gpu": 1}
     workdir = clone(completed_run, tmp_path / "run")
-    log, built = build_engines(workdir, "--workflow-profile", "workflow/profiles/default",
-                               "--set-resources", "engine:gpu=1")
+    log, built = build_engines(
+        workdir, "--workflow-profile", "workflow/profiles/default", "--set-resources", "engine:gpu=1"
+    )
     assert overlapping(events_of(log), "engine") == 1, log[-3000:]
     reference = json.loads((completed_run / "results/engine_fp32.json").read_text())["plan_sha256"]
     assert built["fp32"][0] == reference

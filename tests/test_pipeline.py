@@ -1,6 +1,7 @@
 """The demo pipeline end to end: what the default target produced (run once: conftest.completed_run).
 
 Reruns and parallel runs of the same completed run are tested in test_reruns.py and test_parallel.py."""
+
 import json
 
 
@@ -29,7 +30,9 @@ def test_demo_engines_are_real_plans_with_metadata(completed_run):
 
 def test_demo_verify_names_its_level_and_meets_the_thresholds(completed_run):
     """Where the plans cannot run (no GPU), verify evaluates each plan's TensorRT network definition."""
-    verdicts = {p: json.loads((completed_run / f"results/verify/{p}.json").read_text()) for p in ("fp32", "fp16", "int8")}
+    verdicts = {
+        p: json.loads((completed_run / f"results/verify/{p}.json").read_text()) for p in ("fp32", "fp16", "int8")
+    }
     for precision, verdict in verdicts.items():
         assert verdict["passed"] and verdict["images"] == 100
         if not verdict["engine_executed"]:

@@ -97,8 +97,14 @@ def built(tmp_path_factory) -> Path:
 
 def snakemake(work: Path, *args: str) -> str:
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    done = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", *args], cwd=work, env=env,
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--cores", "1", *args],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout + done.stderr
 
@@ -118,8 +124,12 @@ def test_rule_builds_library_ptx_and_record(built):
     for name, digest in record["outputs"].items():
         assert files_sha256(built / name) == digest
     kernels = record["ptx_kernels"]["multilevel_roi_align.ptx"]
-    assert sorted(kernels) == sorted(f"trtflow_multilevel_roi_align_{n}l_{t}_{layout}" for n in range(1, 6)
-                                     for t in ("f32", "f16") for layout in ("nchw", "nhwc"))
+    assert sorted(kernels) == sorted(
+        f"trtflow_multilevel_roi_align_{n}l_{t}_{layout}"
+        for n in range(1, 6)
+        for t in ("f32", "f16")
+        for layout in ("nchw", "nhwc")
+    )
     assert not list(built.glob(".build-*")), "the scratch folder must not outlive the build"
 
 
@@ -185,8 +195,11 @@ def test_spatial_scales_are_torchvisions():
     sizes = [(128, 160), (64, 80), (32, 40), (16, 20)]
     scales = infer_spatial_scales(sizes, IMAGE_HW)
     pooler = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
-    pooler(OrderedDict((str(i), torch.zeros(1, 1, *s)) for i, s in enumerate(sizes)),
-           [torch.tensor([[0.0, 0.0, 10.0, 10.0]])], [IMAGE_HW])
+    pooler(
+        OrderedDict((str(i), torch.zeros(1, 1, *s)) for i, s in enumerate(sizes)),
+        [torch.tensor([[0.0, 0.0, 10.0, 10.0]])],
+        [IMAGE_HW],
+    )
     assert scales == pooler.scales
     assert first_level(scales) == 2
     with pytest.raises(ValueError, match="not FPN levels"):
@@ -197,8 +210,12 @@ def test_spatial_scales_are_torchvisions():
 
 def make_pyramid(levels: int, batch: int, channels: int, dtype=torch.float32, device="cpu", seed=0):
     generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, channels, IMAGE_HW[0] >> (2 + l), IMAGE_HW[1] >> (2 + l), generator=generator)
-            .to(device=device, dtype=dtype) for l in range(levels)]
+    return [
+        torch.randn(batch, channels, IMAGE_HW[0] >> (2 + l), IMAGE_HW[1] >> (2 + l), generator=generator).to(
+            device=device, dtype=dtype
+        )
+        for l in range(levels)
+    ]
 
 
 def make_rois(per_image: int, batch: int, seed: int = 0) -> torch.Tensor:
@@ -214,14 +231,16 @@ def make_rois(per_image: int, batch: int, seed: int = 0) -> torch.Tensor:
         cy = torch.empty(n).uniform_(-0.1 * h, 1.1 * h, generator=g)
         bw, bh = side * aspect.sqrt(), side / aspect.sqrt()
         boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], dim=1)
-        special = torch.tensor([
-            [-20.0, -30.0, 40.0, 50.0],  # straddles the top-left corner
-            [w - 30.0, h - 25.0, w + 60.0, h + 45.0],  # straddles the bottom-right corner
-            [100.2, 200.7, 100.5, 200.9],  # tiny: under a pixel
-            [-400.0, -300.0, w + 500.0, h + 400.0],  # huge: beyond the image on every side
-            [50.0, 60.0, 50.0, 90.0],  # zero width
-            [300.0, 100.0, 200.0, 180.0],  # negative width: torchvision maps it to no level
-        ])[: n]
+        special = torch.tensor(
+            [
+                [-20.0, -30.0, 40.0, 50.0],  # straddles the top-left corner
+                [w - 30.0, h - 25.0, w + 60.0, h + 45.0],  # straddles the bottom-right corner
+                [100.2, 200.7, 100.5, 200.9],  # tiny: under a pixel
+                [-400.0, -300.0, w + 500.0, h + 400.0],  # huge: beyond the image on every side
+                [50.0, 60.0, 50.0, 90.0],  # zero width
+                [300.0, 100.0, 200.0, 180.0],  # negative width: torchvision maps it to no level
+            ]
+        )[:n]
         boxes[: len(special)] = special
         rows.append(torch.cat([torch.full((n, 1), float(b)), boxes], dim=1))
     return torch.cat(rows)
@@ -240,15 +259,24 @@ def torchvision_reference(features, rois, *, output_size, sampling_ratio, aligne
     result = torch.zeros_like(result)
     for level, (feature, scale) in enumerate(zip(features, pooler.scales)):
         index = torch.where(levels.to(rois.device) == level)[0]
-        result[index] = roi_align(feature, rois[index], output_size, spatial_scale=scale,
-                                  sampling_ratio=sampling_ratio, aligned=True)
+        result[index] = roi_align(
+            feature, rois[index], output_size, spatial_scale=scale, sampling_ratio=sampling_ratio, aligned=True
+        )
     return result
 
 
 def ours(features, rois, lib, *, output_size, sampling_ratio, aligned, out=None):
     scales = infer_spatial_scales([f.shape[2:] for f in features], IMAGE_HW)
-    return multilevel_roi_align(features, rois, output_size=output_size, spatial_scales=scales,
-                                sampling_ratio=sampling_ratio, aligned=aligned, lib_path=lib, out=out)
+    return multilevel_roi_align(
+        features,
+        rois,
+        output_size=output_size,
+        spatial_scales=scales,
+        sampling_ratio=sampling_ratio,
+        aligned=aligned,
+        lib_path=lib,
+        out=out,
+    )
 
 
 def relative_error(result, reference) -> float:
@@ -272,10 +300,17 @@ CPU_CASES = [  # (levels, output_size, sampling_ratio, aligned)
 def test_host_reference_matches_torchvision(built, levels, output_size, sampling_ratio, aligned, memory_format):
     features = [f.contiguous(memory_format=memory_format) for f in make_pyramid(levels, batch=2, channels=3)]
     rois = make_rois(per_image=120, batch=2)
-    reference = torchvision_reference(features, rois, output_size=output_size, sampling_ratio=sampling_ratio,
-                                      aligned=aligned)
-    result = ours(features, rois, built / "libtrtflow_plugins.so", output_size=output_size,
-                  sampling_ratio=sampling_ratio, aligned=aligned)
+    reference = torchvision_reference(
+        features, rois, output_size=output_size, sampling_ratio=sampling_ratio, aligned=aligned
+    )
+    result = ours(
+        features,
+        rois,
+        built / "libtrtflow_plugins.so",
+        output_size=output_size,
+        sampling_ratio=sampling_ratio,
+        aligned=aligned,
+    )
     assert result.shape == reference.shape
     assert relative_error(result, reference) <= 1e-5
     if levels > 1:  # torchvision's LevelMapper gives the negative-width RoI no level: it stays zero
@@ -285,8 +320,11 @@ def test_host_reference_matches_torchvision(built, levels, output_size, sampling
 def test_every_level_is_pooled():
     rois = make_rois(per_image=120, batch=2)
     pooler = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
-    pooler(OrderedDict((str(l), f) for l, f in enumerate(make_pyramid(4, 2, 1))),
-           [rois[rois[:, 0] == b, 1:] for b in range(2)], [IMAGE_HW] * 2)
+    pooler(
+        OrderedDict((str(l), f) for l, f in enumerate(make_pyramid(4, 2, 1))),
+        [rois[rois[:, 0] == b, 1:] for b in range(2)],
+        [IMAGE_HW] * 2,
+    )
     levels = pooler.map_levels([rois[:, 1:]])
     assert set(levels.tolist()) >= {0, 1, 2, 3}
 
@@ -296,24 +334,49 @@ def test_library_rejects_bad_arguments(built):
     rois = make_rois(per_image=4, batch=1)
     rois[0, 0] = 0.0
     with pytest.raises(ValueError, match=r"output_size \(0, 7\) must be positive"):
-        multilevel_roi_align(features, rois, output_size=(0, 7), spatial_scales=[1 / 4, 1 / 8, 1 / 16, 1 / 32],
-                             lib_path=built / "libtrtflow_plugins.so")
+        multilevel_roi_align(
+            features,
+            rois,
+            output_size=(0, 7),
+            spatial_scales=[1 / 4, 1 / 8, 1 / 16, 1 / 32],
+            lib_path=built / "libtrtflow_plugins.so",
+        )
     out = torch.empty(4, 2, 7, 7)
     with pytest.raises(PluginCallError, match=r"\(-2\).*height and width must be >= 1"):
-        launch(load_library(built / "libtrtflow_plugins.so"), RoIAlignSpec(num_levels=1), [features[0].data_ptr()],
-               [(0, 5)], 1, 2, rois.data_ptr(), 4, out.data_ptr(), "float32", None)
+        launch(
+            load_library(built / "libtrtflow_plugins.so"),
+            RoIAlignSpec(num_levels=1),
+            [features[0].data_ptr()],
+            [(0, 5)],
+            1,
+            2,
+            rois.data_ptr(),
+            4,
+            out.data_ptr(),
+            "float32",
+            None,
+        )
     with pytest.raises(ValueError, match="float32 on the CPU"):
-        multilevel_roi_align([f.half() for f in features], rois, spatial_scales=[1 / 4, 1 / 8, 1 / 16, 1 / 32],
-                             lib_path=built / "libtrtflow_plugins.so")
+        multilevel_roi_align(
+            [f.half() for f in features],
+            rois,
+            spatial_scales=[1 / 4, 1 / 8, 1 / 16, 1 / 32],
+            lib_path=built / "libtrtflow_plugins.so",
+        )
     with pytest.raises(ValueError, match=r"\(N, 5\)"):
-        multilevel_roi_align(features, rois[:, 1:], spatial_scales=[1 / 4, 1 / 8, 1 / 16, 1 / 32],
-                             lib_path=built / "libtrtflow_plugins.so")
+        multilevel_roi_align(
+            features,
+            rois[:, 1:],
+            spatial_scales=[1 / 4, 1 / 8, 1 / 16, 1 / 32],
+            lib_path=built / "libtrtflow_plugins.so",
+        )
 
 
 def test_zero_rois_give_an_empty_output(built):
     features = make_pyramid(4, batch=1, channels=2)
-    result = ours(features, torch.zeros(0, 5), built / "libtrtflow_plugins.so", output_size=7, sampling_ratio=2,
-                  aligned=False)
+    result = ours(
+        features, torch.zeros(0, 5), built / "libtrtflow_plugins.so", output_size=7, sampling_ratio=2, aligned=False
+    )
     assert result.shape == (0, 2, 7, 7)
 
 
@@ -344,26 +407,43 @@ LAYOUTS = [(torch.contiguous_format, 67), (torch.channels_last, 66), (torch.chan
 @pytest.mark.needs_cuda
 @pytest.mark.parametrize("memory_format,channels", LAYOUTS, ids=["nchw", "nhwc", "nhwc-odd-channels"])
 @pytest.mark.parametrize("count,dtype,output_size,sampling_ratio,aligned", GPU_CASES)
-def test_cuda_kernel_matches_torchvision(built, count, dtype, output_size, sampling_ratio, aligned, memory_format,
-                                         channels):
+def test_cuda_kernel_matches_torchvision(
+    built, count, dtype, output_size, sampling_ratio, aligned, memory_format, channels
+):
     """fp32 within 1e-5 and fp16 within 1e-2 of max|ref|; the fp16 reference is torchvision in fp32 on the
     same fp16 values (torchvision's own fp16 path computes coordinates and box areas in fp16)."""
-    features = [f.contiguous(memory_format=memory_format)
-                for f in make_pyramid(4, batch=2, channels=channels, dtype=dtype, device="cuda", seed=count)]
+    features = [
+        f.contiguous(memory_format=memory_format)
+        for f in make_pyramid(4, batch=2, channels=channels, dtype=dtype, device="cuda", seed=count)
+    ]
     rois = make_rois(max(count // 2, 1), batch=2, seed=count + 1)[:count].cuda()
-    reference = torchvision_reference([f.float() for f in features], rois, output_size=output_size,
-                                      sampling_ratio=sampling_ratio, aligned=aligned)
+    reference = torchvision_reference(
+        [f.float() for f in features], rois, output_size=output_size, sampling_ratio=sampling_ratio, aligned=aligned
+    )
     size = (output_size, output_size) if isinstance(output_size, int) else output_size
     poisoned = torch.full((len(rois), channels, *size), float("nan"), dtype=dtype, device="cuda")
-    result = ours(features, rois, built / "libtrtflow_plugins.so", output_size=output_size,
-                  sampling_ratio=sampling_ratio, aligned=aligned, out=poisoned)
+    result = ours(
+        features,
+        rois,
+        built / "libtrtflow_plugins.so",
+        output_size=output_size,
+        sampling_ratio=sampling_ratio,
+        aligned=aligned,
+        out=poisoned,
+    )
     torch.cuda.synchronize()
     assert result.dtype == dtype and result.shape == reference.shape
     assert not torch.isnan(result).any(), "every output element must be written"
     if len(rois):
         assert relative_error(result, reference) <= (1e-5 if dtype == torch.float32 else 1e-2)
-        again = ours(features, rois, built / "libtrtflow_plugins.so", output_size=output_size,
-                     sampling_ratio=sampling_ratio, aligned=aligned)
+        again = ours(
+            features,
+            rois,
+            built / "libtrtflow_plugins.so",
+            output_size=output_size,
+            sampling_ratio=sampling_ratio,
+            aligned=aligned,
+        )
         assert torch.equal(again, result), "the kernel must be deterministic"
 
 
@@ -374,8 +454,7 @@ def test_cuda_kernel_runs_on_the_current_stream(built):
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        result = ours(features, rois, built / "libtrtflow_plugins.so", output_size=7, sampling_ratio=2,
-                      aligned=False)
+        result = ours(features, rois, built / "libtrtflow_plugins.so", output_size=7, sampling_ratio=2, aligned=False)
     stream.synchronize()
     reference = torchvision_reference(features, rois, output_size=7, sampling_ratio=2, aligned=False)
     assert relative_error(result, reference) <= 1e-5
@@ -396,11 +475,23 @@ def test_padded_channels_last_maps_match_torchvision(built, device):
         padded.append(buffer)
     out = torch.empty(len(rois), channels, 7, 7, dtype=dtype, device=device)
     stream = torch.cuda.current_stream().cuda_stream if device == "cuda" else None
-    launch(load_library(built / "libtrtflow_plugins.so"), RoIAlignSpec.from_scales([1 / 4, 1 / 8, 1 / 16, 1 / 32]),
-           [b.data_ptr() for b in padded], [tuple(f.shape[2:]) for f in features], 2, channels, rois.data_ptr(),
-           len(rois), out.data_ptr(), str(dtype).removeprefix("torch."), stream, "nhwc8")
-    reference = torchvision_reference([f.float() for f in features], rois, output_size=7, sampling_ratio=2,
-                                      aligned=False)
+    launch(
+        load_library(built / "libtrtflow_plugins.so"),
+        RoIAlignSpec.from_scales([1 / 4, 1 / 8, 1 / 16, 1 / 32]),
+        [b.data_ptr() for b in padded],
+        [tuple(f.shape[2:]) for f in features],
+        2,
+        channels,
+        rois.data_ptr(),
+        len(rois),
+        out.data_ptr(),
+        str(dtype).removeprefix("torch."),
+        stream,
+        "nhwc8",
+    )
+    reference = torchvision_reference(
+        [f.float() for f in features], rois, output_size=7, sampling_ratio=2, aligned=False
+    )
     assert stride == (8 if device == "cpu" else 72)
     assert not torch.isnan(out).any()
     assert relative_error(out, reference) <= (1e-5 if dtype == torch.float32 else 1e-2)
@@ -415,8 +506,12 @@ def test_wrapper_picks_the_layout_of_the_maps(built, monkeypatch):
     features = make_pyramid(4, batch=2, channels=4)
     channels_last = [f.contiguous(memory_format=torch.channels_last) for f in features]
     for maps in (features, channels_last, [channels_last[0], *features[1:]]):
-        multilevel_roi_align(maps, make_rois(per_image=3, batch=2), spatial_scales=[1 / 4, 1 / 8, 1 / 16, 1 / 32],
-                             lib_path=built / "libtrtflow_plugins.so")
+        multilevel_roi_align(
+            maps,
+            make_rois(per_image=3, batch=2),
+            spatial_scales=[1 / 4, 1 / 8, 1 / 16, 1 / 32],
+            lib_path=built / "libtrtflow_plugins.so",
+        )
     assert [layout for _, layout in layouts] == ["nchw", "nhwc", "nhwc"]
     assert layouts[1][0] == [m.data_ptr() for m in channels_last], "channels_last maps must not be copied"
     assert layouts[0][0] == [m.data_ptr() for m in features]
@@ -428,14 +523,35 @@ def test_library_rejects_an_unknown_layout(built):
     features = make_pyramid(1, batch=1, channels=2)
     out = torch.empty(1, 2, 7, 7)
     code = lib.trtflow_multilevel_roi_align_host(
-        (ctypes.c_void_p * 1)(features[0].data_ptr()), 1, (ctypes.c_int * 1)(features[0].shape[2]),
-        (ctypes.c_int * 1)(features[0].shape[3]), 1, 2, make_rois(1, batch=1).data_ptr(), 1, out.data_ptr(),
-        *RoIAlignSpec(num_levels=1).c_args(), 3)
+        (ctypes.c_void_p * 1)(features[0].data_ptr()),
+        1,
+        (ctypes.c_int * 1)(features[0].shape[2]),
+        (ctypes.c_int * 1)(features[0].shape[3]),
+        1,
+        2,
+        make_rois(1, batch=1).data_ptr(),
+        1,
+        out.data_ptr(),
+        *RoIAlignSpec(num_levels=1).c_args(),
+        3,
+    )
     assert code == -7
     # 2^32 elements in one channels-last image would overflow the kernel's 32-bit pixel offsets
     with pytest.raises(PluginCallError, match=r"\(-2\).*fewer than 2\^32 elements"):
-        launch(lib, RoIAlignSpec(num_levels=1), [features[0].data_ptr()], [(65536, 256)], 1, 256,
-               make_rois(1, batch=1).data_ptr(), 1, out.data_ptr(), "float32", None, "nhwc")
+        launch(
+            lib,
+            RoIAlignSpec(num_levels=1),
+            [features[0].data_ptr()],
+            [(65536, 256)],
+            1,
+            256,
+            make_rois(1, batch=1).data_ptr(),
+            1,
+            out.data_ptr(),
+            "float32",
+            None,
+            "nhwc",
+        )
 
 
 @pytest.mark.needs_cuda

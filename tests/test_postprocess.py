@@ -22,8 +22,12 @@ def test_matches_torchvision_batched_nms_and_maps_back():
     detections = postprocess(boxes, scores, classes, letterbox, CFG)
 
     candidates = np.nonzero(scores > 0.05)[0]
-    keep = batched_nms(torch.from_numpy(boxes[candidates]), torch.from_numpy(scores[candidates]),
-                       torch.from_numpy(classes[candidates]), 0.5).numpy()[:100]
+    keep = batched_nms(
+        torch.from_numpy(boxes[candidates]),
+        torch.from_numpy(scores[candidates]),
+        torch.from_numpy(classes[candidates]),
+        0.5,
+    ).numpy()[:100]
     expected = np.clip(boxes[candidates[keep]] / 1.6, 0, [200, 100, 200, 100])
     inside = (expected[:, 2] > expected[:, 0]) & (expected[:, 3] > expected[:, 1])  # not wholly in the padding
     chosen = candidates[keep][inside]
@@ -43,8 +47,9 @@ def test_no_detection_above_threshold_gives_empty_result():
 
 def test_coco_results_are_xywh_with_category_ids():
     letterbox = Letterbox(2.0, 0, 0, (320, 320), (160, 160))
-    detections = postprocess(np.array([[20, 40, 60, 100]], np.float32), np.array([0.9], np.float32), np.array([2]),
-                             letterbox, CFG)
+    detections = postprocess(
+        np.array([[20, 40, 60, 100]], np.float32), np.array([0.9], np.float32), np.array([2]), letterbox, CFG
+    )
     [entry] = to_coco_results(detections, 3, {2: 11}.__getitem__)
     assert entry == {"image_id": 3, "category_id": 11, "bbox": [10.0, 20.0, 20.0, 30.0], "score": 0.9}
 

@@ -3,8 +3,13 @@ import pytest
 
 from trtflow.preprocess import preprocess_batch, preprocess_image
 
-CFG = {"input": {"height": 320, "width": 320}, "color": "rgb", "mean": [0.5, 0.25, 0.125], "std": [0.5, 0.25, 0.5],
-       "pad_value": 0}
+CFG = {
+    "input": {"height": 320, "width": 320},
+    "color": "rgb",
+    "mean": [0.5, 0.25, 0.125],
+    "std": [0.5, 0.25, 0.5],
+    "pad_value": 0,
+}
 
 
 def test_letterbox_ratio_padding_and_values_by_hand():
@@ -13,13 +18,22 @@ def test_letterbox_ratio_padding_and_values_by_hand():
     tensor, letterbox = preprocess_image(image, CFG)
     # 100x200 into 320x320: ratio min(3.2, 1.6) = 1.6, content 160x320 at the top-left, padding below.
     assert letterbox.ratio == pytest.approx(1.6)
-    assert (letterbox.pad_x, letterbox.pad_y, letterbox.original_hw, letterbox.input_hw) == (0, 0, (100, 200), (320, 320))
+    assert (letterbox.pad_x, letterbox.pad_y, letterbox.original_hw, letterbox.input_hw) == (
+        0,
+        0,
+        (100, 200),
+        (320, 320),
+    )
     assert tensor.shape == (3, 320, 320) and tensor.dtype == np.float32
     rgb = np.array([30, 20, 10]) / 255.0
     expected_content = (rgb - np.array(CFG["mean"])) / np.array(CFG["std"])
     expected_padding = -np.array(CFG["mean"]) / np.array(CFG["std"])
-    np.testing.assert_allclose(tensor[:, :160, :].reshape(3, -1).T, np.tile(expected_content, (160 * 320, 1)), rtol=1e-6)
-    np.testing.assert_allclose(tensor[:, 160:, :].reshape(3, -1).T, np.tile(expected_padding, (160 * 320, 1)), rtol=1e-6)
+    np.testing.assert_allclose(
+        tensor[:, :160, :].reshape(3, -1).T, np.tile(expected_content, (160 * 320, 1)), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        tensor[:, 160:, :].reshape(3, -1).T, np.tile(expected_padding, (160 * 320, 1)), rtol=1e-6
+    )
 
 
 def test_bgr_order_keeps_channels():

@@ -7,6 +7,7 @@ executor; its executor-, storage- and container-specific keys and its `max-threa
 and hide what the rules ask for) are left out. `--cores` is set far above any machine so that nothing is scaled
 down either: the threads in the dry run are what the rules and the profile request.
 """
+
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,15 @@ from snakemake_runs import ROOT, config_overlay, jobs_of, snakemake
 
 PROFILES = ("slurm", "kubernetes")
 # profile keys that only the named executor or storage plugin understands
-PLUGIN_KEYS = ("executor", "jobs", "max-threads", "container-image", "default-storage-provider",
-               "default-storage-prefix", "kubernetes-")
+PLUGIN_KEYS = (
+    "executor",
+    "jobs",
+    "max-threads",
+    "container-image",
+    "default-storage-provider",
+    "default-storage-prefix",
+    "kubernetes-",
+)
 UNBOUNDED_CORES = 1_000_000
 
 
@@ -26,8 +34,9 @@ def generic_profile(name: str, folder: Path) -> tuple[dict, Path]:
     profile = yaml.safe_load((ROOT / "workflow/profiles" / name / "config.yaml").read_text())
     kept = {key: value for key, value in profile.items() if not key.startswith(PLUGIN_KEYS)}
     folder.mkdir(parents=True)
-    (folder / "config.yaml").write_text(yaml.safe_dump(
-        {**kept, "executor": "cluster-generic", "cluster-generic-submit-cmd": "false", "jobs": 20}))
+    (folder / "config.yaml").write_text(
+        yaml.safe_dump({**kept, "executor": "cluster-generic", "cluster-generic-submit-cmd": "false", "jobs": 20})
+    )
     return profile, folder
 
 
@@ -38,13 +47,21 @@ def scratch_with_training(completed_run) -> tuple[str, ...]:
 
 
 @pytest.mark.parametrize("name", PROFILES)
-def test_no_job_of_a_cluster_profile_asks_for_more_threads_than_its_maximum(name, completed_run,
-                                                                            scratch_with_training, tmp_path):
+def test_no_job_of_a_cluster_profile_asks_for_more_threads_than_its_maximum(
+    name, completed_run, scratch_with_training, tmp_path
+):
     profile, folder = generic_profile(name, tmp_path / name)
     maximum = profile["max-threads"]
     assert isinstance(maximum, int) and maximum >= 1, f"workflow/profiles/{name}: set max-threads"
-    result = snakemake(completed_run, "--profile", str(folder), "--dry-run", "--forceall", *scratch_with_training,
-                       cores=UNBOUNDED_CORES)
+    result = snakemake(
+        completed_run,
+        "--profile",
+        str(folder),
+        "--dry-run",
+        "--forceall",
+        *scratch_with_training,
+        cores=UNBOUNDED_CORES,
+    )
     jobs = jobs_of(result.stdout + result.stderr)
     threads = {job.name: int(job.fields.get("threads", 1)) for job in jobs}
     assert {"train_demo", "calibrate", "engine", "verify", "bench", "report"} <= {job.rule for job in jobs}

@@ -1,4 +1,5 @@
 """Q/DQ placement (trtflow.qdq) on a small ResNet-like graph, its numerics in ONNX Runtime, and a TensorRT-RTX build."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,7 +21,9 @@ def resnet_like_model(seed: int = 0) -> onnx.ModelProto:
 
     def weight(name, *shape):
         fan_in = int(np.prod(shape[1:]))
-        initializers.append(numpy_helper.from_array((rng.standard_normal(shape) * np.sqrt(2 / fan_in)).astype(np.float32), name))
+        initializers.append(
+            numpy_helper.from_array((rng.standard_normal(shape) * np.sqrt(2 / fan_in)).astype(np.float32), name)
+        )
         return name
 
     def bias(name, n):
@@ -36,11 +39,17 @@ def resnet_like_model(seed: int = 0) -> onnx.ModelProto:
         conv("b1_conv1", "a", weight("b1_w1", 8, 8, 3, 3), bias("b1_b1", 8), "c1", pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c1"], ["r1"], "b1_relu1"),
         conv("b1_conv2", "r1", weight("b1_w2", 8, 8, 3, 3), bias("b1_b2", 8), "c2", pads=[1, 1, 1, 1]),
-        helper.make_node("BatchNormalization", ["c2", bias("bn_scale", 8), bias("bn_bias", 8), bias("bn_mean", 8),
-                                                "bn_var"], ["bn2"], "b1_bn2"),
+        helper.make_node(
+            "BatchNormalization",
+            ["c2", bias("bn_scale", 8), bias("bn_bias", 8), bias("bn_mean", 8), "bn_var"],
+            ["bn2"],
+            "b1_bn2",
+        ),
         helper.make_node("Add", ["bn2", "a"], ["add1"], "b1_add"),
         helper.make_node("Relu", ["add1"], ["o1"], "b1_relu"),
-        conv("b2_conv1", "o1", weight("b2_w1", 16, 8, 3, 3), bias("b2_b1", 16), "d1", pads=[1, 1, 1, 1], strides=[2, 2]),
+        conv(
+            "b2_conv1", "o1", weight("b2_w1", 16, 8, 3, 3), bias("b2_b1", 16), "d1", pads=[1, 1, 1, 1], strides=[2, 2]
+        ),
         helper.make_node("Relu", ["d1"], ["dr1"], "b2_relu1"),
         conv("b2_conv2", "dr1", weight("b2_w2", 16, 16, 3, 3), bias("b2_b2", 16), "d2", pads=[1, 1, 1, 1]),
         conv("b2_shortcut", "o1", weight("b2_ws", 16, 8, 1, 1), bias("b2_bs", 16), "sc", strides=[2, 2]),
@@ -57,10 +66,15 @@ def resnet_like_model(seed: int = 0) -> onnx.ModelProto:
     ]
     initializers.append(numpy_helper.from_array(np.abs(rng.standard_normal(8)).astype(np.float32) + 0.5, "bn_var"))
     graph = helper.make_graph(
-        nodes, "resnet_like", [helper.make_tensor_value_info("images", TensorProto.FLOAT, INPUT_SHAPE)],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, (1, 10)),
-         helper.make_tensor_value_info("p", TensorProto.FLOAT, (1, 16, 16, 16))],
-        initializers)
+        nodes,
+        "resnet_like",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, INPUT_SHAPE)],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, (1, 10)),
+            helper.make_tensor_value_info("p", TensorProto.FLOAT, (1, 16, 16, 16)),
+        ],
+        initializers,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="trtflow-tests")
     onnx.checker.check_model(model, full_check=True)
     return model
@@ -76,18 +90,27 @@ def test_placement_follows_tensorrt_rules():
     plan = quantization_plan(model)
     assert consumer_names(model, plan) == {
         "images": {"stem_conv"},
-        "a": {"b1_conv1", "b1_add"},          # conv input + shortcut of the identity residual (through BatchNorm)
+        "a": {"b1_conv1", "b1_add"},  # conv input + shortcut of the identity residual (through BatchNorm)
         "r1": {"b1_conv2"},
         "o1": {"b2_conv1", "b2_shortcut"},
         "dr1": {"b2_conv2"},
-        "sc": {"b2_add"},                     # projected shortcut: the shallower of two conv branches
+        "sc": {"b2_add"},  # projected shortcut: the shallower of two conv branches
         "o2": {"cat", "lateral_conv"},
-        "mp": {"cat", "fpn_add"},             # Concat input + non-conv input of an Add after a conv
+        "mp": {"cat", "fpn_add"},  # Concat input + non-conv input of an Add after a conv
         "cat": {"head_conv"},
         "f": {"fc"},
     }
     assert {name: axis for name, (axis, _) in plan.weights.items()} == {
-        "stem_w": 0, "b1_w1": 0, "b1_w2": 0, "b2_w1": 0, "b2_w2": 0, "b2_ws": 0, "head_w": 0, "lat_w": 0, "fc_w": 0}
+        "stem_w": 0,
+        "b1_w1": 0,
+        "b1_w2": 0,
+        "b2_w1": 0,
+        "b2_w2": 0,
+        "b2_ws": 0,
+        "head_w": 0,
+        "lat_w": 0,
+        "fc_w": 0,
+    }
     assert plan.scale_groups == (("o2", "mp", "cat"),)
 
 
@@ -104,7 +127,10 @@ def test_keep_float_by_name_and_op_type():
 
 def test_per_channel_weights_are_symmetric_int8():
     rng = np.random.default_rng(1)
-    weight = rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * np.array([1, 10, 0.01, 0], np.float32)[:, None, None, None]
+    weight = (
+        rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+        * np.array([1, 10, 0.01, 0], np.float32)[:, None, None, None]
+    )
     quantized, scale = quantize_weight(weight, axis=0)
     assert quantized.dtype == np.int8 and scale.dtype == np.float32
     np.testing.assert_allclose(scale[:3], np.abs(weight[:3]).max(axis=(1, 2, 3)) / 127, rtol=1e-7)

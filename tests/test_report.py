@@ -1,5 +1,6 @@
 """trtflow.report: the page renders from the stages' JSONs, with its tables and plots, and a headless browser
 draws it (skipped, with the reason, where no Chromium is installed)."""
+
 import base64
 import json
 import re
@@ -7,8 +8,8 @@ import re
 import cv2
 import numpy as np
 import pytest
-from test_executors import small_coco
 
+from test_executors import small_coco
 from trtflow.report import FIGURES, build_report, find_browser, screenshot
 from trtflow.verify import Thresholds, match_detections
 
@@ -17,8 +18,9 @@ MODEL = "demo_320"  # a `models:` entry: its artifacts under results/demo_320/
 
 
 def shifted(detections, dx, dscore):
-    return [{**d, "bbox": [d["bbox"][0] + dx, *d["bbox"][1:]], "score": round(d["score"] + dscore, 5)}
-            for d in detections]
+    return [
+        {**d, "bbox": [d["bbox"][0] + dx, *d["bbox"][1:]], "score": round(d["score"] + dscore, 5)} for d in detections
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -38,39 +40,96 @@ def stage_layout(tmp_path_factory):
     def model_file(name, payload):
         return write(f"{MODEL}/{name}", payload)
 
-    reference = [{"image_id": i["id"], "category_id": 1, "bbox": [10.0 * k, 5.0, 30.0, 40.0], "score": 0.9 - 0.1 * k}
-                 for i in coco["images"] for k in range(3)]
+    reference = [
+        {"image_id": i["id"], "category_id": 1, "bbox": [10.0 * k, 5.0, 30.0, 40.0], "score": 0.9 - 0.1 * k}
+        for i in coco["images"]
+        for k in range(3)
+    ]
     deployed = {"fp32": reference, "int8": shifted(reference[:-1], 1.0, -0.02)}
-    files = {"val_json": write("data/val.json", coco),
-             "reference_detections": model_file("reference/detections.json", reference),
-             "reference_metrics": model_file("reference/metrics.json", {"mAP": 0.849}),
-             "parity": model_file("onnx/parity.json", {"images": 4, "max_abs": 1.9e-5, "tolerance": 1e-4,
-                                                       "passed": True}),
-             "calibration_ranges": model_file("calib/ranges.json", {"algorithm": "entropy", "num_images": 64, "tensors": {
-                 f"relu_{k}": {"amax": 2.0 ** k, "scale": 2.0 ** k / 127} for k in range(6)}}),
-             "calibration_accuracy": model_file("calib/accuracy.json", {"fp32_mAP": 0.849, "int8_sim_mAP": 0.846,
-                                                                        "delta": 0.003, "executor": "onnxruntime"}),
-             "verify": {}, "deployed": {}, "bench": {}, "engines": {}}
+    files = {
+        "val_json": write("data/val.json", coco),
+        "reference_detections": model_file("reference/detections.json", reference),
+        "reference_metrics": model_file("reference/metrics.json", {"mAP": 0.849}),
+        "parity": model_file("onnx/parity.json", {"images": 4, "max_abs": 1.9e-5, "tolerance": 1e-4, "passed": True}),
+        "calibration_ranges": model_file(
+            "calib/ranges.json",
+            {
+                "algorithm": "entropy",
+                "num_images": 64,
+                "tensors": {f"relu_{k}": {"amax": 2.0**k, "scale": 2.0**k / 127} for k in range(6)},
+            },
+        ),
+        "calibration_accuracy": model_file(
+            "calib/accuracy.json", {"fp32_mAP": 0.849, "int8_sim_mAP": 0.846, "delta": 0.003, "executor": "onnxruntime"}
+        ),
+        "verify": {},
+        "deployed": {},
+        "bench": {},
+        "engines": {},
+    }
     for precision in PRECISIONS:
         matching = match_detections(reference, deployed[precision])
         failures = Thresholds(min_match_recall=0.99).failures(matching.summary())
         files["deployed"][precision] = model_file(f"verify/{precision}_detections.json", deployed[precision])
-        files["verify"][precision] = model_file(f"verify/{precision}.json", {
-            "precision": precision, "executor": "onnxruntime+static-head", "engine_executed": False,
-            "reason": "cannot run engine: no CUDA GPU is visible <here>", "executor_details": {"head_dtype": "float32"},
-            "images": 3, **matching.summary(), "match_iou": 0.9, "mAP": 0.8, "reference_mAP": 0.849,
-            "map_drop_points": 4.9, "thresholds": {"min_match_recall": 0.99}, "failures": failures,
-            "passed": not failures})
-        files["bench"][precision] = model_file(f"bench/{precision}.json", {
-            "precision": precision, "hardware": {"cpu": "Test CPU", "gpu": None}, "results": [
-                {"executor": "tensorrt", "skipped": "no CUDA GPU is visible"},
-                {"executor": "pytorch", "dtype": "float32", "device": "cpu", "batch_size": 1, "p50_ms": 14.0,
-                 "p90_ms": 15.0, "p99_ms": 16.0, "throughput_ips": 70.0},
-                {"executor": "onnxruntime+static-head", "head_dtype": "float32", "batch_size": 1, "p50_ms": 80.0,
-                 "p90_ms": 90.0, "p99_ms": 95.0, "throughput_ips": 12.0}]})
-        files["engines"][precision] = model_file(f"engine_{precision}.json", {
-            "backend": "tensorrt_rtx", "backend_version": "1.7.1.116", "built_on": "cpu-aot", "plan_bytes": 19_000_000,
-            "build_seconds": 2.7, "roi_align": "builtin"})
+        files["verify"][precision] = model_file(
+            f"verify/{precision}.json",
+            {
+                "precision": precision,
+                "executor": "onnxruntime+static-head",
+                "engine_executed": False,
+                "reason": "cannot run engine: no CUDA GPU is visible <here>",
+                "executor_details": {"head_dtype": "float32"},
+                "images": 3,
+                **matching.summary(),
+                "match_iou": 0.9,
+                "mAP": 0.8,
+                "reference_mAP": 0.849,
+                "map_drop_points": 4.9,
+                "thresholds": {"min_match_recall": 0.99},
+                "failures": failures,
+                "passed": not failures,
+            },
+        )
+        files["bench"][precision] = model_file(
+            f"bench/{precision}.json",
+            {
+                "precision": precision,
+                "hardware": {"cpu": "Test CPU", "gpu": None},
+                "results": [
+                    {"executor": "tensorrt", "skipped": "no CUDA GPU is visible"},
+                    {
+                        "executor": "pytorch",
+                        "dtype": "float32",
+                        "device": "cpu",
+                        "batch_size": 1,
+                        "p50_ms": 14.0,
+                        "p90_ms": 15.0,
+                        "p99_ms": 16.0,
+                        "throughput_ips": 70.0,
+                    },
+                    {
+                        "executor": "onnxruntime+static-head",
+                        "head_dtype": "float32",
+                        "batch_size": 1,
+                        "p50_ms": 80.0,
+                        "p90_ms": 90.0,
+                        "p99_ms": 95.0,
+                        "throughput_ips": 12.0,
+                    },
+                ],
+            },
+        )
+        files["engines"][precision] = model_file(
+            f"engine_{precision}.json",
+            {
+                "backend": "tensorrt_rtx",
+                "backend_version": "1.7.1.116",
+                "built_on": "cpu-aot",
+                "plan_bytes": 19_000_000,
+                "build_seconds": 2.7,
+                "roi_align": "builtin",
+            },
+        )
     return workdir, files
 
 
@@ -101,11 +160,16 @@ def test_report_holds_every_stage_and_precision(report):
     assert path.read_text() == text
     # each row names the file the report was given, relative to the working directory: the model's own folder
     assert [row[:2] for row in stage_table(text)] == [
-        ["onnx", f"results/{MODEL}/onnx/parity.json"], ["calibrate", f"results/{MODEL}/calib/ranges.json"],
+        ["onnx", f"results/{MODEL}/onnx/parity.json"],
+        ["calibrate", f"results/{MODEL}/calib/ranges.json"],
         ["calibrate", f"results/{MODEL}/calib/accuracy.json"],
-        ["engine", f"results/{MODEL}/engine_fp32.plan"], ["engine", f"results/{MODEL}/engine_int8.plan"],
-        ["verify", f"results/{MODEL}/verify/fp32.json"], ["verify", f"results/{MODEL}/verify/int8.json"],
-        ["bench", f"results/{MODEL}/bench/fp32.json"], ["bench", f"results/{MODEL}/bench/int8.json"]]
+        ["engine", f"results/{MODEL}/engine_fp32.plan"],
+        ["engine", f"results/{MODEL}/engine_int8.plan"],
+        ["verify", f"results/{MODEL}/verify/fp32.json"],
+        ["verify", f"results/{MODEL}/verify/int8.json"],
+        ["bench", f"results/{MODEL}/bench/fp32.json"],
+        ["bench", f"results/{MODEL}/bench/int8.json"],
+    ]
     assert "results/engine_" not in text and "results/onnx/" not in text and "results/verify/" not in text
     assert "<h3>fp32<span" in text and "<h3>int8<span" in text
     assert text.count('class="pass">passed') == 1  # parity; no verify is green: the engine did not run
@@ -127,15 +191,22 @@ def test_report_embeds_four_decodable_plots(report):
 
 def test_report_writes_its_plots_and_summary_for_snakemake_report(stage_files, tmp_path):
     figures = {name: tmp_path / f"{name}.png" for name in FIGURES}
-    build_report(tmp_path / "report.html", **stage_files, settings={"example_images": 2}, figures=figures,
-                 summary_tsv=tmp_path / "summary.tsv")
+    build_report(
+        tmp_path / "report.html",
+        **stage_files,
+        settings={"example_images": 2},
+        figures=figures,
+        summary_tsv=tmp_path / "summary.tsv",
+    )
     for name, path in figures.items():
         picture = cv2.imread(str(path))
         assert picture is not None and min(picture.shape[:2]) >= 200 and picture.std() > 10, name
     rows = [line.split("\t") for line in (tmp_path / "summary.tsv").read_text().splitlines()]
     assert rows[0][:4] == ["precision", "verified", "passed", "executor"]
-    assert [row[:5] for row in rows[1:]] == [["fp32", "deployment-form", "True", "onnxruntime+static-head", "1"],
-                                             ["int8", "deployment-form", "False", "onnxruntime+static-head", "0.8889"]]
+    assert [row[:5] for row in rows[1:]] == [
+        ["fp32", "deployment-form", "True", "onnxruntime+static-head", "1"],
+        ["int8", "deployment-form", "False", "onnxruntime+static-head", "0.8889"],
+    ]
     # the fastest timed executor per image, and why the engine did not run
     assert rows[1][9:] == ["pytorch float32 bs 1", "14", "cannot run engine: no CUDA GPU is visible <here>"]
 
@@ -145,19 +216,31 @@ def test_an_empty_plot_is_written_as_a_note(stage_files, tmp_path):
     assert cv2.imread(str(tmp_path / "l.png")).shape[:2] == (150, 600)
 
 
-@pytest.mark.parametrize(("fields", "badge"), [
-    ({"verified_level": "engine", "engine_executed": True}, 'class="pass">verified: engine'),
-    ({"verified_level": "network-definition", "engine_executed": False,
-      "unverified": "the engine's kernels did not run"}, 'class="partial">verified: network definition'),
-    ({"engine_executed": True}, 'class="pass">verified: engine'),  # a JSON from before verified_level
-    ({"verified_level": "network-definition", "passed": False, "failures": ["match_recall 0.5 < 0.99"]},
-     'class="fail">FAILED (verified: network definition): match_recall 0.5 &lt; 0.99'),
-])
+@pytest.mark.parametrize(
+    ("fields", "badge"),
+    [
+        ({"verified_level": "engine", "engine_executed": True}, 'class="pass">verified: engine'),
+        (
+            {
+                "verified_level": "network-definition",
+                "engine_executed": False,
+                "unverified": "the engine's kernels did not run",
+            },
+            'class="partial">verified: network definition',
+        ),
+        ({"engine_executed": True}, 'class="pass">verified: engine'),  # a JSON from before verified_level
+        (
+            {"verified_level": "network-definition", "passed": False, "failures": ["match_recall 0.5 < 0.99"]},
+            'class="fail">FAILED (verified: network definition): match_recall 0.5 &lt; 0.99',
+        ),
+    ],
+)
 def test_each_precision_shows_what_its_verification_ran(fields, badge, stage_files, tmp_path):
     result = {**json.loads(stage_files["verify"]["fp32"].read_text()), **fields}
     (tmp_path / "fp32.json").write_text(json.dumps(result))
-    text = build_report(tmp_path / "report.html", **{**stage_files, "verify": {"fp32": tmp_path / "fp32.json"},
-                                                      "bench": {}})
+    text = build_report(
+        tmp_path / "report.html", **{**stage_files, "verify": {"fp32": tmp_path / "fp32.json"}, "bench": {}}
+    )
     heading = re.search(r"<h3>fp32(.*?)</h3>", text).group(1)
     assert badge in heading
     if "unverified" in fields:
@@ -172,8 +255,14 @@ def test_a_file_outside_the_working_directory_is_named_as_given(stage_files, tmp
 
 
 def test_report_without_optional_inputs(stage_files, tmp_path):
-    minimal = {**stage_files, "parity": None, "calibration_ranges": None, "calibration_accuracy": None, "engines": None,
-               "reference_metrics": tmp_path / "absent.json"}
+    minimal = {
+        **stage_files,
+        "parity": None,
+        "calibration_ranges": None,
+        "calibration_accuracy": None,
+        "engines": None,
+        "reference_metrics": tmp_path / "absent.json",
+    }
     text = build_report(tmp_path / "report.html", **minimal, settings={"example_images": 0})
     assert "Calibration ranges" not in text
     assert [row[0] for row in stage_table(text)] == ["verify", "verify", "bench", "bench"]

@@ -3,6 +3,7 @@
 Each test asks Snakemake's dry run (`snakemake -n`, what a user would type) which jobs an edit
 would start, on the completed run of conftest's `completed_run`; tests that edit files work on a clone.
 """
+
 import json
 import time
 from importlib import metadata
@@ -39,8 +40,9 @@ def test_a_verify_threshold_reruns_only_verify_and_report(completed_run):
 
 
 def test_one_precisions_threshold_reruns_only_its_verify(completed_run):
-    overlay = config_overlay(completed_run, "verify_int8.yaml",
-                             "verify:\n  thresholds:\n    int8: {max_map_drop_points: 2.0}\n")
+    overlay = config_overlay(
+        completed_run, "verify_int8.yaml", "verify:\n  thresholds:\n    int8: {max_map_drop_points: 2.0}\n"
+    )
     assert planned(completed_run, *overlay) == ["all", "report", "verify[int8]"]
 
 
@@ -51,10 +53,16 @@ def test_the_parity_tolerance_reruns_only_the_parity_gate(completed_run):
 
 def test_calibration_num_images_reruns_only_the_int8_path(completed_run):
     overlay = config_overlay(completed_run, "calibration.yaml", "calibration:\n  num_images: 32\n")
-    assert planned(completed_run, *overlay) == sorted([
-        "all", "calibrate", "calibration_accuracy", "engine[int8]", "report",
-        *per_precision(*DOWNSTREAM_OF_ENGINE, precisions=["int8"]),
-    ])
+    assert planned(completed_run, *overlay) == sorted(
+        [
+            "all",
+            "calibrate",
+            "calibration_accuracy",
+            "engine[int8]",
+            "report",
+            *per_precision(*DOWNSTREAM_OF_ENGINE, precisions=["int8"]),
+        ]
+    )
 
 
 def test_a_cuda_edit_reruns_the_plugin_and_what_uses_it(completed_run, tmp_path):
@@ -65,9 +73,14 @@ def test_a_cuda_edit_reruns_the_plugin_and_what_uses_it(completed_run, tmp_path)
     assert planned(edited) == ["all", "plugins"]
     # roi_align: plugin (full TensorRT) builds it into every engine: the plugin, then the engines and what follows
     overlay = config_overlay(edited, "plugin.yaml", "engine:\n  roi_align: plugin\n")
-    assert planned(edited, *overlay) == sorted([
-        "all", "plugins", "report", *per_precision("engine[{p}]", *DOWNSTREAM_OF_ENGINE),
-    ])
+    assert planned(edited, *overlay) == sorted(
+        [
+            "all",
+            "plugins",
+            "report",
+            *per_precision("engine[{p}]", *DOWNSTREAM_OF_ENGINE),
+        ]
+    )
 
 
 def test_a_tensorrt_upgrade_rebuilds_the_engines_and_only_them(completed_run, tmp_path):
@@ -90,8 +103,15 @@ def test_artifacts_record_the_software_that_made_them(completed_run):
     torch_version = metadata.version("torch")
     records = {
         name: json.loads((results / name).read_text())["software"]
-        for name in ("model/model.json", "reference/metrics.json", "onnx/parity.json", "calib/ranges.json",
-                     "calib/accuracy.json", "weights/manifest.json", *(f"engine_{p}.json" for p in PRECISIONS))
+        for name in (
+            "model/model.json",
+            "reference/metrics.json",
+            "onnx/parity.json",
+            "calib/ranges.json",
+            "calib/accuracy.json",
+            "weights/manifest.json",
+            *(f"engine_{p}.json" for p in PRECISIONS),
+        )
     }
     features = onnx.load(str(results / "onnx/features.onnx"), load_external_data=False)
     onnx_props = {prop.key: prop.value for prop in features.metadata_props}

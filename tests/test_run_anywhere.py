@@ -6,6 +6,7 @@ The one real build from another folder (a small data set: the int8 plan and what
 2 cores) also serves the module: in that working directory a workflow that imports this one as a module builds
 the fp32 plan from the same data, checkpoint, ONNX and weights.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,22 @@ from snakemake_runs import clone, config_overlay, jobs_of, scratch_workflow, sna
 
 SMALL_DATA = {"data": {"demo": {"num_val": 8, "num_calib": 8}}}
 # the default target of a fresh run, as the dry run plans it (nvcc is on PATH here)
-DEFAULT_TARGET_RULES = {"data", "model", "onnx", "onnx_parity", "reference", "weights", "calibrate",
-                        "calibration_accuracy", "plugins", "engine", "verify", "bench", "report", "all"}
+DEFAULT_TARGET_RULES = {
+    "data",
+    "model",
+    "onnx",
+    "onnx_parity",
+    "reference",
+    "weights",
+    "calibrate",
+    "calibration_accuracy",
+    "plugins",
+    "engine",
+    "verify",
+    "bench",
+    "report",
+    "all",
+}
 
 
 def without_nvcc() -> dict:
@@ -44,8 +59,9 @@ def test_without_nvcc_the_default_target_leaves_out_the_plugin(completed_run, no
     rules = {job.rule for job in jobs_of(planned.stdout + planned.stderr)}
     assert rules == DEFAULT_TARGET_RULES - {"plugins"}, rules
     # where the engines use the plugin, the default target still asks for it (and its rule says how to get nvcc)
-    plugin_overlay = config_overlay(completed_run, "no_nvcc_plugin.yaml",
-                                    "plugins:\n  nvcc: /nowhere/bin/nvcc\nengine:\n  roi_align: plugin\n")
+    plugin_overlay = config_overlay(
+        completed_run, "no_nvcc_plugin.yaml", "plugins:\n  nvcc: /nowhere/bin/nvcc\nengine:\n  roi_align: plugin\n"
+    )
     planned = snakemake(completed_run, "--dry-run", "--forceall", *plugin_overlay, env=env)
     assert "plugins" in {job.rule for job in jobs_of(planned.stdout + planned.stderr)}
 
@@ -72,8 +88,17 @@ def elsewhere(tmp_path_factory) -> tuple[Path, Path, str]:
     workdir = root / "work"
     workdir.mkdir()
     (workdir / "config.yaml").write_text(yaml.safe_dump(SMALL_DATA))  # the rest: the schema's defaults
-    result = snakemake(root, "-s", str(checkout / "Snakefile"), "--directory", "work", "--configfile",
-                       "work/config.yaml", "--", "results/engine_int8.plan")
+    result = snakemake(
+        root,
+        "-s",
+        str(checkout / "Snakefile"),
+        "--directory",
+        "work",
+        "--configfile",
+        "work/config.yaml",
+        "--",
+        "results/engine_int8.plan",
+    )
     return checkout, workdir, result.stdout + result.stderr
 
 
@@ -102,9 +127,13 @@ def test_as_a_module_the_workflow_plans_everything_and_builds_a_plan(elsewhere):
     rules = {job.rule for job in jobs_of(planned.stdout + planned.stderr)}
     assert rules == DEFAULT_TARGET_RULES - {"data", "model", "onnx", "weights", "calibrate"}, rules
     # the module's jobs are the same jobs: the int8 plan is up to date, the fp32 plan builds from the same files
-    assert "Nothing to be done" in (lambda r: r.stdout + r.stderr)(snakemake(workdir, "--dry-run",
-                                                                            "results/engine_int8.plan"))
+    assert "Nothing to be done" in (lambda r: r.stdout + r.stderr)(
+        snakemake(workdir, "--dry-run", "results/engine_int8.plan")
+    )
     built = snakemake(workdir, "results/engine_fp32.plan")
     assert [job.rule for job in jobs_of(built.stdout + built.stderr)] == ["engine"]
     metadata = json.loads((workdir / "results/engine_fp32.json").read_text())
-    assert metadata["precision"] == "fp32" and (workdir / "results/engine_fp32.plan").stat().st_size == metadata["plan_bytes"]
+    assert (
+        metadata["precision"] == "fp32"
+        and (workdir / "results/engine_fp32.plan").stat().st_size == metadata["plan_bytes"]
+    )

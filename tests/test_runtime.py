@@ -1,5 +1,6 @@
 """trtflow.runtime: the engine runner's refusals (pure checks of the engine metadata, no TensorRT needed) and,
 where a CUDA GPU can run a plan, its execution against ONNX Runtime on the same features graph."""
+
 import hashlib
 import json
 
@@ -25,9 +26,14 @@ def plan(tmp_path):
 
 
 def rtx_metadata(plan, **changes) -> dict:
-    metadata = {"backend": "tensorrt_rtx", "backend_version": RTX_VERSION, "precision": "fp16",
-                "compute_capabilities": RTX_TARGETS, "roi_align": "builtin",
-                "plan_sha256": hashlib.sha256(plan.read_bytes()).hexdigest()}
+    metadata = {
+        "backend": "tensorrt_rtx",
+        "backend_version": RTX_VERSION,
+        "precision": "fp16",
+        "compute_capabilities": RTX_TARGETS,
+        "roi_align": "builtin",
+        "plan_sha256": hashlib.sha256(plan.read_bytes()).hexdigest(),
+    }
     return {**metadata, **changes}
 
 
@@ -37,13 +43,16 @@ def test_a_plan_this_machine_can_run_has_no_refusals(plan):
 
 def test_refuses_without_a_gpu(plan):
     assert refusals(rtx_metadata(plan), NO_GPU, {"tensorrt_rtx": RTX_VERSION}, plan) == [
-        "no CUDA GPU is visible (torch.cuda.is_available() is False); a TensorRT plan runs only on an NVIDIA GPU"]
+        "no CUDA GPU is visible (torch.cuda.is_available() is False); a TensorRT plan runs only on an NVIDIA GPU"
+    ]
 
 
 def test_refuses_a_tensorrt_rtx_plan_on_hopper(plan):
     (reason,) = refusals(rtx_metadata(plan), H100, {"tensorrt_rtx": RTX_VERSION}, plan)
-    assert reason.startswith("NVIDIA H100 80GB HBM3 is compute capability 9.0 (Hopper), on which TensorRT-RTX plans "
-                             "do not run (this plan targets 8.0, 8.6, 8.9, 12.0, 12.1)")
+    assert reason.startswith(
+        "NVIDIA H100 80GB HBM3 is compute capability 9.0 (Hopper), on which TensorRT-RTX plans "
+        "do not run (this plan targets 8.0, 8.6, 8.9, 12.0, 12.1)"
+    )
     assert reason.endswith("build the engine with full TensorRT on this GPU (backend: tensorrt)")
     # a plan that lists 9.0 anyway (engine.rtx.compute_capabilities: [current] on a Hopper) is refused alike
     (listed,) = refusals(rtx_metadata(plan, compute_capabilities=["9.0"]), H100, {"tensorrt_rtx": RTX_VERSION}, plan)
@@ -53,39 +62,51 @@ def test_refuses_a_tensorrt_rtx_plan_on_hopper(plan):
 def test_refuses_a_gpu_the_plan_does_not_target(plan):
     metadata = rtx_metadata(plan, backend="tensorrt", backend_version="10.13.0.35", compute_capabilities=["8.6"])
     (reason,) = refusals(metadata, Gpu("Tesla T4", "7.5"), {"tensorrt": "10.13.0.35"}, plan)
-    assert reason.startswith("the plan targets compute capabilities ['8.6'] but Tesla T4 is 7.5; rebuild it for this GPU")
+    assert reason.startswith(
+        "the plan targets compute capabilities ['8.6'] but Tesla T4 is 7.5; rebuild it for this GPU"
+    )
 
 
 def test_refuses_another_installed_version(plan):
     (reason,) = refusals(rtx_metadata(plan), RTX_4090, {"tensorrt_rtx": "1.6.0.2"}, plan)
-    assert reason.startswith(f"the plan was built with tensorrt_rtx {RTX_VERSION} but tensorrt_rtx 1.6.0.2 is installed; "
-                             "a plan runs only on the version that built it")
+    assert reason.startswith(
+        f"the plan was built with tensorrt_rtx {RTX_VERSION} but tensorrt_rtx 1.6.0.2 is installed; "
+        "a plan runs only on the version that built it"
+    )
     assert f"install tensorrt_rtx {RTX_VERSION}" in reason
 
 
 def test_refuses_a_backend_that_does_not_import(plan):
     metadata = rtx_metadata(plan, backend="tensorrt", backend_version="10.13.0.35", compute_capabilities=["8.9"])
     (reason,) = refusals(metadata, RTX_4090, {"tensorrt": None}, plan)
-    assert reason == ("the plan was built with tensorrt 10.13.0.35 but `import tensorrt` fails here; install that "
-                      "version (pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu13==10.13.0.35)")
+    assert reason == (
+        "the plan was built with tensorrt 10.13.0.35 but `import tensorrt` fails here; install that "
+        "version (pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu13==10.13.0.35)"
+    )
 
 
 def test_refuses_plan_bytes_the_metadata_does_not_describe(plan):
     metadata = rtx_metadata(plan)
     plan.write_bytes(b"another build")
     (reason,) = refusals(metadata, RTX_4090, {"tensorrt_rtx": RTX_VERSION}, plan)
-    assert reason == f"{plan} is not the plan its metadata describes (sha256 differs); rebuild both (snakemake -f {plan})"
+    assert (
+        reason == f"{plan} is not the plan its metadata describes (sha256 differs); rebuild both (snakemake -f {plan})"
+    )
     plan.unlink()
     assert refusals(metadata, RTX_4090, {"tensorrt_rtx": RTX_VERSION}, plan) == [
-        f"{plan} does not exist; build it (snakemake {plan})"]
+        f"{plan} does not exist; build it (snakemake {plan})"
+    ]
 
 
 def test_refuses_a_plugin_plan_without_its_library(plan, tmp_path):
-    metadata = rtx_metadata(plan, roi_align="plugin",
-                            sources={"plugin_library": {"path": str(tmp_path / "libtrtflow_plugins.so")}})
+    metadata = rtx_metadata(
+        plan, roi_align="plugin", sources={"plugin_library": {"path": str(tmp_path / "libtrtflow_plugins.so")}}
+    )
     (reason,) = refusals(metadata, RTX_4090, {"tensorrt_rtx": RTX_VERSION}, plan)
     assert reason.startswith("the plan uses the MultiLevelRoIAlign plugin but its library ")
-    assert reason.endswith("libtrtflow_plugins.so is missing; build it (snakemake results/plugins/libtrtflow_plugins.so)")
+    assert reason.endswith(
+        "libtrtflow_plugins.so is missing; build it (snakemake results/plugins/libtrtflow_plugins.so)"
+    )
 
 
 def test_names_every_reason_at_once(plan):
@@ -101,8 +122,11 @@ def test_runner_needs_the_metadata_beside_the_plan(plan):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible: the no-GPU refusal cannot be shown")
 def test_check_runnable_refuses_here_for_want_of_a_gpu(plan):
-    with pytest.raises(EngineRefused, match=r"cannot run .*engine_fp16\.plan \(tensorrt_rtx 1\.7\.1\.116, fp16\): "
-                                            r"no CUDA GPU is visible"):
+    with pytest.raises(
+        EngineRefused,
+        match=r"cannot run .*engine_fp16\.plan \(tensorrt_rtx 1\.7\.1\.116, fp16\): "
+        r"no CUDA GPU is visible",
+    ):
         check_runnable(plan, rtx_metadata(plan))
 
 
@@ -114,7 +138,6 @@ def features_plan(tmp_path_factory):
     """A features-only plan of a tiny detector with a dynamic batch 1..4, built by trtflow.engine with the
     installed backend, and its ONNX."""
     from test_weights import tame, tiny_fpn_detector
-
     from trtflow.backend import BackendUnavailableError, BuildError, load_backend
     from trtflow.engine import BatchProfile, EngineSettings, EngineSources, build_engine
     from trtflow.export import export_features
@@ -129,8 +152,13 @@ def features_plan(tmp_path_factory):
     targets = ("current",) if torch.cuda.is_available() and backend.capabilities.compute_capability_targets else ()
     settings = EngineSettings(precision="fp32", batch=BatchProfile(1, 2, 4), compute_capabilities=targets)
     try:
-        build_engine(EngineSources(onnx=onnx), settings, folder / "engine_fp32.plan", folder / "engine_fp32.json",
-                     backend=backend)
+        build_engine(
+            EngineSources(onnx=onnx),
+            settings,
+            folder / "engine_fp32.plan",
+            folder / "engine_fp32.json",
+            backend=backend,
+        )
     except BuildError as error:
         pytest.skip(f"{backend.describe()} cannot build a plan for this machine: {error}")
     return folder / "engine_fp32.plan", onnx

@@ -1,5 +1,6 @@
 """`snakemake --report report.zip` on the shared completed run: the workflow description, every plot and table of
 rule report and the verify / bench JSONs, each with its caption."""
+
 import json
 import zipfile
 from pathlib import Path

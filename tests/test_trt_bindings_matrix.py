@@ -60,9 +60,14 @@ def test_capabilities_follow_each_versions_bindings(reports, version):
         assert facts["add_plugin_aot"]
     assert backend["name"] == "tensorrt" and backend["version"] == version
     assert backend["capabilities"] == {
-        "python_plugins": True, "cumulative_layer": release(version) >= (10, 8),
-        "plugin_aot": release(version) >= (10, 9), "nms_layer": True, "int8_kernels": True,
-        "implicit_calibrator": release(version) < (11, 0), "timing_cache": True, "compute_capability_targets": False,
+        "python_plugins": True,
+        "cumulative_layer": release(version) >= (10, 8),
+        "plugin_aot": release(version) >= (10, 9),
+        "nms_layer": True,
+        "int8_kernels": True,
+        "implicit_calibrator": release(version) < (11, 0),
+        "timing_cache": True,
+        "compute_capability_targets": False,
     }
     assert backend["flavour"] == {"value": "aot" if release(version) >= (10, 9) else "ipluginv3"}
 
@@ -102,20 +107,26 @@ def test_tensorrt_plugin_imports_from_both_pypi_layouts(reports, version):
     if release(version) >= (10, 14):
         assert imported == {"import tensorrt.plugin": "ok", "ours": "tensorrt.plugin"}
     else:
-        assert imported == {"import tensorrt.plugin": "ModuleNotFoundError: No module named 'tensorrt.plugin'",
-                            "ours": "tensorrt_bindings.plugin"}
+        assert imported == {
+            "import tensorrt.plugin": "ModuleNotFoundError: No module named 'tensorrt.plugin'",
+            "ours": "tensorrt_bindings.plugin",
+        }
 
 
-@pytest.mark.parametrize(("version", "old_numpy"), [r for r in RUNS if r[0] in AOT_VERSIONS],
-                         ids=[i for r, i in zip(RUNS, run_ids) if r[0] in AOT_VERSIONS])
+@pytest.mark.parametrize(
+    ("version", "old_numpy"),
+    [r for r in RUNS if r[0] in AOT_VERSIONS],
+    ids=[i for r, i in zip(RUNS, run_ids) if r[0] in AOT_VERSIONS],
+)
 def test_decorator_plugin_registration_and_autotune_through_tensorrt_plugin(reports, version, old_numpy):
     decorator = value(reports[(version, old_numpy)], "decorator")
     assert decorator["registered"] == [f"trtflow::multilevel_roi_align_{n}l" for n in range(1, 6)]
     assert decorator["input_attrs"] == dict.fromkeys(ATTRIBUTES, "int")
     assert decorator["aot_impl"] and decorator["impl"] and decorator["creator_registered"]
     maps = lambda dtype, layout: [[dtype] * LEVELS + ["FLOAT", dtype], [layout] * LEVELS + ["LINEAR", "LINEAR"]]
-    assert decorator["autotune"] == sorted([maps("FLOAT", "HWC"), maps("FLOAT", "LINEAR"), maps("HALF", "HWC8"),
-                                            maps("HALF", "LINEAR")])
+    assert decorator["autotune"] == sorted(
+        [maps("FLOAT", "HWC"), maps("FLOAT", "LINEAR"), maps("HALF", "HWC8"), maps("HALF", "LINEAR")]
+    )
 
 
 @pytest.mark.parametrize("version", AOT_VERSIONS)
@@ -125,8 +136,12 @@ def test_aot_impl_kernel_names_ptx_and_arguments_through_tensorrt(reports, versi
     decorator = value(reports[(version, True)], "decorator")
     assert decorator["create_plugin"] == "ok" and decorator["plugin_class"] == "_TemplateAOTPlugin"
     assert decorator["attrs"] == ATTRS and decorator["output_types"] == ["HALF"]
-    expected = {"HALF/LINEAR": ("float16", "nchw"), "FLOAT/LINEAR": ("float32", "nchw"),
-                "FLOAT/HWC": ("float32", "nhwc"), "HALF/HWC8": ("float16", "nhwc8")}
+    expected = {
+        "HALF/LINEAR": ("float16", "nchw"),
+        "FLOAT/LINEAR": ("float32", "nchw"),
+        "FLOAT/HWC": ("float32", "nhwc"),
+        "HALF/HWC8": ("float16", "nhwc8"),
+    }
     for combination, (dtype, layout) in expected.items():
         kernel = decorator["kernels"][combination]
         assert kernel["kernel"] == kernel_name(LEVELS, dtype, layout) and kernel["ptx_is_ours"]
@@ -142,10 +157,13 @@ def test_ipluginv3_fields_survive_serialisation_and_formats(reports, version):
     assert plugin["attrs"] == plugin["round_trip"] == plugin["clone"] == ATTRS
     assert plugin["output_types"] == ["HALF"]
     maps = ["FLOAT/LINEAR", "FLOAT/HWC", "HALF/LINEAR", "HALF/HWC8"]
-    rest = lambda first, out: {str(p): [first] for p in range(1, LEVELS)} | {str(LEVELS): ["FLOAT/LINEAR"],
-                                                                            str(LEVELS + 1): [out]}
-    assert plugin["formats"] == {"HALF/HWC8": {"0": maps} | rest("HALF/HWC8", "HALF/LINEAR"),
-                                 "FLOAT/LINEAR": {"0": maps} | rest("FLOAT/LINEAR", "FLOAT/LINEAR")}
+    rest = lambda first, out: (
+        {str(p): [first] for p in range(1, LEVELS)} | {str(LEVELS): ["FLOAT/LINEAR"], str(LEVELS + 1): [out]}
+    )
+    assert plugin["formats"] == {
+        "HALF/HWC8": {"0": maps} | rest("HALF/HWC8", "HALF/LINEAR"),
+        "FLOAT/LINEAR": {"0": maps} | rest("FLOAT/LINEAR", "FLOAT/LINEAR"),
+    }
 
 
 @pytest.mark.parametrize("version", trt_bindings.VERSIONS)
@@ -154,9 +172,13 @@ def test_implicit_int8_calibrator_serves_our_table(reports, version):
     if release(version) >= (11, 0):
         assert report["calibrator"] is None  # TensorRT 11 removed IInt8EntropyCalibrator2
         return
-    assert value(report, "calibrator") == {"cache": "TRT-100-EntropyCalibration2\nimages: 3c010a14\n",
-                                           "batch_size": 2, "batch": None, "algorithm": "ENTROPY_CALIBRATION_2",
-                                           "is_calibrator": True}
+    assert value(report, "calibrator") == {
+        "cache": "TRT-100-EntropyCalibration2\nimages: 3c010a14\n",
+        "batch_size": 2,
+        "batch": None,
+        "algorithm": "ENTROPY_CALIBRATION_2",
+        "is_calibrator": True,
+    }
 
 
 @pytest.mark.parametrize("version", trt_bindings.VERSIONS)

@@ -1,11 +1,12 @@
 """trtflow.verify: matching metrics on hand-built detections, thresholds, and the stage end to end on CPU
 (the engine refused for want of a GPU, the deployment-form reference verified instead)."""
+
 import json
 
 import numpy as np
 import pytest
-from test_executors import deployment  # noqa: F401  (the shared tiny-detector fixture)
 
+from test_executors import deployment  # noqa: F401  (the shared tiny-detector fixture)
 from trtflow.verify import Thresholds, iou_matrix, match_detections, xyxy
 
 
@@ -14,11 +15,11 @@ def det(image_id, category_id, bbox, score):
 
 
 REFERENCE = [
-    det(1, 1, [0, 0, 10, 10], 0.9),     # r0: found exactly (d0)
-    det(1, 1, [20, 20, 10, 10], 0.8),   # r1: found at IoU 100/105 (d1)
-    det(1, 2, [0, 0, 10, 10], 0.7),     # r2: deployed with another class (d2): missed
-    det(1, 1, [50, 50, 10, 10], 0.6),   # r3: deployed shifted to IoU 90/110 < 0.9 (d3): missed
-    det(2, 1, [0, 0, 20, 20], 0.5),     # r4: found on image 2 (d4)
+    det(1, 1, [0, 0, 10, 10], 0.9),  # r0: found exactly (d0)
+    det(1, 1, [20, 20, 10, 10], 0.8),  # r1: found at IoU 100/105 (d1)
+    det(1, 2, [0, 0, 10, 10], 0.7),  # r2: deployed with another class (d2): missed
+    det(1, 1, [50, 50, 10, 10], 0.6),  # r3: deployed shifted to IoU 90/110 < 0.9 (d3): missed
+    det(2, 1, [0, 0, 20, 20], 0.5),  # r4: found on image 2 (d4)
 ]
 DEPLOYED = [
     det(1, 1, [0, 0, 10, 10], 0.85),
@@ -26,7 +27,7 @@ DEPLOYED = [
     det(1, 3, [0, 0, 10, 10], 0.7),
     det(1, 1, [51, 50, 10, 10], 0.6),
     det(2, 1, [0, 0, 20, 20], 0.5),
-    det(1, 1, [0, 0, 10, 10], 0.3),     # d5: a duplicate of r0, which d0 already took
+    det(1, 1, [0, 0, 10, 10], 0.3),  # d5: a duplicate of r0, which d0 already took
 ]
 
 
@@ -75,9 +76,16 @@ def test_greedy_matching_serves_the_higher_reference_score_first():
 
 def test_empty_sides():
     assert match_detections([], []).summary() == {
-        "reference_detections": 0, "deployed_detections": 0, "matched": 0, "match_recall": 1.0,
-        "match_precision": 1.0, "mean_abs_dscore": None, "max_abs_dscore": None, "mean_iou": None,
-        "zero_area_detections": {"reference": 0, "deployed": 0}}
+        "reference_detections": 0,
+        "deployed_detections": 0,
+        "matched": 0,
+        "match_recall": 1.0,
+        "match_precision": 1.0,
+        "mean_abs_dscore": None,
+        "max_abs_dscore": None,
+        "mean_iou": None,
+        "zero_area_detections": {"reference": 0, "deployed": 0},
+    }
     assert match_detections(REFERENCE, []).recall == 0.0
     assert match_detections([], DEPLOYED).precision == 0.0
 
@@ -97,27 +105,46 @@ def test_run_verify_on_cpu_names_the_executor_and_why_not_the_engine(deployment,
     """No GPU here: the engine is refused, the deployment-form reference is verified, the JSON says both."""
     import torch
 
-    from trtflow.metrics import coco_map
     from trtflow.detection_loop import detect_dataset
+    from trtflow.metrics import coco_map
     from trtflow.verify import run_verify
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is visible: the refusal for want of one cannot be shown")
     plan = tmp_path / "engine_fp32.plan"
     plan.write_bytes(b"not run")
-    plan.with_suffix(".json").write_text(json.dumps({
-        "backend": "tensorrt_rtx", "backend_version": "1.7.1.116", "precision": "fp32",
-        "compute_capabilities": ["8.0", "8.6", "8.9", "12.0"]}))
-    detections = detect_dataset(deployment.torchvision, deployment.coco, deployment.preprocess,
-                                deployment.postprocess, batch_size=2)
+    plan.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "backend": "tensorrt_rtx",
+                "backend_version": "1.7.1.116",
+                "precision": "fp32",
+                "compute_capabilities": ["8.0", "8.6", "8.9", "12.0"],
+            }
+        )
+    )
+    detections = detect_dataset(
+        deployment.torchvision, deployment.coco, deployment.preprocess, deployment.postprocess, batch_size=2
+    )
     reference, metrics = tmp_path / "reference.json", tmp_path / "reference_metrics.json"
     reference.write_text(json.dumps(detections))
     metrics.write_text(json.dumps(coco_map(deployment.coco, detections)))
     out = tmp_path / "verify/fp32.json"
-    run_verify("fp32", plan=plan, onnx=deployment.onnx, weights_dir=deployment.weights, val_json=deployment.coco,
-               reference_detections=reference, reference_metrics=metrics, preprocess=deployment.preprocess, postprocess=deployment.postprocess,
-               thresholds=Thresholds(min_match_recall=0.99), settings={"batch_size": 2}, out_json=out,
-               detections_out=tmp_path / "verify/fp32_detections.json")
+    run_verify(
+        "fp32",
+        plan=plan,
+        onnx=deployment.onnx,
+        weights_dir=deployment.weights,
+        val_json=deployment.coco,
+        reference_detections=reference,
+        reference_metrics=metrics,
+        preprocess=deployment.preprocess,
+        postprocess=deployment.postprocess,
+        thresholds=Thresholds(min_match_recall=0.99),
+        settings={"batch_size": 2},
+        out_json=out,
+        detections_out=tmp_path / "verify/fp32_detections.json",
+    )
     result = json.loads(out.read_text())
     assert result["executor"] == "onnxruntime+static-head" and result["engine_executed"] is False
     assert result["verified_level"] == "deployment-form" and "neither the plan nor" in result["unverified"]
@@ -134,12 +161,23 @@ def test_run_verify_fails_below_enforced_thresholds_only(deployment, tmp_path):
     empty = tmp_path / "reference.json"
     empty.write_text("[]")  # every deployed detection is then unmatched: match_precision 0
     (tmp_path / "metrics.json").write_text(json.dumps({"mAP": 0.0, "mAP50": 0.0}))
-    kwargs = dict(plan=tmp_path / "missing.plan", onnx=deployment.onnx, weights_dir=deployment.weights,
-                  val_json=deployment.coco, reference_detections=empty,
-                  reference_metrics=tmp_path / "metrics.json", preprocess=deployment.preprocess,
-                  postprocess=deployment.postprocess, thresholds=Thresholds(min_match_precision=0.9),
-                  settings={"batch_size": 2}, detections_out=tmp_path / "detections.json")
-    with pytest.raises(VerifyError, match=r"fp16 \(onnxruntime\+static-head, level deployment-form\) fails verification: match_precision 0"):
+    kwargs = dict(
+        plan=tmp_path / "missing.plan",
+        onnx=deployment.onnx,
+        weights_dir=deployment.weights,
+        val_json=deployment.coco,
+        reference_detections=empty,
+        reference_metrics=tmp_path / "metrics.json",
+        preprocess=deployment.preprocess,
+        postprocess=deployment.postprocess,
+        thresholds=Thresholds(min_match_precision=0.9),
+        settings={"batch_size": 2},
+        detections_out=tmp_path / "detections.json",
+    )
+    with pytest.raises(
+        VerifyError,
+        match=r"fp16 \(onnxruntime\+static-head, level deployment-form\) fails verification: match_precision 0",
+    ):
         run_verify("fp16", out_json=tmp_path / "enforced.json", **kwargs)
     result = run_verify("fp16", out_json=tmp_path / "recorded.json", enforce=False, **kwargs)
     assert result["passed"] is False and "missing.json not found" in result["reason"]

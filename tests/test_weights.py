@@ -36,18 +36,30 @@ def tiny_fpn_detector(num_classes: int = 4, seed: int = 0, conv_head: bool = Fal
     """A torchvision FasterRCNN on a small custom BackboneWithFPN (strides 4, 8, 16 + pool); its box
     head is a TwoMLPHead, or with `conv_head` a FastRCNNConvFCHead with batch norms (as in the v2 arch)."""
     torch.manual_seed(seed)
-    body = nn.Sequential(OrderedDict(
-        stem=nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, 2, 1), nn.ReLU()),
-        c3=nn.Sequential(nn.Conv2d(8, 12, 3, 2, 1), nn.ReLU()),
-        c4=nn.Sequential(nn.Conv2d(12, 16, 3, 2, 1), nn.ReLU()),
-    ))
+    body = nn.Sequential(
+        OrderedDict(
+            stem=nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, 2, 1), nn.ReLU()),
+            c3=nn.Sequential(nn.Conv2d(8, 12, 3, 2, 1), nn.ReLU()),
+            c4=nn.Sequential(nn.Conv2d(12, 16, 3, 2, 1), nn.ReLU()),
+        )
+    )
     backbone = BackboneWithFPN(body, {"stem": "0", "c3": "1", "c4": "2"}, [8, 12, 16], out_channels=16)
     anchors = AnchorGenerator(((16,), (32,), (64,), (128,)), ((0.5, 1.0, 2.0),) * 4)
     pooler = MultiScaleRoIAlign(["0", "1", "2"], output_size=7, sampling_ratio=2)
-    box_head = (FastRCNNConvFCHead((16, 7, 7), [16, 16], [32], norm_layer=nn.BatchNorm2d) if conv_head
-                else TwoMLPHead(16 * 49, 32))
-    model = FasterRCNN(backbone, num_classes=None, rpn_anchor_generator=anchors, box_roi_pool=pooler,
-                       box_head=box_head, box_predictor=FastRCNNPredictor(32, num_classes), **BUDGETS)
+    box_head = (
+        FastRCNNConvFCHead((16, 7, 7), [16, 16], [32], norm_layer=nn.BatchNorm2d)
+        if conv_head
+        else TwoMLPHead(16 * 49, 32)
+    )
+    model = FasterRCNN(
+        backbone,
+        num_classes=None,
+        rpn_anchor_generator=anchors,
+        box_roi_pool=pooler,
+        box_head=box_head,
+        box_predictor=FastRCNNPredictor(32, num_classes),
+        **BUDGETS,
+    )
     randomize_batch_norms(model)
     return model.eval()
 
@@ -113,30 +125,53 @@ def test_manifest_holds_the_head_metadata(tiny, tmp_path):
     on_disk = json.loads((tmp_path / "manifest.json").read_text())
     assert on_disk == json.loads(json.dumps(manifest))
     assert [(f["name"], f["key"], f["size"], f["anchor_stride"]) for f in manifest["features"]] == [
-        ("p2", "0", [24, 32], [4, 4]), ("p3", "1", [12, 16], [8, 8]),
-        ("p4", "2", [6, 8], [16, 16]), ("pool", "pool", [3, 4], [32, 32])]
+        ("p2", "0", [24, 32], [4, 4]),
+        ("p3", "1", [12, 16], [8, 8]),
+        ("p4", "2", [6, 8], [16, 16]),
+        ("pool", "pool", [3, 4], [32, 32]),
+    ]
     rpn = manifest["rpn"]
     assert rpn["anchor_sizes"] == [[16.0], [32.0], [64.0], [128.0]]
     assert rpn["aspect_ratios"] == [[0.5, 1.0, 2.0]] * 4
     assert rpn["box_coder_weights"] == [1.0, 1.0, 1.0, 1.0]
     assert rpn["bbox_xform_clip"] == math.log(1000.0 / 16)
-    assert (rpn["pre_nms_top_n"], rpn["post_nms_top_n"], rpn["nms_thresh"], rpn["score_thresh"],
-            rpn["min_size"]) == (150, 60, 0.7, 0.0, 1e-3)
+    assert (rpn["pre_nms_top_n"], rpn["post_nms_top_n"], rpn["nms_thresh"], rpn["score_thresh"], rpn["min_size"]) == (
+        150,
+        60,
+        0.7,
+        0.0,
+        1e-3,
+    )
     pool = manifest["roi_pool"]
     assert pool["features"] == ["p2", "p3", "p4"] and pool["scales"] == [0.25, 0.125, 0.0625]
     assert (pool["k_min"], pool["k_max"], pool["canonical_scale"], pool["canonical_level"]) == (2, 4, 224, 4)
     assert (pool["output_size"], pool["sampling_ratio"]) == ([7, 7], 2)
     box = manifest["box"]
     assert box["box_coder_weights"] == [10.0, 10.0, 5.0, 5.0]
-    assert (box["score_thresh"], box["nms_thresh"], box["detections_per_img"], box["min_size"]) == (0.05, 0.5, 100, 1e-2)
+    assert (box["score_thresh"], box["nms_thresh"], box["detections_per_img"], box["min_size"]) == (
+        0.05,
+        0.5,
+        100,
+        1e-2,
+    )
     assert manifest["num_classes"] == 4 and manifest["input"] == {"height": 96, "width": 128}
     assert manifest["source_checkpoint_sha256"] == "ab" * 32
     assert [layer["kind"] for layer in manifest["box_head"]["layers"]] == ["flatten", "linear", "linear"]
     names = [t["name"] for t in manifest["tensors"]]
-    assert set(names) == set(required_tensors(manifest)) == {
-        "box_head.fc6.weight", "box_head.fc6.bias", "box_head.fc7.weight", "box_head.fc7.bias",
-        "box_predictor.cls_score.weight", "box_predictor.cls_score.bias",
-        "box_predictor.bbox_pred.weight", "box_predictor.bbox_pred.bias"}
+    assert (
+        set(names)
+        == set(required_tensors(manifest))
+        == {
+            "box_head.fc6.weight",
+            "box_head.fc6.bias",
+            "box_head.fc7.weight",
+            "box_head.fc7.bias",
+            "box_predictor.cls_score.weight",
+            "box_predictor.cls_score.bias",
+            "box_predictor.bbox_pred.weight",
+            "box_predictor.bbox_pred.bias",
+        }
+    )
     state = tiny.roi_heads.state_dict()
     _, tensors = load_head(tmp_path)
     for name in names:
@@ -166,16 +201,19 @@ def test_torchvision_archs_export(arch, tmp_path):
         # folded conv + BN == torchvision's Conv2dNormActivation in eval mode
         x = torch.randn(5, 256, 7, 7)
         block = model.roi_heads.box_head[0]
-        folded = torch.relu(nn.functional.conv2d(x, tensors["box_head.0.0.weight"], tensors["box_head.0.0.bias"],
-                                                 padding=1))
+        folded = torch.relu(
+            nn.functional.conv2d(x, tensors["box_head.0.0.weight"], tensors["box_head.0.0.bias"], padding=1)
+        )
         reference = block(x)
         assert (folded - reference).abs().max() <= 1e-5 * reference.abs().max()
 
 
 def test_wts_is_tensorrtx_format_and_bit_exact(tmp_path):
-    tensors = {"a.weight": torch.tensor([[1.0, -2.5], [float("inf"), 3.4028235e38]]),
-               "b": torch.tensor([1e-45, -0.0, float("nan")]),
-               "big": torch.randn(1000, 37)}
+    tensors = {
+        "a.weight": torch.tensor([[1.0, -2.5], [float("inf"), 3.4028235e38]]),
+        "b": torch.tensor([1e-45, -0.0, float("nan")]),
+        "big": torch.randn(1000, 37),
+    }
     write_wts(tmp_path / "x.wts", tensors)
     lines = (tmp_path / "x.wts").read_text().splitlines()
     assert lines[0] == "3"

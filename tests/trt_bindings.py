@@ -50,10 +50,15 @@ VERSIONS = (
     "11.4.0.106",  # newest
 )
 SHIM_SYMBOLS = {
-    "createInferBuilder_INTERNAL": "void *", "createInferRefitter_INTERNAL": "void *",
-    "createInferRuntime_INTERNAL": "void *", "createNvOnnxParser_INTERNAL": "void *",
-    "createNvOnnxParserRefitter_INTERNAL": "void *", "getBuilderPluginRegistry": "void *",
-    "getPluginRegistry": "void *", "getNvOnnxParserVersion": "int", "initLibNvInferPlugins": "int",
+    "createInferBuilder_INTERNAL": "void *",
+    "createInferRefitter_INTERNAL": "void *",
+    "createInferRuntime_INTERNAL": "void *",
+    "createNvOnnxParser_INTERNAL": "void *",
+    "createNvOnnxParserRefitter_INTERNAL": "void *",
+    "getBuilderPluginRegistry": "void *",
+    "getPluginRegistry": "void *",
+    "getNvOnnxParserVersion": "int",
+    "initLibNvInferPlugins": "int",
 }
 SONAMES = ("libnvinfer.so", "libnvonnxparser.so", "libnvinfer_plugin.so")
 OLD_NUMPY = "numpy<2.4"
@@ -65,12 +70,18 @@ class Unavailable(RuntimeError):
 
 def _pip_download(requirement: str, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(dest),
-                           requirement], capture_output=True, text=True, timeout=600, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(dest), requirement],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     files = [p for p in dest.iterdir() if p.suffix in (".whl", ".gz")]
     if done.returncode or not files:
-        raise Unavailable(f"pip download {requirement} failed (PyPI unreachable and {dest} empty?): "
-                          f"{done.stderr.strip()[-400:]}")
+        raise Unavailable(
+            f"pip download {requirement} failed (PyPI unreachable and {dest} empty?): {done.stderr.strip()[-400:]}"
+        )
     return files[0]
 
 
@@ -120,18 +131,32 @@ def shim() -> Path:
     (folder / "shim.c").write_text(source)
     for major in (10, 11):
         for soname in SONAMES:
-            subprocess.run(["cc", "-shared", "-fPIC", "-o", str(folder / f"{soname}.{major}"),
-                            f"-Wl,-soname,{soname}.{major}", str(folder / "shim.c")], check=True)
+            subprocess.run(
+                [
+                    "cc",
+                    "-shared",
+                    "-fPIC",
+                    "-o",
+                    str(folder / f"{soname}.{major}"),
+                    f"-Wl,-soname,{soname}.{major}",
+                    str(folder / "shim.c"),
+                ],
+                check=True,
+            )
     return folder
 
 
 def probe(version: str, numpy_before_2_4: bool = False) -> dict:
     """Run tests/trt_bindings_probe.py in a fresh interpreter on `version`'s real bindings; its JSON."""
     path = [str(old_numpy())] if numpy_before_2_4 else []
-    env = {**os.environ, "LD_LIBRARY_PATH": str(shim()),
-           "PYTHONPATH": os.pathsep.join([*path, str(site(version)), str(ROOT / "src")])}
-    done = subprocess.run([sys.executable, str(PROBE)], env=env, capture_output=True, text=True, timeout=300,
-                          check=False)
+    env = {
+        **os.environ,
+        "LD_LIBRARY_PATH": str(shim()),
+        "PYTHONPATH": os.pathsep.join([*path, str(site(version)), str(ROOT / "src")]),
+    }
+    done = subprocess.run(
+        [sys.executable, str(PROBE)], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
     if done.returncode:
         raise RuntimeError(f"the probe of TensorRT {version} bindings failed:\n{done.stdout}\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])

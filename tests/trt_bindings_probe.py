@@ -28,16 +28,25 @@ LEVELS = 4
 SPEC = RoIAlignSpec(output_size=(7, 5), sampling_ratio=2, num_levels=LEVELS)
 ATTRS = dict(zip(rap.ATTRIBUTES, SPEC.c_args()))
 LIBRARY = Path("/nonexistent/libtrtflow_plugins.so")  # stored by the plugins, loaded only at enqueue
-PTX = "".join(f".visible .entry {rap.kernel_name(n, d, l)}(\n" for n in range(1, MAX_LEVELS + 1)
-              for d in ("float32", "float16") for l in ("nchw", "nhwc"))
-FORMATS = [name for name in ("LINEAR", "CHW2", "HWC8", "CHW4", "CHW32", "DHWC8", "HWC", "DLA_HWC4", "HWC16")
-           if hasattr(trt.TensorFormat, name)]
+PTX = "".join(
+    f".visible .entry {rap.kernel_name(n, d, l)}(\n"
+    for n in range(1, MAX_LEVELS + 1)
+    for d in ("float32", "float16")
+    for l in ("nchw", "nhwc")
+)
+FORMATS = [
+    name
+    for name in ("LINEAR", "CHW2", "HWC8", "CHW4", "CHW32", "DHWC8", "HWC", "DLA_HWC4", "HWC16")
+    if hasattr(trt.TensorFormat, name)
+]
 TYPES = ("FLOAT", "HALF", "INT8", "INT32")
 # Inspector output keys (not in the bindings: the native library writes the JSON). TensorRT 10
 # "Format/Datatype" as its documentation and trtexec --exportLayerInfo show; TensorRT 11 "Format" and
 # "Datatype" as reported in issue 14.
-INSPECTOR_KEYS = {10: {"Format/Datatype": "Channel major FP16 format where channel % 8 == 0"},
-                  11: {"Format": "Channel major format where channel % 8 == 0", "Datatype": "Half"}}
+INSPECTOR_KEYS = {
+    10: {"Format/Datatype": "Channel major FP16 format where channel % 8 == 0"},
+    11: {"Format": "Channel major format where channel % 8 == 0", "Datatype": "Half"},
+}
 
 
 class StandInRegistry:
@@ -86,7 +95,8 @@ def binding_facts():
         "add_plugin_v3": hasattr(network, "add_plugin_v3"),
         # add_multilevel_roi_align calls network.add_plugin(..., aot=True) from 10.9
         "add_plugin_aot": "aot" in (getattr(network, "add_plugin", None).__doc__ or "")
-        if hasattr(network, "add_plugin") else None,
+        if hasattr(network, "add_plugin")
+        else None,
         "add_nms": hasattr(network, "add_nms") and hasattr(trt.BoundingBoxFormat, "CORNER_PAIRS"),
         "entropy_calibrator2": hasattr(trt, "IInt8EntropyCalibrator2"),
         "builder_flag_int8": hasattr(trt.BuilderFlag, "INT8"),
@@ -117,15 +127,23 @@ def decorator_plugin():
         rap._register_decorator_plugin(trt, LIBRARY, PTX, levels)
     name = rap.decorator_plugin_name(LEVELS)
     desc = QDP_REGISTRY[f"{rap.NAMESPACE}::{name}"]
-    facts = {"registered": sorted(key for key in QDP_REGISTRY if key.startswith(rap.NAMESPACE)),
-             "input_attrs": {k: v.__name__ for k, v in desc.input_attrs.items()},
-             "aot_impl": desc.aot_impl_func is not None, "impl": desc.impl_func is not None}
+    facts = {
+        "registered": sorted(key for key in QDP_REGISTRY if key.startswith(rap.NAMESPACE)),
+        "input_attrs": {k: v.__name__ for k, v in desc.input_attrs.items()},
+        "aot_impl": desc.aot_impl_func is not None,
+        "impl": desc.impl_func is not None,
+    }
 
     # autotune: our combinations, expanded by TensorRT's own AutoTuneCombination
     inputs = [trtp.TensorDesc() for _ in range(LEVELS + 1)]
     combinations = desc.autotune_func(*inputs, [trtp.TensorDesc()])
-    facts["autotune"] = sorted({(tuple(t.name for t in c.types), tuple(f.name for f in c.layouts))
-                                for comb in combinations for c in comb._get_combinations()})
+    facts["autotune"] = sorted(
+        {
+            (tuple(t.name for t in c.types), tuple(f.name for f in c.layouts))
+            for comb in combinations
+            for c in comb._get_combinations()
+        }
+    )
 
     # creation the way TensorRT's op() builds fields (np.array([value]) per int attribute)
     creator = trt.get_plugin_registry().get_creator(name, "1", rap.NAMESPACE)
@@ -135,8 +153,7 @@ def decorator_plugin():
 
         creator = _register_plugin_creator(name, rap.NAMESPACE, {k: (True, int) for k in ATTRS})
     arrays = {key: np.array([value]) for key, value in ATTRS.items()}
-    fields = trt.PluginFieldCollection([trt.PluginField(key, arrays[key], trt.PluginFieldType.INT32)
-                                        for key in ATTRS])
+    fields = trt.PluginFieldCollection([trt.PluginField(key, arrays[key], trt.PluginFieldType.INT32) for key in ATTRS])
     request = getattr(trt, "QuickPluginCreationRequest", None)
     args = (name, rap.NAMESPACE, fields, trt.TensorRTPhase.BUILD) + ((request.STRICT_AOT,) if request else ())
     created = attempt(lambda: creator.create_plugin(*args))
@@ -147,8 +164,9 @@ def decorator_plugin():
     facts["plugin_class"] = type(plugin).__name__
     facts["attrs"] = {k: int(v) for k, v in plugin.attrs.items()}
     ranks = [4] * LEVELS + [2]
-    facts["output_types"] = [t.name for t in plugin.get_output_data_types([trt.DataType.HALF] * LEVELS
-                                                                          + [trt.DataType.FLOAT], ranks)]
+    facts["output_types"] = [
+        t.name for t in plugin.get_output_data_types([trt.DataType.HALF] * LEVELS + [trt.DataType.FLOAT], ranks)
+    ]
     facts["kernels"] = aot_kernels(plugin, trtp) if hasattr(plugin, "get_launch_params") else None
     return facts
 
@@ -160,8 +178,10 @@ def aot_kernels(plugin, trtp):
     for dtype, layout in (("HALF", "LINEAR"), ("FLOAT", "LINEAR"), ("FLOAT", "HWC"), ("HALF", "HWC8")):
         dtype_, layout_ = getattr(trt.DataType, dtype), getattr(trt.TensorFormat, layout)
         in_out = [tensor_desc(dtype_, layout_) for _ in range(LEVELS)]
-        in_out += [tensor_desc(trt.DataType.FLOAT, trt.TensorFormat.LINEAR, 2),
-                   tensor_desc(dtype_, trt.TensorFormat.LINEAR)]
+        in_out += [
+            tensor_desc(trt.DataType.FLOAT, trt.TensorFormat.LINEAR, 2),
+            tensor_desc(dtype_, trt.TensorFormat.LINEAR),
+        ]
         plugin.input_descs = [trtp.TensorDesc() for _ in range(LEVELS + 1)]  # what get_output_shapes sets
         plugin.output_descs = (trtp.TensorDesc(),)
         for d, rank in zip(plugin.input_descs + list(plugin.output_descs), [4] * LEVELS + [2, 4]):
@@ -171,9 +191,12 @@ def aot_kernels(plugin, trtp):
         setter = type("SymExprSetter", (dict,), {})()
         plugin.get_launch_params([], in_out, LEVELS + 1, launch, setter, None)
         name, ptx = plugin.get_kernel([d.desc for d in in_out[:-1]], [in_out[-1].desc])
-        kernels[f"{dtype}/{layout}"] = {"kernel": name if isinstance(name, str) else name.decode(),
-                                        "ptx_is_ours": ptx == PTX.encode(), "scalar_args": setter.nbSymExprs,
-                                        "launch": sorted(vars(launch))}
+        kernels[f"{dtype}/{layout}"] = {
+            "kernel": name if isinstance(name, str) else name.decode(),
+            "ptx_is_ours": ptx == PTX.encode(),
+            "scalar_args": setter.nbSymExprs,
+            "launch": sorted(vars(launch)),
+        }
     return kernels
 
 
@@ -191,8 +214,9 @@ def plugin_v3():
     restored = creator.create_plugin(rap.PLUGIN_NAME, serialized, trt.TensorRTPhase.RUNTIME)
     facts["round_trip"] = restored.attrs
     facts["clone"] = plugin.clone().attrs
-    facts["output_types"] = [t.name for t in plugin.get_output_data_types([trt.DataType.HALF] * LEVELS
-                                                                          + [trt.DataType.FLOAT])]
+    facts["output_types"] = [
+        t.name for t in plugin.get_output_data_types([trt.DataType.HALF] * LEVELS + [trt.DataType.FLOAT])
+    ]
     formats = {}
     for first_type, first_format in (("HALF", "HWC8"), ("FLOAT", "LINEAR")):
         in_out = [tensor_desc(getattr(trt.DataType, first_type), getattr(trt.TensorFormat, first_format))]
@@ -203,7 +227,7 @@ def plugin_v3():
             for type_name in TYPES:
                 for format_name in FORMATS:
                     probe = tensor_desc(getattr(trt.DataType, type_name), getattr(trt.TensorFormat, format_name))
-                    trial = in_out[:pos] + [probe] + in_out[pos + 1:] if pos else [probe] + in_out[1:]
+                    trial = in_out[:pos] + [probe] + in_out[pos + 1 :] if pos else [probe] + in_out[1:]
                     if plugin.supports_format_combination(pos, trial, LEVELS + 1):
                         accepted[pos].append(f"{type_name}/{format_name}")
         formats[f"{first_type}/{first_format}"] = accepted
@@ -215,9 +239,13 @@ def calibrator():
     table = b"TRT-100-EntropyCalibration2\nimages: 3c010a14\n"
     instance = cache_only_calibrator(trt, table, batch_size=2)
     churn()
-    return {"cache": instance.read_calibration_cache().decode(), "batch_size": instance.get_batch_size(),
-            "batch": instance.get_batch(["images"]), "algorithm": instance.get_algorithm().name,
-            "is_calibrator": isinstance(instance, trt.IInt8Calibrator)}
+    return {
+        "cache": instance.read_calibration_cache().decode(),
+        "batch_size": instance.get_batch_size(),
+        "batch": instance.get_batch(["images"]),
+        "algorithm": instance.get_algorithm().name,
+        "is_calibrator": isinstance(instance, trt.IInt8Calibrator),
+    }
 
 
 def inspector():
@@ -228,18 +256,26 @@ def inspector():
 
 def backend_facts():
     backend = load_backend("tensorrt")
-    return {"name": backend.name, "version": backend.version,
-            "capabilities": dataclasses.asdict(backend.capabilities),
-            "flavour": attempt(lambda: rap.plugin_flavour(backend.name, backend.version)),
-            "roi_align_plugin_refused": rap.unsupported_reason(backend),
-            "config_check": environment_problems({"backend": "tensorrt", "engine": {"roi_align": "plugin"}}),
-            "numpy": np.__version__}
+    return {
+        "name": backend.name,
+        "version": backend.version,
+        "capabilities": dataclasses.asdict(backend.capabilities),
+        "flavour": attempt(lambda: rap.plugin_flavour(backend.name, backend.version)),
+        "roi_align_plugin_refused": rap.unsupported_reason(backend),
+        "config_check": environment_problems({"backend": "tensorrt", "engine": {"roi_align": "plugin"}}),
+        "numpy": np.__version__,
+    }
 
 
 def main():
-    report = {"version": trt.__version__, "module": trt.__file__, "bindings": binding_facts(),
-              "backend": attempt(backend_facts), "plugin_import": attempt(plugin_import),
-              "inspector": attempt(inspector)}
+    report = {
+        "version": trt.__version__,
+        "module": trt.__file__,
+        "bindings": binding_facts(),
+        "backend": attempt(backend_facts),
+        "plugin_import": attempt(plugin_import),
+        "inspector": attempt(inspector),
+    }
     backend = report["backend"].get("value", {})
     flavour = backend.get("flavour", {}).get("value")
     # only where trtflow uses it (10.8: 10.0 - 10.7 lack add_cumulative; 10.0.1's bindings crash

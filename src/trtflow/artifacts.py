@@ -5,6 +5,7 @@ target, flushed to the disk, then renamed into place. A reader (or the next Snak
 old file or the new one, never half of one; a failure removes the hidden file. Snakemake deletes the
 outputs of a failed job itself, so together nothing half-written is left behind.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -5,6 +5,7 @@ detections on the host out, so GPU executors are synchronized by their copy back
 images tiled to each configured batch size, after warm-up. An executor that cannot run here is listed
 with the reason instead of numbers; nothing stands in for it.
 """
+
 from __future__ import annotations
 
 import json
@@ -112,7 +113,9 @@ def torch_dtype_for(precision: str) -> tuple[str, str | None]:
     return "float16", "int8: no PyTorch INT8 path; ran float16" if precision == "int8" else None
 
 
-def bench_executors(precision: str, names, *, plan, onnx, weights_dir, model, cuda_graph: bool) -> list[Executor | dict]:
+def bench_executors(
+    precision: str, names, *, plan, onnx, weights_dir, model, cuda_graph: bool
+) -> list[Executor | dict]:
     """The executors `names` asks for, built for this precision; a dict {"executor", "skipped"} for each that
     cannot run here."""
     unknown = [name for name in names if name not in EXECUTORS]
@@ -124,7 +127,9 @@ def bench_executors(precision: str, names, *, plan, onnx, weights_dir, model, cu
     for name in names:
         if name == "tensorrt":
             try:
-                found += [tensorrt_executor(plan, cuda_graph=graph) for graph in ((False, True) if graphs else (False,))]
+                found += [
+                    tensorrt_executor(plan, cuda_graph=graph) for graph in ((False, True) if graphs else (False,))
+                ]
             except EngineRefused as refused:
                 found.append({"executor": name, "skipped": str(refused)})
         elif name == "onnxruntime+static-head":
@@ -134,13 +139,16 @@ def bench_executors(precision: str, names, *, plan, onnx, weights_dir, model, cu
         else:
             manifest, tensors = load_head(weights_dir)
             modes = ("none", "features", "whole") if graphs else ("none",)
-            found += [pytorch_static_head_executor(model, manifest, tensors, dtype=dtype, cuda_graph=mode).with_note(note)
-                      for mode in modes]
+            found += [
+                pytorch_static_head_executor(model, manifest, tensors, dtype=dtype, cuda_graph=mode).with_note(note)
+                for mode in modes
+            ]
     return found
 
 
-def benchmark(executors: list[Executor | dict], images: np.ndarray, *, batch_sizes, warmup: int,
-              iterations: int) -> list[dict]:
+def benchmark(
+    executors: list[Executor | dict], images: np.ndarray, *, batch_sizes, warmup: int, iterations: int
+) -> list[dict]:
     """One entry per executor and batch size: its description and latency statistics, or why it was skipped."""
     results = []
     for executor in executors:
@@ -150,21 +158,31 @@ def benchmark(executors: list[Executor | dict], images: np.ndarray, *, batch_siz
         for batch_size in batch_sizes:
             entry = {**executor.describe(), "batch_size": batch_size}
             try:
-                entry.update(time_detect(executor, tiled_batch(images, batch_size), warmup=warmup, iterations=iterations))
+                entry.update(
+                    time_detect(executor, tiled_batch(images, batch_size), warmup=warmup, iterations=iterations)
+                )
             except CaptureError as error:
                 entry["skipped"] = str(error)
             results.append(entry)
     return results
 
 
-def run_bench(precision: str, *, plan, onnx, weights_dir, model, val_json, preprocess: dict, settings: Mapping,
-              out_json) -> dict:
+def run_bench(
+    precision: str, *, plan, onnx, weights_dir, model, val_json, preprocess: dict, settings: Mapping, out_json
+) -> dict:
     """Rule `bench`: results/bench/{precision}.json. `onnx` is the features graph of the precision (as for
     verify); `settings` is config `bench:`."""
     settings = bench_settings(settings)
     model = model.to(default_device()).eval()
-    executors = bench_executors(precision, settings["executors"], plan=plan, onnx=onnx, weights_dir=weights_dir,
-                                model=model, cuda_graph=settings.get("cuda_graph", False))
+    executors = bench_executors(
+        precision,
+        settings["executors"],
+        plan=plan,
+        onnx=onnx,
+        weights_dir=weights_dir,
+        model=model,
+        cuda_graph=settings.get("cuda_graph", False),
+    )
     images = val_images(val_json, preprocess, max(settings["batch_sizes"]))
     document = {
         "precision": precision,
@@ -174,8 +192,13 @@ def run_bench(precision: str, *, plan, onnx, weights_dir, model, val_json, prepr
         "warmup": settings["warmup"],
         "iterations": settings["iterations"],
         "timing": "end to end per detect call: host batch in, per-image detections on the host out",
-        "results": benchmark(executors, images, batch_sizes=settings["batch_sizes"], warmup=settings["warmup"],
-                             iterations=settings["iterations"]),
+        "results": benchmark(
+            executors,
+            images,
+            batch_sizes=settings["batch_sizes"],
+            warmup=settings["warmup"],
+            iterations=settings["iterations"],
+        ),
     }
     print(json.dumps(document, indent=2))
     write_json(out_json, document)

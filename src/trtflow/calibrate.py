@@ -15,6 +15,7 @@ re-bins exactly (no interpolation) and keeps the bin count fixed. ONNX Runtime a
 instead append bins of the old width, so their bin count (and memory) is unbounded; the price here is
 resolution: after a growth the data fills between half and all of the bins.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,7 +48,10 @@ ALGORITHMS = ("entropy", "minmax", "percentile")
 # The calibrator class a TensorRT 10 builder must report to accept the cache. Percentile ranges are final
 # ranges, like min-max ones, so they travel under the min-max header.
 TENSORRT_ALGORITHM = {
-    "entropy": "EntropyCalibration2", "minmax": "MinMaxCalibration", "percentile": "MinMaxCalibration"}
+    "entropy": "EntropyCalibration2",
+    "minmax": "MinMaxCalibration",
+    "percentile": "MinMaxCalibration",
+}
 
 
 class AbsHistogram:
@@ -96,12 +100,14 @@ class AbsHistogram:
 
 # --- thresholds -------------------------------------------------------------------------------------------
 
+
 def _xlogx(x: np.ndarray) -> np.ndarray:
     return np.where(x > 0, x * np.log(np.where(x > 0, x, 1.0)), 0.0)
 
 
-def entropy_divergences(counts: np.ndarray, num_quantized_bins: int = NUM_QUANTIZED_BINS,
-                        start_bin: int = NUM_QUANTIZED_BINS) -> tuple[np.ndarray, np.ndarray]:
+def entropy_divergences(
+    counts: np.ndarray, num_quantized_bins: int = NUM_QUANTIZED_BINS, start_bin: int = NUM_QUANTIZED_BINS
+) -> tuple[np.ndarray, np.ndarray]:
     """KL(P || Q) for every candidate threshold i = start_bin .. len(counts) (in bins), all at once.
 
     TensorRT's EntropyCalibration2 method, as NVIDIA's pytorch-quantization writes it:
@@ -171,8 +177,9 @@ def percentile_amax(histogram: AbsHistogram, percentile: float = 99.99) -> float
     return min((index + 1) * histogram.range / histogram.num_bins, histogram.amax)
 
 
-def compute_amax(histograms: Mapping[str, AbsHistogram], algorithm: str = "entropy",
-                 percentile: float = 99.99) -> dict[str, float]:
+def compute_amax(
+    histograms: Mapping[str, AbsHistogram], algorithm: str = "entropy", percentile: float = 99.99
+) -> dict[str, float]:
     """amax per tensor by `algorithm` (entropy | minmax | percentile)."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown calibration algorithm {algorithm!r}: use one of {', '.join(ALGORITHMS)}")
@@ -185,16 +192,24 @@ def compute_amax(histograms: Mapping[str, AbsHistogram], algorithm: str = "entro
 
 # --- collection -------------------------------------------------------------------------------------------
 
+
 @dataclass
 class ActivationStatistics:
     histograms: dict[str, AbsHistogram]
     num_images: int
 
 
-def collect_histograms(model: onnx.ModelProto | str | Path, batches: Iterable[np.ndarray],
-                       tensor_names: Sequence[str] | None = None, *, num_bins: int = NUM_BINS,
-                       total_images: int | None = None, threads: int | None = None,
-                       progress: bool = True, source: str | Path | None = None) -> ActivationStatistics:
+def collect_histograms(
+    model: onnx.ModelProto | str | Path,
+    batches: Iterable[np.ndarray],
+    tensor_names: Sequence[str] | None = None,
+    *,
+    num_bins: int = NUM_BINS,
+    total_images: int | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+    source: str | Path | None = None,
+) -> ActivationStatistics:
     """Stream preprocessed float32 (B, 3, H, W) batches through `model` and histogram |x| of each tensor.
 
     `tensor_names` defaults to the tensors the Q/DQ plan quantizes. Graph inputs among them are counted
@@ -202,7 +217,6 @@ def collect_histograms(model: onnx.ModelProto | str | Path, batches: Iterable[np
     chunk's activations are released before the next one runs. `source` names a ModelProto in messages.
     """
     from tqdm import tqdm
-
 
     source = model if isinstance(model, (str, Path)) else source or "the ONNX graph"
     model = onnx.load(str(model)) if isinstance(model, (str, Path)) else model
@@ -222,14 +236,15 @@ def collect_histograms(model: onnx.ModelProto | str | Path, batches: Iterable[np
     with tqdm(total=total_images, unit="img", desc="calibration", disable=not progress) as bar:
         for batch in batches:
             if batch.dtype != np.float32 or batch.ndim != 4:
-                raise ValueError(f"calibration batches must be float32 (B, 3, H, W), got {batch.dtype} "
-                                 f"{batch.shape}")
+                raise ValueError(f"calibration batches must be float32 (B, 3, H, W), got {batch.dtype} {batch.shape}")
             static = session.static_batch
             if static and len(batch) % static:
                 # padding would count copies of an image twice in the histograms
-                raise ValueError(f"{source} takes batches of exactly {static} images, got a batch of "
-                                 f"{len(batch)}: make calibration.batch_size and the number of calibration images "
-                                 f"multiples of {static}, or export with onnx.dynamic_batch: true")
+                raise ValueError(
+                    f"{source} takes batches of exactly {static} images, got a batch of "
+                    f"{len(batch)}: make calibration.batch_size and the number of calibration images "
+                    f"multiples of {static}, or export with onnx.dynamic_batch: true"
+                )
             for chunk in np.split(batch, len(batch) // static) if static else (batch,):
                 outputs = session(chunk, fetched)
                 if graph_input in histograms:
@@ -245,6 +260,7 @@ def collect_histograms(model: onnx.ModelProto | str | Path, batches: Iterable[np
 
 
 # --- TensorRT calibration cache ---------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class CalibrationTable:
@@ -295,8 +311,10 @@ def parse_calibration_table(text: str, source: str = "calibration table") -> Cal
     lines = text.splitlines()
     match = _HEADER.match(lines[0].strip()) if lines else None
     if match is None:
-        raise ValueError(f"{source}: first line must be a TensorRT cache header like 'TRT-100300-EntropyCalibration2', "
-                         f"got {lines[0] if lines else 'an empty file'!r}")
+        raise ValueError(
+            f"{source}: first line must be a TensorRT cache header like 'TRT-100300-EntropyCalibration2', "
+            f"got {lines[0] if lines else 'an empty file'!r}"
+        )
     scales = {}
     for number, line in enumerate(lines[1:], start=2):
         if not line.strip():
@@ -317,24 +335,34 @@ def read_calibration_table(path: str | Path) -> CalibrationTable:
 
 
 def calibration_table(amax: Mapping[str, float], algorithm: str, version: str) -> CalibrationTable:
-    return CalibrationTable(version, TENSORRT_ALGORITHM[algorithm],
-                            {name: float(symmetric_scale(value)) for name, value in amax.items()})
+    return CalibrationTable(
+        version, TENSORRT_ALGORITHM[algorithm], {name: float(symmetric_scale(value)) for name, value in amax.items()}
+    )
 
 
-def ranges_document(amax: Mapping[str, float], table: CalibrationTable, algorithm: str, num_images: int,
-                    images_sha256: str, qdq_placement: str = "trtflow") -> dict:
+def ranges_document(
+    amax: Mapping[str, float],
+    table: CalibrationTable,
+    algorithm: str,
+    num_images: int,
+    images_sha256: str,
+    qdq_placement: str = "trtflow",
+) -> dict:
     """ranges.json: per tensor the calibrated amax (float32) and the table's scale, plus what produced them."""
     return {
         "algorithm": algorithm,
         "qdq_placement": qdq_placement,
         "num_images": num_images,
         "images_sha256": images_sha256,
-        "tensors": {name: {"amax": float(np.float32(amax[name])), "scale": scale} for name, scale in table.scales.items()},
+        "tensors": {
+            name: {"amax": float(np.float32(amax[name])), "scale": scale} for name, scale in table.scales.items()
+        },
         "software": software_versions(),
     }
 
 
 # --- the pipeline stage -----------------------------------------------------------------------------------
+
 
 def select_calibration_images(spec: str | Path, num_images: int, seed: int) -> list[Path]:
     """A seeded, deterministic subset of `num_images` of the images `spec` names (folder, glob or COCO JSON).
@@ -343,12 +371,17 @@ def select_calibration_images(spec: str | Path, num_images: int, seed: int) -> l
     """
     paths = list_images(spec)
     if not paths:
-        raise ValueError(f"no calibration images found in {spec!r}: point calibration.images at a folder, "
-                         "a glob pattern or a COCO JSON with images")
+        raise ValueError(
+            f"no calibration images found in {spec!r}: point calibration.images at a folder, "
+            "a glob pattern or a COCO JSON with images"
+        )
     if num_images >= len(paths):
         if num_images > len(paths):
-            warnings.warn(f"calibration.num_images = {num_images} but {spec} has only {len(paths)} images: "
-                          f"calibrating with all {len(paths)}", stacklevel=2)
+            warnings.warn(
+                f"calibration.num_images = {num_images} but {spec} has only {len(paths)} images: "
+                f"calibrating with all {len(paths)}",
+                stacklevel=2,
+            )
         return list(paths)
     chosen = np.random.default_rng(seed).choice(len(paths), size=num_images, replace=False)
     return [paths[i] for i in sorted(chosen)]
@@ -357,13 +390,21 @@ def select_calibration_images(spec: str | Path, num_images: int, seed: int) -> l
 def image_batches(paths: Sequence[Path], batch_size: int, preprocess_cfg: dict) -> Iterator[np.ndarray]:
     """Decoded and preprocessed exactly as at inference, `batch_size` images at a time."""
     for start in range(0, len(paths), batch_size):
-        images = [read_image(path) for path in paths[start:start + batch_size]]
+        images = [read_image(path) for path in paths[start : start + batch_size]]
         yield preprocess_batch(images, preprocess_cfg)[0]
 
 
-def calibrate_features(features_onnx: str | Path, images: str | Path, *, table_path: str | Path,
-                       ranges_path: str | Path, qdq_path: str | Path, calibration: dict, preprocess: dict,
-                       threads: int | None = None) -> dict:
+def calibrate_features(
+    features_onnx: str | Path,
+    images: str | Path,
+    *,
+    table_path: str | Path,
+    ranges_path: str | Path,
+    qdq_path: str | Path,
+    calibration: dict,
+    preprocess: dict,
+    threads: int | None = None,
+) -> dict:
     """Rule `calibrate`: images -> histograms -> thresholds -> int8calib.table, ranges.json, Q/DQ ONNX.
 
     `calibration` is config `calibration:`; `preprocess` is the model's input size + config `preprocess:`.
@@ -371,21 +412,34 @@ def calibrate_features(features_onnx: str | Path, images: str | Path, *, table_p
     """
     paths = select_calibration_images(images, calibration["num_images"], calibration["seed"])
     placement = calibration.get("qdq_placement", "trtflow")
-    log.info("calibrating %s on %d images from %s (%s, Q/DQ placement: %s)", features_onnx, len(paths), images,
-             calibration["algorithm"], placement)
+    log.info(
+        "calibrating %s on %d images from %s (%s, Q/DQ placement: %s)",
+        features_onnx,
+        len(paths),
+        images,
+        calibration["algorithm"],
+        placement,
+    )
     keep_float = KeepFloat.from_config(calibration.get("keep_float"))
     batches = image_batches(paths, calibration["batch_size"], preprocess)
     if placement == "modelopt":
-        amax = quantize_features(features_onnx, np.concatenate(list(batches)), qdq_path,
-                                 algorithm=calibration["algorithm"], keep_float=keep_float)
+        amax = quantize_features(
+            features_onnx,
+            np.concatenate(list(batches)),
+            qdq_path,
+            algorithm=calibration["algorithm"],
+            keep_float=keep_float,
+        )
     else:
         model = onnx.load(str(features_onnx))
         plan = quantization_plan(model, keep_float)
-        statistics = collect_histograms(model, batches, plan.activation_names, total_images=len(paths),
-                                        threads=threads, source=features_onnx)
+        statistics = collect_histograms(
+            model, batches, plan.activation_names, total_images=len(paths), threads=threads, source=features_onnx
+        )
         # one amax per Concat group, so the table, ranges.json and the Q/DQ graph carry the same scales
-        amax = shared_amax(plan, compute_amax(statistics.histograms, calibration["algorithm"],
-                                              calibration["percentile"]))
+        amax = shared_amax(
+            plan, compute_amax(statistics.histograms, calibration["algorithm"], calibration["percentile"])
+        )
         save_onnx(insert_qdq(model, plan, amax), qdq_path)
     empty = [name for name, value in amax.items() if value <= 0]
     if empty:

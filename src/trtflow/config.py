@@ -1,4 +1,5 @@
 """config.yaml checks that run before any job: one clear line per problem, naming the key and the fix."""
+
 from __future__ import annotations
 
 import importlib.resources
@@ -39,9 +40,11 @@ def schema_problems(config: dict, schema_path: str | Path = SCHEMA) -> list[str]
     import jsonschema
 
     if not Path(schema_path).is_file():
-        raise ConfigError(f"the config schema {schema_path} does not exist: this trtflow is neither an installed "
-                          "package with its schema nor a source checkout; reinstall it (pip install <clone>) or pass "
-                          "the workflow's workflow/schemas/config.schema.yaml")
+        raise ConfigError(
+            f"the config schema {schema_path} does not exist: this trtflow is neither an installed "
+            "package with its schema nor a source checkout; reinstall it (pip install <clone>) or pass "
+            "the workflow's workflow/schemas/config.schema.yaml"
+        )
     schema = yaml.safe_load(Path(schema_path).read_text())
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: (-len(e.absolute_path), e.message))
@@ -83,28 +86,38 @@ def path_problems(config: dict, workdir: str | Path = ".", workflow_dir: str | P
     # `model:`, and each `models:` entry that sets its own checkpoint or arch (the others inherit the verdict)
     models = [("model", config["model"])] + [
         (f"models.{name}", model_settings(config, name))
-        for name, overrides in (config.get("models") or {}).items() if {"checkpoint", "arch"} & set(overrides)
+        for name, overrides in (config.get("models") or {}).items()
+        if {"checkpoint", "arch"} & set(overrides)
     ]
     for key, model in models:
         checkpoint = model["checkpoint"]
         if checkpoint != "train" and not (workdir / locate(checkpoint, workdir, workflow_dir)).is_file():
-            problems.append(f"{key}.checkpoint: {checkpoint} does not exist in {workdir.resolve()}"
-                            + (f" nor in the workflow's folder {workflow_dir}" if workflow_dir else "")
-                            + "; point it at a state_dict file (.safetensors/.pt/.pth) or set it to `train` "
-                            "(demo detector only)")
+            problems.append(
+                f"{key}.checkpoint: {checkpoint} does not exist in {workdir.resolve()}"
+                + (f" nor in the workflow's folder {workflow_dir}" if workflow_dir else "")
+                + "; point it at a state_dict file (.safetensors/.pt/.pth) or set it to `train` "
+                "(demo detector only)"
+            )
         if checkpoint == "train" and model["arch"] != "demo":
-            problems.append(f"{key}.checkpoint: `train` only trains the demo detector, not {model['arch']}; "
-                            f"give a state_dict path")
+            problems.append(
+                f"{key}.checkpoint: `train` only trains the demo detector, not {model['arch']}; give a state_dict path"
+            )
     data = config["data"]
     if data["source"] == "coco":
         if not data["images"] or not (workdir / data["images"]).is_dir():
-            problems.append(f"data.images: {data['images']} is not a folder; with data.source: coco it must hold your images")
+            problems.append(
+                f"data.images: {data['images']} is not a folder; with data.source: coco it must hold your images"
+            )
         if data["annotations"] and not (workdir / data["annotations"]).is_file():
-            problems.append(f"data.annotations: {data['annotations']} does not exist; give a COCO instances JSON or null")
+            problems.append(
+                f"data.annotations: {data['annotations']} does not exist; give a COCO instances JSON or null"
+            )
     calibration_images = config["calibration"]["images"]
     if calibration_images and not _names_files(workdir, calibration_images):
-        problems.append(f"calibration.images: {calibration_images} matches nothing; give a folder, a glob pattern "
-                        "(e.g. images/*.jpg) or a COCO JSON, relative to the working directory, or null")
+        problems.append(
+            f"calibration.images: {calibration_images} matches nothing; give a folder, a glob pattern "
+            "(e.g. images/*.jpg) or a COCO JSON, relative to the working directory, or null"
+        )
     return problems
 
 
@@ -122,14 +135,21 @@ def consistency_problems(config: dict) -> list[str]:
         problems.append(f"engine.batch: {batch} needs min <= opt <= max")
     elif not onnx["dynamic_batch"] and set(batch.values()) != {onnx["batch_size"]}:
         size = onnx["batch_size"]
-        problems.append(f"engine.batch: {batch} but the features ONNX has the static batch onnx.batch_size: {size}; "
-                        f"set engine.batch to {{min: {size}, opt: {size}, max: {size}}} or onnx.dynamic_batch: true")
+        problems.append(
+            f"engine.batch: {batch} but the features ONNX has the static batch onnx.batch_size: {size}; "
+            f"set engine.batch to {{min: {size}, opt: {size}, max: {size}}} or onnx.dynamic_batch: true"
+        )
     calibration = config["calibration"]
-    if not onnx["dynamic_batch"] and "int8" in config["engine"]["precisions"] and (
-            calibration["batch_size"] % onnx["batch_size"] or calibration["num_images"] % onnx["batch_size"]):
-        problems.append(f"calibration.batch_size: {calibration['batch_size']} and calibration.num_images: "
-                        f"{calibration['num_images']} must be multiples of the features ONNX's static batch "
-                        f"onnx.batch_size: {onnx['batch_size']}; change them or set onnx.dynamic_batch: true")
+    if (
+        not onnx["dynamic_batch"]
+        and "int8" in config["engine"]["precisions"]
+        and (calibration["batch_size"] % onnx["batch_size"] or calibration["num_images"] % onnx["batch_size"])
+    ):
+        problems.append(
+            f"calibration.batch_size: {calibration['batch_size']} and calibration.num_images: "
+            f"{calibration['num_images']} must be multiples of the features ONNX's static batch "
+            f"onnx.batch_size: {onnx['batch_size']}; change them or set onnx.dynamic_batch: true"
+        )
     if calibration["qdq_placement"] == "modelopt":
         # imported here: the ModelOpt adapter loads onnx (about 0.5 s), which every Snakemake start would pay
         from trtflow.modelopt_qdq import missing_modelopt, modelopt_method
@@ -145,12 +165,16 @@ def consistency_problems(config: dict) -> list[str]:
         model = model_settings(config, name)
         if model["checkpoint"] == "train" and num_train < model["train"]["batch_size"]:
             key = f"models.{name}" if name else "model"
-            problems.append(f"data.demo.num_train: {num_train} training images make no batch of {key}.train.batch_size "
-                            f"{model['train']['batch_size']}; raise num_train or lower the batch size")
+            problems.append(
+                f"data.demo.num_train: {num_train} training images make no batch of {key}.train.batch_size "
+                f"{model['train']['batch_size']}; raise num_train or lower the batch size"
+            )
     plugins = config["plugins"]
     if plugins["ptx_arch"] > min(plugins["archs"]):
-        problems.append(f"plugins.ptx_arch: {plugins['ptx_arch']} is newer than the oldest of plugins.archs "
-                        f"{plugins['archs']}; set it to at most {min(plugins['archs'])}")
+        problems.append(
+            f"plugins.ptx_arch: {plugins['ptx_arch']} is newer than the oldest of plugins.archs "
+            f"{plugins['archs']}; set it to at most {min(plugins['archs'])}"
+        )
     return problems
 
 
@@ -169,15 +193,22 @@ def environment_problems(config: dict) -> list[str]:
     return [f"engine.roi_align: plugin -- {reason}"] if reason else []
 
 
-def check_config(config: dict, config_file: str = "config.yaml", workdir: str | Path = ".", *,
-                 schema: str | Path = SCHEMA, workflow_dir: str | Path | None = None) -> None:
+def check_config(
+    config: dict,
+    config_file: str = "config.yaml",
+    workdir: str | Path = ".",
+    *,
+    schema: str | Path = SCHEMA,
+    workflow_dir: str | Path | None = None,
+) -> None:
     """Raise one ConfigError listing every problem of `config` (schema first, then missing paths)."""
     problems = schema_problems(config, schema)
     if not problems:
         from snakemake.utils import validate
 
         validate(config, str(schema))  # fills in the defaults
-        problems = (consistency_problems(config) + path_problems(config, workdir, workflow_dir)
-                    + environment_problems(config))
+        problems = (
+            consistency_problems(config) + path_problems(config, workdir, workflow_dir) + environment_problems(config)
+        )
     if problems:
         raise ConfigError(f"{config_file}: " + ("\n  ".join(["invalid configuration:", *problems])))

@@ -7,6 +7,7 @@ and head weights the JSON names: the TensorRT network definition where it was re
 executor that ran and its verification level. Images are read by `trtflow.images.read_image`,
 so a bad file is refused with the same message as in the pipeline.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,8 +36,10 @@ def usage_of(plan: Path) -> dict:
     metadata = read_metadata(plan)
     missing = [key for key in ("preprocess", "postprocess", "classes") if metadata.get(key) is None]
     if missing:
-        raise DetectError(f"{plan.with_suffix('.json')} has no {', '.join(missing)}: the plan was built before its "
-                          f"JSON described its use, or outside the pipeline; rebuild it (snakemake -f {plan})")
+        raise DetectError(
+            f"{plan.with_suffix('.json')} has no {', '.join(missing)}: the plan was built before its "
+            f"JSON described its use, or outside the pipeline; rebuild it (snakemake -f {plan})"
+        )
     return metadata
 
 
@@ -44,17 +47,23 @@ def source_path(record: Mapping | None, what: str, plan: Path) -> Path:
     """A file the plan's JSON names under `sources` (a path relative to the pipeline's working directory): found
     from here, or from a folder above the plan; its sha256 must be the recorded one."""
     if record is None:
-        raise DetectError(f"{plan.with_suffix('.json')} names no {what}: a features-only plan has no deployment "
-                          "form to fall back to; run it where the plan runs")
+        raise DetectError(
+            f"{plan.with_suffix('.json')} names no {what}: a features-only plan has no deployment "
+            "form to fall back to; run it where the plan runs"
+        )
     recorded = Path(record["path"])
     candidates = [recorded] + [folder / recorded for folder in plan.resolve().parents]
     path = next((candidate for candidate in candidates if candidate.is_file()), None)
     if path is None:
-        raise DetectError(f"the {what} {recorded} that {plan} was built from is not found here nor above "
-                          f"{plan.parent}; run from the pipeline's folder, or copy results/ with the plan")
+        raise DetectError(
+            f"the {what} {recorded} that {plan} was built from is not found here nor above "
+            f"{plan.parent}; run from the pipeline's folder, or copy results/ with the plan"
+        )
     if files_sha256(path) != record["sha256"]:
-        raise DetectError(f"{path} is not the {what} {plan} was built from (sha256 {files_sha256(path)[:12]}…, "
-                          f"the plan's JSON records {record['sha256'][:12]}…); rebuild the plan (snakemake -f {plan})")
+        raise DetectError(
+            f"{path} is not the {what} {plan} was built from (sha256 {files_sha256(path)[:12]}…, "
+            f"the plan's JSON records {record['sha256'][:12]}…); rebuild the plan (snakemake -f {plan})"
+        )
     return path
 
 
@@ -64,15 +73,18 @@ def executor_for(plan: Path, metadata: Mapping, fallback: bool) -> tuple[Executo
         try:
             return tensorrt_executor(plan), level_status("engine", [])
         except EngineRefused as refused:
-            raise DetectError(f"{refused}\nthe plan cannot run on this machine; pass --fallback to run the best "
-                              "executor that can (named in the output)") from None
+            raise DetectError(
+                f"{refused}\nthe plan cannot run on this machine; pass --fallback to run the best "
+                "executor that can (named in the output)"
+            ) from None
     sources = metadata["sources"]
     onnx = source_path(sources["onnx"], "features ONNX", plan)
     weights_dir = source_path(sources["head_weights"], "head weights manifest", plan).parent
     recorded = metadata.get("network_record")
     network = source_path(recorded, "network record", plan) if recorded else None
-    return choose_executor(metadata["precision"], plan=plan, onnx=onnx, weights_dir=weights_dir, network=network,
-                           cuda_graph=False)
+    return choose_executor(
+        metadata["precision"], plan=plan, onnx=onnx, weights_dir=weights_dir, network=network, cuda_graph=False
+    )
 
 
 def draw(image_bgr, detections: Sequence[Mapping], names: Mapping[int, str]):
@@ -86,8 +98,15 @@ def draw(image_bgr, detections: Sequence[Mapping], names: Mapping[int, str]):
     return canvas
 
 
-def detect_files(plan: str | Path, images: Sequence[str | Path], *, out_json: str | Path | None = None,
-                 draw_dir: str | Path | None = None, fallback: bool = False, batch_size: int = 8) -> dict:
+def detect_files(
+    plan: str | Path,
+    images: Sequence[str | Path],
+    *,
+    out_json: str | Path | None = None,
+    draw_dir: str | Path | None = None,
+    fallback: bool = False,
+    batch_size: int = 8,
+) -> dict:
     """COCO-style detections of the plan (or, with `fallback`, its best runnable stand-in) on `images`.
 
     Returns {"plan", "precision", "executor", "engine_executed", ..., "images": [{"id", "file_name"}],
@@ -99,8 +118,10 @@ def detect_files(plan: str | Path, images: Sequence[str | Path], *, out_json: st
     entries = [{"id": number, "file_name": str(path)} for number, path in enumerate(images, 1)]
     stems = [Path(entry["file_name"]).stem for entry in entries]
     if draw_dir is not None and len(set(stems)) < len(stems):
-        raise DetectError(f"--draw {draw_dir}: two images share a file name stem ({stems}); each is drawn into "
-                          "<stem>.png, so give them distinct names")
+        raise DetectError(
+            f"--draw {draw_dir}: two images share a file name stem ({stems}); each is drawn into "
+            "<stem>.png, so give them distinct names"
+        )
     for entry in entries:  # a bad image is refused before any model loads
         read_image(entry["file_name"])
     executor, status = executor_for(plan, metadata, fallback)
@@ -108,8 +129,13 @@ def detect_files(plan: str | Path, images: Sequence[str | Path], *, out_json: st
         log.warning("%s does not run here: the detections are %s's", plan, executor.name)
     classes = metadata["classes"]
     detections = detect_images(
-        executor, entries, {entry["label"]: entry["category_id"] for entry in classes}, metadata["preprocess"],
-        metadata["postprocess"], batch_size=batch_size, desc=f"detect ({executor.name})",
+        executor,
+        entries,
+        {entry["label"]: entry["category_id"] for entry in classes},
+        metadata["preprocess"],
+        metadata["postprocess"],
+        batch_size=batch_size,
+        desc=f"detect ({executor.name})",
     )
     result = {
         "plan": str(plan),
@@ -126,7 +152,6 @@ def detect_files(plan: str | Path, images: Sequence[str | Path], *, out_json: st
     if draw_dir is not None:
         names = {entry["category_id"]: entry["name"] for entry in classes}
         for entry, stem in zip(entries, stems):
-            drawn = draw(read_image(entry["file_name"]),
-                         [d for d in detections if d["image_id"] == entry["id"]], names)
+            drawn = draw(read_image(entry["file_name"]), [d for d in detections if d["image_id"] == entry["id"]], names)
             write_bytes(Path(draw_dir) / f"{stem}.png", cv2.imencode(".png", drawn)[1].tobytes())
     return result

@@ -1,5 +1,6 @@
 """The detection loop every executor shares: images read, preprocessed, detected in batches, postprocessed,
 written as COCO results (the reference, verify, the calibration accuracy check and `trtflow detect` use it)."""
+
 from __future__ import annotations
 
 import json
@@ -15,11 +16,18 @@ from trtflow.preprocess import preprocess_batch
 
 def batches(items: list, size: int):
     for first in range(0, len(items), size):
-        yield items[first:first + size]
+        yield items[first : first + size]
 
 
-def detect_dataset(detect, coco_json: str | Path, preprocess_cfg: dict, postprocess_cfg: dict, *, batch_size: int = 8,
-                   desc: str = "detect") -> list[dict]:
+def detect_dataset(
+    detect,
+    coco_json: str | Path,
+    preprocess_cfg: dict,
+    postprocess_cfg: dict,
+    *,
+    batch_size: int = 8,
+    desc: str = "detect",
+) -> list[dict]:
     """COCO results of `detect` over a COCO data set, through the shared pre- and postprocessing.
 
     `detect(batch: np.ndarray (B,3,H,W)) -> list of (boxes, scores, classes)` in input pixels, one per image;
@@ -27,12 +35,21 @@ def detect_dataset(detect, coco_json: str | Path, preprocess_cfg: dict, postproc
     """
     coco = json.loads(Path(coco_json).read_text())
     category_of = {label: category for category, label in category_labels(coco).items()}
-    return detect_images(detect, coco["images"], category_of, preprocess_cfg, postprocess_cfg, batch_size=batch_size,
-                         desc=desc)
+    return detect_images(
+        detect, coco["images"], category_of, preprocess_cfg, postprocess_cfg, batch_size=batch_size, desc=desc
+    )
 
 
-def detect_images(detect, images: list[dict], category_of: dict[int, int], preprocess_cfg: dict,
-                  postprocess_cfg: dict, *, batch_size: int = 8, desc: str = "detect") -> list[dict]:
+def detect_images(
+    detect,
+    images: list[dict],
+    category_of: dict[int, int],
+    preprocess_cfg: dict,
+    postprocess_cfg: dict,
+    *,
+    batch_size: int = 8,
+    desc: str = "detect",
+) -> list[dict]:
     """COCO results of `detect` (see `detect_dataset`) over `images` ({"id", "file_name"} each); `category_of`:
     model label -> category id (empty: an images-only data set, whose results keep the model labels)."""
     category_of = category_of or _ModelLabels()

@@ -75,7 +75,10 @@ class EngineSettings:
     debug_outputs: tuple[str, ...] = ()
 
     def __post_init__(self):
-        for key, value, allowed in (("precision", self.precision, PRECISIONS), ("int8_mode", self.int8_mode, INT8_MODES)):
+        for key, value, allowed in (
+            ("precision", self.precision, PRECISIONS),
+            ("int8_mode", self.int8_mode, INT8_MODES),
+        ):
             if value not in allowed:
                 raise ValueError(f"engine.{key} = {value!r}: use one of {', '.join(allowed)}")
         check_head_options("engine.", roi_align=self.roi_align, nms=self.nms)
@@ -149,16 +152,28 @@ class EngineSources:
         if self.head_weights is not None:
             required.append(("head weights manifest", self.head_weights / "manifest.json", None))
         if settings.implicit_int8:
-            required.append(("calibration table", self.calibration_table,
-                             ("engine.int8_mode = implicit", "calibration_table", "rule calibrate")))
+            required.append(
+                (
+                    "calibration table",
+                    self.calibration_table,
+                    ("engine.int8_mode = implicit", "calibration_table", "rule calibrate"),
+                )
+            )
         if settings.roi_align == "plugin":
-            required.append(("RoIAlign plugin library", self.plugin_library,
-                             ("engine.roi_align = plugin", "plugin_library", "rule plugins")))
+            required.append(
+                (
+                    "RoIAlign plugin library",
+                    self.plugin_library,
+                    ("engine.roi_align = plugin", "plugin_library", "rule plugins"),
+                )
+            )
         for what, path, needed_by in required:
             if path is None:
                 option, field, rule = needed_by
-                raise ValueError(f"{option} needs a {what} but none was given; pass the one {rule} writes as "
-                                 f"EngineSources({field}=...)")
+                raise ValueError(
+                    f"{option} needs a {what} but none was given; pass the one {rule} writes as "
+                    f"EngineSources({field}=...)"
+                )
             if not path.is_file():
                 raise FileNotFoundError(f"{what} {path} does not exist; build it first (snakemake {path})")
 
@@ -206,8 +221,9 @@ def read_features_onnx(path: Path) -> onnx.ModelProto:
     try:
         return onnx.load(str(path))
     except Exception as error:  # onnx raises DecodeError, OSError, ... for a damaged file
-        raise ValueError(f"{path} is not a readable ONNX model ({error}); re-run its rule (snakemake -f {path})") \
-            from error
+        raise ValueError(
+            f"{path} is not a readable ONNX model ({error}); re-run its rule (snakemake -f {path})"
+        ) from error
 
 
 def qdq_graph_of(features_onnx: Path) -> Path:
@@ -371,11 +387,20 @@ def describe_io(network, shapes: dict) -> tuple[list, list]:
     return inputs, outputs
 
 
-def add_detection_head(backend: Backend, network, outputs: FeatureOutputs, manifest: dict, tensors: dict,
-                       settings: EngineSettings) -> dict:
+def add_detection_head(
+    backend: Backend, network, outputs: FeatureOutputs, manifest: dict, tensors: dict, settings: EngineSettings
+) -> dict:
     return add_head(
-        network, backend.trt, manifest, tensors, outputs.features, outputs.objectness, outputs.deltas,
-        dtype=settings.head_dtype, roi_align=settings.roi_align, nms=settings.nms,
+        network,
+        backend.trt,
+        manifest,
+        tensors,
+        outputs.features,
+        outputs.objectness,
+        outputs.deltas,
+        dtype=settings.head_dtype,
+        roi_align=settings.roi_align,
+        nms=settings.nms,
     )
 
 
@@ -408,8 +433,14 @@ def target_compute_capabilities(backend: Backend, settings: EngineSettings, gpu:
     return [gpu["compute_capability"]]
 
 
-def define_network(backend: Backend, builder, model: onnx.ModelProto, sources: EngineSources,
-                   settings: EngineSettings, head: tuple[dict, dict] | None):
+def define_network(
+    backend: Backend,
+    builder,
+    model: onnx.ModelProto,
+    sources: EngineSources,
+    settings: EngineSettings,
+    head: tuple[dict, dict] | None,
+):
     """The network to build: parsed features, then the head (or none), with exactly the engine's outputs.
 
     Returns (network, parser): the parser owns the features' weights and must outlive the build.
@@ -427,8 +458,15 @@ def define_network(backend: Backend, builder, model: onnx.ModelProto, sources: E
     return network, parser
 
 
-def build_plan(backend: Backend, builder, network, shapes: dict, settings: EngineSettings, sources: EngineSources,
-               timing_cache: Path | None) -> tuple[bytes, dict]:
+def build_plan(
+    backend: Backend,
+    builder,
+    network,
+    shapes: dict,
+    settings: EngineSettings,
+    sources: EngineSources,
+    timing_cache: Path | None,
+) -> tuple[bytes, dict]:
     """Serialize the network under the configured builder settings; returns the plan and timing-cache info."""
     config = backend.create_config(
         builder,
@@ -439,8 +477,9 @@ def build_plan(backend: Backend, builder, network, shapes: dict, settings: Engin
     )
     # TensorRT keeps only a borrowed pointer to the calibrator: it must outlive the build.
     calibrator = (
-        backend.enable_implicit_int8(builder, config, sources.calibration_table.read_bytes(), shapes,
-                                     batch_size=settings.batch.opt)
+        backend.enable_implicit_int8(
+            builder, config, sources.calibration_table.read_bytes(), shapes, batch_size=settings.batch.opt
+        )
         if settings.implicit_int8
         else None
     )
@@ -491,8 +530,9 @@ def build_engine(
     head = None
     if sources.head_weights is not None:
         head = load_head(sources.head_weights)
-        check_same_checkpoint(model, sources.onnx, head[0]["source_checkpoint_sha256"],
-                              sources.head_weights / "manifest.json")
+        check_same_checkpoint(
+            model, sources.onnx, head[0]["source_checkpoint_sha256"], sources.head_weights / "manifest.json"
+        )
     gpu = build_gpu()
     compute_capabilities = target_compute_capabilities(backend, settings, gpu)
     if settings.roi_align == "plugin":
@@ -530,7 +570,9 @@ def build_engine(
         "nms": settings.nms if head is not None else None,
         "int8_mode": settings.int8_mode if settings.precision == "int8" else None,
         "layer_precisions": plan_precisions(backend, plan, network, gpu),
-        "network_record": None if record is None else {**file_record(network_record_path), "layers": len(record.layers)},
+        "network_record": None
+        if record is None
+        else {**file_record(network_record_path), "layers": len(record.layers)},
         "timing_cache": cache_info,
         "settings": {**asdict(settings), "batch": asdict(settings.batch)},
         "sources": {

@@ -15,6 +15,7 @@ pixels; head outputs are cut at `num_detections`. Nothing substitutes one execut
 constructor that cannot build what it was asked for raises, and `details` records what really runs
 (device, dtypes, ONNX Runtime's active providers, CUDA graph mode).
 """
+
 from __future__ import annotations
 
 import copy
@@ -67,10 +68,14 @@ def default_device() -> torch.device:
 def head_detections(outputs: Mapping) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Head outputs (num_detections, boxes, scores, classes; zero-padded) -> per image the first
     num_detections (boxes, scores, classes) as numpy."""
-    arrays = {name: np.asarray(outputs[name].cpu() if isinstance(outputs[name], torch.Tensor) else outputs[name])
-              for name in HEAD_OUTPUTS}
-    return [(arrays["boxes"][i, :n], arrays["scores"][i, :n], arrays["classes"][i, :n])
-            for i, n in enumerate(arrays["num_detections"].astype(int))]
+    arrays = {
+        name: np.asarray(outputs[name].cpu() if isinstance(outputs[name], torch.Tensor) else outputs[name])
+        for name in HEAD_OUTPUTS
+    }
+    return [
+        (arrays["boxes"][i, :n], arrays["scores"][i, :n], arrays["classes"][i, :n])
+        for i, n in enumerate(arrays["num_detections"].astype(int))
+    ]
 
 
 # --------------------------------------------------------------------------- CUDA graphs
@@ -132,11 +137,12 @@ def pytorch_executor(model, *, dtype: str = "float32") -> Executor:
         images = torch.from_numpy(batch).to(device)
         with torch.autocast("cuda", dtype=torch.float16, enabled=dtype == "float16"):
             outputs = run_detector(model, images)
-        return [(o["boxes"].float().cpu().numpy(), o["scores"].float().cpu().numpy(), o["labels"].cpu().numpy())
-                for o in outputs]
+        return [
+            (o["boxes"].float().cpu().numpy(), o["scores"].float().cpu().numpy(), o["labels"].cpu().numpy())
+            for o in outputs
+        ]
 
-    return Executor("pytorch", detect, {"device": str(device), "dtype": dtype,
-                                        "autocast": dtype == "float16"})
+    return Executor("pytorch", detect, {"device": str(device), "dtype": dtype, "autocast": dtype == "float16"})
 
 
 # --------------------------------------------------------------------------- the deployment form
@@ -168,8 +174,15 @@ class DeploymentForm(nn.Module):
         return self.detect(self.extract(images))
 
 
-def pytorch_static_head_executor(model, manifest: Mapping, tensors: Mapping, *, dtype: str = "float32",
-                                 device: str | torch.device | None = None, cuda_graph: str = "none") -> Executor:
+def pytorch_static_head_executor(
+    model,
+    manifest: Mapping,
+    tensors: Mapping,
+    *,
+    dtype: str = "float32",
+    device: str | torch.device | None = None,
+    cuda_graph: str = "none",
+) -> Executor:
     """The deployment form on one device. `cuda_graph`: none | features (the features network replayed from
     a CUDA graph, the head eager) | whole (features and head in one graph). A computation that cannot be
     captured raises CaptureError at its first batch, it never falls back to eager."""
@@ -191,8 +204,11 @@ def pytorch_static_head_executor(model, manifest: Mapping, tensors: Mapping, *, 
     def detect(batch: np.ndarray):
         return head_detections(run(torch.from_numpy(batch).to(device)))
 
-    return Executor("pytorch+static-head", detect, {"device": str(device), "dtype": dtype, "head_dtype": dtype,
-                                                    "cuda_graph": cuda_graph})
+    return Executor(
+        "pytorch+static-head",
+        detect,
+        {"device": str(device), "dtype": dtype, "head_dtype": dtype, "cuda_graph": cuda_graph},
+    )
 
 
 # --------------------------------------------------------------------------- ONNX Runtime + the head
@@ -207,9 +223,16 @@ def onnxruntime_providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def onnxruntime_static_head_executor(onnx_path: str | Path, manifest: Mapping, tensors: Mapping, *,
-                                     head_dtype: str = "float32", device: str | torch.device | None = None,
-                                     providers: list[str] | None = None, threads: int | None = None) -> Executor:
+def onnxruntime_static_head_executor(
+    onnx_path: str | Path,
+    manifest: Mapping,
+    tensors: Mapping,
+    *,
+    head_dtype: str = "float32",
+    device: str | torch.device | None = None,
+    providers: list[str] | None = None,
+    threads: int | None = None,
+) -> Executor:
     """ONNX Runtime runs the features graph; the StaticHead (on `device`, default the GPU where there is one)
     finishes detection from its outputs by name."""
     session = OnnxSession(onnx_path, providers=providers or onnxruntime_providers(), threads=threads)
@@ -221,10 +244,16 @@ def onnxruntime_static_head_executor(onnx_path: str | Path, manifest: Mapping, t
         maps = {name: torch.from_numpy(value).to(device) for name, value in session(batch).items()}
         return head_detections(head(maps, maps, maps))
 
-    return Executor("onnxruntime+static-head", detect, {
-        "onnx": str(onnx_path), "providers": session.providers, "head_device": str(device),
-        "head_dtype": head_dtype,
-    })
+    return Executor(
+        "onnxruntime+static-head",
+        detect,
+        {
+            "onnx": str(onnx_path),
+            "providers": session.providers,
+            "head_device": str(device),
+            "head_dtype": head_dtype,
+        },
+    )
 
 
 # --------------------------------------------------------------------------- TensorRT
@@ -264,7 +293,13 @@ def network_definition_executor(record: str | Path, *, device: str | torch.devic
             found += head_detections(network({name: part}))[:count]
         return found
 
-    return Executor("tensorrt-network", detect, {
-        "record": str(record), "device": str(network.device), "built_by": network.record.source,
-        "layers": len(network.record.layers),
-    })
+    return Executor(
+        "tensorrt-network",
+        detect,
+        {
+            "record": str(record),
+            "device": str(network.device),
+            "built_by": network.record.source,
+            "layers": len(network.record.layers),
+        },
+    )

@@ -3,6 +3,7 @@
 `features` = backbone + FPN + RPN head convolutions: where nearly all FLOPs are and what the ONNX
 parser takes cleanly. Everything after it is the head that the TensorRT network API builds.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,21 +34,38 @@ def level_names(model, input_hw: tuple[int, int], maps: dict[str, torch.Tensor] 
     is suffixed with its backbone key: `p5_0`, `p5_1`. `maps`: the dry run's, where the caller has it.
     """
     maps = backbone_maps(model, input_hw) if maps is None else maps
-    by_stride = {key: "pool" if key == "pool" else f"p{round(math.log2(input_hw[0] / m.shape[-2]))}" for key, m in maps.items()}
+    by_stride = {
+        key: "pool" if key == "pool" else f"p{round(math.log2(input_hw[0] / m.shape[-2]))}" for key, m in maps.items()
+    }
     taken = list(by_stride.values())
     return [name if taken.count(name) == 1 else f"{name}_{key}" for key, name in by_stride.items()]
 
 
-def export_features(model, input_hw: tuple[int, int], out_path: str | Path, *, opset: int = 18, dynamic_batch: bool = False,
-                    batch_size: int = 1, simplify: bool = True, metadata: dict | None = None) -> onnx.ModelProto:
+def export_features(
+    model,
+    input_hw: tuple[int, int],
+    out_path: str | Path,
+    *,
+    opset: int = 18,
+    dynamic_batch: bool = False,
+    batch_size: int = 1,
+    simplify: bool = True,
+    metadata: dict | None = None,
+) -> onnx.ModelProto:
     """Export `features` to a single-file ONNX: checked, shape-inferred, simplified only where outputs stay identical."""
     model = model.eval()
     names = output_names(level_names(model, input_hw))
     example = torch.randn(batch_size, 3, *input_hw, generator=torch.Generator().manual_seed(0))
     dynamic_shapes = {"images": {0: torch.export.Dim("batch", min=1, max=64)}} if dynamic_batch else None
     program = torch.onnx.export(
-        FeaturesNetwork(model).eval(), (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-        output_names=names, dynamic_shapes=dynamic_shapes, verbose=False,
+        FeaturesNetwork(model).eval(),
+        (example,),
+        dynamo=True,
+        opset_version=opset,
+        input_names=[INPUT_NAME],
+        output_names=names,
+        dynamic_shapes=dynamic_shapes,
+        verbose=False,
     )
     exported = program.model_proto
     if simplify:
@@ -85,8 +103,12 @@ def features_parity(model, onnx_path: str | Path, images: np.ndarray, tolerance:
         outputs[name] = {"max_abs": error, "max_rel": error / scale if scale else error, "ref_max": scale}
     passed = all(o["max_abs"] <= tolerance * o["ref_max"] for o in outputs.values())
     return {
-        "images": int(images.shape[0]), "tolerance": tolerance, "outputs": outputs,
-        "max_abs": max(o["max_abs"] for o in outputs.values()), "passed": passed, "executor": "onnxruntime-cpu",
+        "images": int(images.shape[0]),
+        "tolerance": tolerance,
+        "outputs": outputs,
+        "max_abs": max(o["max_abs"] for o in outputs.values()),
+        "passed": passed,
+        "executor": "onnxruntime-cpu",
     }
 
 
@@ -94,13 +116,14 @@ class ParityError(RuntimeError):
     """ONNX Runtime disagrees with PyTorch beyond the configured tolerance."""
 
 
-def check_parity(model, onnx_path, coco_json, preprocess_cfg: dict, num_images: int, tolerance: float, out_path) -> dict:
+def check_parity(
+    model, onnx_path, coco_json, preprocess_cfg: dict, num_images: int, tolerance: float, out_path
+) -> dict:
     """The parity gate: the first `num_images` val images through the shared preprocessing, numbers to `out_path`.
 
     Fails (after writing the numbers to the log) when any output is off by more than the tolerance.
     """
     import json
-
 
     files = [image["file_name"] for image in json.loads(Path(coco_json).read_text())["images"][:num_images]]
     images, _ = preprocess_batch([read_image(file) for file in files], preprocess_cfg)

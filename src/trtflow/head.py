@@ -62,8 +62,9 @@ def level_anchors(manifest: Mapping) -> list[Tensor]:
     """Anchors per feature level, (h*w*A, 4) float32 in torchvision's order (position-major, then
     size x ratio). Constants of the static input size. [TensorRT: Constant]"""
     rpn = manifest["rpn"]
-    generator = AnchorGenerator(tuple(tuple(s) for s in rpn["anchor_sizes"]),
-                                tuple(tuple(r) for r in rpn["aspect_ratios"]))
+    generator = AnchorGenerator(
+        tuple(tuple(s) for s in rpn["anchor_sizes"]), tuple(tuple(r) for r in rpn["aspect_ratios"])
+    )
     grid_sizes = [level["size"] for level in manifest["features"]]
     strides = [[torch.tensor(s) for s in level["anchor_stride"]] for level in manifest["features"]]
     return generator.grid_anchors(grid_sizes, strides)
@@ -170,8 +171,13 @@ def pad_last(x: Tensor, size: int, axis: int) -> Tensor:
 # --------------------------------------------------------------------------- RPN
 
 
-def rpn_proposals(objectness: Sequence[Tensor], deltas: Sequence[Tensor], anchors: Sequence[Tensor],
-                  rpn: Mapping, input_hw: Sequence[int]) -> Proposals:
+def rpn_proposals(
+    objectness: Sequence[Tensor],
+    deltas: Sequence[Tensor],
+    anchors: Sequence[Tensor],
+    rpn: Mapping,
+    input_hw: Sequence[int],
+) -> Proposals:
     """RegionProposalNetwork.filter_proposals with a fixed budget.
 
     Per level: top pre_nms_top_n logits [TopK], gather their deltas and anchors [Gather], decode
@@ -184,8 +190,12 @@ def rpn_proposals(objectness: Sequence[Tensor], deltas: Sequence[Tensor], anchor
     for scores_map, deltas_map, level_anchor in zip(objectness, deltas, anchors):
         logits, codes = flatten_rpn_level(scores_map.float(), deltas_map.float())
         logits, index = top_k(logits, min(rpn["pre_nms_top_n"], logits.shape[1]))
-        boxes = decode_boxes(gather_rows(codes, index), level_anchor.to(codes.device)[index],
-                             rpn["box_coder_weights"], rpn["bbox_xform_clip"])
+        boxes = decode_boxes(
+            gather_rows(codes, index),
+            level_anchor.to(codes.device)[index],
+            rpn["box_coder_weights"],
+            rpn["bbox_xform_clip"],
+        )
         boxes = clip_boxes(boxes, input_hw)
         prob = torch.sigmoid(logits)
         valid = sides_at_least(boxes, rpn["min_size"]) & (prob >= rpn["score_thresh"])
@@ -210,8 +220,9 @@ def fpn_levels(boxes: Tensor, roi_pool: Mapping) -> Tensor:
     [ElementWise SUB/PROD/DIV/SUM/MAX/MIN, Unary SQRT/LOG/FLOOR, Cast]"""
     sides = boxes[..., 2:] - boxes[..., :2]
     scale = torch.sqrt(sides[..., 0] * sides[..., 1])
-    level = torch.floor(roi_pool["canonical_level"] + torch.log(scale / roi_pool["canonical_scale"]) / LN2
-                        + roi_pool["eps"])
+    level = torch.floor(
+        roi_pool["canonical_level"] + torch.log(scale / roi_pool["canonical_scale"]) / LN2 + roi_pool["eps"]
+    )
     level = torch.clamp(level, min=roi_pool["k_min"], max=roi_pool["k_max"]) - roi_pool["k_min"]
     return level.long()
 
@@ -263,8 +274,11 @@ def multilevel_roi_align(features: Sequence[Tensor], boxes: Tensor, roi_pool: Ma
     extent = torch.clamp(boxes[..., 2:] * scale[..., None] - start, min=1.0)
     ys, wy = bilinear_taps(sample_positions(start[..., 1], extent[..., 1], out_h, ratio), height)
     xs, wx = bilinear_taps(sample_positions(start[..., 0], extent[..., 0], out_w, ratio), width)
-    rows = (offset[..., None, None, None, None] + ys[..., :, :, None, None] * width[..., None, None, None, None]
-            + xs[..., None, None, :, :])  # (B, P, Sy, 2, Sx, 2)
+    rows = (
+        offset[..., None, None, None, None]
+        + ys[..., :, :, None, None] * width[..., None, None, None, None]
+        + xs[..., None, None, :, :]
+    )  # (B, P, Sy, 2, Sx, 2)
     weight = (wy[..., :, :, None, None] * wx[..., None, None, :, :]).to(dtype)
     values = gather_rows(table, rows.long().flatten(1)).reshape(*rows.shape, channels)
     samples = (values * weight[..., None]).reshape(batch, -1, out_h, ratio * 2, out_w, ratio * 2, channels)
@@ -282,8 +296,15 @@ def box_head(x: Tensor, layers: Sequence[Mapping], tensors: Mapping[str, Tensor]
     x = x.reshape(batch * proposals, *x.shape[2:])
     for layer in layers:
         if layer["kind"] == "conv2d":
-            x = F.conv2d(x, tensors[f"{layer['name']}.weight"], tensors[f"{layer['name']}.bias"],
-                         layer["stride"], layer["padding"], layer["dilation"], layer["groups"])
+            x = F.conv2d(
+                x,
+                tensors[f"{layer['name']}.weight"],
+                tensors[f"{layer['name']}.bias"],
+                layer["stride"],
+                layer["padding"],
+                layer["dilation"],
+                layer["groups"],
+            )
         elif layer["kind"] == "flatten":
             x = x.reshape(batch, proposals, -1)
         else:
@@ -301,8 +322,9 @@ def linear(x: Tensor, layer: Mapping, tensors: Mapping[str, Tensor]) -> Tensor:
 # --------------------------------------------------------------------------- detections
 
 
-def box_detections(class_logits: Tensor, box_codes: Tensor, proposals: Proposals, box: Mapping,
-                   input_hw: Sequence[int]) -> dict[str, Tensor]:
+def box_detections(
+    class_logits: Tensor, box_codes: Tensor, proposals: Proposals, box: Mapping, input_hw: Sequence[int]
+) -> dict[str, Tensor]:
     """RoIHeads.postprocess_detections with fixed budgets.
 
     softmax [SoftMax]; class-specific decode (10,10,5,5) and clip [decode_boxes, clip_boxes];
@@ -390,21 +412,25 @@ class StaticHead(nn.Module):
         return {name: getattr(self, f"weight_{i}") for i, name in enumerate(self.weight_names)}
 
     def propose(self, objectness, deltas) -> Proposals:
-        return rpn_proposals(by_level(self.manifest, objectness, "objectness_"),
-                             by_level(self.manifest, deltas, "deltas_"),
-                             self.anchors, self.manifest["rpn"], self.input_hw)
+        return rpn_proposals(
+            by_level(self.manifest, objectness, "objectness_"),
+            by_level(self.manifest, deltas, "deltas_"),
+            self.anchors,
+            self.manifest["rpn"],
+            self.input_hw,
+        )
 
     def pool(self, features, boxes: Tensor) -> Tensor:
         maps = by_level(self.manifest, features)
-        return multilevel_roi_align([maps[i].to(self.dtype) for i in self.pooled_levels], boxes,
-                                    self.manifest["roi_pool"])
+        return multilevel_roi_align(
+            [maps[i].to(self.dtype) for i in self.pooled_levels], boxes, self.manifest["roi_pool"]
+        )
 
     def classify(self, pooled: Tensor) -> tuple[Tensor, Tensor]:
         weights = self.weights
         x = box_head(pooled, self.manifest["box_head"]["layers"], weights)
         predictor = self.manifest["box_predictor"]
-        return (linear(x, predictor["cls_score"], weights).float(),
-                linear(x, predictor["bbox_pred"], weights).float())
+        return (linear(x, predictor["cls_score"], weights).float(), linear(x, predictor["bbox_pred"], weights).float())
 
     def forward(self, features, objectness, deltas) -> dict[str, Tensor]:
         proposals = self.propose(objectness, deltas)

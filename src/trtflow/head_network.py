@@ -95,23 +95,47 @@ class Graph:
         a, b = self.like(a, ref), self.like(b, ref)
         return self.out(self.network.add_elementwise(a, b, getattr(self.trt.ElementWiseOperation, op)))
 
-    def add(self, a, b): return self.ew("SUM", a, b)
-    def sub(self, a, b): return self.ew("SUB", a, b)
-    def mul(self, a, b): return self.ew("PROD", a, b)
-    def div(self, a, b): return self.ew("DIV", a, b)
-    def floor_div(self, a, b): return self.ew("FLOOR_DIV", a, b)
-    def maximum(self, a, b): return self.ew("MAX", a, b)
-    def minimum(self, a, b): return self.ew("MIN", a, b)
-    def less(self, a, b): return self.ew("LESS", a, b)
-    def greater(self, a, b): return self.ew("GREATER", a, b)
-    def equal(self, a, b): return self.ew("EQUAL", a, b)
-    def and_(self, a, b): return self.ew("AND", a, b)
-    def or_(self, a, b): return self.ew("OR", a, b)
+    def add(self, a, b):
+        return self.ew("SUM", a, b)
+
+    def sub(self, a, b):
+        return self.ew("SUB", a, b)
+
+    def mul(self, a, b):
+        return self.ew("PROD", a, b)
+
+    def div(self, a, b):
+        return self.ew("DIV", a, b)
+
+    def floor_div(self, a, b):
+        return self.ew("FLOOR_DIV", a, b)
+
+    def maximum(self, a, b):
+        return self.ew("MAX", a, b)
+
+    def minimum(self, a, b):
+        return self.ew("MIN", a, b)
+
+    def less(self, a, b):
+        return self.ew("LESS", a, b)
+
+    def greater(self, a, b):
+        return self.ew("GREATER", a, b)
+
+    def equal(self, a, b):
+        return self.ew("EQUAL", a, b)
+
+    def and_(self, a, b):
+        return self.ew("AND", a, b)
+
+    def or_(self, a, b):
+        return self.ew("OR", a, b)
 
     def unary(self, op: str, x):
         return self.out(self.network.add_unary(x, getattr(self.trt.UnaryOperation, op)))
 
-    def not_(self, x): return self.unary("NOT", x)
+    def not_(self, x):
+        return self.unary("NOT", x)
 
     def activation(self, x, kind: str):
         return self.out(self.network.add_activation(x, getattr(self.trt.ActivationType, kind)))
@@ -183,8 +207,10 @@ class Graph:
 
     def top_k(self, x, k: int):
         if k > MAX_TOP_K:
-            raise HeadBuildError(f"a top-{k} exceeds TensorRT's TopK limit of {MAX_TOP_K}; lower the budget "
-                                 "(model.rpn.pre_nms_top_n / post_nms_top_n, weights.box_candidates)")
+            raise HeadBuildError(
+                f"a top-{k} exceeds TensorRT's TopK limit of {MAX_TOP_K}; lower the budget "
+                "(model.rpn.pre_nms_top_n / post_nms_top_n, weights.box_candidates)"
+            )
         layer = self.network.add_topk(x, self.trt.TopKOperation.MAX, k, 1 << self.axis(x, -1))
         self.out(layer)
         return layer.get_output(0), layer.get_output(1)
@@ -317,8 +343,13 @@ def rpn_proposals(g: Graph, objectness, deltas, anchors, rpn: Mapping, input_hw,
         g.scope = f"rpn/level{level}"
         logits, codes = flatten_rpn_level(g, g.cast(scores_map, f32), g.cast(deltas_map, f32))
         logits, index = g.top_k(logits, min(rpn["pre_nms_top_n"], logits.shape[1]))
-        boxes = decode_boxes(g, g.gather_rows(codes, index), g.lookup(level_anchor.numpy(), index),
-                             rpn["box_coder_weights"], rpn["bbox_xform_clip"])
+        boxes = decode_boxes(
+            g,
+            g.gather_rows(codes, index),
+            g.lookup(level_anchor.numpy(), index),
+            rpn["box_coder_weights"],
+            rpn["bbox_xform_clip"],
+        )
         boxes = clip_boxes(g, boxes, input_hw)
         prob = g.activation(logits, "SIGMOID")
         valid = g.and_(sides_at_least(g, boxes, rpn["min_size"]), g.not_(g.less(prob, rpn["score_thresh"])))
@@ -343,8 +374,10 @@ def fpn_levels(g: Graph, boxes, roi_pool: Mapping):
     """(B, P, 4) → (B, P) int32."""
     count = boxes.shape[1]
     scale = g.unary("SQRT", g.reshape(box_areas(g, boxes), (0, count)))
-    level = g.add(g.add(roi_pool["canonical_level"],
-                        g.div(g.unary("LOG", g.div(scale, roi_pool["canonical_scale"])), LN2)), roi_pool["eps"])
+    level = g.add(
+        g.add(roi_pool["canonical_level"], g.div(g.unary("LOG", g.div(scale, roi_pool["canonical_scale"])), LN2)),
+        roi_pool["eps"],
+    )
     level = g.minimum(g.maximum(g.unary("FLOOR", level), float(roi_pool["k_min"])), float(roi_pool["k_max"]))
     return g.cast(g.sub(level, float(roi_pool["k_min"])), g.trt.int32)
 
@@ -382,11 +415,17 @@ def multilevel_roi_align(g: Graph, maps, boxes, roi_pool: Mapping):
 
     level = fpn_levels(g, boxes, roi_pool)
     per_roi = lambda values: g.reshape(g.lookup(np.asarray(values, dtype=np.float32), level), (0, count, 1))
-    scale, height, width, offset = (per_roi(roi_pool["scales"]), per_roi(sizes[:, 0]), per_roi(sizes[:, 1]),
-                                    per_roi(offsets))
+    scale, height, width, offset = (
+        per_roi(roi_pool["scales"]),
+        per_roi(sizes[:, 0]),
+        per_roi(sizes[:, 1]),
+        per_roi(offsets),
+    )
     start = g.mul(g.take(boxes, -1, [0, 1]), scale)
     extent = g.maximum(g.sub(g.mul(g.take(boxes, -1, [2, 3]), scale), start), 1.0)
-    ys, wy = bilinear_taps(g, sample_positions(g, g.take(start, -1, [1]), g.take(extent, -1, [1]), out_h, ratio), height)
+    ys, wy = bilinear_taps(
+        g, sample_positions(g, g.take(start, -1, [1]), g.take(extent, -1, [1]), out_h, ratio), height
+    )
     xs, wx = bilinear_taps(g, sample_positions(g, g.take(start, -1, [0]), g.take(extent, -1, [0]), out_w, ratio), width)
     sy, sx = out_h * ratio, out_w * ratio
     col = lambda t, n: g.reshape(t, (0, count, n, 2, 1, 1))
@@ -413,14 +452,19 @@ def plugin_roi_align(g: Graph, maps, boxes, roi_pool: Mapping):
         raise HeadBuildError(f"roi_align: plugin needs full TensorRT >= 10.8: {reason}")
 
     (out_h, out_w), count = roi_pool["output_size"], boxes.shape[1]
-    spec = RoIAlignSpec.from_scales(roi_pool["scales"], output_size=(out_h, out_w),
-                                    sampling_ratio=roi_pool["sampling_ratio"], aligned=roi_pool["aligned"],
-                                    canonical_scale=int(roi_pool["canonical_scale"]),
-                                    canonical_level=int(roi_pool["canonical_level"]))
+    spec = RoIAlignSpec.from_scales(
+        roi_pool["scales"],
+        output_size=(out_h, out_w),
+        sampling_ratio=roi_pool["sampling_ratio"],
+        aligned=roi_pool["aligned"],
+        canonical_scale=int(roi_pool["canonical_scale"]),
+        canonical_level=int(roi_pool["canonical_level"]),
+    )
     # each RoI's image: a running count of ones down the batch axis, minus one
     ones = g.add(g.mul(g.take(boxes, -1, [0]), 0.0), 1.0)  # (B, P, 1)
-    cumulative = g.network.add_cumulative(ones, g.const(np.asarray(0, dtype=np.int32)),
-                                          trt.CumulativeOperation.SUM, False, False)
+    cumulative = g.network.add_cumulative(
+        ones, g.const(np.asarray(0, dtype=np.int32)), trt.CumulativeOperation.SUM, False, False
+    )
     rois = g.reshape(g.concat([g.sub(g.out(cumulative), 1.0), boxes], -1), (-1, 5))
     pooled = add_multilevel_roi_align(backend, g.network, maps, rois, spec)
     return g.reshape(pooled, (-1, count, maps[0].shape[1], out_h, out_w))
@@ -441,8 +485,13 @@ def box_head(g: Graph, x, layers: Sequence[Mapping], tensors: Mapping[str, np.nd
     x = g.reshape(x, (-1, channels, height, width))
     for layer in layers:
         if layer["kind"] == "conv2d":
-            conv = g.network.add_convolution_nd(x, layer["out_channels"], tuple(layer["kernel_size"]),
-                                                tensors[f"{layer['name']}.weight"], tensors[f"{layer['name']}.bias"])
+            conv = g.network.add_convolution_nd(
+                x,
+                layer["out_channels"],
+                tuple(layer["kernel_size"]),
+                tensors[f"{layer['name']}.weight"],
+                tensors[f"{layer['name']}.bias"],
+            )
             conv.stride_nd, conv.padding_nd = tuple(layer["stride"]), tuple(layer["padding"])
             conv.dilation_nd, conv.num_groups = tuple(layer["dilation"]), layer["groups"]
             x = g.out(conv)
@@ -458,8 +507,9 @@ def box_head(g: Graph, x, layers: Sequence[Mapping], tensors: Mapping[str, np.nd
 # --------------------------------------------------------------------------- detections
 
 
-def box_detections(g: Graph, class_logits, box_codes, proposals, proposal_valid, box: Mapping, input_hw,
-                   nms: Suppressor) -> dict:
+def box_detections(
+    g: Graph, class_logits, box_codes, proposals, proposal_valid, box: Mapping, input_hw, nms: Suppressor
+) -> dict:
     trt = g.trt
     _, count, num_classes = class_logits.shape
     foreground = list(range(1, num_classes))
@@ -467,11 +517,14 @@ def box_detections(g: Graph, class_logits, box_codes, proposals, proposal_valid,
     softmax.axes = 1 << 2
     probs = g.take(g.out(softmax), 2, foreground)
     codes = g.reshape(box_codes, (0, count, num_classes, 4))
-    boxes = decode_boxes(g, codes, g.reshape(proposals, (0, count, 1, 4)), box["box_coder_weights"],
-                         box["bbox_xform_clip"])
+    boxes = decode_boxes(
+        g, codes, g.reshape(proposals, (0, count, 1, 4)), box["box_coder_weights"], box["bbox_xform_clip"]
+    )
     boxes = g.take(clip_boxes(g, boxes, input_hw), 2, foreground)
-    valid = g.and_(g.and_(g.reshape(proposal_valid, (0, count, 1)), g.greater(probs, box["score_thresh"])),
-                   sides_at_least(g, boxes, box["min_size"]))
+    valid = g.and_(
+        g.and_(g.reshape(proposal_valid, (0, count, 1)), g.greater(probs, box["score_thresh"])),
+        sides_at_least(g, boxes, box["min_size"]),
+    )
     scores = g.reshape(g.where(valid, probs, NO_SCORE), (0, -1))
     boxes = g.reshape(boxes, (0, -1, 4))
 
@@ -501,8 +554,19 @@ def box_detections(g: Graph, class_logits, box_codes, proposals, proposal_valid,
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16"}
 
 
-def add_head(network, trt: ModuleType, manifest: Mapping, tensors: Mapping, features, objectness, deltas, *,
-             dtype="float32", roi_align: str = "builtin", nms: str = "static") -> dict:
+def add_head(
+    network,
+    trt: ModuleType,
+    manifest: Mapping,
+    tensors: Mapping,
+    features,
+    objectness,
+    deltas,
+    *,
+    dtype="float32",
+    roi_align: str = "builtin",
+    nms: str = "static",
+) -> dict:
     """Append the head to `network` and return its outputs by name (not marked as network outputs).
 
     features / objectness / deltas: the features network's ITensors, as mappings keyed by their
@@ -522,12 +586,19 @@ def add_head(network, trt: ModuleType, manifest: Mapping, tensors: Mapping, feat
     suppress = Suppressor(g, nms)
     input_hw = (manifest["input"]["height"], manifest["input"]["width"])
     numpy_dtype = Graph.NUMPY[dtype.name]
-    weights = {name: np.ascontiguousarray(np.asarray(t, dtype=np.float32).astype(numpy_dtype))
-               for name, t in tensors.items()}
+    weights = {
+        name: np.ascontiguousarray(np.asarray(t, dtype=np.float32).astype(numpy_dtype)) for name, t in tensors.items()
+    }
 
-    boxes, scores, valid = rpn_proposals(g, by_level(manifest, objectness, "objectness_"),
-                                         by_level(manifest, deltas, "deltas_"), level_anchors(manifest),
-                                         manifest["rpn"], input_hw, suppress)
+    boxes, scores, valid = rpn_proposals(
+        g,
+        by_level(manifest, objectness, "objectness_"),
+        by_level(manifest, deltas, "deltas_"),
+        level_anchors(manifest),
+        manifest["rpn"],
+        input_hw,
+        suppress,
+    )
     boxes.name, scores.name, valid.name = "head.proposals", "head.proposal_scores", "head.proposal_valid"
 
     g.scope = "roi_align"

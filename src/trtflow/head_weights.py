@@ -33,12 +33,19 @@ class HeadWeightsError(ValueError):
 def layer_tensor_shapes(layer: dict) -> dict[str, tuple[int, ...]]:
     """The tensors a layer spec reads, with their shapes."""
     if layer["kind"] == "linear":
-        return {f"{layer['name']}.weight": (layer["out_features"], layer["in_features"]),
-                f"{layer['name']}.bias": (layer["out_features"],)}
+        return {
+            f"{layer['name']}.weight": (layer["out_features"], layer["in_features"]),
+            f"{layer['name']}.bias": (layer["out_features"],),
+        }
     if layer["kind"] == "conv2d":
-        return {f"{layer['name']}.weight": (layer["out_channels"], layer["in_channels"] // layer["groups"],
-                                            *layer["kernel_size"]),
-                f"{layer['name']}.bias": (layer["out_channels"],)}
+        return {
+            f"{layer['name']}.weight": (
+                layer["out_channels"],
+                layer["in_channels"] // layer["groups"],
+                *layer["kernel_size"],
+            ),
+            f"{layer['name']}.bias": (layer["out_channels"],),
+        }
     return {}
 
 
@@ -91,8 +98,9 @@ def read_wts(path: str | os.PathLike) -> dict[str, np.ndarray]:
         except ValueError:
             raise HeadWeightsError(f"{path}: tensor {name.decode()} has non-hex data") from None
         if len(data) != 4 * int(size):
-            raise HeadWeightsError(f"{path}: tensor {name.decode()} declares {int(size)} values, holds "
-                                   f"{len(data) / 4:g}; re-export it")
+            raise HeadWeightsError(
+                f"{path}: tensor {name.decode()} declares {int(size)} values, holds {len(data) / 4:g}; re-export it"
+            )
         tensors[name.decode()] = np.frombuffer(data, dtype=">f4").astype("<f4")
     return tensors
 
@@ -107,18 +115,24 @@ def check_head_tensors(manifest: Mapping, tensors: Mapping[str, torch.Tensor], s
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
-        raise HeadWeightsError(f"{source}: the head reads exactly {len(expected)} tensors; "
-                               + (f"missing {missing}" if missing else "")
-                               + ("; " if missing and extra else "")
-                               + (f"unexpected {extra}" if extra else "")
-                               + " — re-export with the `weights` rule")
+        raise HeadWeightsError(
+            f"{source}: the head reads exactly {len(expected)} tensors; "
+            + (f"missing {missing}" if missing else "")
+            + ("; " if missing and extra else "")
+            + (f"unexpected {extra}" if extra else "")
+            + " — re-export with the `weights` rule"
+        )
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != shape:
-            raise HeadWeightsError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, the head "
-                                   f"needs {shape}; re-export with the `weights` rule")
+            raise HeadWeightsError(
+                f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, the head "
+                f"needs {shape}; re-export with the `weights` rule"
+            )
         if name not in recorded or recorded[name]["sha256"] != tensor_sha256(tensors[name]):
-            raise HeadWeightsError(f"{source}: tensor {name} does not match its sha256 in {MANIFEST}; "
-                                   "the files are from different exports — re-export with the `weights` rule")
+            raise HeadWeightsError(
+                f"{source}: tensor {name} does not match its sha256 in {MANIFEST}; "
+                "the files are from different exports — re-export with the `weights` rule"
+            )
 
 
 def load_head(directory: str | os.PathLike, *, source: str = "safetensors") -> tuple[dict, dict[str, torch.Tensor]]:
@@ -129,17 +143,22 @@ def load_head(directory: str | os.PathLike, *, source: str = "safetensors") -> t
         raise HeadWeightsError(f"{manifest_path} not found; run the `weights` rule (snakemake {manifest_path})")
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("version") != MANIFEST_VERSION:
-        raise HeadWeightsError(f"{manifest_path}: manifest version {manifest.get('version')}, this trtflow "
-                               f"reads {MANIFEST_VERSION}; re-export with the `weights` rule")
+        raise HeadWeightsError(
+            f"{manifest_path}: manifest version {manifest.get('version')}, this trtflow "
+            f"reads {MANIFEST_VERSION}; re-export with the `weights` rule"
+        )
     if source not in manifest["files"]:
-        raise HeadWeightsError(f"{manifest_path}: no {source!r} file was exported (have {list(manifest['files'])}); "
-                               "add it to config weights.format")
+        raise HeadWeightsError(
+            f"{manifest_path}: no {source!r} file was exported (have {list(manifest['files'])}); "
+            "add it to config weights.format"
+        )
     path = folder / manifest["files"][source]
     if source == "safetensors":
         tensors = load_file(str(path))
     else:
         shapes = {entry["name"]: entry["shape"] for entry in manifest["tensors"]}
-        tensors = {name: torch.from_numpy(flat.reshape(shapes.get(name, flat.shape)))
-                   for name, flat in read_wts(path).items()}
+        tensors = {
+            name: torch.from_numpy(flat.reshape(shapes.get(name, flat.shape))) for name, flat in read_wts(path).items()
+        }
     check_head_tensors(manifest, tensors, str(path))
     return manifest, tensors

@@ -1,4 +1,5 @@
 """COCO detection metrics through pycocotools, shared by reference, calibration accuracy and verify."""
+
 from __future__ import annotations
 
 import contextlib
@@ -12,7 +13,9 @@ class LabelSetError(ValueError):
 
 def category_labels(coco: dict) -> dict[int, int]:
     """COCO category id -> model label (1..N in sorted id order; 0 is background)."""
-    return {category["id"]: label for label, category in enumerate(sorted(coco["categories"], key=lambda c: c["id"]), 1)}
+    return {
+        category["id"]: label for label, category in enumerate(sorted(coco["categories"], key=lambda c: c["id"]), 1)
+    }
 
 
 def check_label_set(coco: dict, num_classes: int, source: str | Path) -> None:
@@ -40,8 +43,13 @@ def coco_map(annotations_json: str | Path, results: list[dict]) -> dict:
         ground_truth = COCO(str(annotations_json))
         if not ground_truth.dataset.get("annotations"):
             # images-only val (data.annotations unset): zeros keep the numbers' type, `skipped` says why
-            return {"mAP": 0.0, "mAP50": 0.0, "mAP75": 0.0, "images": len(ground_truth.getImgIds()),
-                    "skipped": f"{annotations_json} has no annotations (data.annotations unset): mAP is not measured"}
+            return {
+                "mAP": 0.0,
+                "mAP50": 0.0,
+                "mAP75": 0.0,
+                "images": len(ground_truth.getImgIds()),
+                "skipped": f"{annotations_json} has no annotations (data.annotations unset): mAP is not measured",
+            }
         if not results:
             return {"mAP": 0.0, "mAP50": 0.0, "mAP75": 0.0, "images": len(ground_truth.getImgIds())}
         evaluation = COCOeval(ground_truth, ground_truth.loadRes(results), "bbox")
@@ -50,4 +58,3 @@ def coco_map(annotations_json: str | Path, results: list[dict]) -> dict:
         evaluation.summarize()
     mAP, mAP50, mAP75 = (max(0.0, float(v)) for v in evaluation.stats[:3])
     return {"mAP": mAP, "mAP50": mAP50, "mAP75": mAP75, "images": len(ground_truth.getImgIds())}
-

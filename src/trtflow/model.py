@@ -4,6 +4,7 @@ Every detector here is a torchvision `FasterRCNN`; trtflow runs its parts direct
 preprocessed tensors (`run_detector`), bypassing torchvision's own resize, so that every later stage
 sees exactly the network input the engine sees.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -75,11 +76,15 @@ class ResidualBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int):
         super().__init__()
         self.conv1 = conv_bn_relu(in_channels, out_channels, stride)
-        self.conv2 = nn.Sequential(nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False), nn.BatchNorm2d(out_channels))
+        self.conv2 = nn.Sequential(
+            nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False), nn.BatchNorm2d(out_channels)
+        )
         self.shortcut = (
             nn.Identity()
             if stride == 1 and in_channels == out_channels
-            else nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels))
+            else nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
         )
 
     def forward(self, x):
@@ -89,13 +94,15 @@ class ResidualBlock(nn.Module):
 def demo_backbone() -> BackboneWithFPN:
     """A small ResNet-like body (strides 4, 8, 16, 32) under a 64-channel FPN with a max-pool level."""
     w2, w3, w4, w5 = DEMO_WIDTHS
-    body = nn.Sequential(OrderedDict(
-        stem=nn.Sequential(conv_bn_relu(3, w2 // 2, 2), conv_bn_relu(w2 // 2, w2, 2)),
-        c2=ResidualBlock(w2, w2, 1),
-        c3=ResidualBlock(w2, w3, 2),
-        c4=ResidualBlock(w3, w4, 2),
-        c5=ResidualBlock(w4, w5, 2),
-    ))
+    body = nn.Sequential(
+        OrderedDict(
+            stem=nn.Sequential(conv_bn_relu(3, w2 // 2, 2), conv_bn_relu(w2 // 2, w2, 2)),
+            c2=ResidualBlock(w2, w2, 1),
+            c3=ResidualBlock(w2, w3, 2),
+            c4=ResidualBlock(w3, w4, 2),
+            c5=ResidualBlock(w4, w5, 2),
+        )
+    )
     return BackboneWithFPN(
         body,
         return_layers={"c2": "0", "c3": "1", "c4": "2", "c5": "3"},
@@ -126,9 +133,13 @@ def build_detector(model_cfg: dict) -> detection.FasterRCNN:
         anchors = AnchorGenerator(DEMO_ANCHOR_SIZES, ((0.5, 1.0, 2.0),) * len(DEMO_ANCHOR_SIZES))
         box_head = TwoMLPHead(DEMO_FPN_CHANNELS * 7 * 7, DEMO_REPRESENTATION_SIZE)
         return detection.FasterRCNN(
-            demo_backbone(), rpn_anchor_generator=anchors, box_head=box_head,
+            demo_backbone(),
+            rpn_anchor_generator=anchors,
+            box_head=box_head,
             box_predictor=FastRCNNPredictor(DEMO_REPRESENTATION_SIZE, num_classes),
-            rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300, **settings,
+            rpn_pre_nms_top_n_train=600,
+            rpn_post_nms_top_n_train=300,
+            **settings,
         )
     if arch not in TORCHVISION_ARCHS:
         raise ValueError(f"model.arch: unknown architecture {arch!r}; use one of {', '.join(ARCHS)}")
@@ -140,7 +151,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state_dict from .safetensors, or from .pt/.pth (plain, or under a 'model'/'state_dict' key)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"model.checkpoint: {path} does not exist; point it at a state_dict file, or set it to `train`")
+        raise CheckpointError(
+            f"model.checkpoint: {path} does not exist; point it at a state_dict file, or set it to `train`"
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -148,11 +161,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:  # torch's own text would suggest weights_only=False: unsafe, and no fix
-        raise CheckpointError(f"model.checkpoint: cannot read {path}: it is not tensors saved with torch.save (a "
-                              f"damaged file, or a whole pickled model: save model.state_dict() instead)") from error
+        raise CheckpointError(
+            f"model.checkpoint: cannot read {path}: it is not tensors saved with torch.save (a "
+            f"damaged file, or a whole pickled model: save model.state_dict() instead)"
+        ) from error
     except Exception as error:  # any decoder error means the same thing to the user
-        raise CheckpointError(f"model.checkpoint: cannot read {path} ({error}); it must be a torch state_dict "
-                              f"saved with safetensors or torch.save") from error
+        raise CheckpointError(
+            f"model.checkpoint: cannot read {path} ({error}); it must be a torch state_dict "
+            f"saved with safetensors or torch.save"
+        ) from error
     for key in ("model", "state_dict"):
         if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
             loaded = loaded[key]
@@ -202,7 +219,9 @@ def run_detector(model: detection.FasterRCNN, images: torch.Tensor, targets=None
     return {**rpn_losses, **box_losses} if model.training else detections
 
 
-def save_validated_checkpoint(model_cfg: dict, source: str | Path, checkpoint_out: str | Path, info_out: str | Path) -> dict:
+def save_validated_checkpoint(
+    model_cfg: dict, source: str | Path, checkpoint_out: str | Path, info_out: str | Path
+) -> dict:
     """Load `source` into the configured detector (class count checked) and save it as the pipeline's checkpoint.
 
     The info JSON carries the source's sha256: every later artifact records it, so artifacts of
@@ -210,14 +229,16 @@ def save_validated_checkpoint(model_cfg: dict, source: str | Path, checkpoint_ou
     """
     from safetensors.torch import save_file
 
-
     model = load_detector(model_cfg, source)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     header = {"arch": model_cfg["arch"], "num_classes": str(model_cfg["num_classes"])}
     atomic_write(checkpoint_out, lambda staging: save_file(state, str(staging), metadata=header))
     info = {
-        "arch": model_cfg["arch"], "num_classes": model_cfg["num_classes"], "source": str(source),
-        "sha256": files_sha256(source), "parameters": sum(v.numel() for v in model.parameters()),
+        "arch": model_cfg["arch"],
+        "num_classes": model_cfg["num_classes"],
+        "source": str(source),
+        "sha256": files_sha256(source),
+        "parameters": sum(v.numel() for v in model.parameters()),
         "software": software_versions(),
     }
     write_json(info_out, info)

@@ -9,6 +9,7 @@ trade). Comparison with `trtflow.qdq`: docs/BENCHMARKS.md, "ModelOpt vs trtflow 
 Install: `pip install -e ".[modelopt]"`. That extra names ModelOpt's int8 ONNX dependencies one by one
 instead of `nvidia-modelopt[onnx]`, which would downgrade onnx and put onnxruntime-gpu over onnxruntime.
 """
+
 from __future__ import annotations
 
 import re
@@ -28,15 +29,19 @@ METHODS = {"entropy": "entropy", "minmax": "max"}
 
 def missing_modelopt(why: str) -> str:
     """The message for a missing or broken ModelOpt install; `why` says what is wrong."""
-    return (f"calibration.qdq_placement: modelopt needs NVIDIA ModelOpt, which {why}; run {INSTALL}, or set "
-            "calibration.qdq_placement: trtflow")
+    return (
+        f"calibration.qdq_placement: modelopt needs NVIDIA ModelOpt, which {why}; run {INSTALL}, or set "
+        "calibration.qdq_placement: trtflow"
+    )
 
 
 def modelopt_method(algorithm: str) -> str:
     if algorithm not in METHODS:
-        raise ValueError(f"calibration.algorithm: {algorithm} is not offered by ModelOpt (calibration.qdq_placement: "
-                         f"modelopt); set calibration.algorithm to {' or '.join(METHODS)}, or "
-                         "calibration.qdq_placement: trtflow")
+        raise ValueError(
+            f"calibration.algorithm: {algorithm} is not offered by ModelOpt (calibration.qdq_placement: "
+            f"modelopt); set calibration.algorithm to {' or '.join(METHODS)}, or "
+            "calibration.qdq_placement: trtflow"
+        )
     return METHODS[algorithm]
 
 
@@ -58,9 +63,11 @@ def activation_amax(model: onnx.ModelProto, source: onnx.ModelProto, source_path
         scale = initializers.get(node.input[1])
         zero_point = initializers.get(node.input[2]) if len(node.input) > 2 else np.zeros(1)
         if scale is None or scale.size != 1 or zero_point is None or np.any(zero_point != 0):
-            raise ValueError(f"{source_path}: ModelOpt's QuantizeLinear {node.name} of {node.input[0]} is not "
-                             "per-tensor symmetric with constant scales, so no calibration table can describe it; "
-                             "use calibration.qdq_placement: trtflow")
+            raise ValueError(
+                f"{source_path}: ModelOpt's QuantizeLinear {node.name} of {node.input[0]} is not "
+                "per-tensor symmetric with constant scales, so no calibration table can describe it; "
+                "use calibration.qdq_placement: trtflow"
+            )
         name = node.input[0]
         if name not in source_names and dequantized.get(node.output[0]) in source_names:
             name = dequantized[node.output[0]]
@@ -68,8 +75,14 @@ def activation_amax(model: onnx.ModelProto, source: onnx.ModelProto, source_path
     return amax
 
 
-def quantize_features(features_onnx: str | Path, images: np.ndarray, qdq_path: str | Path, *, algorithm: str,
-                      keep_float: KeepFloat = KeepFloat()) -> dict[str, float]:
+def quantize_features(
+    features_onnx: str | Path,
+    images: np.ndarray,
+    qdq_path: str | Path,
+    *,
+    algorithm: str,
+    keep_float: KeepFloat = KeepFloat(),
+) -> dict[str, float]:
     """ModelOpt int8 Q/DQ ONNX of `features_onnx` from preprocessed float32 (N, 3, H, W) `images`.
 
     Writes `qdq_path` (atomically) and returns the activation amax it holds (`activation_amax`).
@@ -85,9 +98,17 @@ def quantize_features(features_onnx: str | Path, images: np.ndarray, qdq_path: s
     qdq_path = Path(qdq_path)
     with tempfile.TemporaryDirectory(prefix="trtflow-modelopt-") as staging:
         written = Path(staging) / qdq_path.name
-        quantize(onnx_path=str(features_onnx), quantize_mode="int8", calibration_data=images,
-                 calibration_method=method, calibration_eps=["cpu"], high_precision_dtype="fp32",
-                 nodes_to_exclude=excluded, output_path=str(written), log_level="WARNING")
+        quantize(
+            onnx_path=str(features_onnx),
+            quantize_mode="int8",
+            calibration_data=images,
+            calibration_method=method,
+            calibration_eps=["cpu"],
+            high_precision_dtype="fp32",
+            nodes_to_exclude=excluded,
+            output_path=str(written),
+            log_level="WARNING",
+        )
         quantized = onnx.load(str(written))
     # ModelOpt drops metadata_props; the engine stage matches features and head by trtflow.checkpoint_sha256
     del quantized.metadata_props[:]

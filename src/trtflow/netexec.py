@@ -103,11 +103,31 @@ def elementwise(layer, inputs, _):
 
 
 UNARY = {
-    "EXP": torch.exp, "LOG": torch.log, "SQRT": torch.sqrt, "RECIP": torch.reciprocal, "ABS": torch.abs,
-    "NEG": torch.neg, "SIN": torch.sin, "COS": torch.cos, "TAN": torch.tan, "SINH": torch.sinh, "COSH": torch.cosh,
-    "ASIN": torch.asin, "ACOS": torch.acos, "ATAN": torch.atan, "ASINH": torch.asinh, "ACOSH": torch.acosh,
-    "ATANH": torch.atanh, "CEIL": torch.ceil, "FLOOR": torch.floor, "ERF": torch.erf, "NOT": torch.logical_not,
-    "SIGN": torch.sign, "ROUND": torch.round, "ISINF": torch.isinf, "ISNAN": torch.isnan,
+    "EXP": torch.exp,
+    "LOG": torch.log,
+    "SQRT": torch.sqrt,
+    "RECIP": torch.reciprocal,
+    "ABS": torch.abs,
+    "NEG": torch.neg,
+    "SIN": torch.sin,
+    "COS": torch.cos,
+    "TAN": torch.tan,
+    "SINH": torch.sinh,
+    "COSH": torch.cosh,
+    "ASIN": torch.asin,
+    "ACOS": torch.acos,
+    "ATAN": torch.atan,
+    "ASINH": torch.asinh,
+    "ACOSH": torch.acosh,
+    "ATANH": torch.atanh,
+    "CEIL": torch.ceil,
+    "FLOOR": torch.floor,
+    "ERF": torch.erf,
+    "NOT": torch.logical_not,
+    "SIGN": torch.sign,
+    "ROUND": torch.round,
+    "ISINF": torch.isinf,
+    "ISNAN": torch.isnan,
 }
 
 
@@ -171,8 +191,17 @@ def convolution(layer, inputs, executor):
         bias = executor.weight(layer, "bias")
         bias = None if bias is None else bias.float()
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
-    return [conv(x, kernel, bias, stride=params["stride_nd"], padding=params["pre_padding"] if symmetric else 0,
-                 dilation=params["dilation_nd"], groups=params["num_groups"])]
+    return [
+        conv(
+            x,
+            kernel,
+            bias,
+            stride=params["stride_nd"],
+            padding=params["pre_padding"] if symmetric else 0,
+            dilation=params["dilation_nd"],
+            groups=params["num_groups"],
+        )
+    ]
 
 
 def pooling(layer, inputs, _):
@@ -181,7 +210,8 @@ def pooling(layer, inputs, _):
     pad = explicit_padding(layer)
     x = inputs[0].float()
     maximum = lambda: {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[len(window)](  # noqa: E731
-        F.pad(x, pad, value=-math.inf), window, stride)
+        F.pad(x, pad, value=-math.inf), window, stride
+    )
 
     def average():
         pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[len(window)]
@@ -229,8 +259,12 @@ def resize(layer, inputs, _):
     if any(d < 0 for d in target):
         target = [math.floor(n * s) for n, s in zip(x.shape, scales)]
     mode = params["resize_mode"]
-    rounding = {"FLOOR": torch.floor, "CEIL": torch.ceil, "HALF_UP": lambda v: torch.floor(v + 0.5),
-                "HALF_DOWN": lambda v: torch.ceil(v - 0.5)}
+    rounding = {
+        "FLOOR": torch.floor,
+        "CEIL": torch.ceil,
+        "HALF_UP": lambda v: torch.floor(v + 0.5),
+        "HALF_DOWN": lambda v: torch.ceil(v - 0.5),
+    }
     y = x.float() if mode == "LINEAR" else x
     for axis, (size_in, size_out) in enumerate(zip(x.shape, target)):
         if size_in == size_out and scales[axis] in (None, 1.0):
@@ -453,8 +487,9 @@ def corner_pairs(boxes: torch.Tensor, box_format: str) -> torch.Tensor:
     return torch.cat([low, high], -1)
 
 
-def greedy_selection(boxes: torch.Tensor, scores: torch.Tensor, iou_thresh: float, score_thresh: float,
-                     limit: int, keep: int) -> list[int]:
+def greedy_selection(
+    boxes: torch.Tensor, scores: torch.Tensor, iou_thresh: float, score_thresh: float, limit: int, keep: int
+) -> list[int]:
     """Indices kept by greedy NMS of one class: candidates scoring above `score_thresh`, the best `limit` of
     them in descending score, each kept unless its IoU with a kept one exceeds `iou_thresh`; at most `keep`."""
     candidates = [int(i) for i in torch.sort(scores, descending=True, stable=True).indices if scores[i] > score_thresh]
@@ -486,8 +521,9 @@ def nms(layer, inputs, _):
     for batch in range(scores.shape[0]):
         for cls in range(scores.shape[2]):
             class_boxes = boxes[batch, :, cls] if boxes.dim() == 4 else boxes[batch]
-            for index in greedy_selection(class_boxes, scores[batch, :, cls], iou_thresh, score_thresh,
-                                          params["topk_box_limit"], keep):
+            for index in greedy_selection(
+                class_boxes, scores[batch, :, cls], iou_thresh, score_thresh, params["topk_box_limit"], keep
+            ):
                 selected.append([batch, cls, index])
     found = torch.tensor(selected, dtype=torch.int32, device=scores.device).reshape(-1, 3)
     return [found, torch.tensor(len(selected), dtype=torch.int32, device=scores.device)]
@@ -553,8 +589,11 @@ class Loop:
     @property
     def inputs(self) -> set[str]:
         """Tensors from outside the loop that it reads."""
-        inside = {o["name"] for layer in self.recurrences + self.iterators + self.condition + self.rest
-                  for o in layer["outputs"]}
+        inside = {
+            o["name"]
+            for layer in self.recurrences + self.iterators + self.condition + self.rest
+            for o in layer["outputs"]
+        }
         read = [layer["inputs"][0] for layer in self.recurrences + self.iterators]
         read += [name for layer in self.condition + self.rest for name in layer["inputs"]]
         read += self.trip_limit["inputs"] + [name for layer in self.outputs for name in layer["inputs"][1:]]
@@ -605,8 +644,18 @@ def find_loops(layers: list[dict]) -> tuple[list[Loop], set[int]]:
         condition = upstream(body_layers, {n for n in kinds["TRIP_LIMIT"][0]["inputs"] if n is not None})
         rest = [layer for layer in body_layers if layer not in condition]
         indices = {m["index"] for m in members} | set(body)
-        loops.append(Loop(name, kinds["RECURRENCE"], kinds["ITERATOR"], kinds["TRIP_LIMIT"][0],
-                          kinds["LOOP_OUTPUT"], condition, rest, min(indices)))
+        loops.append(
+            Loop(
+                name,
+                kinds["RECURRENCE"],
+                kinds["ITERATOR"],
+                kinds["TRIP_LIMIT"][0],
+                kinds["LOOP_OUTPUT"],
+                condition,
+                rest,
+                min(indices),
+            )
+        )
         owned |= indices
     return loops, owned
 
@@ -634,8 +683,11 @@ class NetworkExecutor:
         self.check_known_layers()
         self.loops, owned = find_loops(record.layers)
         steps = [layer for layer in record.layers if layer["index"] not in owned] + self.loops
-        self.constants = {layer["outputs"][0]["name"]: self.evaluate(layer, [])[0]
-                          for layer in record.layers if layer["type"] == "CONSTANT"}
+        self.constants = {
+            layer["outputs"][0]["name"]: self.evaluate(layer, [])[0]
+            for layer in record.layers
+            if layer["type"] == "CONSTANT"
+        }
         self.schedule = self.order([s for s in steps if not (isinstance(s, dict) and s["type"] == "CONSTANT")])
 
     @property
@@ -653,6 +705,7 @@ class NetworkExecutor:
 
     def order(self, steps: list) -> list:
         """Steps in dependency order, ties broken by TensorRT's layer order."""
+
         def reads(step):
             if isinstance(step, Loop):
                 return step.inputs
@@ -710,10 +763,14 @@ class NetworkExecutor:
         if dtype is None:
             raise NetworkExecutionError(f"{layer_label(layer)}: output type {spec['dtype']} is not implemented")
         if layer["type"] not in CONVERTING and value_kind(value.dtype) != value_kind(dtype):
-            raise NetworkExecutionError(f"{layer_label(layer)}: computed {value.dtype}, TensorRT declared {spec['dtype']}")
+            raise NetworkExecutionError(
+                f"{layer_label(layer)}: computed {value.dtype}, TensorRT declared {spec['dtype']}"
+            )
         shape = list(value.shape)
         if len(shape) != len(spec["shape"]) or any(d >= 0 and d != s for d, s in zip(spec["shape"], shape)):
-            raise NetworkExecutionError(f"{layer_label(layer)}: computed shape {shape}, TensorRT declared {spec['shape']}")
+            raise NetworkExecutionError(
+                f"{layer_label(layer)}: computed shape {shape}, TensorRT declared {spec['shape']}"
+            )
         return value.to(dtype)
 
     def run_step(self, step, values: dict) -> None:
@@ -743,8 +800,9 @@ class NetworkExecutor:
                 self.run_step(layer, scope)
             for output in loop.outputs:
                 if output["params"]["kind"] != "LAST_VALUE":
-                    raise NetworkExecutionError(f"{layer_label(output)}: LoopOutput.{output['params']['kind']} "
-                                                "is not implemented")
+                    raise NetworkExecutionError(
+                        f"{layer_label(output)}: LoopOutput.{output['params']['kind']} is not implemented"
+                    )
                 last[output["outputs"][0]["name"]] = scope[output["inputs"][0]]
             state = {layer["outputs"][0]["name"]: scope[layer["inputs"][1]] for layer in loop.recurrences}
             iteration += 1

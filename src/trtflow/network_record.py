@@ -35,8 +35,16 @@ LAYER_ATTRIBUTES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "CONSTANT": ("IConstantLayer", ("shape",), ("weights",)),
     "CONVOLUTION": (
         "IConvolutionLayer",
-        ("num_output_maps", "kernel_size_nd", "stride_nd", "pre_padding", "post_padding", "padding_mode",
-         "num_groups", "dilation_nd"),
+        (
+            "num_output_maps",
+            "kernel_size_nd",
+            "stride_nd",
+            "pre_padding",
+            "post_padding",
+            "padding_mode",
+            "num_groups",
+            "dilation_nd",
+        ),
         ("kernel", "bias"),
     ),
     "CUMULATIVE": ("ICumulativeLayer", ("op", "exclusive", "reverse"), ()),
@@ -50,8 +58,16 @@ LAYER_ATTRIBUTES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "NMS": ("INMSLayer", ("bounding_box_format", "topk_box_limit"), ()),
     "POOLING": (
         "IPoolingLayer",
-        ("type", "window_size_nd", "stride_nd", "pre_padding", "post_padding", "padding_mode", "blend_factor",
-         "average_count_excludes_padding"),
+        (
+            "type",
+            "window_size_nd",
+            "stride_nd",
+            "pre_padding",
+            "post_padding",
+            "padding_mode",
+            "blend_factor",
+            "average_count_excludes_padding",
+        ),
         (),
     ),
     "QUANTIZE": ("IQuantizeLayer", ("axis", "to_type"), ()),
@@ -59,8 +75,16 @@ LAYER_ATTRIBUTES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "REDUCE": ("IReduceLayer", ("op", "axes", "keep_dims"), ()),
     "RESIZE": (
         "IResizeLayer",
-        ("shape", "scales", "resize_mode", "coordinate_transformation", "selector_for_single_pixel",
-         "nearest_rounding", "cubic_coeff", "exclude_outside"),
+        (
+            "shape",
+            "scales",
+            "resize_mode",
+            "coordinate_transformation",
+            "selector_for_single_pixel",
+            "nearest_rounding",
+            "cubic_coeff",
+            "exclude_outside",
+        ),
         (),
     ),
     "SCATTER": ("IScatterLayer", ("mode", "axis"), ()),
@@ -92,8 +116,13 @@ class NetworkRecord:
     source: dict = field(default_factory=dict)  # which TensorRT made it
 
     def save(self, path: str | Path) -> None:
-        header = {"format": FORMAT, "source": self.source, "inputs": self.inputs, "outputs": self.outputs,
-                  "layers": self.layers}
+        header = {
+            "format": FORMAT,
+            "source": self.source,
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "layers": self.layers,
+        }
         arrays = {key: np.ascontiguousarray(value) for key, value in self.arrays.items()}
         write_bytes(path, save(arrays, metadata={METADATA_KEY: json.dumps(header)}))
 
@@ -101,18 +130,23 @@ class NetworkRecord:
     def load(cls, path: str | Path) -> NetworkRecord:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"network record {path} does not exist; build it with its engine "
-                                    f"(snakemake {path.with_name(path.name.split('.')[0] + '.plan')})")
+            raise FileNotFoundError(
+                f"network record {path} does not exist; build it with its engine "
+                f"(snakemake {path.with_name(path.name.split('.')[0] + '.plan')})"
+            )
         try:
             arrays = load_file(str(path))
             with safe_open(str(path), "np") as file:
                 header = json.loads((file.metadata() or {})[METADATA_KEY])
         except (SafetensorError, KeyError, ValueError, OSError) as error:
-            raise NetworkRecordError(f"{path} is not a trtflow network record ({error}); rebuild its engine "
-                                     "(snakemake -f <the .plan beside it>)") from error
+            raise NetworkRecordError(
+                f"{path} is not a trtflow network record ({error}); rebuild its engine "
+                "(snakemake -f <the .plan beside it>)"
+            ) from error
         if header.get("format") != FORMAT:
-            raise NetworkRecordError(f"{path} has format {header.get('format')!r}, this trtflow reads {FORMAT}; "
-                                     "rebuild its engine")
+            raise NetworkRecordError(
+                f"{path} has format {header.get('format')!r}, this trtflow reads {FORMAT}; rebuild its engine"
+            )
         return cls(header["inputs"], header["outputs"], header["layers"], arrays, header["source"])
 
 
@@ -168,8 +202,10 @@ def read_network(network, trt: ModuleType) -> NetworkRecord:
         entry, layer_arrays = read_layer(trt, network, index)
         for output in entry["outputs"]:
             if output["name"] in produced:
-                raise NetworkRecordError(f"layer {index} '{entry['name']}' ({entry['type']}) writes tensor "
-                                         f"'{output['name']}', a name another tensor has: name tensors uniquely")
+                raise NetworkRecordError(
+                    f"layer {index} '{entry['name']}' ({entry['type']}) writes tensor "
+                    f"'{output['name']}', a name another tensor has: name tensors uniquely"
+                )
             produced.add(output["name"])
         layers.append(entry)
         arrays.update(layer_arrays)

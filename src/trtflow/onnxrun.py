@@ -1,6 +1,7 @@
 """ONNX Runtime as an executor of our ONNX graphs (features.onnx and its Q/DQ twin): one image input, named
 outputs, Q/DQ graphs run as written. Run side: the deployment form, calibration and the parity gate use it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -39,8 +40,14 @@ class OnnxSession:
     (`session_options`). `extra_outputs` exposes intermediate tensors as outputs too.
     """
 
-    def __init__(self, model: onnx.ModelProto | str | Path, *, providers: Sequence[str] | None = None,
-                 threads: int | None = None, extra_outputs: Sequence[str] = ()):
+    def __init__(
+        self,
+        model: onnx.ModelProto | str | Path,
+        *,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+        extra_outputs: Sequence[str] = (),
+    ):
         if not isinstance(model, onnx.ModelProto):
             self.source = Path(model)
             if not self.source.is_file():
@@ -59,8 +66,11 @@ class OnnxSession:
                 for name in added
             )
             model = augmented
-        self.session = ort.InferenceSession(model.SerializeToString(), session_options(model, threads=threads),
-                                            providers=list(providers or ["CPUExecutionProvider"]))
+        self.session = ort.InferenceSession(
+            model.SerializeToString(),
+            session_options(model, threads=threads),
+            providers=list(providers or ["CPUExecutionProvider"]),
+        )
         self.input_name = self.session.get_inputs()[0].name
         self.names = [output.name for output in self.session.get_outputs()]
         static_batch = self.session.get_inputs()[0].shape[0]
@@ -77,7 +87,7 @@ class OnnxSession:
         chunk = self.static_batch or len(images)
         runs = []
         for start in range(0, len(images), chunk):
-            part = images[start:start + chunk]
+            part = images[start : start + chunk]
             real = len(part)
             if real == chunk:
                 runs.append(self.session.run(names, {self.input_name: part}))
@@ -86,9 +96,11 @@ class OnnxSession:
             outputs = self.session.run(names, {self.input_name: padded})
             for name, output in zip(names, outputs, strict=True):
                 if output.ndim == 0 or output.shape[0] != chunk:
-                    raise ValueError(f"{self.source or 'the ONNX graph'}: output {name} of shape {list(output.shape)} "
-                                     f"has no batch axis first, so a short batch cannot be padded to {chunk}: feed "
-                                     f"multiples of {chunk} images or export with onnx.dynamic_batch: true")
+                    raise ValueError(
+                        f"{self.source or 'the ONNX graph'}: output {name} of shape {list(output.shape)} "
+                        f"has no batch axis first, so a short batch cannot be padded to {chunk}: feed "
+                        f"multiples of {chunk} images or export with onnx.dynamic_batch: true"
+                    )
             runs.append([output[:real] for output in outputs])
         if len(runs) == 1:
             return dict(zip(names, runs[0], strict=True))

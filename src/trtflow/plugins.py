@@ -148,8 +148,10 @@ def ptx_kernels(ptx: str) -> list[str]:
 
 def _run_all(commands: Mapping[str, list[str]]) -> None:
     """Run the nvcc commands concurrently; the first failure raises with its output."""
-    running = {name: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for name, cmd in commands.items()}
+    running = {
+        name: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for name, cmd in commands.items()
+    }
     failures = []
     for name, process in running.items():
         output, _ = process.communicate()
@@ -296,8 +298,14 @@ class RoIAlignSpec:
 
     def c_args(self) -> tuple[int, ...]:
         """out_h, out_w, sampling_ratio, aligned, first_level, canonical_scale, canonical_level."""
-        return (*self.output_size, self.sampling_ratio, int(self.aligned), self.first_level,
-                self.canonical_scale, self.canonical_level)
+        return (
+            *self.output_size,
+            self.sampling_ratio,
+            int(self.aligned),
+            self.first_level,
+            self.canonical_scale,
+            self.canonical_level,
+        )
 
 
 @functools.lru_cache(maxsize=64)
@@ -348,8 +356,19 @@ def launch(
     pointers = (ctypes.c_void_p * levels)(*feature_pointers)
     heights = (ctypes.c_int * levels)(*(h for h, _ in feature_sizes))
     widths = (ctypes.c_int * levels)(*(w for _, w in feature_sizes))
-    args = (pointers, levels, heights, widths, batch, channels, rois_pointer, num_rois, output_pointer,
-            *spec.c_args(), LAYOUT_CODES[layout])
+    args = (
+        pointers,
+        levels,
+        heights,
+        widths,
+        batch,
+        channels,
+        rois_pointer,
+        num_rois,
+        output_pointer,
+        *spec.c_args(),
+        LAYOUT_CODES[layout],
+    )
     if stream is None:
         code = lib.trtflow_multilevel_roi_align_host(*args)
     else:
@@ -384,23 +403,33 @@ def multilevel_roi_align(
     import torch
 
     size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
-    spec = RoIAlignSpec.from_scales(spatial_scales, output_size=size, sampling_ratio=int(sampling_ratio),
-                                    aligned=bool(aligned), canonical_scale=int(canonical_scale),
-                                    canonical_level=int(canonical_level))
+    spec = RoIAlignSpec.from_scales(
+        spatial_scales,
+        output_size=size,
+        sampling_ratio=int(sampling_ratio),
+        aligned=bool(aligned),
+        canonical_scale=int(canonical_scale),
+        canonical_level=int(canonical_level),
+    )
     if len(features) != len(spatial_scales):
         raise ValueError(f"{len(features)} feature maps but {len(spatial_scales)} spatial_scales")
     first = features[0]
     dtype = {torch.float32: "float32", torch.float16: "float16"}.get(first.dtype)
     for level, feature in enumerate(features):
-        if feature.dim() != 4 or feature.shape[:2] != first.shape[:2] or feature.dtype != first.dtype \
-                or feature.device != first.device:
+        if (
+            feature.dim() != 4
+            or feature.shape[:2] != first.shape[:2]
+            or feature.dtype != first.dtype
+            or feature.device != first.device
+        ):
             raise ValueError(
                 f"feature map {level} is {tuple(feature.shape)} {feature.dtype} on {feature.device}: every map "
                 f"must be (B, C, H, W) with map 0's B, C = {tuple(first.shape[:2])}, dtype and device"
             )
     if dtype is None or (first.device.type == "cpu" and dtype != "float32"):
-        raise ValueError(f"features are {first.dtype} on {first.device}: use float32 or float16 "
-                         "on CUDA, float32 on the CPU")
+        raise ValueError(
+            f"features are {first.dtype} on {first.device}: use float32 or float16 on CUDA, float32 on the CPU"
+        )
     if rois.dim() != 2 or rois.shape[1] != 5:
         raise ValueError(f"rois is {tuple(rois.shape)}: expected (N, 5) rows of batch index, x1, y1, x2, y2")
     channels_last = first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous()
@@ -410,14 +439,24 @@ def multilevel_roi_align(
     shape = (rois.shape[0], first.shape[1], *size)
     if out is None:
         out = torch.empty(shape, dtype=first.dtype, device=first.device)
-    elif tuple(out.shape) != shape or out.dtype != first.dtype or out.device != first.device \
-            or not out.is_contiguous():
-        raise ValueError(f"out is {tuple(out.shape)} {out.dtype} on {out.device}: expected a contiguous "
-                         f"{shape} {first.dtype} on {first.device}")
+    elif tuple(out.shape) != shape or out.dtype != first.dtype or out.device != first.device or not out.is_contiguous():
+        raise ValueError(
+            f"out is {tuple(out.shape)} {out.dtype} on {out.device}: expected a contiguous "
+            f"{shape} {first.dtype} on {first.device}"
+        )
     lib = load_library(lib_path)
     call = functools.partial(
-        launch, lib, spec, [m.data_ptr() for m in maps], [tuple(m.shape[2:]) for m in maps],
-        first.shape[0], first.shape[1], rois.data_ptr(), rois.shape[0], out.data_ptr(), dtype,
+        launch,
+        lib,
+        spec,
+        [m.data_ptr() for m in maps],
+        [tuple(m.shape[2:]) for m in maps],
+        first.shape[0],
+        first.shape[1],
+        rois.data_ptr(),
+        rois.shape[0],
+        out.data_ptr(),
+        dtype,
         layout="nhwc" if channels_last else "nchw",
     )
     if first.device.type == "cpu":

@@ -3,6 +3,7 @@
 Raw detections of any executor (boxes in network-input pixels) -> score threshold, per-class NMS,
 top-k, boxes mapped back to the original image and clipped to it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -49,8 +50,12 @@ def postprocess(boxes, scores, classes, letterbox: Letterbox, cfg: dict) -> Dete
     engine's `num_detections` must be cut off by the caller (their score is 0, below any threshold).
     """
     keep = class_nms(
-        boxes, scores, classes,
-        score_thresh=cfg["score_thresh"], iou_thresh=cfg["iou_thresh"], max_detections=cfg["max_detections"],
+        boxes,
+        scores,
+        classes,
+        score_thresh=cfg["score_thresh"],
+        iou_thresh=cfg["iou_thresh"],
+        max_detections=cfg["max_detections"],
     )
     mapped = to_original_image(np.asarray(boxes)[keep], letterbox)
     # A box that lies wholly in the letterbox padding clips to zero area: it is not in the image.

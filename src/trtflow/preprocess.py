@@ -3,6 +3,7 @@
 Keep-ratio resize into the static network input, content at the top-left corner, padding on the right
 and bottom (the layout torchvision's batching uses), colour order, mean/std normalisation, HWC -> CHW.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -34,7 +35,9 @@ def letterbox_geometry(original_hw: tuple[int, int], input_hw: tuple[int, int]) 
     return Letterbox(ratio, 0, 0, (in_h, in_w), (h, w)), resized_hw
 
 
-def resize_with_ratio(image_bgr: np.ndarray, input_hw: tuple[int, int], pad_value: int = 0) -> tuple[np.ndarray, Letterbox]:
+def resize_with_ratio(
+    image_bgr: np.ndarray, input_hw: tuple[int, int], pad_value: int = 0
+) -> tuple[np.ndarray, Letterbox]:
     """Keep-ratio resize plus bottom/right padding to exactly `input_hw` (uint8 HxWx3 in, same out)."""
     letterbox, (rh, rw) = letterbox_geometry(image_bgr.shape[:2], input_hw)
     interpolation = cv2.INTER_AREA if letterbox.ratio < 1 else cv2.INTER_LINEAR

@@ -15,6 +15,7 @@ as "run this op in INT8 with these scales". Its placement rules, followed here:
 `quantization_plan` decides the placement once; calibration collects exactly the tensors it names and
 `insert_qdq` writes the graph from it.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -97,7 +98,8 @@ class _Graph:
         constants = set(initializers) | {n.output[0] for n in graph.node if n.op_type == "Constant"}
         typed = onnx.shape_inference.infer_shapes(model).graph
         float_tensors = {
-            v.name for v in (*typed.input, *typed.value_info, *typed.output)
+            v.name
+            for v in (*typed.input, *typed.value_info, *typed.output)
             if v.type.tensor_type.elem_type == TensorProto.FLOAT
         }
         # Longest path (in nodes) from the graph inputs: the shortcut of a residual Add is the shallower input.
@@ -135,6 +137,7 @@ def weight_axis(node: onnx.NodeProto, weight: onnx.TensorProto) -> int:
 
 def _weighted_op_inputs(graph: _Graph, node: onnx.NodeProto) -> tuple[list[int], int | None] | None:
     """(activation input slots, weight input slot) of a weighted op that can run in INT8, else None."""
+
     def float_weight(name: str) -> bool:
         return name in graph.initializers and graph.initializers[name].data_type == TensorProto.FLOAT
 
@@ -183,8 +186,10 @@ def quantization_plan(model: onnx.ModelProto, keep_float: KeepFloat = KeepFloat(
     """Decide every Q/DQ of `model` following TensorRT's placement rules (see the module docstring)."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < MIN_QDQ_OPSET:
-        raise ValueError(f"the ONNX graph has opset {opset}; per-channel Q/DQ needs opset >= {MIN_QDQ_OPSET}: "
-                         "re-export it with a newer opset (config onnx.opset)")
+        raise ValueError(
+            f"the ONNX graph has opset {opset}; per-channel Q/DQ needs opset >= {MIN_QDQ_OPSET}: "
+            "re-export it with a newer opset (config onnx.opset)"
+        )
     graph = _Graph.of(model)
     outputs = {o.name for o in model.graph.output}
     activation_edges: dict[str, list[tuple[int, int]]] = defaultdict(list)
@@ -206,8 +211,10 @@ def quantization_plan(model: onnx.ModelProto, keep_float: KeepFloat = KeepFloat(
             weight = node.input[weight_slot]
             axis = weight_axis(node, graph.initializers[weight])
             if weight_axes.setdefault(weight, axis) != axis:
-                raise ValueError(f"initializer {weight!r} is used as a weight along two different axes; "
-                                 f"keep one of its consumers in float (calibration.keep_float.nodes)")
+                raise ValueError(
+                    f"initializer {weight!r} is used as a weight along two different axes; "
+                    f"keep one of its consumers in float (calibration.keep_float.nodes)"
+                )
             weight_edges[weight].append((index, weight_slot))
 
     concats = []
@@ -302,13 +309,16 @@ def insert_qdq(model: onnx.ModelProto, plan: QuantizationPlan, amax: Mapping[str
     """
     missing = [name for name in plan.activations if name not in amax]
     if missing:
-        raise KeyError(f"no calibrated amax for {len(missing)} quantized tensors, e.g. {missing[:3]}: "
-                       "calibrate with the same quantization plan")
+        raise KeyError(
+            f"no calibrated amax for {len(missing)} quantized tensors, e.g. {missing[:3]}: "
+            "calibrate with the same quantization plan"
+        )
     result = onnx.ModelProto()
     result.CopyFrom(model)
     graph = result.graph
     taken = {n for node in graph.node for n in (*node.input, *node.output, node.name)} | {
-        v.name for v in (*graph.input, *graph.initializer)}
+        v.name for v in (*graph.input, *graph.initializer)
+    }
 
     def fresh(name: str) -> str:
         if name in taken:
@@ -323,27 +333,36 @@ def insert_qdq(model: onnx.ModelProto, plan: QuantizationPlan, amax: Mapping[str
     for name, (axis, edges) in plan.weights.items():
         quantized, scale = quantize_weight(numpy_helper.to_array(float_weights[name]), axis)
         names = [fresh(f"{name}_quantized"), fresh(f"{name}_scale"), fresh(f"{name}_zero_point")]
-        initializers += [numpy_helper.from_array(quantized, names[0]), numpy_helper.from_array(scale, names[1]),
-                         numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), names[2])]
+        initializers += [
+            numpy_helper.from_array(quantized, names[0]),
+            numpy_helper.from_array(scale, names[1]),
+            numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), names[2]),
+        ]
         output = fresh(f"{name}_dequantized")
-        weight_nodes.append(helper.make_node("DequantizeLinear", names, [output], fresh(f"{name}_DequantizeLinear"),
-                                             axis=axis))
+        weight_nodes.append(
+            helper.make_node("DequantizeLinear", names, [output], fresh(f"{name}_DequantizeLinear"), axis=axis)
+        )
         rewired.update({edge: output for edge in edges})
 
     activation_nodes: dict[str, list[onnx.NodeProto]] = {}
     for name, scale_amax in shared_amax(plan, amax).items():
         scale, zero_point = fresh(f"{name}_scale"), fresh(f"{name}_zero_point")
-        initializers += [numpy_helper.from_array(symmetric_scale(scale_amax), scale),
-                         numpy_helper.from_array(np.array(0, dtype=np.int8), zero_point)]
+        initializers += [
+            numpy_helper.from_array(symmetric_scale(scale_amax), scale),
+            numpy_helper.from_array(np.array(0, dtype=np.int8), zero_point),
+        ]
         quantized, dequantized = fresh(f"{name}_quantized"), fresh(f"{name}_dequantized")
         activation_nodes[name] = [
             helper.make_node("QuantizeLinear", [name, scale, zero_point], [quantized], fresh(f"{name}_QuantizeLinear")),
-            helper.make_node("DequantizeLinear", [quantized, scale, zero_point], [dequantized],
-                             fresh(f"{name}_DequantizeLinear")),
+            helper.make_node(
+                "DequantizeLinear", [quantized, scale, zero_point], [dequantized], fresh(f"{name}_DequantizeLinear")
+            ),
         ]
         rewired.update({edge: dequantized for edge in plan.activations[name]})
 
-    still_used = {n for i, node in enumerate(model.graph.node) for s, n in enumerate(node.input) if (i, s) not in rewired}
+    still_used = {
+        n for i, node in enumerate(model.graph.node) for s, n in enumerate(node.input) if (i, s) not in rewired
+    }
     still_used |= {o.name for o in graph.output}
     initializers = [t for t in initializers if t.name not in plan.weights or t.name in still_used]
 

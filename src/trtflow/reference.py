@@ -1,4 +1,5 @@
 """PyTorch reference detections (rule `reference`): the detector on the preprocessed val images."""
+
 from __future__ import annotations
 
 import json
@@ -25,15 +26,22 @@ def torch_detector(model):
     return detect
 
 
-def run_reference(model, coco_json, preprocess_cfg: dict, postprocess_cfg: dict, detections_out, metrics_out, *,
-                  batch_size: int = 8) -> dict:
+def run_reference(
+    model, coco_json, preprocess_cfg: dict, postprocess_cfg: dict, detections_out, metrics_out, *, batch_size: int = 8
+) -> dict:
     """Reference detections and COCO metrics of the PyTorch detector on the val split."""
-    check_label_set(json.loads(Path(coco_json).read_text()), model.roi_heads.box_predictor.cls_score.out_features,
-                    coco_json)
-    results = detect_dataset(torch_detector(model), coco_json, preprocess_cfg, postprocess_cfg,
-                             batch_size=batch_size, desc="reference")
-    metrics = {**coco_map(coco_json, results), "executor": "pytorch", "device": str(next(model.parameters()).device),
-               "software": software_versions()}
+    check_label_set(
+        json.loads(Path(coco_json).read_text()), model.roi_heads.box_predictor.cls_score.out_features, coco_json
+    )
+    results = detect_dataset(
+        torch_detector(model), coco_json, preprocess_cfg, postprocess_cfg, batch_size=batch_size, desc="reference"
+    )
+    metrics = {
+        **coco_map(coco_json, results),
+        "executor": "pytorch",
+        "device": str(next(model.parameters()).device),
+        "software": software_versions(),
+    }
     write_json(detections_out, results)
     write_json(metrics_out, metrics)
     return metrics

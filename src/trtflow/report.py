@@ -7,6 +7,7 @@ accuracy where present, engines, verify, bench), a table per precision headed by
 actually ran (`verified_level`), and matplotlib plots: latency bars, the Δscore histogram of matched
 detections, calibration ranges per tensor, and example val images with reference vs deployed boxes.
 """
+
 from __future__ import annotations
 
 import base64
@@ -99,8 +100,12 @@ def variant(entry: Mapping) -> str:
 
 def latency_plot(bench: Mapping[str, Mapping]) -> bytes | None:
     """Horizontal bars of p50 latency (whiskers to p90) per precision, executor and batch size."""
-    rows = [(precision, entry) for precision, document in bench.items() for entry in document["results"]
-            if "p50_ms" in entry]
+    rows = [
+        (precision, entry)
+        for precision, document in bench.items()
+        for entry in document["results"]
+        if "p50_ms" in entry
+    ]
     if not rows:
         return None
     figure, axes = _figure(8, 0.35 * len(rows) + 1.2)
@@ -108,8 +113,9 @@ def latency_plot(bench: Mapping[str, Mapping]) -> bytes | None:
     p50 = np.array([entry["p50_ms"] for _, entry in rows])
     p90 = np.array([entry["p90_ms"] for _, entry in rows])
     colors = {p: f"C{i}" for i, p in enumerate(bench)}
-    axes.barh(range(len(rows)), p50, xerr=[np.zeros_like(p50), p90 - p50], color=[colors[p] for p, _ in rows],
-              capsize=3)
+    axes.barh(
+        range(len(rows)), p50, xerr=[np.zeros_like(p50), p90 - p50], color=[colors[p] for p, _ in rows], capsize=3
+    )
     axes.set_yticks(range(len(rows)), labels, fontsize=8)
     axes.invert_yaxis()
     axes.set_xlabel("latency per batch, ms (bar p50, whisker p90)")
@@ -149,18 +155,20 @@ def calibration_plot(ranges: Mapping) -> bytes | None:
     axes.set_ylim(len(names) - 0.5, -0.5)  # graph order, top to bottom
     axes.grid(axis="x", which="major", alpha=0.3)
     axes.set_xlabel("amax (scale × 127), log scale")
-    axes.set_title(f"Calibration ranges: {len(names)} tensors, {ranges.get('algorithm')}, "
-                   f"{ranges.get('num_images')} images")
+    axes.set_title(
+        f"Calibration ranges: {len(names)} tensors, {ranges.get('algorithm')}, {ranges.get('num_images')} images"
+    )
     return png(figure)
 
 
 def short_name(name: str, limit: int = 48) -> str:
     """A tensor name that fits a plot's label column: its end, where ONNX names say what they are."""
-    return name if len(name) <= limit else "…" + name[-(limit - 1):]
+    return name if len(name) <= limit else "…" + name[-(limit - 1) :]
 
 
-def example_images(val: Mapping, reference: Sequence[Mapping], deployed: Mapping[str, Sequence[Mapping]],
-                   count: int, min_score: float) -> bytes | None:
+def example_images(
+    val: Mapping, reference: Sequence[Mapping], deployed: Mapping[str, Sequence[Mapping]], count: int, min_score: float
+) -> bytes | None:
     """The first `count` val images, one column per precision: reference boxes (wide, light green) under the
     deployed ones (thin red, dashed), so that a box both agree on shows as a red dashed line on a green band and
     a box only one of them has stands out alone."""
@@ -171,8 +179,9 @@ def example_images(val: Mapping, reference: Sequence[Mapping], deployed: Mapping
         return None
     import matplotlib.pyplot as plt
 
-    figure, grid = plt.subplots(len(images), len(deployed), figsize=(3.2 * len(deployed), 3.2 * len(images)),
-                                dpi=100, squeeze=False)
+    figure, grid = plt.subplots(
+        len(images), len(deployed), figsize=(3.2 * len(deployed), 3.2 * len(images)), dpi=100, squeeze=False
+    )
     for row, image in enumerate(images):
         picture = read_image(image["file_name"])[..., ::-1]
         for column, (precision, detections) in enumerate(deployed.items()):
@@ -211,8 +220,10 @@ def _cell(value) -> str:
 
 def table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{cell if isinstance(cell, Markup) else _cell(cell)}</td>" for cell in row)
-                   + "</tr>" for row in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{cell if isinstance(cell, Markup) else _cell(cell)}</td>" for cell in row) + "</tr>"
+        for row in rows
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -222,7 +233,9 @@ class Markup(str):
 
 def badge(passed: bool | None, text: str | None = None) -> Markup:
     kind = {True: "pass", False: "fail", None: "none"}[passed]
-    return Markup(f'<span class="{kind}">{html.escape(text or {"pass": "passed", "fail": "FAILED", "none": "n/a"}[kind])}</span>')
+    return Markup(
+        f'<span class="{kind}">{html.escape(text or {"pass": "passed", "fail": "FAILED", "none": "n/a"}[kind])}</span>'
+    )
 
 
 def image(data: bytes | None, alt: str) -> str:
@@ -253,7 +266,7 @@ def verified_level(result: Mapping) -> str:
 
 
 def verified_badge(result: Mapping) -> Markup:
-    """"verified: <level>": green only where the engine itself ran and passed; amber where a stand-in passed; red
+    """ "verified: <level>": green only where the engine itself ran and passed; amber where a stand-in passed; red
     with the failures where the thresholds were missed."""
     level = verified_level(result)
     text = f"verified: {LEVELS.get(level, level)}"
@@ -267,46 +280,86 @@ def unverified(result: Mapping) -> str | None:
     return result.get("unverified") or (None if verified_level(result) == "engine" else result.get("reason"))
 
 
-def stage_rows(parity: Artifact | None, calibration_accuracy: Artifact | None, calibration_ranges: Artifact | None,
-               engines: Mapping[str, Artifact], verify: Mapping[str, Artifact], bench: Mapping[str, Artifact]) -> list[list]:
+def stage_rows(
+    parity: Artifact | None,
+    calibration_accuracy: Artifact | None,
+    calibration_ranges: Artifact | None,
+    engines: Mapping[str, Artifact],
+    verify: Mapping[str, Artifact],
+    bench: Mapping[str, Artifact],
+) -> list[list]:
     """One row per stage artifact, named by the path the report read it from (results/<model>/... under `models:`)."""
     rows = []
     if parity is not None:
         document = parity.document
-        rows.append(["onnx", parity.path, f"ONNX Runtime vs PyTorch on {document['images']} images, "
-                     f"max |Δ| {document['max_abs']:.3g} (tolerance {document['tolerance']} × max|ref|)",
-                     badge(document["passed"])])
+        rows.append(
+            [
+                "onnx",
+                parity.path,
+                f"ONNX Runtime vs PyTorch on {document['images']} images, "
+                f"max |Δ| {document['max_abs']:.3g} (tolerance {document['tolerance']} × max|ref|)",
+                badge(document["passed"]),
+            ]
+        )
     if calibration_ranges is not None:
         document = calibration_ranges.document
-        rows.append(["calibrate", calibration_ranges.path,
-                     f"{len(document['tensors'])} tensors, {document['algorithm']}, "
-                     f"{document['num_images']} images", badge(None, "written")])
+        rows.append(
+            [
+                "calibrate",
+                calibration_ranges.path,
+                f"{len(document['tensors'])} tensors, {document['algorithm']}, {document['num_images']} images",
+                badge(None, "written"),
+            ]
+        )
     if calibration_accuracy is not None:
         document = calibration_accuracy.document
-        rows.append(["calibrate", calibration_accuracy.path,
-                     f"simulated INT8 mAP {document['int8_sim_mAP']:.4f} vs fp32 "
-                     f"{document['fp32_mAP']:.4f} (drop {100 * document['delta']:.2f} points, "
-                     f"{document.get('executor', '?')})", badge(None, "measured")])
+        rows.append(
+            [
+                "calibrate",
+                calibration_accuracy.path,
+                f"simulated INT8 mAP {document['int8_sim_mAP']:.4f} vs fp32 "
+                f"{document['fp32_mAP']:.4f} (drop {100 * document['delta']:.2f} points, "
+                f"{document.get('executor', '?')})",
+                badge(None, "measured"),
+            ]
+        )
     for engine in engines.values():
         metadata = engine.document
         # the engine JSON describes the plan beside it (engine_<precision>.json -> engine_<precision>.plan)
-        rows.append(["engine", str(Path(engine.path).with_suffix(".plan")),
-                     f"{metadata['backend']} {metadata['backend_version']}, built {metadata.get('built_on')}, "
-                     f"{metadata['plan_bytes'] / 1e6:.1f} MB in {metadata['build_seconds']:.1f} s, "
-                     f"RoIAlign {metadata.get('roi_align')}", badge(True, "built")])
+        rows.append(
+            [
+                "engine",
+                str(Path(engine.path).with_suffix(".plan")),
+                f"{metadata['backend']} {metadata['backend_version']}, built {metadata.get('built_on')}, "
+                f"{metadata['plan_bytes'] / 1e6:.1f} MB in {metadata['build_seconds']:.1f} s, "
+                f"RoIAlign {metadata.get('roi_align')}",
+                badge(True, "built"),
+            ]
+        )
     for verification in verify.values():
         result = verification.document
         executed = "engine" if result["engine_executed"] else f"{result['executor']} (engine did not run)"
-        rows.append(["verify", verification.path,
-                     f"{executed}: match recall {result['match_recall']:.4f}, mAP {result['mAP']:.4f} vs "
-                     f"{result['reference_mAP']:.4f}", verified_badge(result)])
+        rows.append(
+            [
+                "verify",
+                verification.path,
+                f"{executed}: match recall {result['match_recall']:.4f}, mAP {result['mAP']:.4f} vs "
+                f"{result['reference_mAP']:.4f}",
+                verified_badge(result),
+            ]
+        )
     for timing in bench.values():
         document = timing.document
         timed = [entry for entry in document["results"] if "p50_ms" in entry]
         skipped = [entry for entry in document["results"] if "skipped" in entry]
-        rows.append(["bench", timing.path,
-                     f"{len(timed)} timings, {len(skipped)} skipped, on {document['hardware'].get('gpu') or document['hardware']['cpu']}",
-                     badge(None, "measured")])
+        rows.append(
+            [
+                "bench",
+                timing.path,
+                f"{len(timed)} timings, {len(skipped)} skipped, on {document['hardware'].get('gpu') or document['hardware']['cpu']}",
+                badge(None, "measured"),
+            ]
+        )
     return rows
 
 
@@ -321,16 +374,27 @@ def precision_section(precision: str, result: Mapping | None, bench: Mapping | N
             ["engine executed", result["engine_executed"]],
             *([["why not", result["reason"]]] if not result["engine_executed"] and "reason" in result else []),
             ["images", result["images"]],
-            ["match recall / precision", f"{result['match_recall']:.4f} / {result['match_precision']:.4f} "
-                                         f"(same class, IoU ≥ {result['match_iou']})"],
-            ["matched / reference / deployed", f"{result['matched']} / {result['reference_detections']} / "
-                                               f"{result['deployed_detections']}"],
+            [
+                "match recall / precision",
+                f"{result['match_recall']:.4f} / {result['match_precision']:.4f} "
+                f"(same class, IoU ≥ {result['match_iou']})",
+            ],
+            [
+                "matched / reference / deployed",
+                f"{result['matched']} / {result['reference_detections']} / {result['deployed_detections']}",
+            ],
             ["mean / max |Δscore|", f"{_cell(result['mean_abs_dscore'])} / {_cell(result['max_abs_dscore'])}"],
             ["mean box IoU", result["mean_iou"]],
-            ["zero-area boxes (not matched)", "reference {reference}, deployed {deployed}".format(
-                **result.get("zero_area_detections", {"reference": 0, "deployed": 0}))],
-            ["mAP deployed / reference", f"{result['mAP']:.4f} / {result['reference_mAP']:.4f} "
-                                         f"(drop {result['map_drop_points']:.2f} points)"],
+            [
+                "zero-area boxes (not matched)",
+                "reference {reference}, deployed {deployed}".format(
+                    **result.get("zero_area_detections", {"reference": 0, "deployed": 0})
+                ),
+            ],
+            [
+                "mAP deployed / reference",
+                f"{result['mAP']:.4f} / {result['reference_mAP']:.4f} (drop {result['map_drop_points']:.2f} points)",
+            ],
             ["thresholds", ", ".join(f"{k} {v}" for k, v in result["thresholds"].items()) or "none"],
             ["verdict", verified_badge(result)],
         ]
@@ -338,20 +402,53 @@ def precision_section(precision: str, result: Mapping | None, bench: Mapping | N
     if bench is not None:
         rows = []
         for entry in bench["results"]:
-            details = ", ".join(f"{key} {value}" for key, value in entry.items()
-                                if key in ("device", "head_device", "providers", "note", "backend"))
+            details = ", ".join(
+                f"{key} {value}"
+                for key, value in entry.items()
+                if key in ("device", "head_device", "providers", "note", "backend")
+            )
             if "skipped" in entry:
-                rows.append([variant(entry), entry.get("batch_size"), Markup(f"<i>skipped</i>: {html.escape(entry['skipped'])}"),
-                             None, None, None, details])
+                rows.append(
+                    [
+                        variant(entry),
+                        entry.get("batch_size"),
+                        Markup(f"<i>skipped</i>: {html.escape(entry['skipped'])}"),
+                        None,
+                        None,
+                        None,
+                        details,
+                    ]
+                )
             else:
-                rows.append([variant(entry), entry["batch_size"], entry["p50_ms"], entry["p90_ms"], entry["p99_ms"],
-                             entry["throughput_ips"], details])
+                rows.append(
+                    [
+                        variant(entry),
+                        entry["batch_size"],
+                        entry["p50_ms"],
+                        entry["p90_ms"],
+                        entry["p99_ms"],
+                        entry["throughput_ips"],
+                        details,
+                    ]
+                )
         parts.append(table(["executor", "batch", "p50 ms", "p90 ms", "p99 ms", "images/s", "where"], rows))
     return "\n".join(parts)
 
 
-SUMMARY_HEADER = ("precision", "verified", "passed", "executor", "match_recall", "match_precision", "mAP",
-                  "reference_mAP", "map_drop_points", "fastest", "p50_ms", "not_verified")
+SUMMARY_HEADER = (
+    "precision",
+    "verified",
+    "passed",
+    "executor",
+    "match_recall",
+    "match_precision",
+    "mAP",
+    "reference_mAP",
+    "map_drop_points",
+    "fastest",
+    "p50_ms",
+    "not_verified",
+)
 
 
 def summary_rows(verify: Mapping[str, Mapping], bench: Mapping[str, Mapping]) -> list[list]:
@@ -361,12 +458,21 @@ def summary_rows(verify: Mapping[str, Mapping], bench: Mapping[str, Mapping]) ->
         result = verify.get(precision) or {}
         timed = [entry for entry in (bench.get(precision) or {}).get("results", []) if "p50_ms" in entry]
         fastest = min(timed, key=lambda entry: entry["p50_ms"] / entry["batch_size"], default=None)
-        rows.append([
-            precision, verified_level(result) if result else None, result.get("passed"), result.get("executor"),
-            *(result.get(key) for key in ("match_recall", "match_precision", "mAP", "reference_mAP", "map_drop_points")),
-            f"{variant(fastest)} bs {fastest['batch_size']}" if fastest else None,
-            fastest["p50_ms"] if fastest else None, unverified(result) if result else None,
-        ])
+        rows.append(
+            [
+                precision,
+                verified_level(result) if result else None,
+                result.get("passed"),
+                result.get("executor"),
+                *(
+                    result.get(key)
+                    for key in ("match_recall", "match_precision", "mAP", "reference_mAP", "map_drop_points")
+                ),
+                f"{variant(fastest)} bs {fastest['batch_size']}" if fastest else None,
+                fastest["p50_ms"] if fastest else None,
+                unverified(result) if result else None,
+            ]
+        )
     return rows
 
 
@@ -374,8 +480,9 @@ def tsv(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, delimiter="\t", lineterminator="\n")
     writer.writerow(header)
-    writer.writerows([["" if cell is None else f"{cell:.4g}" if isinstance(cell, float) else cell for cell in row]
-                      for row in rows])
+    writer.writerows(
+        [["" if cell is None else f"{cell:.4g}" if isinstance(cell, float) else cell for cell in row] for row in rows]
+    )
     return buffer.getvalue()
 
 
@@ -383,11 +490,23 @@ def matched_dscores(reference, deployed, match_iou: float) -> np.ndarray:
     return match_detections(reference, deployed, match_iou).dscores
 
 
-def build_report(out_html: str | Path, *, val_json, reference_detections, reference_metrics=None, parity=None,
-                 verify: Mapping[str, str | Path], deployed: Mapping[str, str | Path], bench: Mapping[str, str | Path],
-                 engines: Mapping[str, str | Path] | None = None, calibration_ranges=None, calibration_accuracy=None,
-                 settings: Mapping | None = None, figures: Mapping[str, str | Path] | None = None,
-                 summary_tsv: str | Path | None = None) -> str:
+def build_report(
+    out_html: str | Path,
+    *,
+    val_json,
+    reference_detections,
+    reference_metrics=None,
+    parity=None,
+    verify: Mapping[str, str | Path],
+    deployed: Mapping[str, str | Path],
+    bench: Mapping[str, str | Path],
+    engines: Mapping[str, str | Path] | None = None,
+    calibration_ranges=None,
+    calibration_accuracy=None,
+    settings: Mapping | None = None,
+    figures: Mapping[str, str | Path] | None = None,
+    summary_tsv: str | Path | None = None,
+) -> str:
     """Write the report; returns its HTML. Optional inputs that do not exist are left out.
 
     `figures` ({name of FIGURES: PNG path}) and `summary_tsv` also write the plots and the per-precision summary
@@ -395,25 +514,33 @@ def build_report(out_html: str | Path, *, val_json, reference_detections, refere
     settings = settings or {}
     val = read_json(val_json)
     reference = read_json(reference_detections)
-    verify_artifacts, bench_artifacts, engine_artifacts = (read_artifacts(paths) for paths in (verify, bench, engines or {}))
-    verify_docs, bench_docs = ({p: artifact.document for p, artifact in artifacts.items()}
-                               for artifacts in (verify_artifacts, bench_artifacts))
+    verify_artifacts, bench_artifacts, engine_artifacts = (
+        read_artifacts(paths) for paths in (verify, bench, engines or {})
+    )
+    verify_docs, bench_docs = (
+        {p: artifact.document for p, artifact in artifacts.items()} for artifacts in (verify_artifacts, bench_artifacts)
+    )
     deployed_docs = {p: doc for p, path in deployed.items() if (doc := read_json(path)) is not None}
     parity_artifact, ranges_artifact, accuracy_artifact = (
-        read_artifact(path) for path in (parity, calibration_ranges, calibration_accuracy))
+        read_artifact(path) for path in (parity, calibration_ranges, calibration_accuracy)
+    )
     ranges_doc = ranges_artifact.document if ranges_artifact is not None else None
     reference_doc = read_json(reference_metrics)
     precisions = list(dict.fromkeys([*verify_docs, *bench_docs]))
 
-    dscores = {p: matched_dscores(reference, deployed_docs[p], verify_docs[p]["match_iou"])
-               for p in precisions if p in deployed_docs and p in verify_docs}
+    dscores = {
+        p: matched_dscores(reference, deployed_docs[p], verify_docs[p]["match_iou"])
+        for p in precisions
+        if p in deployed_docs and p in verify_docs
+    }
     hardware = next(iter(bench_docs.values()))["hardware"] if bench_docs else {}
     plots = {
         "latency": latency_plot(bench_docs),
         "dscore": dscore_histogram(dscores),
         "calibration": calibration_plot(ranges_doc) if ranges_doc is not None else None,
-        "examples": example_images(val, reference, deployed_docs, settings.get("example_images", 3),
-                                   settings.get("min_score", 0.5)),
+        "examples": example_images(
+            val, reference, deployed_docs, settings.get("example_images", 3), settings.get("min_score", 0.5)
+        ),
     }
     for name, path in (figures or {}).items():
         write_bytes(path, plots[name] or placeholder(f"{name}: nothing to plot"))
@@ -427,13 +554,18 @@ def build_report(out_html: str | Path, *, val_json, reference_detections, refere
         f"{_cell(reference_doc['mAP']) if reference_doc else '–'}; hardware: "
         f"{html.escape(str(hardware.get('gpu') or hardware.get('cpu', '?')))}.</p>",
         "<h2>Stages and their checks</h2>",
-        table(["stage", "artifact", "check", "result"],
-              stage_rows(parity_artifact, accuracy_artifact, ranges_artifact, engine_artifacts, verify_artifacts,
-                         bench_artifacts)),
+        table(
+            ["stage", "artifact", "check", "result"],
+            stage_rows(
+                parity_artifact, accuracy_artifact, ranges_artifact, engine_artifacts, verify_artifacts, bench_artifacts
+            ),
+        ),
         "<h2>Per precision</h2>",
         *(precision_section(p, verify_docs.get(p), bench_docs.get(p)) for p in precisions),
-        "<h2>Latency</h2>", image(plots["latency"], "latency bars"),
-        "<h2>Score differences</h2>", image(plots["dscore"], "Δscore histogram"),
+        "<h2>Latency</h2>",
+        image(plots["latency"], "latency bars"),
+        "<h2>Score differences</h2>",
+        image(plots["dscore"], "Δscore histogram"),
     ]
     if ranges_doc is not None:
         parts += ["<h2>Calibration ranges</h2>", image(plots["calibration"], "calibration ranges")]
@@ -450,17 +582,27 @@ def find_browser() -> str | None:
     return next((path for name in BROWSERS if (path := shutil.which(name))), None)
 
 
-def screenshot(html_path: str | Path, png_path: str | Path, *, width: int = 1200, height: int = 2400,
-               timeout: float = 120) -> Path:
+def screenshot(
+    html_path: str | Path, png_path: str | Path, *, width: int = 1200, height: int = 2400, timeout: float = 120
+) -> Path:
     """Render `html_path` in headless Chromium into `png_path`; raises RuntimeError without a browser."""
     browser = find_browser()
     if browser is None:
-        raise RuntimeError(f"no headless browser found (looked for {', '.join(BROWSERS)}); "
-                           "install one, e.g. apt-get install -y chromium")
+        raise RuntimeError(
+            f"no headless browser found (looked for {', '.join(BROWSERS)}); "
+            "install one, e.g. apt-get install -y chromium"
+        )
     png_path = Path(png_path)
-    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-               f"--window-size={width},{height}", f"--screenshot={png_path.resolve()}",
-               Path(html_path).resolve().as_uri()]
+    command = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        f"--window-size={width},{height}",
+        f"--screenshot={png_path.resolve()}",
+        Path(html_path).resolve().as_uri(),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     if result.returncode or not png_path.is_file():
         raise RuntimeError(f"{browser} could not render {html_path}: {result.stderr[-2000:]}")

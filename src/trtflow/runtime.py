@@ -11,6 +11,7 @@ GPU whose compute capability the plan does not target (a TensorRT-RTX plan never
 Hopper), a plan of another backend or version than the one installed, plan bytes that are not the
 ones the metadata describes, a missing RoIAlign plugin library. Those checks need no TensorRT.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,12 +53,16 @@ def metadata_path(plan: str | Path) -> Path:
 def read_metadata(plan: str | Path, metadata: str | Path | None = None) -> dict:
     path = Path(metadata) if metadata is not None else metadata_path(plan)
     if not path.is_file():
-        raise EngineRefused(f"{path} not found: the runner needs the engine metadata written beside {plan}; "
-                            f"rebuild the plan (snakemake -f {plan})")
+        raise EngineRefused(
+            f"{path} not found: the runner needs the engine metadata written beside {plan}; "
+            f"rebuild the plan (snakemake -f {plan})"
+        )
     return json.loads(path.read_text())
 
 
-def refusals(metadata: Mapping, gpu: Gpu | None, installed: Mapping[str, str | None], plan: str | Path | None = None) -> list[str]:
+def refusals(
+    metadata: Mapping, gpu: Gpu | None, installed: Mapping[str, str | None], plan: str | Path | None = None
+) -> list[str]:
     """Every reason this machine cannot run the plan that `metadata` describes; empty when it can.
 
     `installed` maps backend module name -> installed version (None: does not import).
@@ -66,39 +71,51 @@ def refusals(metadata: Mapping, gpu: Gpu | None, installed: Mapping[str, str | N
     built = f"{backend} {version}"
     reasons = []
     if gpu is None:
-        reasons.append("no CUDA GPU is visible (torch.cuda.is_available() is False); a TensorRT plan runs only on "
-                       "an NVIDIA GPU")
+        reasons.append(
+            "no CUDA GPU is visible (torch.cuda.is_available() is False); a TensorRT plan runs only on an NVIDIA GPU"
+        )
     else:
         targets = [str(cc) for cc in metadata.get("compute_capabilities") or []]
         unsupported = UNSUPPORTED_GPUS.get(backend, {}).get(gpu.compute_capability)
         if unsupported:
-            reasons.append(f"{gpu.name} is compute capability {gpu.compute_capability} ({unsupported}), on which "
-                           f"{FLAVOUR_NAMES[backend]} plans do not run (this plan targets "
-                           f"{', '.join(targets) or 'none listed'}); build the engine with full TensorRT on this GPU "
-                           "(backend: tensorrt)")
+            reasons.append(
+                f"{gpu.name} is compute capability {gpu.compute_capability} ({unsupported}), on which "
+                f"{FLAVOUR_NAMES[backend]} plans do not run (this plan targets "
+                f"{', '.join(targets) or 'none listed'}); build the engine with full TensorRT on this GPU "
+                "(backend: tensorrt)"
+            )
         elif gpu.compute_capability not in targets:
-            reasons.append(f"the plan targets compute capabilities {targets} but {gpu.name} is "
-                           f"{gpu.compute_capability}; rebuild it for this GPU (engine.rtx.compute_capabilities, "
-                           "or build with full TensorRT on this machine)")
+            reasons.append(
+                f"the plan targets compute capabilities {targets} but {gpu.name} is "
+                f"{gpu.compute_capability}; rebuild it for this GPU (engine.rtx.compute_capabilities, "
+                "or build with full TensorRT on this machine)"
+            )
     have = installed.get(backend)
     if have is None:
-        reasons.append(f"the plan was built with {built} but `import {backend}` fails here; install that version "
-                       f"({INSTALL_COMMANDS.get(backend, backend)}=={version})")
+        reasons.append(
+            f"the plan was built with {built} but `import {backend}` fails here; install that version "
+            f"({INSTALL_COMMANDS.get(backend, backend)}=={version})"
+        )
     elif have != version:
-        reasons.append(f"the plan was built with {built} but {backend} {have} is installed; a plan runs only on the "
-                       f"version that built it: rebuild it here (snakemake -f {plan or 'results/engine_<precision>.plan'}) "
-                       f"or install {backend} {version}")
+        reasons.append(
+            f"the plan was built with {built} but {backend} {have} is installed; a plan runs only on the "
+            f"version that built it: rebuild it here (snakemake -f {plan or 'results/engine_<precision>.plan'}) "
+            f"or install {backend} {version}"
+        )
     if plan is not None:
         if not Path(plan).is_file():
             reasons.append(f"{plan} does not exist; build it (snakemake {plan})")
         elif metadata.get("plan_sha256") and files_sha256(plan) != metadata["plan_sha256"]:
-            reasons.append(f"{plan} is not the plan its metadata describes (sha256 differs); rebuild both "
-                           f"(snakemake -f {plan})")
+            reasons.append(
+                f"{plan} is not the plan its metadata describes (sha256 differs); rebuild both (snakemake -f {plan})"
+            )
     if metadata.get("roi_align") == "plugin":
         library = (metadata.get("sources", {}).get("plugin_library") or {}).get("path")
         if not library or not Path(library).is_file():
-            reasons.append(f"the plan uses the MultiLevelRoIAlign plugin but its library {library} is missing; "
-                           "build it (snakemake results/plugins/libtrtflow_plugins.so)")
+            reasons.append(
+                f"the plan uses the MultiLevelRoIAlign plugin but its library {library} is missing; "
+                "build it (snakemake results/plugins/libtrtflow_plugins.so)"
+            )
     return reasons
 
 
@@ -107,13 +124,23 @@ def check_runnable(plan: str | Path, metadata: Mapping) -> None:
     installed = {metadata["backend"]: installed_version(metadata["backend"])}
     reasons = refusals(metadata, visible_gpu(), installed, plan)
     if reasons:
-        raise EngineRefused(f"cannot run {plan} ({metadata['backend']} {metadata['backend_version']}, "
-                            f"{metadata.get('precision')}): " + "; ".join(reasons))
+        raise EngineRefused(
+            f"cannot run {plan} ({metadata['backend']} {metadata['backend_version']}, "
+            f"{metadata.get('precision')}): " + "; ".join(reasons)
+        )
 
 
 def torch_dtype(trt, dtype) -> torch.dtype:
-    table = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8,
-             "UINT8": torch.uint8, "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool}
+    table = {
+        "FLOAT": torch.float32,
+        "HALF": torch.float16,
+        "BF16": torch.bfloat16,
+        "INT8": torch.int8,
+        "UINT8": torch.uint8,
+        "INT32": torch.int32,
+        "INT64": torch.int64,
+        "BOOL": torch.bool,
+    }
     if dtype.name not in table:
         raise EngineRefused(f"engine tensor type {dtype.name} has no torch buffer type")
     return table[dtype.name]
@@ -137,7 +164,9 @@ class EngineRunner:
         self.runtime = trt.Runtime(self.backend.logger)
         self.engine = self.runtime.deserialize_cuda_engine(self.plan.read_bytes())
         if self.engine is None:  # every check passed, so this is a fault, not a refusal: fail loudly
-            raise RuntimeError(self.backend._with_errors(f"{self.backend.describe()} could not deserialize {self.plan}"))
+            raise RuntimeError(
+                self.backend._with_errors(f"{self.backend.describe()} could not deserialize {self.plan}")
+            )
         self.native_graphs = cuda_graph and hasattr(trt, "CudaGraphStrategy")
         self.cuda_graph = cuda_graph
         self.context = self._create_context()
@@ -168,16 +197,26 @@ class EngineRunner:
         return low[0], high[0]
 
     def describe(self) -> dict:
-        return {"plan": str(self.plan), "backend": self.backend.describe(), "precision": self.metadata.get("precision"),
-                "gpu": torch.cuda.get_device_name(), "batch_range": list(self.batch_range),
-                "cuda_graph": ("native (TensorRT-RTX runtime config)" if self.native_graphs
-                               else "torch.cuda.graph capture" if self.cuda_graph else False)}
+        return {
+            "plan": str(self.plan),
+            "backend": self.backend.describe(),
+            "precision": self.metadata.get("precision"),
+            "gpu": torch.cuda.get_device_name(),
+            "batch_range": list(self.batch_range),
+            "cuda_graph": (
+                "native (TensorRT-RTX runtime config)"
+                if self.native_graphs
+                else "torch.cuda.graph capture"
+                if self.cuda_graph
+                else False
+            ),
+        }
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         if not images.is_cuda:
             raise ValueError("EngineRunner takes CUDA tensors; move the batch with .cuda() first")
         low, high = self.batch_range
-        parts = [self._run_padded(images[i:i + high], low) for i in range(0, len(images), high)]
+        parts = [self._run_padded(images[i : i + high], low) for i in range(0, len(images), high)]
         return {name: torch.cat([part[name] for part in parts]) for name in self.outputs}
 
     def _run_padded(self, images: torch.Tensor, low: int) -> dict[str, torch.Tensor]:
@@ -232,7 +271,9 @@ class EngineRunner:
                 with torch.cuda.graph(graph, stream=self.stream):
                     self._execute()
             except RuntimeError as error:
-                raise RuntimeError(f"{self.plan}: CUDA graph capture failed ({error}); run without cuda_graph") from error
+                raise RuntimeError(
+                    f"{self.plan}: CUDA graph capture failed ({error}); run without cuda_graph"
+                ) from error
             self.graphs[batch] = (graph, static_input, static_outputs)
         graph, static_input, static_outputs = self.graphs[batch]
         static_input.copy_(images)

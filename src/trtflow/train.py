@@ -3,6 +3,7 @@
 Images go through the same letterbox as inference; the detector is trained on exactly the network
 input it later sees, with horizontal flips of the image content as the only augmentation.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,10 +36,14 @@ def load_training_set(coco_json: str | Path, input_hw: tuple[int, int], pad_valu
         boxes[:, 2:] += boxes[:, :2]
         canvases.append(canvas)
         widths.append(content_width)
-        targets.append({
-            "boxes": torch.from_numpy(boxes * letterbox.ratio),
-            "labels": torch.tensor([labels[a["category_id"]] for a in annotations.get(image["id"], [])], dtype=torch.int64),
-        })
+        targets.append(
+            {
+                "boxes": torch.from_numpy(boxes * letterbox.ratio),
+                "labels": torch.tensor(
+                    [labels[a["category_id"]] for a in annotations.get(image["id"], [])], dtype=torch.int64
+                ),
+            }
+        )
     return torch.from_numpy(np.stack(canvases)), widths, targets
 
 
@@ -65,8 +70,19 @@ def learning_rate(step: int, total: int, base: float, warmup: int) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train_demo(train_json, out_path, model_cfg: dict, preprocess_cfg: dict, *, epochs: int = 30, batch_size: int = 16,
-               lr: float = 0.02, seed: int = 0, device: str | None = None, log=print) -> Path:
+def train_demo(
+    train_json,
+    out_path,
+    model_cfg: dict,
+    preprocess_cfg: dict,
+    *,
+    epochs: int = 30,
+    batch_size: int = 16,
+    lr: float = 0.02,
+    seed: int = 0,
+    device: str | None = None,
+    log=print,
+) -> Path:
     """Train the demo detector and save its state_dict (safetensors) to `out_path`."""
     from safetensors.torch import save_file
 
@@ -87,7 +103,7 @@ def train_demo(train_json, out_path, model_cfg: dict, preprocess_cfg: dict, *, e
         flips = torch.rand(len(targets), generator=generator) < 0.5
         for first in range(0, steps_per_epoch * batch_size, batch_size):
             batch, batch_targets = [], []
-            for index in order[first:first + batch_size].tolist():
+            for index in order[first : first + batch_size].tolist():
                 canvas, target = canvases[index], targets[index]
                 if flips[index]:
                     canvas, target = flip_content(canvas, target, widths[index])
@@ -102,8 +118,11 @@ def train_demo(train_json, out_path, model_cfg: dict, preprocess_cfg: dict, *, e
             torch.nn.utils.clip_grad_norm_(parameters, 10.0)
             optimizer.step()
             step += 1
-        log(f"epoch {epoch + 1}/{epochs} loss {loss.item():.4f} "
-            + " ".join(f"{k}={v.item():.3f}" for k, v in losses.items()) + f" ({time.time() - started:.0f} s)")
+        log(
+            f"epoch {epoch + 1}/{epochs} loss {loss.item():.4f} "
+            + " ".join(f"{k}={v.item():.3f}" for k, v in losses.items())
+            + f" ({time.time() - started:.0f} s)"
+        )
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     header = {"arch": model_cfg["arch"], "num_classes": str(model_cfg["num_classes"])}
     atomic_write(out_path, lambda staging: save_file(state, str(staging), metadata=header))

@@ -5,6 +5,7 @@
 (`trtflow.postprocess`), the TensorRT version and GPUs the plan runs on, and the equivalent trtexec command.
 `trtflow detect` reads it back; it is plain data, so the run side reads it without the build side.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -12,12 +13,14 @@ from pathlib import Path
 
 from trtflow.backend import COMMAND_LINE_RUNNERS
 
-INPUT_MEANING = ("preprocessed images, float32 NCHW: see `preprocess` (keep-ratio resize into height x width, "
-                 "content at the top-left, pad_value on the right and bottom, colour order, (x/255 - mean) / std)")
+INPUT_MEANING = (
+    "preprocessed images, float32 NCHW: see `preprocess` (keep-ratio resize into height x width, "
+    "content at the top-left, pad_value on the right and bottom, colour order, (x/255 - mean) / std)"
+)
 OUTPUT_MEANINGS = {
     "num_detections": "detections per image (int32); rows of boxes/scores/classes beyond it are padding (score 0)",
     "boxes": "x1, y1, x2, y2 per detection in network-input pixels; original pixels: x / ratio of the letterbox "
-             "(ratio = min(height / image height, width / image width)), clipped to the image",
+    "(ratio = min(height / image height, width / image width)), clipped to the image",
     "scores": "the detection's class score, per image in decreasing order",
     "classes": "the model label of the detection: `label` in `classes` (0, background, never occurs)",
 }
@@ -38,14 +41,18 @@ POSTPROCESS_STEPS = (
 
 def classes_of(categories: Sequence[Mapping]) -> list[dict]:
     """Model label -> COCO category, as `trtflow.metrics.category_labels` numbers them (1.. in sorted id order)."""
-    return [{"label": label, "category_id": category["id"], "name": category["name"]}
-            for label, category in enumerate(sorted(categories, key=lambda c: c["id"]), 1)]
+    return [
+        {"label": label, "category_id": category["id"], "name": category["name"]}
+        for label, category in enumerate(sorted(categories, key=lambda c: c["id"]), 1)
+    ]
 
 
 def shapes_argument(inputs: Sequence[Mapping]) -> str:
     """trtexec's --shapes: each input at its profile's opt shape (its static shape where it has no profile)."""
-    return ",".join(f"{entry['name']}:" + "x".join(str(d) for d in entry.get("profile", {}).get("opt", entry["shape"]))
-                    for entry in inputs)
+    return ",".join(
+        f"{entry['name']}:" + "x".join(str(d) for d in entry.get("profile", {}).get("opt", entry["shape"]))
+        for entry in inputs
+    )
 
 
 def plan_usage(metadata: Mapping, plan_path: str | Path, usage: Mapping | None) -> dict:
@@ -58,8 +65,10 @@ def plan_usage(metadata: Mapping, plan_path: str | Path, usage: Mapping | None) 
     runner = COMMAND_LINE_RUNNERS.get(metadata["backend"], "trtexec")
     return {
         "inputs": [{**entry, "layout": "NCHW", "meaning": INPUT_MEANING} for entry in metadata["inputs"]],
-        "outputs": [{**entry, "meaning": OUTPUT_MEANINGS.get(entry["name"], "a debug output (engine.debug_outputs)")}
-                    for entry in metadata["outputs"]],
+        "outputs": [
+            {**entry, "meaning": OUTPUT_MEANINGS.get(entry["name"], "a debug output (engine.debug_outputs)")}
+            for entry in metadata["outputs"]
+        ],
         "preprocess": None if preprocess is None else {**preprocess, "steps": list(PREPROCESS_STEPS)},
         "postprocess": None if postprocess is None else {**postprocess, "steps": list(POSTPROCESS_STEPS)},
         "classes": None if categories is None else classes_of(categories),

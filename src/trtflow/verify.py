@@ -15,6 +15,7 @@ Which executor, strongest first, and the level the JSON claims (`verified_level`
   dtype): neither the plan nor the TensorRT network ran.
 `passed` means the thresholds held at that level; `verify.require` names the least level a run accepts.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,9 +49,9 @@ LEVELS = ("deployment-form", "network-definition", "engine")  # weakest first
 UNVERIFIED = {
     "engine": None,
     "network-definition": "TensorRT's compilation of this network (layer fusion, kernel choice, reduced-precision "
-                          "kernels) did not run here",
+    "kernels) did not run here",
     "deployment-form": "neither the plan nor the TensorRT network definition ran here: only the algorithm's "
-                       "ONNX Runtime + PyTorch twin was checked",
+    "ONNX Runtime + PyTorch twin was checked",
 }
 
 
@@ -134,8 +135,9 @@ def match_detections(reference: list[dict], deployed: list[dict], iou_thresh: fl
         if not ref_indices or not dep_indices:
             continue
         ref_indices = sorted(ref_indices, key=lambda i: -reference[i]["score"])
-        overlap = iou_matrix(xyxy([reference[i]["bbox"] for i in ref_indices]),
-                             xyxy([deployed[j]["bbox"] for j in dep_indices]))
+        overlap = iou_matrix(
+            xyxy([reference[i]["bbox"] for i in ref_indices]), xyxy([deployed[j]["bbox"] for j in dep_indices])
+        )
         taken = np.zeros(len(dep_indices), bool)
         for row, ref_index in enumerate(ref_indices):
             candidates = np.where(taken, -1.0, overlap[row])
@@ -198,8 +200,9 @@ def float16_runs_on(device: torch.device) -> str | None:
     return None
 
 
-def deployment_executor(precision: str, onnx: str | Path, weights_dir: str | Path, *,
-                        device: str | torch.device | None = None) -> Executor:
+def deployment_executor(
+    precision: str, onnx: str | Path, weights_dir: str | Path, *, device: str | torch.device | None = None
+) -> Executor:
     """The deployment-form reference as the engine of `precision` is built: `onnx` is features.onnx for fp32
     and fp16, features.qdq.onnx for int8; the head runs float32 for fp32, float16 otherwise. Where the
     head's device cannot run float16 it runs float32 and `details["note"]` says so."""
@@ -219,8 +222,15 @@ def level_status(level: str, reasons: list[str]) -> dict:
     return status | ({"reason": "; ".join(reasons)} if reasons else {})
 
 
-def choose_executor(precision: str, *, plan: str | Path, onnx: str | Path, weights_dir: str | Path,
-                    network: str | Path | None = None, cuda_graph: bool = False) -> tuple[Executor, dict]:
+def choose_executor(
+    precision: str,
+    *,
+    plan: str | Path,
+    onnx: str | Path,
+    weights_dir: str | Path,
+    network: str | Path | None = None,
+    cuda_graph: bool = False,
+) -> tuple[Executor, dict]:
     """The strongest executor this machine can run: the engine, else the recorded network definition
     (`network`, the record beside the plan), else the deployment-form reference; with `level_status`."""
     try:
@@ -241,14 +251,25 @@ def choose_executor(precision: str, *, plan: str | Path, onnx: str | Path, weigh
 # --------------------------------------------------------------------------- the stage
 
 
-def verify_detections(precision: str, executor: Executor, status: Mapping, *, val_json: str | Path,
-                      reference_detections: str | Path, reference_metrics: str | Path, preprocess: dict,
-                      postprocess: dict, thresholds: Thresholds, match_iou: float = 0.9,
-                      batch_size: int = 8) -> tuple[dict, list[dict]]:
+def verify_detections(
+    precision: str,
+    executor: Executor,
+    status: Mapping,
+    *,
+    val_json: str | Path,
+    reference_detections: str | Path,
+    reference_metrics: str | Path,
+    preprocess: dict,
+    postprocess: dict,
+    thresholds: Thresholds,
+    match_iou: float = 0.9,
+    batch_size: int = 8,
+) -> tuple[dict, list[dict]]:
     """Run `executor` over the val split and compare with the reference (its detections, and the COCO
     metrics the reference stage computed from them): (verify result, deployed detections)."""
-    deployed = detect_dataset(executor, val_json, preprocess, postprocess, batch_size=batch_size,
-                              desc=f"verify {precision} ({executor.name})")
+    deployed = detect_dataset(
+        executor, val_json, preprocess, postprocess, batch_size=batch_size, desc=f"verify {precision} ({executor.name})"
+    )
     reference = json.loads(Path(reference_detections).read_text())
     matching = match_detections(reference, deployed, match_iou)
     metrics = coco_map(val_json, deployed)
@@ -273,9 +294,24 @@ def verify_detections(precision: str, executor: Executor, status: Mapping, *, va
     return result, deployed
 
 
-def run_verify(precision: str, *, plan, onnx, weights_dir, val_json, reference_detections, reference_metrics,
-               preprocess: dict, postprocess: dict, thresholds: Thresholds, enforce: bool = True, settings: Mapping,
-               out_json, detections_out, network=None) -> dict:
+def run_verify(
+    precision: str,
+    *,
+    plan,
+    onnx,
+    weights_dir,
+    val_json,
+    reference_detections,
+    reference_metrics,
+    preprocess: dict,
+    postprocess: dict,
+    thresholds: Thresholds,
+    enforce: bool = True,
+    settings: Mapping,
+    out_json,
+    detections_out,
+    network=None,
+) -> dict:
     """Rule `verify`: choose the executor, compare, write results/verify/{precision}.json and the deployed
     detections. Fails (after logging the numbers) below the precision's thresholds where `enforce` (config
     `verify.enforce` lists the precision; otherwise the JSON says `passed: false` and the log warns), and when
@@ -283,25 +319,47 @@ def run_verify(precision: str, *, plan, onnx, weights_dir, val_json, reference_d
 
     `settings`: config `verify:` (match_iou, batch_size, require, cuda_graph).
     """
-    executor, status = choose_executor(precision, plan=plan, onnx=onnx, weights_dir=weights_dir, network=network,
-                                       cuda_graph=settings.get("cuda_graph", False))
+    executor, status = choose_executor(
+        precision,
+        plan=plan,
+        onnx=onnx,
+        weights_dir=weights_dir,
+        network=network,
+        cuda_graph=settings.get("cuda_graph", False),
+    )
     required = settings.get("require", LEVELS[0])
     if LEVELS.index(status["verified_level"]) < LEVELS.index(required):
-        raise VerifyError(f"verify.require is {required} but the {precision} plan can only be verified at level "
-                          f"{status['verified_level']} here: {status['reason']}")
+        raise VerifyError(
+            f"verify.require is {required} but the {precision} plan can only be verified at level "
+            f"{status['verified_level']} here: {status['reason']}"
+        )
     result, deployed = verify_detections(
-        precision, executor, status, val_json=val_json, reference_detections=reference_detections,
-        reference_metrics=reference_metrics, preprocess=preprocess, postprocess=postprocess, thresholds=thresholds,
-        match_iou=settings.get("match_iou", 0.9), batch_size=settings.get("batch_size", 8),
+        precision,
+        executor,
+        status,
+        val_json=val_json,
+        reference_detections=reference_detections,
+        reference_metrics=reference_metrics,
+        preprocess=preprocess,
+        postprocess=postprocess,
+        thresholds=thresholds,
+        match_iou=settings.get("match_iou", 0.9),
+        batch_size=settings.get("batch_size", 8),
     )
     print(json.dumps(result, indent=2))
     write_json(detections_out, deployed)
     write_json(out_json, result)
     level = f"{executor.name}, level {status['verified_level']}"
     if not result["passed"] and not enforce:
-        log.warning("%s (%s) is below its thresholds (%s) but verify.enforce does not list it", precision, level,
-                    "; ".join(result["failures"]))
+        log.warning(
+            "%s (%s) is below its thresholds (%s) but verify.enforce does not list it",
+            precision,
+            level,
+            "; ".join(result["failures"]),
+        )
     elif not result["passed"]:
-        raise VerifyError(f"{precision} ({level}) fails verification: {'; '.join(result['failures'])} "
-                          f"(thresholds: verify.thresholds.{precision} in config.yaml; all numbers in the log above)")
+        raise VerifyError(
+            f"{precision} ({level}) fails verification: {'; '.join(result['failures'])} "
+            f"(thresholds: verify.thresholds.{precision} in config.yaml; all numbers in the log above)"
+        )
     return result

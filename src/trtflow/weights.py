@@ -62,9 +62,16 @@ def feature_levels(model: nn.Module, input_hw: tuple[int, int]) -> list[dict]:
     """
     height, width = input_hw
     maps = backbone_maps(model, input_hw)
-    return [{"name": name, "key": key, "channels": fmap.shape[1], "size": list(fmap.shape[-2:]),
-             "anchor_stride": [height // fmap.shape[-2], width // fmap.shape[-1]]}
-            for name, (key, fmap) in zip(level_names(model, input_hw, maps), maps.items())]
+    return [
+        {
+            "name": name,
+            "key": key,
+            "channels": fmap.shape[1],
+            "size": list(fmap.shape[-2:]),
+            "anchor_stride": [height // fmap.shape[-2], width // fmap.shape[-1]],
+        }
+        for name, (key, fmap) in zip(level_names(model, input_hw, maps), maps.items())
+    ]
 
 
 # --------------------------------------------------------------------------- RPN and RoI pooler
@@ -74,11 +81,15 @@ def rpn_metadata(rpn: nn.Module, levels: list[dict]) -> dict:
     """Anchors, box coder and the test-time proposal budgets/thresholds of a RegionProposalNetwork."""
     generator = rpn.anchor_generator
     if not isinstance(generator, AnchorGenerator):
-        raise HeadWeightsError(f"rpn.anchor_generator is {type(generator).__name__}; the head builds "
-                               "torchvision AnchorGenerator anchors only")
+        raise HeadWeightsError(
+            f"rpn.anchor_generator is {type(generator).__name__}; the head builds "
+            "torchvision AnchorGenerator anchors only"
+        )
     if len(generator.sizes) != len(levels):
-        raise HeadWeightsError(f"the anchor generator has {len(generator.sizes)} levels of sizes but the "
-                               f"backbone gives {len(levels)} feature maps; make them agree")
+        raise HeadWeightsError(
+            f"the anchor generator has {len(generator.sizes)} levels of sizes but the "
+            f"backbone gives {len(levels)} feature maps; make them agree"
+        )
     coder = rpn.box_coder
     return {
         "anchor_sizes": [list(map(float, s)) for s in generator.sizes],
@@ -101,15 +112,20 @@ def pooler_metadata(pooler: nn.Module, levels: list[dict], input_hw: tuple[int, 
     are listed.
     """
     if not isinstance(pooler, MultiScaleRoIAlign):
-        raise HeadWeightsError(f"roi_heads.box_roi_pool is {type(pooler).__name__}; the head builds "
-                               "torchvision MultiScaleRoIAlign only")
+        raise HeadWeightsError(
+            f"roi_heads.box_roi_pool is {type(pooler).__name__}; the head builds torchvision MultiScaleRoIAlign only"
+        )
     if pooler.sampling_ratio <= 0:
-        raise HeadWeightsError(f"box_roi_pool.sampling_ratio is {pooler.sampling_ratio}: an adaptive "
-                               "sampling grid has no static shape; set a positive sampling_ratio (2)")
+        raise HeadWeightsError(
+            f"box_roi_pool.sampling_ratio is {pooler.sampling_ratio}: an adaptive "
+            "sampling grid has no static shape; set a positive sampling_ratio (2)"
+        )
     pooled = [i for i, level in enumerate(levels) if level["key"] in pooler.featmap_names]
     if not pooled:
-        raise HeadWeightsError(f"box_roi_pool.featmap_names {pooler.featmap_names} match none of the "
-                               f"backbone outputs {[lvl['key'] for lvl in levels]}")
+        raise HeadWeightsError(
+            f"box_roi_pool.featmap_names {pooler.featmap_names} match none of the "
+            f"backbone outputs {[lvl['key'] for lvl in levels]}"
+        )
     height = input_hw[0]
     scales = [2.0 ** round(math.log2(levels[i]["size"][0] / height)) for i in pooled]
     k_min, k_max = int(-math.log2(scales[0])), int(-math.log2(scales[-1]))
@@ -133,8 +149,13 @@ def pooler_metadata(pooler: nn.Module, levels: list[dict], input_hw: tuple[int, 
 
 def _linear(name: str, layer: nn.Linear, relu: bool) -> tuple[dict, dict]:
     bias = layer.bias if layer.bias is not None else torch.zeros(layer.out_features)
-    spec = {"kind": "linear", "name": name, "in_features": layer.in_features,
-            "out_features": layer.out_features, "relu": relu}
+    spec = {
+        "kind": "linear",
+        "name": name,
+        "in_features": layer.in_features,
+        "out_features": layer.out_features,
+        "relu": relu,
+    }
     return spec, {f"{name}.weight": layer.weight, f"{name}.bias": bias}
 
 
@@ -147,12 +168,22 @@ def _conv(name: str, conv: nn.Conv2d, norm: nn.Module | None) -> tuple[dict, dic
         weight = weight * scale[:, None, None, None]
         bias = (bias - norm.running_mean.double()) * scale + norm.bias.double()
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        raise HeadWeightsError(f"{name}: only numeric zero padding is supported, got {conv.padding!r}/"
-                               f"{conv.padding_mode!r}")
-    spec = {"kind": "conv2d", "name": name, "in_channels": conv.in_channels,
-            "out_channels": conv.out_channels, "kernel_size": list(conv.kernel_size),
-            "stride": list(conv.stride), "padding": list(conv.padding), "dilation": list(conv.dilation),
-            "groups": conv.groups, "folded_batch_norm": norm is not None, "relu": False}
+        raise HeadWeightsError(
+            f"{name}: only numeric zero padding is supported, got {conv.padding!r}/{conv.padding_mode!r}"
+        )
+    spec = {
+        "kind": "conv2d",
+        "name": name,
+        "in_channels": conv.in_channels,
+        "out_channels": conv.out_channels,
+        "kernel_size": list(conv.kernel_size),
+        "stride": list(conv.stride),
+        "padding": list(conv.padding),
+        "dilation": list(conv.dilation),
+        "groups": conv.groups,
+        "folded_batch_norm": norm is not None,
+        "relu": False,
+    }
     return spec, {f"{name}.weight": weight.float(), f"{name}.bias": bias.float()}
 
 
@@ -179,9 +210,11 @@ def _sequential_layers(prefix: str, head: nn.Sequential) -> tuple[list[dict], di
             i += 1
             continue
         else:
-            raise HeadWeightsError(f"box head layer {name} ({type(module).__name__}) has no API-built "
-                                   "equivalent here; supported: Conv2d(+BatchNorm2d)(+ReLU) blocks, one "
-                                   "Flatten(start_dim=1), then Linear(+ReLU) layers")
+            raise HeadWeightsError(
+                f"box head layer {name} ({type(module).__name__}) has no API-built "
+                "equivalent here; supported: Conv2d(+BatchNorm2d)(+ReLU) blocks, one "
+                "Flatten(start_dim=1), then Linear(+ReLU) layers"
+            )
         layers.append(spec)
         tensors.update(params)
         i += 1
@@ -198,19 +231,22 @@ def box_head_layers(box_head: nn.Module) -> tuple[list[dict], dict[str, torch.Te
         return [{"kind": "flatten"}, fc6, fc7], {**params6, **params7}
     if isinstance(box_head, nn.Sequential):
         return _sequential_layers("box_head", box_head)
-    raise HeadWeightsError(f"roi_heads.box_head is {type(box_head).__name__}; supported: TwoMLPHead, "
-                           "FastRCNNConvFCHead or an nn.Sequential of Conv2d/BatchNorm2d/ReLU/Flatten/Linear")
+    raise HeadWeightsError(
+        f"roi_heads.box_head is {type(box_head).__name__}; supported: TwoMLPHead, "
+        "FastRCNNConvFCHead or an nn.Sequential of Conv2d/BatchNorm2d/ReLU/Flatten/Linear"
+    )
 
 
 def box_predictor_layers(predictor: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
     """cls_score and bbox_pred of a FastRCNNPredictor (class-specific box regression)."""
     if not isinstance(predictor, FastRCNNPredictor):
-        raise HeadWeightsError(f"roi_heads.box_predictor is {type(predictor).__name__}; supported: "
-                               "FastRCNNPredictor")
+        raise HeadWeightsError(f"roi_heads.box_predictor is {type(predictor).__name__}; supported: FastRCNNPredictor")
     num_classes = predictor.cls_score.out_features
     if predictor.bbox_pred.out_features != 4 * num_classes:
-        raise HeadWeightsError(f"box_predictor.bbox_pred has {predictor.bbox_pred.out_features} outputs, "
-                               f"expected 4 x num_classes = {4 * num_classes} (class-specific boxes)")
+        raise HeadWeightsError(
+            f"box_predictor.bbox_pred has {predictor.bbox_pred.out_features} outputs, "
+            f"expected 4 x num_classes = {4 * num_classes} (class-specific boxes)"
+        )
     cls_spec, cls_params = _linear("box_predictor.cls_score", predictor.cls_score, relu=False)
     box_spec, box_params = _linear("box_predictor.bbox_pred", predictor.bbox_pred, relu=False)
     return {"cls_score": cls_spec, "bbox_pred": box_spec}, {**cls_params, **box_params}
@@ -272,9 +308,15 @@ def _same_bits(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> bo
     return a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
 
 
-def export_head(model: nn.Module, input_hw: tuple[int, int], out_dir: str | os.PathLike, *,
-                checkpoint_sha256: str, formats: Iterable[str] = ("safetensors",),
-                box_candidates: int = 1000) -> dict:
+def export_head(
+    model: nn.Module,
+    input_hw: tuple[int, int],
+    out_dir: str | os.PathLike,
+    *,
+    checkpoint_sha256: str,
+    formats: Iterable[str] = ("safetensors",),
+    box_candidates: int = 1000,
+) -> dict:
     """Write head.safetensors (+ head.wts) and manifest.json for `model` at the static `input_hw`.
 
     Every file written is read back and compared bit for bit before it replaces the old one;
@@ -308,13 +350,17 @@ def export_head(model: nn.Module, input_hw: tuple[int, int], out_dir: str | os.P
     if "wts" in formats:
         atomic_write(out / WTS, write_wts_checked)
         files["wts"] = WTS
-    manifest.update({
-        "source_checkpoint_sha256": checkpoint_sha256,
-        "software": software_versions(),
-        "files": files,
-        "roundtrip": {fmt: "bit-exact" for fmt in files},
-        "tensors": [{"name": name, "shape": list(t.shape), "dtype": "float32", "sha256": tensor_sha256(t)}
-                    for name, t in tensors.items()],
-    })
+    manifest.update(
+        {
+            "source_checkpoint_sha256": checkpoint_sha256,
+            "software": software_versions(),
+            "files": files,
+            "roundtrip": {fmt: "bit-exact" for fmt in files},
+            "tensors": [
+                {"name": name, "shape": list(t.shape), "dtype": "float32", "sha256": tensor_sha256(t)}
+                for name, t in tensors.items()
+            ],
+        }
+    )
     atomic_write(out / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1) + "\n"))
     return manifest

@@ -1,4 +1,5 @@
 """Glue for the thin Snakemake scripts: logging to the rule's log file and readable failures."""
+
 from __future__ import annotations
 
 import ast
@@ -23,8 +24,9 @@ def script_logging(snakemake):
             stream = stack.enter_context(open(log_path, "w", buffering=1))
             stack.enter_context(contextlib.redirect_stdout(stream))
             stack.enter_context(contextlib.redirect_stderr(stream))
-            logging.basicConfig(stream=stream, level=logging.INFO, force=True,
-                                format="%(asctime)s %(name)s %(levelname)s %(message)s")
+            logging.basicConfig(
+                stream=stream, level=logging.INFO, force=True, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+            )
         try:
             yield
         except Exception as error:

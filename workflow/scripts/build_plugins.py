@@ -9,5 +9,7 @@ with script_logging(snakemake):
         out_dir=Path(snakemake.output.library).parent,
         config=BuildConfig.from_config(snakemake.params.plugins),
     )
-    print(f"built {', '.join(record['outputs'])} with nvcc {record['nvcc']['version']} "
-          f"for {', '.join(record['archs'])} + {record['ptx_arch']} in {record['seconds']} s")
+    print(
+        f"built {', '.join(record['outputs'])} with nvcc {record['nvcc']['version']} "
+        f"for {', '.join(record['archs'])} + {record['ptx_arch']} in {record['seconds']} s"
+    )

@@ -2,7 +2,13 @@ from trtflow.calibrate import calibrate_features
 from trtflow.workflow import script_logging
 
 with script_logging(snakemake):
-    calibrate_features(snakemake.input.onnx, snakemake.input.images, table_path=snakemake.output.table,
-                       ranges_path=snakemake.output.ranges, qdq_path=snakemake.output.qdq,
-                       calibration=snakemake.params.calibration, preprocess=snakemake.params.preprocess,
-                       threads=snakemake.threads)
+    calibrate_features(
+        snakemake.input.onnx,
+        snakemake.input.images,
+        table_path=snakemake.output.table,
+        ranges_path=snakemake.output.ranges,
+        qdq_path=snakemake.output.qdq,
+        calibration=snakemake.params.calibration,
+        preprocess=snakemake.params.preprocess,
+        threads=snakemake.threads,
+    )

@@ -5,7 +5,12 @@ from trtflow.workflow import script_logging
 
 with script_logging(snakemake):
     report = simulated_accuracy(
-        snakemake.input.features, snakemake.input.qdq, Path(snakemake.input.manifest).parent, snakemake.input.val,
-        snakemake.output[0], preprocess=snakemake.params.preprocess, postprocess=snakemake.params.postprocess,
+        snakemake.input.features,
+        snakemake.input.qdq,
+        Path(snakemake.input.manifest).parent,
+        snakemake.input.val,
+        snakemake.output[0],
+        preprocess=snakemake.params.preprocess,
+        postprocess=snakemake.params.postprocess,
     )
     print(report)

@@ -10,10 +10,16 @@ with script_logging(snakemake):
     info = json.load(open(snakemake.input.info))
     model = load_detector(snakemake.params.detector, snakemake.input.checkpoint)
     export_features(
-        model, (model_cfg["input"]["height"], model_cfg["input"]["width"]), snakemake.output[0],
-        opset=onnx_cfg["opset"], dynamic_batch=onnx_cfg["dynamic_batch"], batch_size=onnx_cfg["batch_size"],
-        simplify=onnx_cfg["simplify"], metadata={
-            "trtflow.checkpoint_sha256": info["sha256"], "trtflow.arch": info["arch"],
+        model,
+        (model_cfg["input"]["height"], model_cfg["input"]["width"]),
+        snakemake.output[0],
+        opset=onnx_cfg["opset"],
+        dynamic_batch=onnx_cfg["dynamic_batch"],
+        batch_size=onnx_cfg["batch_size"],
+        simplify=onnx_cfg["simplify"],
+        metadata={
+            "trtflow.checkpoint_sha256": info["sha256"],
+            "trtflow.arch": info["arch"],
             "trtflow.software": json.dumps(software_versions()),
         },
     )

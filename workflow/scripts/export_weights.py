@@ -10,8 +10,11 @@ with script_logging(snakemake):
     info = json.loads(Path(snakemake.input.info).read_text())
     model = load_detector(model_cfg, snakemake.input.checkpoint)
     manifest = export_head(
-        model, (model_cfg["input"]["height"], model_cfg["input"]["width"]), Path(snakemake.output.manifest).parent,
-        checkpoint_sha256=info["sha256"], formats=weights_cfg["format"],
+        model,
+        (model_cfg["input"]["height"], model_cfg["input"]["width"]),
+        Path(snakemake.output.manifest).parent,
+        checkpoint_sha256=info["sha256"],
+        formats=weights_cfg["format"],
         box_candidates=weights_cfg["box_candidates"],
     )
     print(json.dumps({k: manifest[k] for k in ("files", "roundtrip", "tensors")}, indent=1))

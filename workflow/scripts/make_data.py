@@ -1,4 +1,5 @@
 """Rule `data`: results/data/val.json and calib.json from the `data:` config."""
+
 from trtflow.data import prepare_data
 from trtflow.workflow import script_logging
 

@@ -5,7 +5,12 @@ from trtflow.workflow import script_logging
 with script_logging(snakemake):
     model = load_detector(snakemake.params.detector, snakemake.input.checkpoint)
     metrics = run_reference(
-        model, snakemake.input.val, snakemake.params.preprocess, snakemake.params.postprocess,
-        snakemake.output.detections, snakemake.output.metrics, batch_size=snakemake.params.batch_size,
+        model,
+        snakemake.input.val,
+        snakemake.params.preprocess,
+        snakemake.params.postprocess,
+        snakemake.output.detections,
+        snakemake.output.metrics,
+        batch_size=snakemake.params.batch_size,
     )
     print(metrics)

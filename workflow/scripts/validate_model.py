@@ -2,4 +2,6 @@ from trtflow.model import save_validated_checkpoint
 from trtflow.workflow import script_logging
 
 with script_logging(snakemake):
-    save_validated_checkpoint(snakemake.params.detector, snakemake.input.checkpoint, snakemake.output.checkpoint, snakemake.output.info)
+    save_validated_checkpoint(
+        snakemake.params.detector, snakemake.input.checkpoint, snakemake.output.checkpoint, snakemake.output.info
+    )

@@ -92,15 +92,22 @@ def unsupported_reason(backend, numpy_version: str = np.__version__) -> str | No
     except PluginUnavailableError as error:
         return str(error)
     if not backend.capabilities.cumulative_layer:
-        return (f"TensorRT {backend.version} has no INetworkDefinition.add_cumulative (TensorRT >= 10.8), which gives "
-                "each RoI its image index for the plugin: upgrade TensorRT to 10.8 or later, or set "
-                "engine.roi_align: builtin")
-    if (flavour == "aot" and _release(backend.version) < PLUGIN_NUMPY_FIXED_VERSION
-            and _release(numpy_version) >= NUMPY_REFUSING_ARRAY_INT):
-        return (f"TensorRT {backend.version}'s tensorrt.plugin cannot create plugins under NumPy {numpy_version} "
-                "(it converts each int attribute with int() of a 1-element array, which NumPy 2.4 refuses; "
-                'TensorRT 11.2 fixed it): pip install "numpy<2.4", or upgrade TensorRT to 11.2 or later, or set '
-                "engine.roi_align: builtin")
+        return (
+            f"TensorRT {backend.version} has no INetworkDefinition.add_cumulative (TensorRT >= 10.8), which gives "
+            "each RoI its image index for the plugin: upgrade TensorRT to 10.8 or later, or set "
+            "engine.roi_align: builtin"
+        )
+    if (
+        flavour == "aot"
+        and _release(backend.version) < PLUGIN_NUMPY_FIXED_VERSION
+        and _release(numpy_version) >= NUMPY_REFUSING_ARRAY_INT
+    ):
+        return (
+            f"TensorRT {backend.version}'s tensorrt.plugin cannot create plugins under NumPy {numpy_version} "
+            "(it converts each int attribute with int() of a 1-element array, which NumPy 2.4 refuses; "
+            'TensorRT 11.2 fixed it): pip install "numpy<2.4", or upgrade TensorRT to 11.2 or later, or set '
+            "engine.roi_align: builtin"
+        )
     return None
 
 
@@ -143,8 +150,10 @@ def map_layout(trt, tensor_format) -> str:
     """trtflow.plugins.LAYOUT_CODES key of a feature map's trt.TensorFormat."""
     layouts = {trt.TensorFormat.LINEAR: "nchw", trt.TensorFormat.HWC: "nhwc", trt.TensorFormat.HWC8: "nhwc8"}
     if tensor_format not in layouts:
-        raise ValueError(f"{PLUGIN_NAME} got feature maps in {tensor_format}: it offers TensorRT only LINEAR, "
-                         "HWC (float32) and HWC8 (float16)")
+        raise ValueError(
+            f"{PLUGIN_NAME} got feature maps in {tensor_format}: it offers TensorRT only LINEAR, "
+            "HWC (float32) and HWC8 (float16)"
+        )
     return layouts[tensor_format]
 
 
@@ -176,13 +185,19 @@ def register_multilevel_roi_align(backend, library: Path, ptx: Path) -> None:
     key = f"{backend.name}:{flavour}"
     if key in _registered:
         if _registered[key] != library.resolve():
-            raise PluginLibraryError(f"the RoIAlign plugin is already registered with {_registered[key]}, "
-                                     f"not {library}: use one plugin library per process")
+            raise PluginLibraryError(
+                f"the RoIAlign plugin is already registered with {_registered[key]}, "
+                f"not {library}: use one plugin library per process"
+            )
         return
     if flavour == "aot":
         ptx_text = Path(ptx).read_text() if Path(ptx).is_file() else ""
-        wanted = [kernel_name(n, d, layout) for n in range(1, MAX_LEVELS + 1) for d in ("float32", "float16")
-                  for layout in ("nchw", "nhwc")]
+        wanted = [
+            kernel_name(n, d, layout)
+            for n in range(1, MAX_LEVELS + 1)
+            for d in ("float32", "float16")
+            for layout in ("nchw", "nhwc")
+        ]
         missing = [name for name in wanted if name not in ptx_kernels(ptx_text)]
         if missing:
             raise PluginLibraryError(f"{ptx} lacks kernels {missing}: rebuild it with the rule `plugins`")
@@ -198,7 +213,9 @@ def add_multilevel_roi_align(backend, network, features: Sequence, rois, spec: R
     """Add the plugin layer to `network`; returns its output ITensor (N, C, out_h, out_w)."""
     flavour = plugin_flavour(backend.name, backend.version)
     if f"{backend.name}:{flavour}" not in _registered:
-        raise PluginLibraryError("register the plugin first: trtflow.backend.roi_align_plugin.register_plugins(backend, library)")
+        raise PluginLibraryError(
+            "register the plugin first: trtflow.backend.roi_align_plugin.register_plugins(backend, library)"
+        )
     if len(features) != spec.num_levels:
         raise ValueError(f"{len(features)} feature maps for a RoIAlignSpec of {spec.num_levels} levels")
     attrs = dict(zip(ATTRIBUTES, spec.c_args()))
@@ -249,11 +266,15 @@ def _register_decorator_plugin(trt, library: Path, ptx_text: str, num_levels: in
 
     def split(arguments):
         maps = [arguments[n] for n in tensors[:-1]]
-        spec = RoIAlignSpec(output_size=(arguments["out_h"], arguments["out_w"]),
-                            sampling_ratio=arguments["sampling_ratio"], aligned=bool(arguments["aligned"]),
-                            first_level=arguments["first_level"], num_levels=num_levels,
-                            canonical_scale=arguments["canonical_scale"],
-                            canonical_level=arguments["canonical_level"])
+        spec = RoIAlignSpec(
+            output_size=(arguments["out_h"], arguments["out_w"]),
+            sampling_ratio=arguments["sampling_ratio"],
+            aligned=bool(arguments["aligned"]),
+            first_level=arguments["first_level"],
+            num_levels=num_levels,
+            canonical_scale=arguments["canonical_scale"],
+            canonical_level=arguments["canonical_level"],
+        )
         return maps, arguments["rois"], spec
 
     @with_signature(signature(trtp.TensorDesc, (), returns=trtp.TensorDesc))
@@ -262,14 +283,19 @@ def _register_decorator_plugin(trt, library: Path, ptx_text: str, num_levels: in
         shape = (rois.shape_expr[0], maps[0].shape_expr[1], *spec.output_size)
         return trtp.from_shape_expr(shape, dtype=maps[0].dtype)
 
-    @with_signature(signature(trtp.TensorDesc, [("outputs", tuple[trtp.TensorDesc])], attrs=(),
-                              returns=list[trtp.AutoTuneCombination]))
+    @with_signature(
+        signature(
+            trtp.TensorDesc, [("outputs", tuple[trtp.TensorDesc])], attrs=(), returns=list[trtp.AutoTuneCombination]
+        )
+    )
     def autotune(arguments):
         # Maps and output share FP32 or FP16; the RoIs stay FP32. All maps take one layout:
         # LINEAR or channels last (HWC for FP32, HWC8 for FP16); RoIs and output are LINEAR.
         return [
-            trtp.AutoTuneCombination(",".join([dtype] * num_levels + ["FP32", dtype]),
-                                     ",".join([f"LINEAR|{channels_last}"] * num_levels + ["LINEAR", "LINEAR"]))
+            trtp.AutoTuneCombination(
+                ",".join([dtype] * num_levels + ["FP32", dtype]),
+                ",".join([f"LINEAR|{channels_last}"] * num_levels + ["LINEAR", "LINEAR"]),
+            )
             for dtype, channels_last in (("FP32", "HWC"), ("FP16", "HWC8"))
         ]
 
@@ -277,22 +303,39 @@ def _register_decorator_plugin(trt, library: Path, ptx_text: str, num_levels: in
     def run(arguments):
         maps, rois, spec = split(arguments)
         output = arguments["outputs"][0]
-        launch(load_library(library), spec, [m.data_ptr for m in maps],
-               [(m.shape[2], m.shape[3]) for m in maps], maps[0].shape[0], maps[0].shape[1], rois.data_ptr,
-               rois.shape[0], output.data_ptr, "float16" if maps[0].dtype == trt.float16 else "float32",
-               arguments["stream"], map_layout(trt, maps[0].format))
+        launch(
+            load_library(library),
+            spec,
+            [m.data_ptr for m in maps],
+            [(m.shape[2], m.shape[3]) for m in maps],
+            maps[0].shape[0],
+            maps[0].shape[1],
+            rois.data_ptr,
+            rois.shape[0],
+            output.data_ptr,
+            "float16" if maps[0].dtype == trt.float16 else "float32",
+            arguments["stream"],
+            map_layout(trt, maps[0].format),
+        )
 
     aot_returns = tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymExprs]
 
-    @with_signature(signature(trtp.TensorDesc, [("outputs", tuple[trtp.TensorDesc]), ("tactic", int)],
-                              returns=aot_returns))
+    @with_signature(
+        signature(trtp.TensorDesc, [("outputs", tuple[trtp.TensorDesc]), ("tactic", int)], returns=aot_returns)
+    )
     def compiled(arguments):
         maps, rois, spec = split(arguments)
         dtype = "float16" if maps[0].dtype == trt.float16 else "float32"
         layout = map_layout(trt, maps[0].format)
         num_rois, channels = rois.shape_expr[0], maps[0].shape_expr[1]
-        scalars = kernel_scalar_args(num_rois, maps[0].shape_expr[0], channels, pixel_stride(channels, layout),
-                                     [(m.shape_expr[2], m.shape_expr[3]) for m in maps], spec.c_args())
+        scalars = kernel_scalar_args(
+            num_rois,
+            maps[0].shape_expr[0],
+            channels,
+            pixel_stride(channels, layout),
+            [(m.shape_expr[2], m.shape_expr[3]) for m in maps],
+            spec.c_args(),
+        )
         launch_params = trtp.KernelLaunchParams()
         launch_params.grid_x = trtp.max(num_rois, 1)  # a zero-RoI batch still launches; blocks exit early
         launch_params.grid_y = trtp.cdiv(channels, CHANNELS_PER_BLOCK)
@@ -327,8 +370,7 @@ class _PluginFields:
 def _plugin_v3_classes(trt):
     """The IPluginV3 plugin and its creator, built on the imported TensorRT module's bases."""
 
-    class MultiLevelRoIAlignPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild,
-                                   trt.IPluginV3OneRuntime):
+    class MultiLevelRoIAlignPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
         def __init__(self, library: Path, attrs: dict):
             trt.IPluginV3.__init__(self)
             trt.IPluginV3OneCore.__init__(self)
@@ -364,8 +406,10 @@ def _plugin_v3_classes(trt):
                 return desc.type == in_out[0].desc.type and desc.format == trt.TensorFormat.LINEAR
             if pos == 0:
                 return (desc.type, desc.format) in {
-                    (trt.DataType.FLOAT, trt.TensorFormat.LINEAR), (trt.DataType.HALF, trt.TensorFormat.LINEAR),
-                    (trt.DataType.FLOAT, trt.TensorFormat.HWC), (trt.DataType.HALF, trt.TensorFormat.HWC8),
+                    (trt.DataType.FLOAT, trt.TensorFormat.LINEAR),
+                    (trt.DataType.HALF, trt.TensorFormat.LINEAR),
+                    (trt.DataType.FLOAT, trt.TensorFormat.HWC),
+                    (trt.DataType.HALF, trt.TensorFormat.HWC8),
                 }
             return desc.type == in_out[0].desc.type and desc.format == in_out[0].desc.format
 
@@ -377,16 +421,30 @@ def _plugin_v3_classes(trt):
 
         def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
             levels = len(inputs) - 1
-            spec = RoIAlignSpec(output_size=(self.attrs["out_h"], self.attrs["out_w"]),
-                                sampling_ratio=self.attrs["sampling_ratio"], aligned=bool(self.attrs["aligned"]),
-                                first_level=self.attrs["first_level"], num_levels=levels,
-                                canonical_scale=self.attrs["canonical_scale"],
-                                canonical_level=self.attrs["canonical_level"])
+            spec = RoIAlignSpec(
+                output_size=(self.attrs["out_h"], self.attrs["out_w"]),
+                sampling_ratio=self.attrs["sampling_ratio"],
+                aligned=bool(self.attrs["aligned"]),
+                first_level=self.attrs["first_level"],
+                num_levels=levels,
+                canonical_scale=self.attrs["canonical_scale"],
+                canonical_level=self.attrs["canonical_level"],
+            )
             dims = [input_desc[l].dims for l in range(levels)]
-            launch(load_library(self.library), spec, list(inputs[:levels]), [(d[2], d[3]) for d in dims],
-                   dims[0][0], dims[0][1], inputs[levels], input_desc[levels].dims[0], outputs[0],
-                   "float16" if input_desc[0].type == trt.DataType.HALF else "float32", stream,
-                   map_layout(trt, input_desc[0].format))
+            launch(
+                load_library(self.library),
+                spec,
+                list(inputs[:levels]),
+                [(d[2], d[3]) for d in dims],
+                dims[0][0],
+                dims[0][1],
+                inputs[levels],
+                input_desc[levels].dims[0],
+                outputs[0],
+                "float16" if input_desc[0].type == trt.DataType.HALF else "float32",
+                stream,
+                map_layout(trt, input_desc[0].format),
+            )
             return 0
 
         def attach_to_context(self, context):
