@@ -32,18 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trtflow.backend.dtypes import TORCH_DTYPES
 from trtflow.network_record import LOOP_BOUNDARIES, NetworkRecord
 
-TORCH_DTYPES = {
-    "FLOAT": torch.float32,
-    "HALF": torch.float16,
-    "BF16": torch.bfloat16,
-    "INT8": torch.int8,
-    "UINT8": torch.uint8,
-    "INT32": torch.int32,
-    "INT64": torch.int64,
-    "BOOL": torch.bool,
-}
 QUANTIZED_RANGE = {"INT8": (-128, 127), "UINT8": (0, 255)}
 
 

@@ -23,6 +23,7 @@ import torch
 
 from trtflow.artifacts import files_sha256
 from trtflow.backend import FLAVOUR_NAMES, INSTALL_COMMANDS, UNSUPPORTED_GPUS, installed_version, load_backend
+from trtflow.backend.dtypes import TORCH_DTYPES
 from trtflow.backend.roi_align_plugin import register_plugins
 from trtflow.model import INPUT_NAME
 
@@ -130,20 +131,10 @@ def check_runnable(plan: str | Path, metadata: Mapping) -> None:
         )
 
 
-def torch_dtype(trt, dtype) -> torch.dtype:
-    table = {
-        "FLOAT": torch.float32,
-        "HALF": torch.float16,
-        "BF16": torch.bfloat16,
-        "INT8": torch.int8,
-        "UINT8": torch.uint8,
-        "INT32": torch.int32,
-        "INT64": torch.int64,
-        "BOOL": torch.bool,
-    }
-    if dtype.name not in table:
+def torch_dtype(dtype) -> torch.dtype:
+    if dtype.name not in TORCH_DTYPES:
         raise EngineRefused(f"engine tensor type {dtype.name} has no torch buffer type")
-    return table[dtype.name]
+    return TORCH_DTYPES[dtype.name]
 
 
 class EngineRunner:
@@ -175,7 +166,7 @@ class EngineRunner:
         self.outputs = [n for n in names if n not in self.inputs]
         if self.inputs != [INPUT_NAME]:
             raise EngineRefused(f"{self.plan} has inputs {self.inputs}; trtflow plans take one input '{INPUT_NAME}'")
-        self.dtypes = {n: torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
+        self.dtypes = {n: torch_dtype(self.engine.get_tensor_dtype(n)) for n in names}
         self.stream = torch.cuda.Stream()
         self.graphs: dict[int, tuple] = {}  # batch -> (CUDAGraph, input buffer, output buffers)
 
