@@ -380,7 +380,7 @@ def test_rule_model_fails_on_a_corrupt_checkpoint_and_saves_nothing(scratch, tmp
         ({"verify": {"enforce": ["fp64"]}}, "verify.enforce.0: 'fp64' is not one of ['fp32', 'fp16', 'int8']"),
         (
             {"engine": {"batch": {"min": 2, "opt": 1, "max": 1}}},
-            "engine.batch: {'min': 2, 'opt': 1, 'max': 1} needs min <= opt <= max",
+            "engine.batch: {'min': 2, 'opt': 1, 'max': 1} needs 1 <= min <= opt <= max",
         ),
         (
             {"engine": {"batch": {"min": 1, "opt": 4, "max": 8}}},

@@ -7,6 +7,7 @@ import yaml
 from conftest import ROOT
 from trtflow.backend import CHOICES as BACKEND_CHOICES
 from trtflow.calibrate import ALGORITHMS
+from trtflow.coco import BAD_IMAGE_POLICIES
 from trtflow.config import SCHEMA, ConfigError, check_config
 from trtflow.engine import INT8_MODES
 from trtflow.head import PRECISIONS
@@ -141,3 +142,4 @@ def test_the_schema_offers_exactly_the_values_the_library_implements():
     assert engine["precisions"]["items"]["enum"] == list(PRECISIONS)
     assert schema["backend"]["enum"] == list(BACKEND_CHOICES)
     assert schema["calibration"]["properties"]["algorithm"]["enum"] == list(ALGORITHMS)
+    assert schema["data"]["properties"]["bad_images"]["enum"] == list(BAD_IMAGE_POLICIES)

@@ -370,7 +370,10 @@ def test_rtx_refuses_full_tensorrt_options(option, message):
     ("config", "message"),
     [
         ({"roi_align": "fast"}, r"engine.roi_align = 'fast': use one of builtin, plugin"),
-        ({"batch": {"min": 4, "opt": 2, "max": 8}}, r"engine.batch = .*: need 1 <= min <= opt <= max"),
+        (
+            {"batch": {"min": 4, "opt": 2, "max": 8}},
+            r"engine.batch: \{'min': 4, 'opt': 2, 'max': 8\} needs 1 <= min <= opt <= max",
+        ),
         ({"opt_level": 9}, r"engine.opt_level = 9: use 0 \(fastest build\) to 5"),
         ({"workspace_mb": 0}, r"engine.workspace_mb = 0: use a positive number of MiB"),
     ],

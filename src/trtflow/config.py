@@ -127,12 +127,19 @@ def _names_files(workdir: Path, spec: str) -> bool:
     return (workdir / spec).exists()
 
 
+def batch_problem(batch: dict) -> str | None:
+    """engine.batch's rule, asked by the config check and by trtflow.engine.BatchProfile."""
+    if not 1 <= batch["min"] <= batch["opt"] <= batch["max"]:
+        return f"engine.batch: {batch} needs 1 <= min <= opt <= max"
+    return None
+
+
 def consistency_problems(config: dict) -> list[str]:
     """Values each valid on their own that cannot work together; caught here rather than minutes into a build."""
     problems = []
     batch, onnx = config["engine"]["batch"], config["onnx"]
-    if not batch["min"] <= batch["opt"] <= batch["max"]:
-        problems.append(f"engine.batch: {batch} needs min <= opt <= max")
+    if problem := batch_problem(batch):
+        problems.append(problem)
     elif not onnx["dynamic_batch"] and set(batch.values()) != {onnx["batch_size"]}:
         size = onnx["batch_size"]
         problems.append(

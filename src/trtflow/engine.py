@@ -29,6 +29,7 @@ from trtflow.artifacts import files_sha256, software_versions, write_bytes, writ
 from trtflow.backend import Backend, load_backend
 from trtflow.backend import precisions as layer_precisions
 from trtflow.backend.roi_align_plugin import register_plugins, unsupported_reason
+from trtflow.config import batch_problem
 from trtflow.head import HEAD_OUTPUTS, PRECISIONS, head_dtype
 from trtflow.head_network import add_head, check_head_options
 from trtflow.head_weights import load_head
@@ -56,8 +57,9 @@ class BatchProfile:
     max: int = 1
 
     def __post_init__(self):
-        if not 1 <= self.min <= self.opt <= self.max:
-            raise ValueError(f"engine.batch = {asdict(self)}: need 1 <= min <= opt <= max")
+        problem = batch_problem(asdict(self))
+        if problem:
+            raise ValueError(problem)
 
 
 @dataclass(frozen=True)
