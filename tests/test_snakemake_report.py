@@ -2,6 +2,7 @@
 rule report and the verify / bench JSONs, each with its caption."""
 
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -22,6 +23,8 @@ CAPTIONS = {
     "bench.rst": "Latency of one precision",
     "report_html.rst": "one-page report",
 }
+
+ITEM_CAPTIONS = [name for name in CAPTIONS if name != "workflow.rst"]  # the workflow's description has no job
 
 
 @pytest.fixture(scope="module")
@@ -46,3 +49,19 @@ def test_every_item_has_its_caption_and_the_workflow_its_description(report_zip)
     for caption, phrase in CAPTIONS.items():
         assert (ROOT / "workflow/report" / caption).is_file()
         assert phrase in page, caption
+
+
+def test_captions_name_the_files_of_their_job(report_zip):
+    """Captions are templates (`snakemake.input` / `output` of the job), so under `models:` they name
+    results/<model>/...; none spells a results/ path itself."""
+    text = re.sub(r"<[^>]+>", "", report_zip.read("report/report.html").decode())  # captions as read
+    for caption in ITEM_CAPTIONS:
+        assert "results/" not in (ROOT / "workflow/report" / caption).read_text(), caption
+    for rendered in (
+        "Verification of one precision (results/verify/int8.json)",
+        "Latency of one precision (results/bench/fp16.json)",
+        "on this machine (results/bench/fp32.json, results/bench/fp16.json, results/bench/int8.json)",
+        "INT8 calibration ranges (results/calib/ranges.json)",
+        "one-page report (results/report.html, self-contained)",
+    ):
+        assert rendered in text, rendered
