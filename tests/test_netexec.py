@@ -105,6 +105,38 @@ def test_qdq_features_network_matches_onnxruntime_as_written(backend, small_dete
         assert (error > 2 * step).mean() <= 1e-3 and error.max() <= 4 * step, name
 
 
+def test_qdq_features_network_layer_by_layer_matches_onnxruntime(backend, small_detector):
+    """Each quantize layer, fed ONNX Runtime's value of its input, gives ONNX Runtime's int8 tensor bit for bit
+    (scale, round half to even, saturate), and with every quantized tensor shared each output is within float32
+    summation error: what remains between the two runtimes end to end is summation order, not INT8 semantics."""
+    onnx_path = small_detector / "features.qdq.onnx"
+    record = record_of(backend, onnx_path, "int8")
+    network = NetworkExecutor(record)
+    activations = [layer for layer in record.layers if layer["type"] == "QUANTIZE"]  # weights are int8 constants
+    feeds = sorted({layer["inputs"][0] for layer in activations} - {"images"})
+    quantized = [layer["outputs"][0]["name"] for layer in activations]
+    assert len(activations) >= 10
+    batch = images(2, seed=1)
+    reference = OnnxSession(onnx_path, providers=["CPUExecutionProvider"], extra_outputs=feeds + quantized)(batch)
+    outputs = list(network.record.outputs)
+    network.record.outputs.extend(quantized)
+    evaluated = network(
+        {"images": torch.from_numpy(batch)}, forced={name: torch.from_numpy(reference[name]) for name in feeds}
+    )
+    for name in quantized:
+        assert evaluated[name].dtype == torch.int8
+        assert np.array_equal(evaluated[name].numpy(), reference[name]), name
+    for name in outputs:
+        expected = reference[name]
+        assert np.abs(evaluated[name].numpy() - expected).max() <= 1e-5 * np.abs(expected).max(), name
+
+
+def test_forcing_a_tensor_the_network_does_not_compute_is_refused(backend, small_detector):
+    network = NetworkExecutor(record_of(backend, small_detector / "features.onnx", "fp32"))
+    with pytest.raises(ValueError, match=r"forced tensors \['no_such_tensor'\] are not computed outside loops"):
+        network({"images": torch.from_numpy(images(1))}, forced={"no_such_tensor": torch.zeros(1)})
+
+
 # --------------------------------------------------------------------------- whole detectors
 
 

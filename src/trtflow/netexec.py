@@ -764,12 +764,14 @@ class NetworkExecutor:
             )
         return value.to(dtype)
 
-    def run_step(self, step, values: dict) -> None:
+    def run_step(self, step, values: dict, forced: Mapping[str, torch.Tensor] | None = None) -> None:
         if isinstance(step, Loop):
             self.run_loop(step, values)
             return
         inputs = [None if name is None else values[name] for name in step["inputs"]]
-        for output, value in zip(step["outputs"], self.evaluate(step, inputs)):
+        for slot, (output, value) in enumerate(zip(step["outputs"], self.evaluate(step, inputs))):
+            if forced and output["name"] in forced:
+                value = self.declared(step, slot, forced[output["name"]].to(self.device))
             values[output["name"]] = value
 
     def run_loop(self, loop: Loop, values: dict) -> None:
@@ -813,12 +815,20 @@ class NetworkExecutor:
                 raise ValueError(f"input '{name}' has shape {given}; the network declares {shape}")
 
     @torch.no_grad()
-    def __call__(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, inputs: Mapping[str, torch.Tensor], forced: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """`forced`: tensors (outside loops) taken as given once their layer has run, in place of what it
+        computed: a layer-by-layer comparison with another runtime starts each layer from that runtime's values."""
         self.check_inputs(inputs)
+        forced = forced or {}
+        computed = {output["name"] for step in self.schedule if isinstance(step, dict) for output in step["outputs"]}
+        if unknown := set(forced) - computed:
+            raise ValueError(f"forced tensors {sorted(unknown)} are not computed outside loops in this network")
         dtypes = {entry["name"]: TORCH_DTYPES[entry["dtype"]] for entry in self.record.inputs}
         values = {**self.constants, **{n: t.to(self.device, dtypes[n]) for n, t in inputs.items()}}
         # float32 means float32: cuDNN would otherwise run float32 convolutions in TF32 on Ampere and later
         with torch.backends.cudnn.flags(enabled=True, allow_tf32=False), full_float32_matmul():
             for step in self.schedule:
-                self.run_step(step, values)
+                self.run_step(step, values, forced)
         return {name: values[name] for name in self.record.outputs}
