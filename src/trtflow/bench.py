@@ -28,8 +28,7 @@ from trtflow.executors import (
     tensorrt_executor,
 )
 from trtflow.head_weights import load_head
-from trtflow.images import read_image
-from trtflow.preprocess import preprocess_batch
+from trtflow.preprocess import preprocess_split
 from trtflow.runtime import EngineRefused
 from trtflow.verify import deployment_executor
 
@@ -96,11 +95,6 @@ def time_detect(detect: Callable[[np.ndarray], list], batch: np.ndarray, *, warm
 def tiled_batch(images: np.ndarray, batch_size: int) -> np.ndarray:
     """`batch_size` images taken cyclically from `images` (B, 3, H, W)."""
     return np.ascontiguousarray(images[np.arange(batch_size) % len(images)])
-
-
-def val_images(val_json: str | Path, preprocess: dict, count: int) -> np.ndarray:
-    files = [image["file_name"] for image in json.loads(Path(val_json).read_text())["images"][:count]]
-    return preprocess_batch([read_image(file) for file in files], preprocess)[0]
 
 
 def torch_dtype_for(precision: str) -> tuple[str, str | None]:
@@ -183,7 +177,7 @@ def run_bench(
         model=model,
         cuda_graph=settings.get("cuda_graph", False),
     )
-    images = val_images(val_json, preprocess, max(settings["batch_sizes"]))
+    images = preprocess_split(val_json, preprocess, max(settings["batch_sizes"]))
     document = {
         "precision": precision,
         "hardware": hardware(),

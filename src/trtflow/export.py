@@ -6,6 +6,7 @@ parser takes cleanly. Everything after it is the head that the TensorRT network 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -14,10 +15,9 @@ import onnx
 import torch
 
 from trtflow.artifacts import atomic_write, software_versions, write_json
-from trtflow.images import read_image
 from trtflow.model import INPUT_NAME, FeaturesNetwork, output_names
 from trtflow.onnxrun import OnnxSession
-from trtflow.preprocess import preprocess_batch
+from trtflow.preprocess import preprocess_split
 
 
 def backbone_maps(model, input_hw: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -123,10 +123,7 @@ def check_parity(
 
     Fails (after writing the numbers to the log) when any output is off by more than the tolerance.
     """
-    import json
-
-    files = [image["file_name"] for image in json.loads(Path(coco_json).read_text())["images"][:num_images]]
-    images, _ = preprocess_batch([read_image(file) for file in files], preprocess_cfg)
+    images = preprocess_split(coco_json, preprocess_cfg, num_images)
     report = {**features_parity(model, onnx_path, images, tolerance), "software": software_versions()}
     print(json.dumps(report, indent=2))
     if not report["passed"]:

@@ -814,6 +814,11 @@ class NetworkExecutor:
             if len(given) != len(shape) or any(d >= 0 and d != g for d, g in zip(shape, given)):
                 raise ValueError(f"input '{name}' has shape {given}; the network declares {shape}")
 
+    def check_forced(self, forced: Mapping[str, torch.Tensor]) -> None:
+        computed = {output["name"] for step in self.schedule if isinstance(step, dict) for output in step["outputs"]}
+        if unknown := set(forced) - computed:
+            raise ValueError(f"forced tensors {sorted(unknown)} are not computed outside loops in this network")
+
     @torch.no_grad()
     def __call__(
         self, inputs: Mapping[str, torch.Tensor], forced: Mapping[str, torch.Tensor] | None = None
@@ -821,10 +826,8 @@ class NetworkExecutor:
         """`forced`: tensors (outside loops) taken as given once their layer has run, in place of what it
         computed: a layer-by-layer comparison with another runtime starts each layer from that runtime's values."""
         self.check_inputs(inputs)
-        forced = forced or {}
-        computed = {output["name"] for step in self.schedule if isinstance(step, dict) for output in step["outputs"]}
-        if unknown := set(forced) - computed:
-            raise ValueError(f"forced tensors {sorted(unknown)} are not computed outside loops in this network")
+        if forced:
+            self.check_forced(forced)
         dtypes = {entry["name"]: TORCH_DTYPES[entry["dtype"]] for entry in self.record.inputs}
         values = {**self.constants, **{n: t.to(self.device, dtypes[n]) for n, t in inputs.items()}}
         # float32 means float32: cuDNN would otherwise run float32 convolutions in TF32 on Ampere and later

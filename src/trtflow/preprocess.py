@@ -6,10 +6,14 @@ and bottom (the layout torchvision's batching uses), colour order, mean/std norm
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
+
+from trtflow.images import read_image
 
 
 @dataclass(frozen=True)
@@ -69,3 +73,9 @@ def preprocess_batch(images: list[np.ndarray], cfg: dict) -> tuple[np.ndarray, l
         raise ValueError("preprocess_batch got no images: pass at least one decoded image")
     tensors, letterboxes = zip(*(preprocess_image(image, cfg) for image in images))
     return np.stack(tensors), list(letterboxes)
+
+
+def preprocess_split(coco_json: str | Path, cfg: dict, count: int) -> np.ndarray:
+    """The first `count` images of a split JSON (results/data/val.json), read and preprocessed: (B, 3, H, W)."""
+    files = [image["file_name"] for image in json.loads(Path(coco_json).read_text())["images"][:count]]
+    return preprocess_batch([read_image(file) for file in files], cfg)[0]
