@@ -1,7 +1,10 @@
+import json
+
+import cv2
 import numpy as np
 import pytest
 
-from trtflow.preprocess import preprocess_batch, preprocess_image
+from trtflow.preprocess import preprocess_batch, preprocess_image, preprocess_split
 
 CFG = {
     "input": {"height": 320, "width": 320},
@@ -57,3 +60,15 @@ def test_tall_image_pads_right_and_batch_stacks():
 def test_empty_batch_is_refused():
     with pytest.raises(ValueError, match="no images"):
         preprocess_batch([], CFG)
+
+
+def test_a_split_s_first_images_are_read_and_preprocessed_in_order(tmp_path):
+    rng = np.random.default_rng(0)
+    pictures = [rng.integers(0, 256, (40 + 10 * i, 60, 3), dtype=np.uint8) for i in range(3)]
+    for i, picture in enumerate(pictures):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), picture)
+    split = tmp_path / "val.json"
+    split.write_text(json.dumps({"images": [{"id": i, "file_name": str(tmp_path / f"{i}.png")} for i in range(3)]}))
+    batch = preprocess_split(split, CFG, 2)
+    assert batch.shape == (2, 3, 320, 320)
+    assert np.array_equal(batch, preprocess_batch(pictures[:2], CFG)[0])
