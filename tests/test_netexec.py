@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import trtflow.head_network
+from summation_order import convolutions_summed_in_two_halves
 from test_engine import small_detector  # noqa: F401  (demo detector, random weights, 128x160, + Q/DQ twin)
 from test_executors import Deployment, deployment  # noqa: F401  (tamed tiny detector + a small COCO set)
 from test_weights import ARCHS, tame, torchvision_detector
@@ -82,27 +83,46 @@ def test_fp32_features_network_matches_onnxruntime(backend, small_detector):
 
 
 def test_qdq_features_network_matches_onnxruntime_as_written(backend, small_detector):
-    """INT8 as TensorRT defines it: the first quantized tensor identical; every output within two quantization
-    steps (every activation of this Q/DQ graph was calibrated to amax 4.0) but for at most 0.1 % of its
-    elements, and within four. Why not all: a convolution summed in another order (ONNX Runtime's kernels
-    vs torch's) moves a value across a rounding boundary now and then, and the one-step flip spreads through
-    the later quantized layers; TensorRT's own INT8 kernels differ from both in the same way."""
+    """INT8 as TensorRT defines it: the first quantized tensor identical, and every output as close to ONNX
+    Runtime as ONNX Runtime is to itself when only its summation order changes. That band is not "within two
+    quantization steps" everywhere: a convolution summed in another order moves a value across a rounding
+    boundary now and then, and the one-step flip grows through the later quantized layers. ONNX Runtime on
+    the same graph with each convolution summed in two halves leaves two steps too (here 2.4 steps), and both
+    stay within four steps with at most 0.1 % of elements beyond two (every activation at amax 4.0)."""
     onnx_path = small_detector / "features.qdq.onnx"
     record = record_of(backend, onnx_path, "int8")
     first = next(layer for layer in record.layers if layer["type"] == "QUANTIZE")
     assert first["inputs"][0] == "images" and first["outputs"][0]["dtype"] == "INT8"
     quantized = first["outputs"][0]["name"]
     batch = images(2, seed=1)
+    outputs = list(record.outputs)
     network = NetworkExecutor(record)
     network.record.outputs.append(quantized)  # read the intermediate tensor too
     evaluated = network({"images": torch.from_numpy(batch)})
     reference = OnnxSession(onnx_path, providers=["CPUExecutionProvider"], extra_outputs=[quantized])(batch)
     assert evaluated[quantized].dtype == torch.int8
     assert np.array_equal(evaluated[quantized].numpy(), reference[quantized])
+    reordered = OnnxSession(convolutions_summed_in_two_halves(onnx.load(str(onnx_path))))(batch)
     step = 4.0 / 127
-    for name in reference:
-        error = np.abs(evaluated[name].float().numpy() - reference[name])
-        assert (error > 2 * step).mean() <= 1e-3 and error.max() <= 4 * step, name
+    spread = {"netexec": [], "onnxruntime reordered": []}
+    for name in outputs:
+        for runtime, values in (("netexec", evaluated), ("onnxruntime reordered", reordered)):
+            error = np.abs(np.asarray(values[name], dtype=np.float32) - reference[name]) / step
+            spread[runtime].append((error.max(), (error > 2).mean()))
+    for runtime, per_output in spread.items():
+        assert max(steps for steps, _ in per_output) <= 4, runtime
+        assert max(beyond for _, beyond in per_output) <= 1e-3, runtime
+    assert max(steps for steps, _ in spread["onnxruntime reordered"]) > 2
+
+
+def test_summing_convolutions_in_two_halves_keeps_the_function(small_detector):
+    """The control above changes summation order only: on the float graph it is the same function."""
+    onnx_path = small_detector / "features.onnx"
+    batch = images(2)
+    reference = OnnxSession(onnx_path)(batch)
+    reordered = OnnxSession(convolutions_summed_in_two_halves(onnx.load(str(onnx_path))))(batch)
+    for name, expected in reference.items():
+        assert np.abs(reordered[name] - expected).max() <= 1e-5 * np.abs(expected).max(), name
 
 
 def test_qdq_features_network_layer_by_layer_matches_onnxruntime(backend, small_detector):

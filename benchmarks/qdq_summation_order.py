@@ -1,0 +1,105 @@
+"""How far INT8 outputs move when only the summation order changes: the demo's Q/DQ features graph under
+ONNX Runtime as written (optimisations off) against three other evaluations of the same graph:
+
+- `netexec`: the recorded int8 TensorRT network (results/engine_int8.network.safetensors), layer by layer;
+- `onnxruntime, convolutions in two halves`: ONNX Runtime on the graph with every convolution summed as two
+  halves of its input channels (tests/summation_order.py), the same function in another order;
+- `onnxruntime, optimised`: ONNX Runtime with all its graph optimisations (its own fused, blocked kernels).
+
+    PYTHONPATH=src python3 benchmarks/qdq_summation_order.py
+
+Needs a completed demo run. Prints, per evaluation, the largest difference from ONNX Runtime as written and the
+share of elements more than two steps off, in quantization steps of each feature map's own quantizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import yaml
+
+from trtflow.netexec import NetworkExecutor
+from trtflow.network_record import NetworkRecord
+from trtflow.onnxrun import OnnxSession
+from trtflow.preprocess import preprocess_split
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from summation_order import convolutions_summed_in_two_halves  # noqa: E402
+
+
+def quantizer_scales(model: onnx.ModelProto) -> dict[str, float]:
+    """Per-tensor scale of each tensor a QuantizeLinear reads (the feature maps' own steps)."""
+    constants = {tensor.name: onnx.numpy_helper.to_array(tensor) for tensor in model.graph.initializer}
+    return {
+        node.input[0]: float(constants[node.input[1]])
+        for node in model.graph.node
+        if node.op_type == "QuantizeLinear" and node.input[1] in constants and constants[node.input[1]].size == 1
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=Path("results"))
+    parser.add_argument("--config", type=Path, default=Path("config.yaml"))
+    parser.add_argument("--images", type=int, default=100)
+    args = parser.parse_args()
+
+    config = yaml.safe_load(args.config.read_text())
+    qdq_path = args.results / "onnx" / "features.qdq.onnx"
+    model = onnx.load(str(qdq_path))
+    steps = {
+        name: scale for name, scale in quantizer_scales(model).items() if name in {o.name for o in model.graph.output}
+    }
+    record = NetworkRecord.load(args.results / "engine_int8.network.safetensors")
+    record.outputs[:] = list(steps)  # the features part's outputs, read inside the whole network
+    network = NetworkExecutor(record)
+    as_written = OnnxSession(qdq_path)
+    halves = OnnxSession(convolutions_summed_in_two_halves(model))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    optimised = ort.InferenceSession(str(qdq_path), options, providers=["CPUExecutionProvider"])
+    evaluations = {
+        "netexec": lambda batch: {k: v.numpy() for k, v in network({"images": torch.from_numpy(batch)}).items()},
+        "onnxruntime, convolutions in two halves": halves,
+        "onnxruntime, optimised": lambda batch: dict(
+            zip([o.name for o in optimised.get_outputs()], optimised.run(None, {"images": batch}))
+        ),
+    }
+    images = preprocess_split(
+        args.results / "data/val.json", {"input": config["model"]["input"], **config["preprocess"]}, args.images
+    )
+    worst = {name: 0.0 for name in evaluations}
+    beyond_two = {name: 0 for name in evaluations}
+    elements = 0
+    for index in range(len(images)):
+        batch = images[index : index + 1]
+        reference = as_written(batch)
+        elements += sum(reference[name].size for name in steps)
+        for evaluation, run in evaluations.items():
+            outputs = run(batch)
+            for name, scale in steps.items():
+                off = np.abs(outputs[name] - reference[name]) / scale
+                worst[evaluation] = max(worst[evaluation], float(off.max()))
+                beyond_two[evaluation] += int((off > 2).sum())
+    for evaluation in evaluations:
+        print(
+            json.dumps(
+                {
+                    "evaluation": evaluation,
+                    "images": len(images),
+                    "max_steps": round(worst[evaluation], 2),
+                    "beyond_two_steps_percent": round(100 * beyond_two[evaluation] / elements, 4),
+                }
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
