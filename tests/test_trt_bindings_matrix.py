@@ -1,14 +1,15 @@
 """Full TensorRT 10.0 - 11.4: our TensorRT code against each version's real Python bindings.
 
-Each version runs in its own interpreter (tests/trt_bindings.py) on the PyPI bindings wheel and the
-`tensorrt` frontend as PyPI lays it out, over a *library shim* that answers libnvinfer's C entry points
-with NULL. So the classes, enums, signatures, pybind trampolines and all of `tensorrt.plugin` are
-TensorRT's own; nothing is built or run, and the plugin registry is a stand-in dict. What these tests
-prove: capability detection, plugin registration and creation, autotune combinations, aot_impl kernel
-names / PTX / argument counts, IPluginV3 fields and formats, the calibrator class, and the config
-check, each on the real binding layer of every version. What they do not prove: that TensorRT builds
-or runs anything (launch-parameter values, shape inference, timing caches and inspector output come
-from the native library and are not exercised here).
+Each version (cu12: the newest release of every minor version; cu13: its first and newest) runs in its
+own interpreter (tests/trt_bindings.py) on the PyPI bindings wheel and the `tensorrt` frontend as PyPI
+lays it out, over a *library shim* that answers libnvinfer's C entry points with NULL. So the classes,
+enums, signatures, pybind trampolines and all of `tensorrt.plugin` are TensorRT's own; nothing is built
+or run, and the plugin registry is a stand-in dict. What these tests prove: capability detection, plugin
+registration and creation, autotune combinations, aot_impl kernel names / PTX / argument counts,
+IPluginV3 fields and formats, the calibrator class, and the config check, each on the real binding layer
+of every version. What they do not prove: that TensorRT builds or runs anything (launch-parameter
+values, shape inference, timing caches and inspector output come from the native library and are not
+exercised here).
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ def release(version: str) -> tuple[int, int]:
     return tuple(int(part) for part in version.split(".")[:2])
 
 
-AOT_VERSIONS = [v for v in trt_bindings.VERSIONS if release(v) >= (10, 9)]
-RUNS = [(v, False) for v in trt_bindings.VERSIONS] + [(v, True) for v in AOT_VERSIONS]
-run_ids = [f"{v}-numpy<2.4" if old else v for v, old in RUNS]
+AOT_BINDINGS = [b for b in trt_bindings.BINDINGS if release(b.version) >= (10, 9)]
+RUNS = [(b, False) for b in trt_bindings.BINDINGS] + [(b, True) for b in AOT_BINDINGS]
+run_ids = [f"{b}-numpy<2.4" if old else str(b) for b, old in RUNS]
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +47,9 @@ def value(report: dict, key: str):
     return entry["value"]
 
 
-@pytest.mark.parametrize("version", trt_bindings.VERSIONS)
-def test_capabilities_follow_each_versions_bindings(reports, version):
-    report = reports[(version, False)]
+@pytest.mark.parametrize("bindings", trt_bindings.BINDINGS, ids=str)
+def test_capabilities_follow_each_versions_bindings(reports, bindings):
+    report, version = reports[(bindings, False)], bindings.version
     assert report["version"] == version and report["module"].endswith("site/tensorrt/__init__.py")
     facts, backend = report["bindings"], value(report, "backend")
     assert facts["add_cumulative"] == (release(version) >= (10, 8))  # the binding itself: 10.7 lacks it
@@ -72,11 +73,11 @@ def test_capabilities_follow_each_versions_bindings(reports, version):
     assert backend["flavour"] == {"value": "aot" if release(version) >= (10, 9) else "ipluginv3"}
 
 
-@pytest.mark.parametrize(("version", "old_numpy"), RUNS, ids=run_ids)
-def test_roi_align_plugin_is_refused_exactly_where_tensorrt_cannot_take_it(reports, version, old_numpy):
+@pytest.mark.parametrize(("bindings", "old_numpy"), RUNS, ids=run_ids)
+def test_roi_align_plugin_is_refused_exactly_where_tensorrt_cannot_take_it(reports, bindings, old_numpy):
     """Findings 1 and 2: before 10.8 no add_cumulative; 10.9 - 11.1 under NumPy >= 2.4 TensorRT's own
     create_plugin raises. The config check refuses those, naming both versions and the fix, and only those."""
-    report = reports[(version, old_numpy)]
+    report, version = reports[(bindings, old_numpy)], bindings.version
     backend = value(report, "backend")
     refused, config_check = backend["roi_align_plugin_refused"], backend["config_check"]
     numpy_major_minor = release(backend["numpy"])
@@ -96,12 +97,15 @@ def test_roi_align_plugin_is_refused_exactly_where_tensorrt_cannot_take_it(repor
     assert config_check == ([f"engine.roi_align: plugin -- {refused}"] if refused else [])
 
 
-@pytest.mark.parametrize("version", trt_bindings.VERSIONS)
-def test_tensorrt_plugin_imports_from_both_pypi_layouts(reports, version):
-    """Finding 3: up to 10.13 PyPI's `tensorrt` has no `plugin` subpackage; ours falls back to tensorrt_bindings."""
-    report = reports[(version, False)]
-    if version == "10.0.1":  # the bindings have no plugin package at all; the 10.8 IPluginV3 path needs none
+@pytest.mark.parametrize("bindings", trt_bindings.BINDINGS, ids=str)
+def test_tensorrt_plugin_imports_from_both_pypi_layouts(reports, bindings):
+    """Finding 3: up to 10.13 PyPI's `tensorrt` has no `plugin` subpackage; ours falls back to tensorrt_bindings.
+    Finding 6: the bindings wheels before 10.6 have no `plugin` package at all; only versions whose plugin
+    path we refuse anyway (the 10.8 IPluginV3 path needs none)."""
+    report, version = reports[(bindings, False)], bindings.version
+    if not (trt_bindings.site(bindings) / "tensorrt_bindings" / "plugin").is_dir():
         assert "No module named 'tensorrt_bindings.plugin'" in report["plugin_import"]["error"]
+        assert value(report, "backend")["roi_align_plugin_refused"]
         return
     imported = value(report, "plugin_import")
     if release(version) >= (10, 14):
@@ -114,12 +118,12 @@ def test_tensorrt_plugin_imports_from_both_pypi_layouts(reports, version):
 
 
 @pytest.mark.parametrize(
-    ("version", "old_numpy"),
-    [r for r in RUNS if r[0] in AOT_VERSIONS],
-    ids=[i for r, i in zip(RUNS, run_ids) if r[0] in AOT_VERSIONS],
+    ("bindings", "old_numpy"),
+    [r for r in RUNS if r[0] in AOT_BINDINGS],
+    ids=[i for r, i in zip(RUNS, run_ids) if r[0] in AOT_BINDINGS],
 )
-def test_decorator_plugin_registration_and_autotune_through_tensorrt_plugin(reports, version, old_numpy):
-    decorator = value(reports[(version, old_numpy)], "decorator")
+def test_decorator_plugin_registration_and_autotune_through_tensorrt_plugin(reports, bindings, old_numpy):
+    decorator = value(reports[(bindings, old_numpy)], "decorator")
     assert decorator["registered"] == [f"trtflow::multilevel_roi_align_{n}l" for n in range(1, 6)]
     assert decorator["input_attrs"] == dict.fromkeys(ATTRIBUTES, "int")
     assert decorator["aot_impl"] and decorator["impl"] and decorator["creator_registered"]
@@ -129,11 +133,11 @@ def test_decorator_plugin_registration_and_autotune_through_tensorrt_plugin(repo
     )
 
 
-@pytest.mark.parametrize("version", AOT_VERSIONS)
-def test_aot_impl_kernel_names_ptx_and_arguments_through_tensorrt(reports, version):
+@pytest.mark.parametrize("bindings", AOT_BINDINGS, ids=str)
+def test_aot_impl_kernel_names_ptx_and_arguments_through_tensorrt(reports, bindings):
     """Under NumPy < 2.4 every decorator version creates the plugin; TensorRT's get_launch_params and
     get_kernel then take our aot_impl's kernel, PTX and scalar arguments (values stay symbolic here)."""
-    decorator = value(reports[(version, True)], "decorator")
+    decorator = value(reports[(bindings, True)], "decorator")
     assert decorator["create_plugin"] == "ok" and decorator["plugin_class"] == "_TemplateAOTPlugin"
     assert decorator["attrs"] == ATTRS and decorator["output_types"] == ["HALF"]
     expected = {
@@ -149,10 +153,12 @@ def test_aot_impl_kernel_names_ptx_and_arguments_through_tensorrt(reports, versi
         assert kernel["launch"] == ["block_x", "block_y", "block_z", "grid_x", "grid_y", "grid_z", "shared_mem"]
 
 
-@pytest.mark.parametrize("version", [v for v in trt_bindings.VERSIONS if (10, 8) <= release(v) < (10, 9)])
-def test_ipluginv3_fields_survive_serialisation_and_formats(reports, version):
+@pytest.mark.parametrize(
+    "bindings", [b for b in trt_bindings.BINDINGS if (10, 8) <= release(b.version) < (10, 9)], ids=str
+)
+def test_ipluginv3_fields_survive_serialisation_and_formats(reports, bindings):
     """Finding 5: the fields TensorRT reads back after get_fields_to_serialize hold our values, not freed memory."""
-    plugin = value(reports[(version, False)], "ipluginv3")
+    plugin = value(reports[(bindings, False)], "ipluginv3")
     assert plugin["creator_fields"] == list(ATTRIBUTES)
     assert plugin["attrs"] == plugin["round_trip"] == plugin["clone"] == ATTRS
     assert plugin["output_types"] == ["HALF"]
@@ -166,10 +172,10 @@ def test_ipluginv3_fields_survive_serialisation_and_formats(reports, version):
     }
 
 
-@pytest.mark.parametrize("version", trt_bindings.VERSIONS)
-def test_implicit_int8_calibrator_serves_our_table(reports, version):
-    report = reports[(version, False)]
-    if release(version) >= (11, 0):
+@pytest.mark.parametrize("bindings", trt_bindings.BINDINGS, ids=str)
+def test_implicit_int8_calibrator_serves_our_table(reports, bindings):
+    report = reports[(bindings, False)]
+    if release(bindings.version) >= (11, 0):
         assert report["calibrator"] is None  # TensorRT 11 removed IInt8EntropyCalibrator2
         return
     assert value(report, "calibrator") == {
@@ -181,7 +187,28 @@ def test_implicit_int8_calibrator_serves_our_table(reports, version):
     }
 
 
-@pytest.mark.parametrize("version", trt_bindings.VERSIONS)
-def test_inspector_precisions_read_each_major_versions_keys(reports, version):
+@pytest.mark.parametrize("bindings", trt_bindings.BINDINGS, ids=str)
+def test_inspector_precisions_read_each_major_versions_keys(reports, bindings):
     """Finding 4: TensorRT 11 spells the key "Datatype" (10.x "Format/Datatype"); both read as HALF, not UNKNOWN."""
-    assert value(reports[(version, False)], "inspector") == {"HALF": 1}
+    assert value(reports[(bindings, False)], "inspector") == {"HALF": 1}
+
+
+@pytest.mark.parametrize("version", sorted(set(trt_bindings.VERSIONS["cu12"]) & set(trt_bindings.VERSIONS["cu13"])))
+def test_cu13_wheels_hold_the_cu12_bindings(reports, version):
+    """Finding 7: PyPI's tensorrt-cu13-bindings hold the cu12 `tensorrt_bindings` byte for byte, and the
+    tensorrt-cu13 frontend the same text (10.13.2.6's cu12 one has CRLF line ends): the CUDA flavour is
+    only in the `-libs` wheels. Compared here at the first and newest cu13; once, by hand, at all twelve."""
+
+    def package(cuda: str, name: str) -> dict[str, bytes]:
+        root = trt_bindings.site(trt_bindings.Bindings(cuda, version)) / name
+        return {
+            path.relative_to(root).as_posix(): path.read_bytes()
+            for path in root.rglob("*")
+            if path.is_file() and "__pycache__" not in path.parts
+        }
+
+    assert package("cu13", "tensorrt_bindings") == package("cu12", "tensorrt_bindings")
+    frontend = {cuda: package(cuda, "tensorrt") for cuda in ("cu12", "cu13")}
+    assert {name: content.splitlines() for name, content in frontend["cu13"].items()} == {
+        name: content.splitlines() for name, content in frontend["cu12"].items()
+    }

@@ -146,12 +146,12 @@ def decorator_plugin():
     )
 
     # creation the way TensorRT's op() builds fields (np.array([value]) per int attribute)
+    # register() registered the creator: every tensorrt.plugin from 10.9 does unless told lazy_register
     creator = trt.get_plugin_registry().get_creator(name, "1", rap.NAMESPACE)
     facts["creator_registered"] = creator is not None
-    if creator is None:  # tensorrt.plugin < 10.10 registers the creator on first use of op()
-        from tensorrt_bindings.plugin._lib import _register_plugin_creator
-
-        creator = _register_plugin_creator(name, rap.NAMESPACE, {k: (True, int) for k in ATTRS})
+    if creator is None:
+        facts["create_plugin"] = "no creator registered"
+        return facts
     arrays = {key: np.array([value]) for key, value in ATTRS.items()}
     fields = trt.PluginFieldCollection([trt.PluginField(key, arrays[key], trt.PluginFieldType.INT32) for key in ATTRS])
     request = getattr(trt, "QuickPluginCreationRequest", None)

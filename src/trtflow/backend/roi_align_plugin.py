@@ -112,8 +112,9 @@ def unsupported_reason(backend, numpy_version: str = np.__version__) -> str | No
 
 
 def tensorrt_plugin(trt: ModuleType) -> ModuleType:
-    """TensorRT's `tensorrt.plugin` package. PyPI's `tensorrt` frontend ships it from 10.14; up to 10.13
-    it exists only inside the bindings wheel, as `tensorrt_bindings.plugin`."""
+    """TensorRT's `tensorrt.plugin` package. PyPI's `tensorrt` frontend ships it from 10.14; 10.6 - 10.13
+    have it only inside the bindings wheel, as `tensorrt_bindings.plugin`, and earlier bindings not at all (the
+    plugin path is refused there for want of add_cumulative anyway)."""
     try:
         return importlib.import_module(f"{trt.__name__}.plugin")
     except ModuleNotFoundError as error:
