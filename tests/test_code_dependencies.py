@@ -66,7 +66,19 @@ def test_the_run_side_does_not_run_the_engine_build():
 # The two wings (docs/ARCHITECTURE.md): they meet through files in results/ and the shared modules (the head
 # contract, the network-record and head-weights file formats, image reading and COCO data sets, model definitions,
 # backend, artifacts).
-BUILD_SIDE = {"export", "weights", "calibrate", "qdq", "modelopt_qdq", "head_network", "engine", "train", "usage"}
+BUILD_SIDE = {
+    "data",
+    "demo_data",
+    "train",
+    "export",
+    "weights",
+    "calibrate",
+    "qdq",
+    "modelopt_qdq",
+    "head_network",
+    "engine",
+    "usage",
+}
 RUN_SIDE = {
     "executors",
     "netexec",

@@ -18,6 +18,7 @@ import trtflow.head_network
 from summation_order import convolutions_summed_in_two_halves
 from test_engine import small_detector  # noqa: F401  (demo detector, random weights, 128x160, + Q/DQ twin)
 from test_executors import Deployment, deployment  # noqa: F401  (tamed tiny detector + a small COCO set)
+from test_verify import plan_for_no_gpu_here
 from test_weights import ARCHS, tame, torchvision_detector
 from trtflow.engine import EngineSettings, EngineSources, define_network
 from trtflow.executors import network_definition_executor, onnxruntime_static_head_executor
@@ -284,22 +285,6 @@ def test_a_wrong_head_fails_at_network_definition_level_only(
 # --------------------------------------------------------------------------- verify's level
 
 
-def fake_plan(folder: Path) -> Path:
-    plan = folder / "engine_fp32.plan"
-    plan.write_bytes(b"not run")
-    plan.with_suffix(".json").write_text(
-        json.dumps(
-            {
-                "backend": "tensorrt_rtx",
-                "backend_version": "1.7.1.116",
-                "precision": "fp32",
-                "compute_capabilities": ["8.0", "8.6", "8.9", "12.0"],
-            }
-        )
-    )
-    return plan
-
-
 def test_verify_claims_the_network_definition_level_and_honours_require(
     backend, deployment, torchvision_reference, tmp_path
 ):
@@ -311,7 +296,7 @@ def test_verify_claims_the_network_definition_level_and_honours_require(
     reference.write_text(json.dumps(torchvision_reference))
     metrics.write_text(json.dumps({"mAP": 0.5, "mAP50": 0.5}))
     kwargs = dict(
-        plan=fake_plan(tmp_path),
+        plan=plan_for_no_gpu_here(tmp_path),
         network=network,
         onnx=deployment.onnx,
         weights_dir=deployment.weights,

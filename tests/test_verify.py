@@ -2,6 +2,7 @@
 (the engine refused for want of a GPU, the deployment-form reference verified instead)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,17 +102,10 @@ def test_thresholds_name_each_failure():
 # --------------------------------------------------------------------------- the stage on a tiny detector
 
 
-def test_run_verify_on_cpu_names_the_executor_and_why_not_the_engine(deployment, tmp_path):
-    """No GPU here: the engine is refused, the deployment-form reference is verified, the JSON says both."""
-    import torch
-
-    from trtflow.detection_loop import detect_dataset
-    from trtflow.metrics import coco_map
-    from trtflow.verify import run_verify
-
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA GPU is visible: the refusal for want of one cannot be shown")
-    plan = tmp_path / "engine_fp32.plan"
+def plan_for_no_gpu_here(folder: Path) -> Path:
+    """An fp32 TensorRT-RTX plan file and its metadata: verify refuses it on a machine without a GPU, before
+    reading its bytes (which are not a plan)."""
+    plan = folder / "engine_fp32.plan"
     plan.write_bytes(b"not run")
     plan.with_suffix(".json").write_text(
         json.dumps(
@@ -123,6 +117,20 @@ def test_run_verify_on_cpu_names_the_executor_and_why_not_the_engine(deployment,
             }
         )
     )
+    return plan
+
+
+def test_run_verify_on_cpu_names_the_executor_and_why_not_the_engine(deployment, tmp_path):
+    """No GPU here: the engine is refused, the deployment-form reference is verified, the JSON says both."""
+    import torch
+
+    from trtflow.detection_loop import detect_dataset
+    from trtflow.metrics import coco_map
+    from trtflow.verify import run_verify
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible: the refusal for want of one cannot be shown")
+    plan = plan_for_no_gpu_here(tmp_path)
     detections = detect_dataset(
         deployment.torchvision, deployment.coco, deployment.preprocess, deployment.postprocess, batch_size=2
     )
