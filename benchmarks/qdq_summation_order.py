@@ -2,6 +2,8 @@
 ONNX Runtime as written (optimisations off) against three other evaluations of the same graph:
 
 - `netexec`: the recorded int8 TensorRT network (results/engine_int8.network.safetensors), layer by layer;
+- `netexec, quantize layers fed ONNX Runtime's inputs`: the same, each activation quantize layer starting from
+  ONNX Runtime's value of its input (what is left is one layer's float32 summation, no flip carried along);
 - `onnxruntime, convolutions in two halves`: ONNX Runtime on the graph with every convolution summed as two
   halves of its input channels (tests/summation_order.py), the same function in another order;
 - `onnxruntime, optimised`: ONNX Runtime with all its graph optimisations (its own fused, blocked kernels).
@@ -60,15 +62,27 @@ def main() -> None:
     record = NetworkRecord.load(args.results / "engine_int8.network.safetensors")
     record.outputs[:] = list(steps)  # the features part's outputs, read inside the whole network
     network = NetworkExecutor(record)
-    as_written = OnnxSession(qdq_path)
+    graph_tensors = {name for node in model.graph.node for name in node.output}
+    # every quantize layer's input but the compared outputs themselves
+    feeds = sorted({layer["inputs"][0] for layer in record.layers if layer["type"] == "QUANTIZE"} & graph_tensors)
+    feeds = [name for name in feeds if name not in steps]
+    as_written = OnnxSession(qdq_path, extra_outputs=feeds)
     halves = OnnxSession(convolutions_summed_in_two_halves(model))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     optimised = ort.InferenceSession(str(qdq_path), options, providers=["CPUExecutionProvider"])
+
+    def netexec(batch: np.ndarray, forced: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        forced = {name: torch.from_numpy(value) for name, value in forced.items()}
+        return {k: v.numpy() for k, v in network({"images": torch.from_numpy(batch)}, forced=forced).items()}
+
     evaluations = {
-        "netexec": lambda batch: {k: v.numpy() for k, v in network({"images": torch.from_numpy(batch)}).items()},
-        "onnxruntime, convolutions in two halves": halves,
-        "onnxruntime, optimised": lambda batch: dict(
+        "netexec": lambda batch, _: netexec(batch, {}),
+        "netexec, quantize layers fed ONNX Runtime's inputs": lambda batch, reference: netexec(
+            batch, {name: reference[name] for name in feeds}
+        ),
+        "onnxruntime, convolutions in two halves": lambda batch, _: halves(batch),
+        "onnxruntime, optimised": lambda batch, _: dict(
             zip([o.name for o in optimised.get_outputs()], optimised.run(None, {"images": batch}))
         ),
     }
@@ -83,7 +97,7 @@ def main() -> None:
         reference = as_written(batch)
         elements += sum(reference[name].size for name in steps)
         for evaluation, run in evaluations.items():
-            outputs = run(batch)
+            outputs = run(batch, reference)
             for name, scale in steps.items():
                 off = np.abs(outputs[name] - reference[name]) / scale
                 worst[evaluation] = max(worst[evaluation], float(off.max()))
@@ -94,7 +108,7 @@ def main() -> None:
                 {
                     "evaluation": evaluation,
                     "images": len(images),
-                    "max_steps": round(worst[evaluation], 2),
+                    "max_steps": float(f"{worst[evaluation]:.3g}"),
                     "beyond_two_steps_percent": round(100 * beyond_two[evaluation] / elements, 4),
                 }
             )

@@ -147,7 +147,9 @@ def test_qdq_features_network_layer_by_layer_matches_onnxruntime(backend, small_
     for name in quantized:
         assert evaluated[name].dtype == torch.int8
         assert np.array_equal(evaluated[name].numpy(), reference[name]), name
-    for name in outputs:
+    computed = [name for name in outputs if name not in feeds]  # the feature maps feed quantize layers: forced
+    assert {"objectness_p2", "deltas_p2"} <= set(computed)
+    for name in computed:
         expected = reference[name]
         assert np.abs(evaluated[name].numpy() - expected).max() <= 1e-5 * np.abs(expected).max(), name
 
