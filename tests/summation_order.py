@@ -14,7 +14,11 @@ from onnx import helper, numpy_helper
 
 def convolutions_summed_in_two_halves(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` where every ungrouped Conv with two or more input channels is two Convs, one over each
-    half of the input channels, added (the bias in the first): the same function, summed in another order."""
+    half of the input channels, added (the bias in the first): the same function, summed in another order.
+    Kernels are initializers or a DequantizeLinear of one (what trtflow's export and Q/DQ insertion write)."""
+    opset = next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
+    if opset < 13:
+        raise ValueError(f"opset {opset}: Split takes its sizes as an input from opset 13; export with opset >= 13")
     rewritten = onnx.ModelProto()
     rewritten.CopyFrom(model)
     graph = rewritten.graph
@@ -24,6 +28,8 @@ def convolutions_summed_in_two_halves(model: onnx.ModelProto) -> onnx.ModelProto
     def input_channels(weight: str) -> int:
         """The kernel's input channels, of an initializer or of the int8 initializer a DequantizeLinear reads."""
         source = producers[weight].input[0] if weight in producers else weight
+        if source not in initializers:
+            raise ValueError(f"Conv kernel {weight!r} is neither an initializer nor a DequantizeLinear of one")
         return numpy_helper.to_array(initializers[source]).shape[1]
 
     nodes = []
@@ -34,7 +40,9 @@ def convolutions_summed_in_two_halves(model: onnx.ModelProto) -> onnx.ModelProto
             continue
         out = node.output[0]
         sizes = f"{out}/halves"
-        graph.initializer.append(numpy_helper.from_array(np.array([channels // 2, channels - channels // 2]), sizes))
+        graph.initializer.append(
+            numpy_helper.from_array(np.array([channels // 2, channels - channels // 2], np.int64), sizes)
+        )
         data, kernel = [f"{out}/data/{h}" for h in "ab"], [f"{out}/kernel/{h}" for h in "ab"]
         first = helper.make_node("Conv", [data[0], kernel[0], *node.input[2:]], [f"{out}/a"])
         second = helper.make_node("Conv", [data[1], kernel[1]], [f"{out}/b"])

@@ -84,18 +84,18 @@ def test_fp32_features_network_matches_onnxruntime(backend, small_detector):
 
 
 def test_qdq_features_network_matches_onnxruntime_as_written(backend, small_detector):
-    """INT8 as TensorRT defines it: the first quantized tensor identical, and every output as close to ONNX
-    Runtime as ONNX Runtime is to itself when only its summation order changes. That band is not "within two
-    quantization steps" everywhere: a convolution summed in another order moves a value across a rounding
-    boundary now and then, and the one-step flip grows through the later quantized layers. ONNX Runtime on
-    the same graph with each convolution summed in two halves leaves two steps too (here 2.4 steps), and both
-    stay within four steps with at most 0.1 % of elements beyond two (every activation at amax 4.0)."""
+    """INT8 as TensorRT defines it: the first quantized tensor identical, and every output within the band that
+    ONNX Runtime itself needs when only its summation order changes: within four quantization steps, at most
+    0.1 % of elements beyond two (every activation at amax 4.0). Not "within two steps" everywhere: a convolution
+    summed in another order moves a value across a rounding boundary now and then, and the one-step flip grows
+    through the later quantized layers. ONNX Runtime on the same graph with each convolution summed in two halves
+    leaves two steps on these images too (2.4-2.9 steps on this machine's images of seeds 0-2)."""
     onnx_path = small_detector / "features.qdq.onnx"
     record = record_of(backend, onnx_path, "int8")
     first = next(layer for layer in record.layers if layer["type"] == "QUANTIZE")
     assert first["inputs"][0] == "images" and first["outputs"][0]["dtype"] == "INT8"
     quantized = first["outputs"][0]["name"]
-    batch = images(2, seed=1)
+    batch = np.concatenate([images(2, seed=seed) for seed in range(3)])
     outputs = list(record.outputs)
     network = NetworkExecutor(record)
     network.record.outputs.append(quantized)  # read the intermediate tensor too
@@ -103,33 +103,41 @@ def test_qdq_features_network_matches_onnxruntime_as_written(backend, small_dete
     reference = OnnxSession(onnx_path, providers=["CPUExecutionProvider"], extra_outputs=[quantized])(batch)
     assert evaluated[quantized].dtype == torch.int8
     assert np.array_equal(evaluated[quantized].numpy(), reference[quantized])
-    reordered = OnnxSession(convolutions_summed_in_two_halves(onnx.load(str(onnx_path))))(batch)
+    reordered = OnnxSession(
+        convolutions_summed_in_two_halves(onnx.load(str(onnx_path))), providers=["CPUExecutionProvider"]
+    )(batch)
     step = 4.0 / 127
-    spread = {"netexec": [], "onnxruntime reordered": []}
-    for name in outputs:
-        for runtime, values in (("netexec", evaluated), ("onnxruntime reordered", reordered)):
-            error = np.abs(np.asarray(values[name], dtype=np.float32) - reference[name]) / step
-            spread[runtime].append((error.max(), (error > 2).mean()))
-    for runtime, per_output in spread.items():
-        assert max(steps for steps, _ in per_output) <= 4, runtime
-        assert max(beyond for _, beyond in per_output) <= 1e-3, runtime
-    assert max(steps for steps, _ in spread["onnxruntime reordered"]) > 2
+    for runtime, values in (("netexec", evaluated), ("onnxruntime reordered", reordered)):
+        off = {name: np.abs(np.asarray(values[name], dtype=np.float32) - reference[name]) / step for name in outputs}
+        assert max(error.max() for error in off.values()) <= 4, runtime
+        assert max((error > 2).mean() for error in off.values()) <= 1e-3, runtime
+    assert max(np.abs(reordered[name] - reference[name]).max() for name in outputs) > 2 * step
 
 
 def test_summing_convolutions_in_two_halves_keeps_the_function(small_detector):
-    """The control above changes summation order only: on the float graph it is the same function."""
-    onnx_path = small_detector / "features.onnx"
+    """The control above changes summation order only: on the float graph every output, and on the Q/DQ graph the
+    first convolution (weights through DequantizeLinear, its input the identical quantized image), agree within
+    float32 summation error."""
+    first_convolution = next(
+        node.output[0]
+        for node in onnx.load(str(small_detector / "features.qdq.onnx")).graph.node
+        if node.op_type == "Conv"
+    )
     batch = images(2)
-    reference = OnnxSession(onnx_path)(batch)
-    reordered = OnnxSession(convolutions_summed_in_two_halves(onnx.load(str(onnx_path))))(batch)
-    for name, expected in reference.items():
-        assert np.abs(reordered[name] - expected).max() <= 1e-5 * np.abs(expected).max(), name
+    for graph, names in (("features.onnx", None), ("features.qdq.onnx", [first_convolution])):
+        model = onnx.load(str(small_detector / graph))
+        reference = OnnxSession(model, extra_outputs=names or [])(batch)
+        reordered = OnnxSession(convolutions_summed_in_two_halves(model), extra_outputs=names or [])(batch)
+        for name in names or reference:
+            expected = reference[name]
+            assert np.abs(reordered[name] - expected).max() <= 1e-5 * np.abs(expected).max(), (graph, name)
 
 
 def test_qdq_features_network_layer_by_layer_matches_onnxruntime(backend, small_detector):
     """Each quantize layer, fed ONNX Runtime's value of its input, gives ONNX Runtime's int8 tensor bit for bit
-    (scale, round half to even, saturate), and with every quantized tensor shared each output is within float32
-    summation error: what remains between the two runtimes end to end is summation order, not INT8 semantics."""
+    (scale, round half to even, saturate), and with every quantized tensor shared each output the executor computes
+    (the RPN head's; the feature maps feed quantize layers and are given) is within float32 summation error: what
+    remains between the two runtimes end to end is summation order, not INT8 semantics."""
     onnx_path = small_detector / "features.qdq.onnx"
     record = record_of(backend, onnx_path, "int8")
     network = NetworkExecutor(record)
