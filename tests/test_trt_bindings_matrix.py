@@ -103,7 +103,9 @@ def test_tensorrt_plugin_imports_from_both_pypi_layouts(reports, bindings):
     Finding 6: the bindings wheels before 10.6 have no `plugin` package at all; only versions whose plugin
     path we refuse anyway (the 10.8 IPluginV3 path needs none)."""
     report, version = reports[(bindings, False)], bindings.version
-    if not (trt_bindings.site(bindings) / "tensorrt_bindings" / "plugin").is_dir():
+    has_plugin_package = (trt_bindings.site(bindings) / "tensorrt_bindings" / "plugin").is_dir()
+    assert has_plugin_package == (release(version) >= (10, 6))
+    if not has_plugin_package:
         assert "No module named 'tensorrt_bindings.plugin'" in report["plugin_import"]["error"]
         assert value(report, "backend")["roi_align_plugin_refused"]
         return

@@ -35,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -113,67 +114,84 @@ class Unavailable(RuntimeError):
     """The bindings of a version are neither cached nor downloadable; the message says why."""
 
 
-def _pip_download(requirements: list[str], dest: Path) -> list[Path]:
+def _pip_download(requirements: list[str], dest: Path, *options: str) -> list[Path]:
     """The wheels and sdists of `requirements` (without their dependencies), downloaded into `dest`."""
     dest.mkdir(parents=True, exist_ok=True)
-    # pip runs each sdist's setup.py for its metadata, by default in a fresh environment it installs
-    # setuptools into; this venv's own setuptools, where it has one, saves that (cold matrix 70 s -> 27 s).
-    no_isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
-    pip_download = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *no_isolation]
-    done = subprocess.run(
-        [*pip_download, "--dest", str(dest), *requirements],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    files = [p for p in dest.iterdir() if p.name.endswith((".whl", ".tar.gz"))]
-    if done.returncode or len(files) != len(requirements):
-        raise Unavailable(
-            f"pip download {' '.join(requirements)} failed (PyPI unreachable and {dest} empty?): "
-            f"{done.stderr.strip()[-400:]}"
+    pip_download = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *options]
+    # pip runs each sdist's setup.py for its metadata, by default in a fresh environment it installs setuptools
+    # into; this venv's own setuptools, where it has one, saves that (cold matrix 70 s -> 27 s). Should an sdist
+    # need more than that, the isolated build is the fallback.
+    isolation = [["--no-build-isolation"], []] if importlib.util.find_spec("setuptools") else [[]]
+    for flags in isolation:
+        done = subprocess.run(
+            [*pip_download, *flags, "--dest", str(dest), *requirements],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
         )
-    return files
+        files = [p for p in dest.iterdir() if p.name.endswith((".whl", ".tar.gz"))]
+        if not done.returncode and len(files) == len(requirements):
+            return files
+    raise Unavailable(
+        f"pip download {' '.join(requirements)} failed (PyPI unreachable and {dest} empty?): "
+        f"{done.stderr.strip()[-400:]}"
+    )
+
+
+def _cached(folder: Path, fill) -> Path:
+    """`folder`/site, filled once by `fill(site)`: built beside `folder` and renamed into place, so that a run
+    killed half-way, or another test run sharing the cache, never finds a half-filled folder marked ready."""
+    if (folder / "ready").is_file():
+        return folder / "site"
+    building = folder.with_name(f".{folder.name}.{os.getpid()}.{threading.get_ident()}")
+    shutil.rmtree(building, ignore_errors=True)
+    fill(building / "site")
+    shutil.rmtree(building / "download", ignore_errors=True)
+    (building / "ready").write_text(f"{folder.name}\n")
+    if not (folder / "ready").is_file():  # an unfinished folder left by an older harness
+        shutil.rmtree(folder, ignore_errors=True)
+    try:
+        building.rename(folder)
+    except OSError:  # another run finished it first
+        shutil.rmtree(building, ignore_errors=True)
+    return folder / "site"
 
 
 def site(bindings: Bindings) -> Path:
     """sys.path folder holding `tensorrt_bindings` (wheel) and `tensorrt` (frontend) of `bindings`."""
-    folder = CACHE / bindings.cuda / bindings.version
-    if (folder / "ready").is_file():
-        return folder / "site"
-    shutil.rmtree(folder, ignore_errors=True)
-    target = folder / "site"
     requirements = [
         f"tensorrt-{bindings.cuda}-bindings=={bindings.version}",
         f"tensorrt-{bindings.cuda}=={bindings.version}",
     ]
-    downloads = _pip_download(requirements, folder / "download")
-    (wheel,) = [p for p in downloads if p.suffix == ".whl"]
-    (frontend,) = [p for p in downloads if p.suffix == ".gz"]
-    with zipfile.ZipFile(wheel) as archive:
-        archive.extractall(target)
-    with tarfile.open(frontend) as archive:
-        for member in archive.getmembers():
-            parts = Path(member.name).parts
-            if len(parts) > 2 and parts[1] == "tensorrt" and member.isfile():
-                member.name = str(Path(*parts[1:]))
-                archive.extract(member, target, filter="data")
-    shutil.rmtree(folder / "download")
-    (folder / "ready").write_text(f"{bindings}\n")
-    return target
+
+    def fill(target: Path) -> None:
+        downloads = _pip_download(requirements, target.parent / "download")
+        wheels = [p for p in downloads if p.suffix == ".whl"]
+        frontends = [p for p in downloads if p.name.endswith(".tar.gz")]
+        if len(wheels) != 1 or len(frontends) != 1:
+            raise Unavailable(f"{requirements}: expected a bindings wheel and a frontend sdist, got {downloads}")
+        with zipfile.ZipFile(wheels[0]) as archive:
+            archive.extractall(target)
+        with tarfile.open(frontends[0]) as archive:
+            for member in archive.getmembers():
+                parts = Path(member.name).parts
+                if len(parts) > 2 and parts[1] == "tensorrt" and member.isfile():
+                    member.name = str(Path(*parts[1:]))
+                    archive.extract(member, target, filter="data")
+
+    return _cached(CACHE / bindings.cuda / bindings.version, fill)
 
 
 def old_numpy() -> Path:
     """sys.path folder holding the newest NumPy < 2.4 wheel for this interpreter."""
-    folder = CACHE / "numpy-before-2.4"
-    if not (folder / "ready").is_file():
-        shutil.rmtree(folder, ignore_errors=True)
-        (wheel,) = _pip_download([OLD_NUMPY], folder / "download")
+
+    def fill(target: Path) -> None:
+        (wheel,) = _pip_download([OLD_NUMPY], target.parent / "download", "--only-binary=:all:")
         with zipfile.ZipFile(wheel) as archive:
-            archive.extractall(folder / "site")
-        shutil.rmtree(folder / "download")
-        (folder / "ready").write_text(OLD_NUMPY + "\n")
-    return folder / "site"
+            archive.extractall(target)
+
+    return _cached(CACHE / "numpy-before-2.4", fill)
 
 
 def shim() -> Path:
