@@ -18,7 +18,6 @@ resolution: after a growth the data fills between half and all of the bins.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from trtflow.artifacts import files_sha256, software_versions, write_text
+from trtflow.artifacts import files_sha256, software_versions, write_json, write_text
 from trtflow.backend import installed_version
 from trtflow.coco import list_images
 from trtflow.images import read_image
@@ -447,6 +446,6 @@ def calibrate_features(
     table = calibration_table(amax, calibration["algorithm"], tensorrt_version_tag(calibration["tensorrt_version"]))
     document = ranges_document(amax, table, calibration["algorithm"], len(paths), files_sha256(*paths), placement)
     write_calibration_table(table_path, table)
-    write_text(ranges_path, json.dumps(document, indent=1) + "\n")
+    write_json(ranges_path, document, indent=1, sort_keys=False)
     log.info("wrote %s (%d tensors), %s, %s", table_path, len(table.scales), ranges_path, qdq_path)
     return document

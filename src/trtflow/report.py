@@ -486,10 +486,6 @@ def tsv(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return buffer.getvalue()
 
 
-def matched_dscores(reference, deployed, match_iou: float) -> np.ndarray:
-    return match_detections(reference, deployed, match_iou).dscores
-
-
 def build_report(
     out_html: str | Path,
     *,
@@ -524,12 +520,11 @@ def build_report(
     parity_artifact, ranges_artifact, accuracy_artifact = (
         read_artifact(path) for path in (parity, calibration_ranges, calibration_accuracy)
     )
-    ranges_doc = ranges_artifact.document if ranges_artifact is not None else None
     reference_doc = read_json(reference_metrics)
     precisions = list(dict.fromkeys([*verify_docs, *bench_docs]))
 
     dscores = {
-        p: matched_dscores(reference, deployed_docs[p], verify_docs[p]["match_iou"])
+        p: match_detections(reference, deployed_docs[p], verify_docs[p]["match_iou"]).dscores
         for p in precisions
         if p in deployed_docs and p in verify_docs
     }
@@ -537,7 +532,7 @@ def build_report(
     plots = {
         "latency": latency_plot(bench_docs),
         "dscore": dscore_histogram(dscores),
-        "calibration": calibration_plot(ranges_doc) if ranges_doc is not None else None,
+        "calibration": calibration_plot(ranges_artifact.document) if ranges_artifact is not None else None,
         "examples": example_images(
             val, reference, deployed_docs, settings.get("example_images", 3), settings.get("min_score", 0.5)
         ),
@@ -567,7 +562,7 @@ def build_report(
         "<h2>Score differences</h2>",
         image(plots["dscore"], "Δscore histogram"),
     ]
-    if ranges_doc is not None:
+    if ranges_artifact is not None:
         parts += ["<h2>Calibration ranges</h2>", image(plots["calibration"], "calibration ranges")]
     parts += ["<h2>Examples</h2>", image(plots["examples"], "example images"), "</body></html>"]
     text = "\n".join(parts)
