@@ -445,7 +445,6 @@ def plugin_roi_align(g: Graph, maps, boxes, roi_pool: Mapping):
     """Full TensorRT only: our MultiLevelRoIAlign plugin (trtflow.backend.roi_align_plugin, registered
     beforehand by trtflow.backend.roi_align_plugin.register_plugins) on rois (B·P, 5) = batch index, x1, y1, x2, y2."""
     trt = g.trt
-
     backend = load_backend(trt.__name__)
     reason = unsupported_reason(backend)
     if reason:

@@ -377,10 +377,14 @@ def load_backend(requested: str = "auto") -> Backend:
 __all__ = [
     "BACKENDS",
     "CHOICES",
+    "COMMAND_LINE_RUNNERS",
+    "FLAVOUR_NAMES",
     "INSTALL_COMMANDS",
+    "UNSUPPORTED_GPUS",
     "Backend",
     "BackendUnavailableError",
     "BuildError",
     "Capabilities",
+    "installed_version",
     "load_backend",
 ]
