@@ -59,7 +59,6 @@ def main() -> None:
     graph_outputs = {output.name for output in model.graph.output}
     steps = {name: scale for name, scale in quantizer_scales(model).items() if name in graph_outputs}
     record = NetworkRecord.load(record_path)
-    record.outputs[:] = list(steps)  # the features part's outputs, read inside the whole network
     network = NetworkExecutor(record)
     graph_tensors = {name for node in model.graph.node for name in node.output}
     # every quantize layer's input but the compared outputs themselves
@@ -73,7 +72,9 @@ def main() -> None:
 
     def netexec(batch: np.ndarray, forced: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         forced = {name: torch.from_numpy(value) for name, value in forced.items()}
-        return {k: v.numpy() for k, v in network({"images": torch.from_numpy(batch)}, forced=forced).items()}
+        # the features part's outputs, read inside the whole network
+        outputs = network({"images": torch.from_numpy(batch)}, forced=forced, names=list(steps))
+        return {name: value.numpy() for name, value in outputs.items()}
 
     evaluations = {
         "netexec": lambda batch, _: netexec(batch, {}),

@@ -96,10 +96,8 @@ def test_qdq_features_network_matches_onnxruntime_as_written(backend, small_dete
     assert first["inputs"][0] == "images" and first["outputs"][0]["dtype"] == "INT8"
     quantized = first["outputs"][0]["name"]
     batch = np.concatenate([images(2, seed=seed) for seed in range(3)])
-    outputs = list(record.outputs)
-    network = NetworkExecutor(record)
-    network.record.outputs.append(quantized)  # read the intermediate tensor too
-    evaluated = network({"images": torch.from_numpy(batch)})
+    outputs = record.outputs
+    evaluated = NetworkExecutor(record)({"images": torch.from_numpy(batch)}, names=[*outputs, quantized])
     reference = OnnxSession(onnx_path, providers=["CPUExecutionProvider"], extra_outputs=[quantized])(batch)
     assert evaluated[quantized].dtype == torch.int8
     assert np.array_equal(evaluated[quantized].numpy(), reference[quantized])
@@ -147,10 +145,11 @@ def test_qdq_features_network_layer_by_layer_matches_onnxruntime(backend, small_
     assert len(activations) >= 10
     batch = images(2, seed=1)
     reference = OnnxSession(onnx_path, providers=["CPUExecutionProvider"], extra_outputs=feeds + quantized)(batch)
-    outputs = list(network.record.outputs)
-    network.record.outputs.extend(quantized)
+    outputs = record.outputs
     evaluated = network(
-        {"images": torch.from_numpy(batch)}, forced={name: torch.from_numpy(reference[name]) for name in feeds}
+        {"images": torch.from_numpy(batch)},
+        forced={name: torch.from_numpy(reference[name]) for name in feeds},
+        names=[*outputs, *quantized],
     )
     for name in quantized:
         assert evaluated[name].dtype == torch.int8
@@ -162,10 +161,12 @@ def test_qdq_features_network_layer_by_layer_matches_onnxruntime(backend, small_
         assert np.abs(evaluated[name].numpy() - expected).max() <= 1e-5 * np.abs(expected).max(), name
 
 
-def test_forcing_a_tensor_the_network_does_not_compute_is_refused(backend, small_detector):
+def test_forcing_or_reading_a_tensor_the_network_does_not_compute_is_refused(backend, small_detector):
     network = NetworkExecutor(record_of(backend, small_detector / "features.onnx", "fp32"))
     with pytest.raises(ValueError, match=r"forced tensors \['no_such_tensor'\] are not computed outside loops"):
         network({"images": torch.from_numpy(images(1))}, forced={"no_such_tensor": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"tensors \['no_such_tensor'\] are not computed outside loops"):
+        network({"images": torch.from_numpy(images(1))}, names=["no_such_tensor"])
 
 
 # --------------------------------------------------------------------------- whole detectors

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -821,9 +821,13 @@ class NetworkExecutor:
 
     @torch.no_grad()
     def __call__(
-        self, inputs: Mapping[str, torch.Tensor], forced: Mapping[str, torch.Tensor] | None = None
+        self,
+        inputs: Mapping[str, torch.Tensor],
+        forced: Mapping[str, torch.Tensor] | None = None,
+        names: Sequence[str] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """`forced`: tensors (outside loops) taken as given once their layer has run, in place of what it
+        """The network's outputs, or the tensors `names` (intermediate ones too, outside loops).
+        `forced`: tensors (outside loops) taken as given once their layer has run, in place of what it
         computed: a layer-by-layer comparison with another runtime starts each layer from that runtime's values."""
         self.check_inputs(inputs)
         if forced:
@@ -834,4 +838,7 @@ class NetworkExecutor:
         with torch.backends.cudnn.flags(enabled=True, allow_tf32=False), full_float32_matmul():
             for step in self.schedule:
                 self.run_step(step, values, forced)
-        return {name: values[name] for name in self.record.outputs}
+        names = self.record.outputs if names is None else names
+        if unknown := [name for name in names if name not in values]:
+            raise ValueError(f"tensors {unknown} are not computed outside loops in this network")
+        return {name: values[name] for name in names}
