@@ -1,7 +1,8 @@
 """Test markers, registered once, and the fixtures test modules share.
 
 Markers: `pipeline` (runs Snakemake; `make test-fast` leaves these out; set here, by module), `needs_cuda`,
-`needs_full_tensorrt` and `needs_snakemake` (skipped, with the reason, where this machine lacks it).
+`needs_full_tensorrt` and `needs_snakemake` (skipped, with the reason, where this machine lacks it), and
+`needs_no_cuda` (what happens without a GPU: skipped where one is visible).
 """
 
 import copy
@@ -17,20 +18,24 @@ from snakemake_runs import ROOT, scratch_workflow, snakemake  # noqa: E402  (aft
 MARKERS = {
     "pipeline": "runs Snakemake on the workflow (the shared completed demo run, or runs of its own)",
     "needs_cuda": "needs a CUDA GPU",
+    "needs_no_cuda": "shows what happens without a CUDA GPU",
     "needs_full_tensorrt": "needs full TensorRT (not TensorRT-RTX)",
     "needs_snakemake": "needs Snakemake installed (the GPU machine has none)",
 }
+CUDA = torch.cuda.is_available()
 FULL_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+SNAKEMAKE = importlib.util.find_spec("snakemake") is not None
 MISSING = {  # marker -> why it is skipped here; only the markers whose requirement is missing
     marker: reason
     for marker, missing, reason in (
-        ("needs_cuda", not torch.cuda.is_available(), "no CUDA GPU is visible here"),
+        ("needs_cuda", not CUDA, "no CUDA GPU is visible here"),
+        ("needs_no_cuda", CUDA, "a CUDA GPU is visible: what happens without one cannot be shown here"),
         (
             "needs_full_tensorrt",
             not FULL_TENSORRT,
             "full TensorRT is not installed here (it needs NVIDIA's pip index and a CUDA GPU)",
         ),
-        ("needs_snakemake", importlib.util.find_spec("snakemake") is None, "snakemake is not installed here"),
+        ("needs_snakemake", not SNAKEMAKE, "snakemake is not installed here"),
     )
     if missing
 }

@@ -7,7 +7,6 @@ completed pipeline needed: each rule here runs from source files only).
 """
 
 import errno
-import importlib.util
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ import pytest
 import yaml
 from onnx import TensorProto, helper
 
+from conftest import FULL_TENSORRT
 from snakemake_runs import ROOT, config_overlay, scratch_workflow, snakemake
 from trtflow import artifacts, data
 from trtflow.coco import DatasetError
@@ -470,7 +470,7 @@ def tiny_features_onnx(path: Path) -> Path:
 
 
 def test_engine_stage_without_tensorrt_names_the_install_command(tmp_path):
-    if importlib.util.find_spec("tensorrt") is not None:
+    if FULL_TENSORRT:
         pytest.skip("full TensorRT is installed here")
     from trtflow.backend import BackendUnavailableError
     from trtflow.engine import EngineSettings, EngineSources, build_engine

@@ -215,11 +215,10 @@ def test_time_detect_warms_up_then_times_each_call():
     assert tiled.ravel().tolist() == [0, 1, 2, 0, 1]
 
 
+@pytest.mark.needs_no_cuda
 def test_bench_on_cpu_lists_the_refused_engine_and_times_the_rest(deployment, tmp_path):
     from trtflow.bench import EXECUTORS, bench_executors, benchmark
 
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA GPU is visible: the CPU executor set cannot be shown")
     executors = bench_executors(
         "fp16",
         EXECUTORS,

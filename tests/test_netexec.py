@@ -296,11 +296,10 @@ def test_a_wrong_head_fails_at_network_definition_level_only(
 # --------------------------------------------------------------------------- verify's level
 
 
+@pytest.mark.needs_no_cuda
 def test_verify_claims_the_network_definition_level_and_honours_require(
     backend, deployment, torchvision_reference, tmp_path
 ):
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA GPU is visible: the plan's refusal for want of one cannot be shown")
     network = tmp_path / "engine_fp32.network.safetensors"
     record_of(backend, deployment.onnx, "fp32", deployment.weights).save(network)
     reference, metrics = tmp_path / "reference.json", tmp_path / "metrics.json"

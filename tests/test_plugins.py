@@ -9,7 +9,6 @@ against torchvision on the GPU; without, those cases skip.
 from __future__ import annotations
 
 import ctypes.util
-import importlib.util
 import json
 import os
 import re
@@ -23,6 +22,7 @@ import pytest
 import torch
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
+from conftest import CUDA, ROOT, SNAKEMAKE
 from trtflow.artifacts import files_sha256
 from trtflow.backend import load_backend
 from trtflow.backend.roi_align_plugin import (
@@ -49,8 +49,6 @@ from trtflow.plugins import (
     multilevel_roi_align,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-CUDA = torch.cuda.is_available()
 IMAGE_HW = (512, 640)
 
 
@@ -60,9 +58,6 @@ def target_arch() -> int:
         major, minor = torch.cuda.get_device_capability()
         return 10 * major + minor
     return 75
-
-
-HAS_SNAKEMAKE = importlib.util.find_spec("snakemake") is not None
 
 
 @pytest.fixture(scope="session")
@@ -76,7 +71,7 @@ def built(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("workflow")
     shutil.copytree(ROOT / "plugins", work / "plugins")
     arch = target_arch()
-    if not HAS_SNAKEMAKE:
+    if not SNAKEMAKE:
         build_plugins(work / "plugins", work / "results/plugins", BuildConfig(archs=(arch,), ptx_arch=arch))
         return work / "results/plugins"
     (work / "src").symlink_to(ROOT / "src")

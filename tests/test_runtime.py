@@ -120,7 +120,7 @@ def test_runner_needs_the_metadata_beside_the_plan(plan):
         EngineRunner(plan)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible: the no-GPU refusal cannot be shown")
+@pytest.mark.needs_no_cuda
 def test_check_runnable_refuses_here_for_want_of_a_gpu(plan):
     with pytest.raises(
         EngineRefused,
@@ -164,9 +164,8 @@ def features_plan(tmp_path_factory):
     return folder / "engine_fp32.plan", onnx
 
 
+@pytest.mark.needs_no_cuda
 def test_a_real_plan_is_refused_without_a_gpu(features_plan):
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA GPU is visible: the no-GPU refusal cannot be shown")
     plan, _ = features_plan
     metadata = json.loads(metadata_path(plan).read_text())
     with pytest.raises(EngineRefused, match="no CUDA GPU is visible") as refused:

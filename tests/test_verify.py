@@ -120,16 +120,14 @@ def plan_for_no_gpu_here(folder: Path) -> Path:
     return plan
 
 
+@pytest.mark.needs_no_cuda
 def test_run_verify_on_cpu_names_the_executor_and_why_not_the_engine(deployment, tmp_path):
     """No GPU here: the engine is refused, the deployment-form reference is verified, the JSON says both."""
-    import torch
 
     from trtflow.detection_loop import detect_dataset
     from trtflow.metrics import coco_map
     from trtflow.verify import run_verify
 
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA GPU is visible: the refusal for want of one cannot be shown")
     plan = plan_for_no_gpu_here(tmp_path)
     detections = detect_dataset(
         deployment.torchvision, deployment.coco, deployment.preprocess, deployment.postprocess, batch_size=2
