@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 CORES ?= 4
 
-.PHONY: demo test test-fast lint clean
+.PHONY: demo test test-fast style lint clean
 
 $(INSTALLED): pyproject.toml
 	python3 -m venv $(VENV)
@@ -15,16 +15,17 @@ $(INSTALLED): pyproject.toml
 demo: $(INSTALLED)
 	$(VENV)/bin/snakemake --cores $(CORES) results/engine_int8.plan
 
-test: $(INSTALLED)
-	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/ruff check .
+test: style
 	$(PYTHON) -m pytest
 
 # the unit tests alone (no Snakemake runs): a few minutes instead of CI's full suite
-test-fast: $(INSTALLED)
+test-fast: style
+	$(PYTHON) -m pytest -m "not pipeline"
+
+# ruff formats and checks the tree
+style: $(INSTALLED)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
-	$(PYTHON) -m pytest -m "not pipeline"
 
 lint: $(INSTALLED)
 	$(VENV)/bin/snakemake --lint

@@ -1,9 +1,9 @@
 import json
 
-import cv2
 import numpy as np
 import pytest
 
+from test_images import picture, write_image
 from trtflow.preprocess import preprocess_batch, preprocess_image, preprocess_split
 
 CFG = {
@@ -63,12 +63,10 @@ def test_empty_batch_is_refused():
 
 
 def test_a_split_s_first_images_are_read_and_preprocessed_in_order(tmp_path):
-    rng = np.random.default_rng(0)
-    pictures = [rng.integers(0, 256, (40 + 10 * i, 60, 3), dtype=np.uint8) for i in range(3)]
-    for i, picture in enumerate(pictures):
-        cv2.imwrite(str(tmp_path / f"{i}.png"), picture)
+    pictures = [picture(40 + 10 * i, 60, seed=i) for i in range(3)]
+    files = [write_image(tmp_path / f"{i}.png", pixels) for i, pixels in enumerate(pictures)]
     split = tmp_path / "val.json"
-    split.write_text(json.dumps({"images": [{"id": i, "file_name": str(tmp_path / f"{i}.png")} for i in range(3)]}))
+    split.write_text(json.dumps({"images": [{"id": i, "file_name": str(file)} for i, file in enumerate(files)]}))
     batch = preprocess_split(split, CFG, 2)
     assert batch.shape == (2, 3, 320, 320)
     assert np.array_equal(batch, preprocess_batch(pictures[:2], CFG)[0])
