@@ -31,10 +31,15 @@ def trtflow(workdir: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def detected(completed_run, tmp_path_factory) -> tuple[dict, subprocess.CompletedProcess, Path]:
+def val_images(completed_run) -> list[dict]:
+    """The completed run's val split: its images' entries, in order."""
+    return json.loads((completed_run / "results/data/val.json").read_text())["images"]
+
+
+@pytest.fixture(scope="module")
+def detected(completed_run, val_images, tmp_path_factory) -> tuple[dict, subprocess.CompletedProcess, Path]:
     out = tmp_path_factory.mktemp("detect")
-    val = json.loads((completed_run / "results/data/val.json").read_text())
-    files = [image["file_name"] for image in val["images"]]
+    files = [image["file_name"] for image in val_images]
     result = trtflow(
         completed_run,
         "detect",
@@ -51,7 +56,7 @@ def detected(completed_run, tmp_path_factory) -> tuple[dict, subprocess.Complete
     return json.loads((out / "dets.json").read_text()), result, out
 
 
-def test_detect_with_fallback_gives_verifys_detections(completed_run, detected):
+def test_detect_with_fallback_gives_verifys_detections(completed_run, detected, val_images):
     output, result, _ = detected
     verify = json.loads((completed_run / "results/verify/fp32.json").read_text())
     expected = json.loads((completed_run / "results/verify/fp32_detections.json").read_text())
@@ -59,10 +64,7 @@ def test_detect_with_fallback_gives_verifys_detections(completed_run, detected):
     assert output["executor"] == verify["executor"] and output["engine_executed"] is verify["engine_executed"] is False
     assert f"by {verify['executor']} (the engine did not run here)" in result.stderr
     # detect numbers the images 1.. in the order given: map them to the val ids
-    val_ids = {
-        image["file_name"]: image["id"]
-        for image in json.loads((completed_run / "results/data/val.json").read_text())["images"]
-    }
+    val_ids = {image["file_name"]: image["id"] for image in val_images}
     ids = {image["id"]: val_ids[image["file_name"]] for image in output["images"]}
     # verify's file also holds the fields COCO scoring adds (id, area, ...): compare the detections themselves
     expected = [{key: entry[key] for key in RESULT_KEYS} for entry in expected]
@@ -79,15 +81,15 @@ def test_detect_draws_each_image(detected, completed_run):
     assert len(list((out / "drawn").glob("*.png"))) == len(output["images"])
 
 
-def test_detect_without_fallback_says_the_plan_cannot_run_here(completed_run):
-    image = json.loads((completed_run / "results/data/val.json").read_text())["images"][0]["file_name"]
+def test_detect_without_fallback_says_the_plan_cannot_run_here(completed_run, val_images):
+    image = val_images[0]["file_name"]
     result = trtflow(completed_run, "detect", "--engine", "results/engine_fp32.plan", image)
     assert result.returncode == 1
     assert "cannot run on this machine; pass --fallback" in result.stderr and "no CUDA GPU" in result.stderr
 
 
-def test_detect_refuses_a_corrupt_image_naming_it(completed_run, tmp_path):
-    good = completed_run / json.loads((completed_run / "results/data/val.json").read_text())["images"][0]["file_name"]
+def test_detect_refuses_a_corrupt_image_naming_it(completed_run, val_images, tmp_path):
+    good = completed_run / val_images[0]["file_name"]
     ok, encoded = cv2.imencode(".jpg", cv2.imread(str(good)))
     corrupt = tmp_path / "broken.jpg"
     corrupt.write_bytes(encoded.tobytes()[: len(encoded) // 2])  # cut: no end-of-image marker
