@@ -19,7 +19,6 @@ where two maps share a stride, as in the MobileNetV3 FPNs).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterable
@@ -33,7 +32,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
-from trtflow.artifacts import atomic_write, software_versions
+from trtflow.artifacts import atomic_write, software_versions, write_json
 from trtflow.export import backbone_maps, level_names
 from trtflow.head_weights import (
     FORMATS,
@@ -362,5 +361,5 @@ def export_head(
             ],
         }
     )
-    atomic_write(out / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1) + "\n"))
+    write_json(out / MANIFEST, manifest, indent=1, sort_keys=False)
     return manifest
