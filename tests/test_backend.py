@@ -6,12 +6,15 @@ here (NVIDIA's index and a CUDA GPU); its tests skip with that reason.
 
 import json
 import sys
+from types import SimpleNamespace
 
 import pytest
 
 from conftest import FULL_TENSORRT
 from trtflow import backend as backends
 from trtflow.backend import BackendUnavailableError, load_backend, precisions
+from trtflow.backend.implicit_int8 import cache_only_calibrator
+from trtflow.calibrate import ALGORITHMS, calibration_table, format_calibration_table
 
 
 @pytest.fixture
@@ -270,9 +273,38 @@ def test_tensorrt_10_calibrator_serves_the_table_without_batches():
     trt_backend = load_backend("tensorrt")
     if not trt_backend.capabilities.implicit_calibrator:
         pytest.skip(f"{trt_backend.describe()} removed the implicit calibrator (TensorRT 11+)")
-    from trtflow.backend.implicit_int8 import cache_only_calibrator
-
     table = b"TRT-100-EntropyCalibration2\nimages: 3c010a14\n"
     calibrator = cache_only_calibrator(trt_backend.trt, table, batch_size=2)
     assert calibrator.read_calibration_cache() == table
     assert calibrator.get_batch(["images"]) is None and calibrator.get_batch_size() == 2
+
+
+def test_implicit_calibrator_class_follows_the_table_header():
+    """TensorRT 10 uses a calibration cache only through a calibrator whose algorithm (IInt8Calibrator::getAlgorithm,
+    NvInfer.h; `get_algorithm()` in the Python API) is the one the cache was written for, and skips it otherwise
+    (NVIDIA/TensorRT#1378); our `get_batch` has no data, so the class must follow the header of every table rule
+    calibrate writes. The base classes here are stand-ins; tests/test_trt_bindings_matrix.py uses each 10.x's own."""
+    stand_in = SimpleNamespace(
+        IInt8EntropyCalibrator2=type("IInt8EntropyCalibrator2", (), {}),
+        IInt8MinMaxCalibrator=type("IInt8MinMaxCalibrator", (), {}),
+    )
+    bases = {}
+    for algorithm in ALGORITHMS:
+        table = format_calibration_table(calibration_table({"images": 2.0}, algorithm, "101600")).encode()
+        calibrator = cache_only_calibrator(stand_in, table, batch_size=2)
+        assert calibrator.read_calibration_cache() == table and calibrator.get_batch(["images"]) is None
+        bases[algorithm] = [base.__name__ for base in type(calibrator).__bases__]
+    assert bases == {
+        "entropy": ["IInt8EntropyCalibrator2"],
+        "minmax": ["IInt8MinMaxCalibrator"],
+        "percentile": ["IInt8MinMaxCalibrator"],
+    }
+    source = "results/calib/int8calib.table"
+    with pytest.raises(
+        ValueError,
+        match=r"^results/calib/int8calib.table: header 'TRT-101600-EntropyCalibration' names calibration algorithm "
+        r"'EntropyCalibration', .* use a table with EntropyCalibration2 or MinMaxCalibration, as rule calibrate writes",
+    ):
+        cache_only_calibrator(stand_in, b"TRT-101600-EntropyCalibration\nimages: 3c010a14\n", 2, source=source)
+    with pytest.raises(ValueError, match=r"^results/calib/int8calib.table: first line must be a TensorRT cache header"):
+        cache_only_calibrator(stand_in, b"images: 3c010a14\n", 2, source=source)

@@ -9,7 +9,9 @@ import struct
 import numpy as np
 import pytest
 
+from trtflow.backend.implicit_int8 import CALIBRATORS
 from trtflow.calibrate import (
+    ALGORITHMS,
     NUM_BINS,
     AbsHistogram,
     CalibrationTable,
@@ -171,6 +173,27 @@ def test_table_reader_names_bad_lines():
     assert parse_calibration_table("TRT-7000-EntropyCalibration2\ndata: 3c008912\n") == CalibrationTable(
         "7000", "EntropyCalibration2", {"data": struct.unpack(">f", bytes.fromhex("3c008912"))[0]}
     )
+
+
+def test_every_table_header_names_a_tensorrt_calibrator(tmp_path):
+    """TensorRT 10 reads a cache only through the calibrator whose algorithm (IInt8Calibrator::getAlgorithm,
+    NvInfer.h) the header `TRT-<version>-<algorithm>` names, and skips it otherwise (NVIDIA/TensorRT#1378): each
+    calibration.algorithm writes a header a calibrator class reads; a table naming another algorithm is refused
+    on reading, with the file, the header and the fix."""
+    headers = {algorithm: calibration_table({"images": 2.0}, algorithm, "101600").algorithm for algorithm in ALGORITHMS}
+    assert {algorithm: CALIBRATORS[header].algorithm_type for algorithm, header in headers.items()} == {
+        "entropy": "ENTROPY_CALIBRATION_2",
+        "minmax": "MINMAX_CALIBRATION",
+        "percentile": "MINMAX_CALIBRATION",
+    }
+    path = tmp_path / "int8calib.table"
+    path.write_text("TRT-101600-LegacyCalibration\nimages: 3c010a14\n")
+    with pytest.raises(
+        ValueError,
+        match=rf"^{path}: header 'TRT-101600-LegacyCalibration' names calibration algorithm 'LegacyCalibration', "
+        r"which no calibrator trtflow uses reads .*: use a table with EntropyCalibration2 or MinMaxCalibration",
+    ):
+        read_calibration_table(path)
 
 
 def test_version_tag():

@@ -17,7 +17,9 @@ from __future__ import annotations
 import pytest
 
 import trt_bindings
+from trtflow.backend.implicit_int8 import CALIBRATORS, parse_cache_header
 from trtflow.backend.roi_align_plugin import ATTRIBUTES, kernel_name
+from trtflow.calibrate import version_tag
 from trtflow.plugins import RoIAlignSpec
 
 LEVELS = 4  # the probe's level count (tests/trt_bindings_probe.py)
@@ -176,17 +178,24 @@ def test_ipluginv3_fields_survive_serialisation_and_formats(reports, bindings):
 
 @pytest.mark.parametrize("bindings", trt_bindings.BINDINGS, ids=str)
 def test_implicit_int8_calibrator_serves_our_table(reports, bindings):
+    """TensorRT 10 uses a calibration cache only through a calibrator whose get_algorithm() (CalibrationAlgoType,
+    Python API "Int8" / NvInfer.h IInt8Calibrator::getAlgorithm) is the algorithm the header names, and skips it
+    otherwise (NVIDIA/TensorRT#1378). For each header rule calibrate writes, the calibrator built on this version's
+    own base class reports that header's algorithm (CALIBRATORS), serves the table unchanged and has no batches."""
     report = reports[(bindings, False)]
     if release(bindings.version) >= (11, 0):
-        assert report["calibrator"] is None  # TensorRT 11 removed IInt8EntropyCalibrator2
+        assert report["calibrator"] is None  # TensorRT 11 removed the implicit calibrators
         return
+    tag = version_tag(bindings.version)
+    served = {"cache_is_the_table": True, "batch_size": 2, "batch": None, "is_calibrator": True}
     assert value(report, "calibrator") == {
-        "cache": "TRT-100-EntropyCalibration2\nimages: 3c010a14\n",
-        "batch_size": 2,
-        "batch": None,
-        "algorithm": "ENTROPY_CALIBRATION_2",
-        "is_calibrator": True,
+        "entropy": {"header": f"TRT-{tag}-EntropyCalibration2", "algorithm": "ENTROPY_CALIBRATION_2", **served},
+        "minmax": {"header": f"TRT-{tag}-MinMaxCalibration", "algorithm": "MINMAX_CALIBRATION", **served},
+        "percentile": {"header": f"TRT-{tag}-MinMaxCalibration", "algorithm": "MINMAX_CALIBRATION", **served},
     }
+    for facts in value(report, "calibrator").values():
+        _, header_algorithm = parse_cache_header(facts["header"], f"{bindings} table")
+        assert CALIBRATORS[header_algorithm].algorithm_type == facts["algorithm"]
 
 
 @pytest.mark.parametrize("bindings", trt_bindings.BINDINGS, ids=str)

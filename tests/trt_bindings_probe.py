@@ -21,6 +21,7 @@ import tensorrt as trt
 from trtflow.backend import load_backend, precisions
 from trtflow.backend import roi_align_plugin as rap
 from trtflow.backend.implicit_int8 import cache_only_calibrator
+from trtflow.calibrate import ALGORITHMS, calibration_table, format_calibration_table, version_tag
 from trtflow.config import environment_problems
 from trtflow.plugins import MAX_LEVELS, RoIAlignSpec
 
@@ -236,16 +237,21 @@ def plugin_v3():
 
 
 def calibrator():
-    table = b"TRT-100-EntropyCalibration2\nimages: 3c010a14\n"
-    instance = cache_only_calibrator(trt, table, batch_size=2)
-    churn()
-    return {
-        "cache": instance.read_calibration_cache().decode(),
-        "batch_size": instance.get_batch_size(),
-        "batch": instance.get_batch(["images"]),
-        "algorithm": instance.get_algorithm().name,
-        "is_calibrator": isinstance(instance, trt.IInt8Calibrator),
-    }
+    """Per calibration.algorithm: the table rule calibrate writes under this version, and the calibrator serving it."""
+    facts = {}
+    for algorithm in ALGORITHMS:
+        table = format_calibration_table(calibration_table({"images": 2.0}, algorithm, version_tag(trt.__version__)))
+        instance = cache_only_calibrator(trt, table.encode(), batch_size=2)
+        churn()
+        facts[algorithm] = {
+            "header": table.splitlines()[0],
+            "cache_is_the_table": instance.read_calibration_cache().decode() == table,
+            "batch_size": instance.get_batch_size(),
+            "batch": instance.get_batch(["images"]),
+            "algorithm": instance.get_algorithm().name,
+            "is_calibrator": isinstance(instance, trt.IInt8Calibrator),
+        }
+    return facts
 
 
 def inspector():

@@ -32,6 +32,7 @@ import onnx
 
 from trtflow.artifacts import files_sha256, software_versions, write_json, write_text
 from trtflow.backend import installed_version
+from trtflow.backend.implicit_int8 import parse_cache_header
 from trtflow.coco import list_images
 from trtflow.images import read_image
 from trtflow.modelopt_qdq import quantize_features
@@ -44,8 +45,9 @@ log = logging.getLogger(__name__)
 NUM_BINS = 2048
 NUM_QUANTIZED_BINS = 128  # int8: 127 magnitudes + 0
 ALGORITHMS = ("entropy", "minmax", "percentile")
-# The calibrator class a TensorRT 10 builder must report to accept the cache. Percentile ranges are final
-# ranges, like min-max ones, so they travel under the min-max header.
+# calibration.algorithm -> the table header's algorithm, which picks the TensorRT 10 calibrator class that reads
+# the table (implicit_int8.CALIBRATORS). Percentile ranges are final ranges, like min-max ones, so they travel
+# under the min-max header.
 TENSORRT_ALGORITHM = {
     "entropy": "EntropyCalibration2",
     "minmax": "MinMaxCalibration",
@@ -303,17 +305,9 @@ def format_calibration_table(table: CalibrationTable) -> str:
     return "\n".join(lines) + "\n"
 
 
-_HEADER = re.compile(r"^TRT-(\d+)-(\w+)$")
-
-
 def parse_calibration_table(text: str, source: str = "calibration table") -> CalibrationTable:
     lines = text.splitlines()
-    match = _HEADER.match(lines[0].strip()) if lines else None
-    if match is None:
-        raise ValueError(
-            f"{source}: first line must be a TensorRT cache header like 'TRT-100300-EntropyCalibration2', "
-            f"got {lines[0] if lines else 'an empty file'!r}"
-        )
+    version, algorithm = parse_cache_header(lines[0] if lines else "", source)
     scales = {}
     for number, line in enumerate(lines[1:], start=2):
         if not line.strip():
@@ -322,7 +316,7 @@ def parse_calibration_table(text: str, source: str = "calibration table") -> Cal
         if not separator or not re.fullmatch(r"[0-9a-fA-F]{8}", bits.strip()):
             raise ValueError(f"{source}, line {number}: expected '<tensor name>: <8 hex digits>', got {line!r}")
         scales[name] = struct.unpack(">f", bytes.fromhex(bits.strip()))[0]
-    return CalibrationTable(match.group(1), match.group(2), scales)
+    return CalibrationTable(version, algorithm, scales)
 
 
 def write_calibration_table(path: str | Path, table: CalibrationTable) -> None:

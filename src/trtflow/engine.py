@@ -479,9 +479,7 @@ def build_plan(
     )
     # TensorRT keeps only a borrowed pointer to the calibrator: it must outlive the build.
     calibrator = (
-        backend.enable_implicit_int8(
-            builder, config, sources.calibration_table.read_bytes(), shapes, batch_size=settings.batch.opt
-        )
+        backend.enable_implicit_int8(builder, config, sources.calibration_table, shapes, batch_size=settings.batch.opt)
         if settings.implicit_int8
         else None
     )

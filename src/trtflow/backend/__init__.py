@@ -26,6 +26,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Sequence
 
@@ -275,13 +276,15 @@ class Backend:
 
     # -- INT8 -----------------------------------------------------------------------------
 
-    def enable_implicit_int8(self, builder, config, calibration_table: bytes, profile_shapes, batch_size: int):
+    def enable_implicit_int8(self, builder, config, calibration_table: Path, profile_shapes, batch_size: int):
         """TensorRT 10 implicit quantization from our calibration table; returns the calibrator to keep alive.
 
         Only where `capabilities.implicit_calibrator` (EngineSettings.check_backend refuses the rest).
         """
         trt = self.trt
-        calibrator = cache_only_calibrator(trt, calibration_table, batch_size=batch_size)
+        calibrator = cache_only_calibrator(
+            trt, calibration_table.read_bytes(), batch_size=batch_size, source=str(calibration_table)
+        )
         config.set_flag(trt.BuilderFlag.INT8)
         config.set_flag(trt.BuilderFlag.FP16)
         config.int8_calibrator = calibrator
