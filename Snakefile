@@ -3,17 +3,25 @@
 # Runs from anywhere: `snakemake -s <clone>/Snakefile --directory <dir> --configfile <file>`, or as a `module`.
 # The workflow's own files (trtflow code, schema, envs, scripts, plugin sources, the shipped demo checkpoint)
 # are found beside this file; the config's paths and results/ are relative to the working directory.
+import sys
 from pathlib import Path
 
 from snakemake.utils import min_version
-
-from trtflow.config import check_config
 
 min_version("9.0")
 
 # This file's folder, also where a `module` statement includes it from (workflow.basedir is the main Snakefile's);
 # relative where the run is in it (the usual clone), so that a run's records do not depend on where it sits.
 WORKFLOW_DIR = Path(str(workflow.current_basedir)).resolve()
+# The trtflow beside this file is the code the rules' rerun triggers track (common.smk's script_code), so it is
+# the one this process and every job import, whatever else the Python environment has installed: its src/ goes
+# first on sys.path here and on PYTHONPATH for the jobs (trtflow.workflow.use_workflow_source).
+sys.path.insert(0, str(WORKFLOW_DIR / "src"))
+from trtflow.workflow import use_workflow_source
+
+use_workflow_source(WORKFLOW_DIR / "src")
+from trtflow.config import check_config
+
 if WORKFLOW_DIR.is_relative_to(Path.cwd().resolve()):
     WORKFLOW_DIR = WORKFLOW_DIR.relative_to(Path.cwd().resolve())
 

@@ -11,6 +11,7 @@ from importlib import metadata
 import onnx
 
 from snakemake_runs import PRECISIONS, clone, config_overlay, planned, snakemake
+from test_provenance import code_sha256
 
 # the jobs that follow one engine: its verify and bench, then the report that reads every precision
 DOWNSTREAM_OF_ENGINE = ("verify[{p}]", "bench[{p}]")
@@ -98,7 +99,8 @@ def test_a_tensorrt_upgrade_rebuilds_the_engines_and_only_them(completed_run, tm
 
 
 def test_artifacts_record_the_software_that_made_them(completed_run):
-    """torch / onnxruntime / TensorRT versions sit in every numeric artifact, so an upgrade shows in a diff."""
+    """torch / onnxruntime / TensorRT versions and the sha256 of the trtflow code that ran sit in every numeric
+    artifact, so an upgrade or an edit shows in a diff."""
     results = completed_run / "results"
     torch_version = metadata.version("torch")
     records = {
@@ -110,7 +112,11 @@ def test_artifacts_record_the_software_that_made_them(completed_run):
             "calib/ranges.json",
             "calib/accuracy.json",
             "weights/manifest.json",
-            *(f"engine_{p}.json" for p in PRECISIONS),
+            *(
+                name.format(p=p)
+                for p in PRECISIONS
+                for name in ("engine_{p}.json", "verify/{p}.json", "bench/{p}.json")
+            ),
         )
     }
     features = onnx.load(str(results / "onnx/features.onnx"), load_external_data=False)
@@ -120,6 +126,8 @@ def test_artifacts_record_the_software_that_made_them(completed_run):
     for name, software in records.items():
         assert software["torch"] == torch_version, name
         assert software["onnxruntime"] == metadata.version("onnxruntime"), name
+        code = software["trtflow_code"]
+        assert code["sha256"] == code_sha256(completed_run / "src/trtflow", code["modules"]), name
     for precision in PRECISIONS:
         engine = json.loads((results / f"engine_{precision}.json").read_text())
         installed = {name: version for name, version in engine["software"].items() if name.startswith("tensorrt")}

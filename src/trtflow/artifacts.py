@@ -16,6 +16,7 @@ import os
 import platform
 import secrets
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
@@ -134,10 +135,26 @@ def installed_versions(prefixes: tuple[str, ...] = SOFTWARE) -> dict[str, str]:
     return dict(sorted(found.items()))
 
 
-def software_versions() -> dict[str, str]:
-    """The software stack an artifact was made with, for its JSON: Python and the numeric libraries.
+def running_code(package: str = "trtflow") -> dict:
+    """The `package` code this process runs: the names of its loaded modules and one sha256 over each module's
+    name and the bytes of its file, in name order. Two runs with equal hashes ran the same trtflow code, wherever
+    it was imported from (a clone, an installed copy)."""
+    modules = sorted(
+        (name, module.__file__)
+        for name, module in list(sys.modules.items())
+        if (name == package or name.startswith(f"{package}.")) and getattr(module, "__file__", None)
+    )
+    digest = hashlib.sha256()
+    for name, path in modules:
+        digest.update(f"{name}\n{files_sha256(path)}\n".encode())
+    return {"sha256": digest.hexdigest(), "modules": [name for name, _ in modules]}
 
-    Recorded beside the numbers so that a backend, torch or onnxruntime upgrade shows up in a diff
-    of two runs' artifacts.
+
+def software_versions() -> dict:
+    """The software stack an artifact was made with, for its JSON: Python, the numeric libraries and the trtflow
+    code that ran (`running_code`).
+
+    Recorded beside the numbers so that a backend, torch or onnxruntime upgrade, or an edit of trtflow, shows up
+    in a diff of two runs' artifacts.
     """
-    return {"python": platform.python_version(), **installed_versions()}
+    return {"python": platform.python_version(), **installed_versions(), "trtflow_code": running_code()}

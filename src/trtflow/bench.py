@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trtflow.artifacts import write_json
+from trtflow.artifacts import software_versions, write_json
 from trtflow.executors import (
     CaptureError,
     Executor,
@@ -193,6 +193,7 @@ def run_bench(
             warmup=settings["warmup"],
             iterations=settings["iterations"],
         ),
+        "software": software_versions(),
     }
     print(json.dumps(document, indent=2))
     write_json(out_json, document)
