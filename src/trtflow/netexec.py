@@ -13,7 +13,8 @@ Choices where TensorRT's documentation leaves room, each the reading closest to 
 - TopK breaks ties by the lower index. Gather refuses out-of-range indices (TensorRT: undefined).
 - Integer DIV truncates toward zero; FLOOR_DIV floors. Cast from float to integer truncates.
 - Quantize: round half to even of x / scale, plus the zero point, saturated to the type's range;
-  Dequantize: (x - zero point) * scale. Per-tensor (scalar scale) or per-axis (1-D scale on `axis`).
+  Dequantize: (x - zero point) * scale. Per-tensor (scalar scale), per-axis (1-D scale on `axis`) or blocked
+  (a scale of the input's rank, one value per block of `block_shape`).
 - Loops: a WHILE trip limit is evaluated before each iteration from the current recurrence values;
   LAST_VALUE outputs are the value of the last iteration that ran.
 Every layer's outputs are checked against the types and shapes TensorRT declared for them.
@@ -372,19 +373,36 @@ def softmax(layer, inputs, _):
     return [torch.softmax(x, dim=axis)]
 
 
-def per_axis(values: torch.Tensor, like: torch.Tensor, axis: int) -> torch.Tensor:
-    """A scale or zero point broadcast against `like`: scalar, or 1-D along `axis`."""
+def quantization_grid(values: torch.Tensor, like: torch.Tensor, params: Mapping) -> torch.Tensor:
+    """A scale or zero point broadcast against `like`: scalar (per tensor), 1-D along `axis` (per axis), or of
+    `like`'s rank (blocked): one value per block, blocks of `block_shape` (-1: the whole extent; a last, partial
+    block keeps its value) or, without it, of the one dimension whose size the values divide."""
     if values.dim() == 0 or values.numel() == 1:
         return values.reshape(())
-    shape = [1] * like.dim()
-    shape[axis] = -1
-    return values.reshape(shape)
+    if values.dim() == 1:
+        shape = [1] * like.dim()
+        shape[params["axis"]] = -1
+        return values.reshape(shape)
+    sizes, counts, block_shape = list(like.shape), list(values.shape), params.get("block_shape")
+    if block_shape is not None:
+        blocks = [size if block == -1 else block for block, size in zip(block_shape, sizes)]
+    elif sum(count != size for count, size in zip(counts, sizes)) <= 1 and all(
+        size % count == 0 for count, size in zip(counts, sizes)
+    ):
+        blocks = [size // count for count, size in zip(counts, sizes)]
+    else:
+        raise ValueError(f"a scale of shape {counts} on an input of shape {sizes} needs a block_shape")
+    if values.dim() != like.dim() or counts != [-(-size // block) for size, block in zip(sizes, blocks)]:
+        raise ValueError(f"a scale of shape {counts} does not tile an input of shape {sizes} in blocks of {blocks}")
+    for axis, (block, size) in enumerate(zip(blocks, sizes)):
+        values = values.repeat_interleave(block, axis).narrow(axis, 0, size)
+    return values
 
 
 def quantize(layer, inputs, _):
-    x, scale = inputs[0].float(), per_axis(inputs[1].float(), inputs[0], layer["params"]["axis"])
+    x, scale = inputs[0].float(), quantization_grid(inputs[1].float(), inputs[0], layer["params"])
     zero = inputs[2] if len(inputs) > 2 and inputs[2] is not None else torch.zeros((), dtype=torch.int32)
-    zero = per_axis(zero.to(torch.int32), inputs[0], layer["params"]["axis"])
+    zero = quantization_grid(zero.to(torch.int32), inputs[0], layer["params"])
     out_type = layer["outputs"][0]["dtype"]
     if out_type not in QUANTIZED_RANGE:
         raise NotImplementedError(f"Quantize to {out_type}")
@@ -393,23 +411,31 @@ def quantize(layer, inputs, _):
 
 
 def dequantize(layer, inputs, _):
-    axis = layer["params"]["axis"]
-    scale = per_axis(inputs[1].float(), inputs[0], axis)
+    scale = quantization_grid(inputs[1].float(), inputs[0], layer["params"])
     zero = inputs[2] if len(inputs) > 2 and inputs[2] is not None else torch.zeros((), dtype=torch.int32)
-    return [(inputs[0].float() - per_axis(zero.float(), inputs[0], axis)) * scale]
+    return [(inputs[0].float() - quantization_grid(zero.float(), inputs[0], layer["params"])) * scale]
 
 
 def slice_layer(layer, inputs, _):
+    """ISliceLayer: start, size and stride (inputs 1-3 where set, else the layer's) per axis of `axes` (input 5,
+    else the layer's; every axis in order where neither is set; a negative one counts from the last); the
+    axes not listed are taken whole."""
     params = layer["params"]
     x = inputs[0]
-    given = lambda i: inputs[i].tolist() if len(inputs) > i and inputs[i] is not None else None  # noqa: E731
-    if given(5) is not None:
-        raise NotImplementedError("Slice with an axes input")
-    start, size, stride = given(1) or params["start"], given(2) or params["shape"], given(3) or params["stride"]
+
+    def given(slot: int, name: str) -> list[int] | None:
+        return inputs[slot].tolist() if len(inputs) > slot and inputs[slot] is not None else params.get(name)
+
+    start, size, stride, axes = given(1, "start"), given(2, "shape"), given(3, "stride"), given(5, "axes")
+    axes = list(range(x.dim())) if axes is None else [axis + x.dim() if axis < 0 else axis for axis in axes]
+    if len(set(axes)) != len(axes) or not all(0 <= axis < x.dim() for axis in axes):
+        raise ValueError(f"slice axes {given(5, 'axes')} on a tensor of rank {x.dim()}")
+    if not len(start) == len(size) == len(stride) == len(axes):
+        raise ValueError(f"slice start {start}, size {size}, stride {stride} do not give one entry per axis {axes}")
     mode = params["mode"]
     fill = inputs[4] if len(inputs) > 4 and inputs[4] is not None else torch.zeros((), dtype=x.dtype)
     y, inside = x, torch.ones((), dtype=torch.bool, device=x.device)
-    for axis, (begin, count, step) in enumerate(zip(start, size, stride)):
+    for axis, begin, count, step in zip(axes, start, size, stride):  # the other axes whole
         n = x.shape[axis]
         index = begin + step * torch.arange(count, device=x.device)
         valid = (index >= 0) & (index < n)

@@ -23,7 +23,7 @@ from safetensors.numpy import load_file, save
 
 from trtflow.artifacts import write_bytes
 
-FORMAT = "trtflow-network-record/1"
+FORMAT = "trtflow-network-record/2"  # 2: slice axes, Q/DQ block_shape
 METADATA_KEY = "trtflow.network"
 
 # LayerType name -> (the ILayer subclass that holds its parameters, parameter attributes, weight attributes).
@@ -48,7 +48,7 @@ LAYER_ATTRIBUTES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
         ("kernel", "bias"),
     ),
     "CUMULATIVE": ("ICumulativeLayer", ("op", "exclusive", "reverse"), ()),
-    "DEQUANTIZE": ("IDequantizeLayer", ("axis", "to_type"), ()),
+    "DEQUANTIZE": ("IDequantizeLayer", ("axis", "to_type", "block_shape"), ()),
     "ELEMENTWISE": ("IElementWiseLayer", ("op",), ()),
     "GATHER": ("IGatherLayer", ("axis", "num_elementwise_dims", "mode"), ()),
     "IDENTITY": ("IIdentityLayer", (), ()),
@@ -70,7 +70,7 @@ LAYER_ATTRIBUTES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
         ),
         (),
     ),
-    "QUANTIZE": ("IQuantizeLayer", ("axis", "to_type"), ()),
+    "QUANTIZE": ("IQuantizeLayer", ("axis", "to_type", "block_shape"), ()),
     "RECURRENCE": ("IRecurrenceLayer", (), ()),
     "REDUCE": ("IReduceLayer", ("op", "axes", "keep_dims"), ()),
     "RESIZE": (
@@ -91,13 +91,18 @@ LAYER_ATTRIBUTES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "SELECT": ("ISelectLayer", (), ()),
     "SHAPE": ("IShapeLayer", (), ()),
     "SHUFFLE": ("IShuffleLayer", ("first_transpose", "reshape_dims", "second_transpose", "zero_is_placeholder"), ()),
-    "SLICE": ("ISliceLayer", ("start", "shape", "stride", "mode"), ()),
+    "SLICE": ("ISliceLayer", ("start", "shape", "stride", "mode", "axes"), ()),
     "SOFTMAX": ("ISoftMaxLayer", ("axes",), ()),
     "TOPK": ("ITopKLayer", ("op", "k", "axes"), ()),
     "TRIP_LIMIT": ("ITripLimitLayer", ("kind",), ()),
     "UNARY": ("IUnaryLayer", ("op",), ()),
 }
 LOOP_BOUNDARIES = ("RECURRENCE", "TRIP_LIMIT", "ITERATOR", "LOOP_OUTPUT")
+# Parameters a layer input replaces: TensorRT then reads the input, and the getter has no value (it logs an error).
+SUPERSEDED_BY_INPUT: dict[str, dict[int, tuple[str, ...]]] = {
+    "RESIZE": {1: ("shape", "scales")},
+    "SLICE": {1: ("start",), 2: ("shape",), 3: ("stride",), 5: ("axes",)},
+}
 
 
 class NetworkRecordError(ValueError):
@@ -159,6 +164,17 @@ def plain(value):
     return [plain(item) for item in value]
 
 
+def parameter(layer, attribute: str):
+    """`layer.attribute` as JSON; None where TensorRT has no value (the getter of an unset block_shape raises
+    "Could not get block_shape.", where an unset slice `axes` reads as None)."""
+    try:
+        return plain(getattr(layer, attribute))
+    except RuntimeError as error:
+        if str(error) == f"Could not get {attribute}.":
+            return None
+        raise
+
+
 def tensor_entry(tensor) -> dict:
     return {"name": tensor.name, "dtype": tensor.dtype.name, "shape": list(tensor.shape)}
 
@@ -180,10 +196,11 @@ def read_layer(trt: ModuleType, network, index: int) -> tuple[dict, dict[str, np
         return entry, arrays
     interface, params, weights = LAYER_ATTRIBUTES[kind]
     layer.__class__ = getattr(trt, interface)
-    if kind == "RESIZE" and layer.num_inputs > 1 and layer.get_input(1) is not None:
-        params = tuple(p for p in params if p not in ("shape", "scales"))  # input 1 gives the shape
+    for slot, superseded in SUPERSEDED_BY_INPUT.get(kind, {}).items():
+        if layer.num_inputs > slot and layer.get_input(slot) is not None:
+            params = tuple(p for p in params if p not in superseded)
     for attribute in params:
-        entry["params"][attribute] = plain(getattr(layer, attribute))
+        entry["params"][attribute] = parameter(layer, attribute)
     for attribute in weights:
         array = np.asarray(getattr(layer, attribute))
         if array.size:  # an unset weight (a convolution whose kernel comes from input 1) reads as empty

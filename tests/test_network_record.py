@@ -1,0 +1,89 @@
+"""trtflow.network_record: what the record holds of each layer.
+
+One-layer TensorRT-RTX networks (its network API is TensorRT's), recorded and evaluated by trtflow.netexec
+against the rule TensorRT documents.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from trtflow.netexec import NetworkExecutor
+from trtflow.network_record import read_network
+
+rtx = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX (pip install tensorrt-rtx-cu13) is not installed")
+
+
+@pytest.fixture(scope="module")
+def backend():
+    from trtflow.backend import load_backend
+
+    return load_backend("tensorrt_rtx")
+
+
+def int_constant(network, values) -> object:
+    return network.add_constant((len(values),), np.asarray(values, dtype=np.int32)).get_output(0)
+
+
+def test_slice_follows_its_axes(backend):
+    """ISliceLayer axes (NvInfer.h ISliceLayer::setAxes, TensorRT 10.3+; Python API ISliceLayer docstring): where
+    axes are given, as the `axes` attribute or as input 5, start, size and stride hold one entry per listed axis
+    and every other axis is taken whole (the docstring's example: input {{0, 2, 4}, {1, 3, 5}}, start {1},
+    size {2}, stride {1}, axes {1} -> {{2, 4}, {3, 5}}). A negative axis counts from the last, as TensorRT-RTX's
+    shape inference reads it. The WRAP case has the same shape along either axis, so only the values tell."""
+    trt = backend.trt
+    network = backend.create_builder().create_network(0)
+    x = network.add_input("x", trt.float32, (2, 3, 4))
+    square = network.add_input("square", trt.float32, (3, 3))
+    last = network.add_slice(x, (1,), (2,), (1,))
+    last.axes = (-1,)
+    wrapped = network.add_slice(square, (1,), (3,), (1,))
+    wrapped.axes = (1,)
+    wrapped.mode = trt.SampleMode.WRAP
+    dynamic = network.add_slice(x, (0, 1), (2, 1), (2, 1))
+    dynamic.set_input(5, int_constant(network, [2, 0]))  # axis 2: 0, 2; axis 0: 1
+    for layer in (last, wrapped, dynamic):
+        network.mark_output(layer.get_output(0))
+    record = read_network(network, trt)
+    assert [layer["params"].get("axes") for layer in record.layers if layer["type"] == "SLICE"] == [[-1], [1], None]
+    values, grid = torch.arange(24.0).reshape(2, 3, 4), torch.arange(9.0).reshape(3, 3)
+    results = list(NetworkExecutor(record)({"x": values, "square": grid}).values())
+    assert torch.equal(results[0], values[:, :, 1:3])
+    assert results[1].tolist() == [[1, 2, 0], [4, 5, 3], [7, 8, 6]]  # columns 1, 2, 0 (rows would be [3, 4, 5], ...)
+    assert torch.equal(results[2], values[1:2, :, 0:4:2])
+
+
+def test_blocked_quantize_and_dequantize(backend):
+    """Blocked Q/DQ (NvInfer.h IQuantizeLayer / IDequantizeLayer::setBlockShape; Python API IQuantizeLayer
+    block_shape; TensorRT's Quantize operator page): a scale of the input's rank holds one value per block, each
+    dimension of the input divided into blocks of `block_shape` (-1: the whole extent); a last, partial block
+    keeps its scale (TensorRT-RTX builds a (5, 4) input with a (3, 2) scale in blocks of (2, 3)). Without
+    block_shape, TensorRT infers a single blocking dimension from the sizes. The quantized values round half
+    to even and saturate, as per-tensor ones do."""
+    trt = backend.trt
+    network = backend.create_builder().create_network(0)
+    x = network.add_input("x", trt.float32, (5, 4))
+    scale = np.asarray([[0.5, 2.0], [1.0, 0.25], [4.0, 0.125]], dtype=np.float32)
+    blocks = network.add_constant(scale.shape, scale).get_output(0)
+    quantize = network.add_quantize(x, blocks, trt.int8)
+    quantize.block_shape = (2, 3)
+    dequantize = network.add_dequantize(quantize.get_output(0), blocks, trt.float32)
+    dequantize.block_shape = (2, 3)
+    rows = np.asarray([[1.0, 2.0, 0.5, 0.25]], dtype=np.float32)  # (1, 4) on (5, 4): blocks of 5 rows, inferred
+    inferred = network.add_quantize(x, network.add_constant(rows.shape, rows).get_output(0), trt.int8)
+    for layer in (quantize, dequantize, inferred):
+        network.mark_output(layer.get_output(0))
+    record = read_network(network, trt)
+    assert [layer["params"]["block_shape"] for layer in record.layers if "QUANTIZE" in layer["type"]] == [
+        [2, 3],
+        [2, 3],
+        None,
+    ]
+    values = torch.linspace(-40, 300, 20).reshape(5, 4)
+    quantized, restored, by_rows = NetworkExecutor(record)({"x": values}).values()
+    per_element = torch.from_numpy(scale).repeat_interleave(2, 0)[:5].repeat_interleave(3, 1)[:, :4]
+    expected = torch.clamp(torch.round(values / per_element), -128, 127)
+    assert per_element[4].tolist() == [4.0, 4.0, 4.0, 0.125] and quantized.tolist() == expected.tolist()
+    assert bool((expected == 127).any()) and bool((expected != 127).any())  # some saturate, some do not
+    assert restored.tolist() == (expected * per_element).tolist()
+    assert by_rows.tolist() == torch.clamp(torch.round(values / torch.from_numpy(rows)), -128, 127).tolist()
