@@ -1,15 +1,28 @@
-"""trtflow.network_record: what the record holds of each layer.
+"""trtflow.network_record: what the record holds of each layer, and what it knowingly leaves out.
 
 One-layer TensorRT-RTX networks (its network API is TensorRT's), recorded and evaluated by trtflow.netexec
-against the rule TensorRT documents.
+against the rule TensorRT documents; and the completeness guard: every attribute of every layer class the
+executor implements is recorded and read, declared irrelevant with a reason, or refused unless at its default
+(the same guard runs on every full TensorRT version's bindings in tests/test_trt_bindings_matrix.py).
 """
+
+import inspect
 
 import numpy as np
 import pytest
 import torch
 
-from trtflow.netexec import NetworkExecutor
-from trtflow.network_record import read_network
+from trtflow import netexec
+from trtflow.netexec import NetworkExecutionError, NetworkExecutor
+from trtflow.network_record import (
+    DEFAULT_ONLY,
+    IRRELEVANT_ATTRIBUTES,
+    LAYER_ATTRIBUTES,
+    LOOP_BOUNDARIES,
+    interface_attributes,
+    read_network,
+    unaccounted_attributes,
+)
 
 rtx = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX (pip install tensorrt-rtx-cu13) is not installed")
 
@@ -87,3 +100,94 @@ def test_blocked_quantize_and_dequantize(backend):
     assert bool((expected == 127).any()) and bool((expected != 127).any())  # some saturate, some do not
     assert restored.tolist() == (expected * per_element).tolist()
     assert by_rows.tolist() == torch.clamp(torch.round(values / torch.from_numpy(rows)), -128, 127).tolist()
+
+
+# --------------------------------------------------------------------------- completeness
+
+
+def evaluation_source(function) -> str:
+    """The source of `function` and of every netexec function and NetworkExecutor method it names, transitively."""
+    sources, seen, stack = [], set(), [function]
+    while stack:
+        function = stack.pop()
+        if function in seen:
+            continue
+        seen.add(function)
+        sources.append(inspect.getsource(function))
+        codes, names = [function.__code__], set()
+        while codes:
+            code = codes.pop()
+            names |= set(code.co_names)
+            codes += [const for const in code.co_consts if inspect.iscode(const)]
+        for name in names:
+            for found in (vars(netexec).get(name), vars(netexec.NetworkExecutor).get(name)):
+                found = getattr(found, "__func__", found)  # a static method's function
+                if inspect.isfunction(found):
+                    stack.append(found)
+    return "\n".join(sources)
+
+
+def test_every_attribute_of_the_executors_layer_classes_is_accounted_for():
+    """The guard, on TensorRT-RTX (every full TensorRT version: tests/test_trt_bindings_matrix.py). Each attribute
+    of ILayer and of each class of a layer type the executor implements (network_record.interface_attributes
+    gives the rule: every public name, property or method) is recorded (LAYER_ATTRIBUTES), declared irrelevant
+    with a reason (IRRELEVANT_ATTRIBUTES) or refused off its default (DEFAULT_ONLY). A TensorRT that adds an
+    attribute fails here until the record says which."""
+    assert set(LAYER_ATTRIBUTES) == set(netexec.LAYERS) | set(LOOP_BOUNDARIES)
+    interfaces = {interface for interface, _, _ in LAYER_ATTRIBUTES.values()}
+    attributes = interface_attributes(rtx)
+    assert set(attributes) == {"ILayer"} | interfaces and len(interfaces) == 28
+    assert {"axes", "start", "shape", "stride", "mode"} == set(attributes["ISliceLayer"])
+    assert (
+        {"axis", "block_shape", "to_type"} == set(attributes["IQuantizeLayer"]) == set(attributes["IDequantizeLayer"])
+    )
+    assert "type" in attributes["IActivationLayer"] and "set_input" not in attributes["ISliceLayer"]
+    assert unaccounted_attributes(attributes) == []
+    assert set(IRRELEVANT_ATTRIBUTES) | set(DEFAULT_ONLY) <= {"ILayer"} | interfaces
+    assert all(reason for reasons in IRRELEVANT_ATTRIBUTES.values() for reason in reasons.values())
+
+
+def test_recorded_parameters_are_read_by_the_executor():
+    """Recorded and read: each parameter and weight LAYER_ATTRIBUTES records, unless declared irrelevant, is named
+    by the code that evaluates its layer type (the LAYERS function, or NetworkExecutor.run_loop for loop
+    boundaries, with the netexec functions and executor methods they call)."""
+    unread = []
+    for kind, (interface, params, weights) in LAYER_ATTRIBUTES.items():
+        evaluation = netexec.NetworkExecutor.run_loop if kind in LOOP_BOUNDARIES else netexec.LAYERS[kind]
+        source = evaluation_source(evaluation)
+        irrelevant = IRRELEVANT_ATTRIBUTES.get(interface, {})
+        unread += [
+            f"{kind}.{name}" for name in params + weights if name not in irrelevant and f'"{name}"' not in source
+        ]
+    assert unread == []
+
+
+OFF_DEFAULT = [("precision_is_set", True), ("output_type_is_set", [0]), ("num_ranks", 2)]
+
+
+@pytest.mark.parametrize(("attribute", "value"), OFF_DEFAULT, ids=[name for name, _ in OFF_DEFAULT])
+def test_an_attribute_off_its_default_is_refused_by_name(backend, attribute, value):
+    """DEFAULT_ONLY: a layer whose precision or output type is constrained (NvInfer.h ILayer::setPrecision /
+    setOutputType: in a weakly typed network the builder then computes in that type; strongly typed networks
+    reject both) or that spans several ranks (Python API ILayer.num_ranks) is refused, naming the layer, the
+    attribute, its value and the fix. TensorRT-RTX has no precision constraints, so the record is edited here."""
+    assert {(interface, name) for interface, names in DEFAULT_ONLY.items() for name in names} == {
+        ("ILayer", name) for name, _ in OFF_DEFAULT
+    }
+    trt = backend.trt
+    network = backend.create_builder().create_network(0)
+    layer = network.add_activation(network.add_input("x", trt.float32, (2,)), trt.ActivationType.RELU)
+    layer.name, layer.get_output(0).name = "relu", "y"
+    network.mark_output(layer.get_output(0))
+    record = read_network(network, trt)
+    assert record.layers[0]["params"]["num_ranks"] == 1 and "precision_is_set" not in record.layers[0]["params"]
+    assert NetworkExecutor(record)({"x": torch.tensor([-1.0, 2.0])})["y"].tolist() == [0.0, 2.0]
+    record.layers[0]["params"][attribute] = value
+    default = DEFAULT_ONLY["ILayer"][attribute][0]
+    with pytest.raises(NetworkExecutionError) as refused:
+        NetworkExecutor(record)
+    assert str(refused.value).startswith(
+        f"layer 0 'relu' (ACTIVATION): {attribute} is {value!r} (TensorRT's default: {default!r}), which the "
+        "network-definition executor does not evaluate; "
+    )
+    assert str(refused.value).endswith(DEFAULT_ONLY["ILayer"][attribute][1])

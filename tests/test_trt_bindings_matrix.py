@@ -20,6 +20,7 @@ import trt_bindings
 from trtflow.backend.implicit_int8 import CALIBRATORS, parse_cache_header
 from trtflow.backend.roi_align_plugin import ATTRIBUTES, kernel_name
 from trtflow.calibrate import version_tag
+from trtflow.network_record import LAYER_ATTRIBUTES, unaccounted_attributes
 from trtflow.plugins import RoIAlignSpec
 
 LEVELS = 4  # the probe's level count (tests/trt_bindings_probe.py)
@@ -202,6 +203,23 @@ def test_implicit_int8_calibrator_serves_our_table(reports, bindings):
 def test_inspector_precisions_read_each_major_versions_keys(reports, bindings):
     """Finding 4: TensorRT 11 spells the key "Datatype" (10.x "Format/Datatype"); both read as HALF, not UNKNOWN."""
     assert value(reports[(bindings, False)], "inspector") == {"HALF": 1}
+
+
+@pytest.mark.parametrize("bindings", trt_bindings.BINDINGS, ids=str)
+def test_every_layer_attribute_is_recorded_irrelevant_or_refused(reports, bindings):
+    """Issue 21, item 3, on each version's real bindings (TensorRT-RTX: tests/test_network_record.py): every
+    attribute of ILayer and of each class of a layer type the network executor implements is recorded, declared
+    irrelevant with a reason, or refused off its default (trtflow.network_record). A class a version lacks is
+    absent; the attributes that come and go across versions are each accounted for on both sides."""
+    attributes, version = value(reports[(bindings, False)], "layer_attributes"), release(bindings.version)
+    interfaces = {interface for interface, _, _ in LAYER_ATTRIBUTES.values()}
+    assert set(attributes) == {"ILayer"} | interfaces - ({"ICumulativeLayer"} if version < (10, 8) else set())
+    assert unaccounted_attributes(attributes) == []
+    assert ("precision_is_set" in attributes["ILayer"]) == ("output_type_is_set" in attributes["ILayer"])
+    assert ("precision_is_set" in attributes["ILayer"]) == (version < (11, 0))
+    assert ("num_ranks" in attributes["ILayer"]) == (version >= (10, 16))
+    assert ("axes" in attributes["ISliceLayer"]) == (version >= (10, 3))
+    assert ("block_shape" in attributes["IQuantizeLayer"]) == (version >= (10, 15))
 
 
 @pytest.mark.parametrize("version", sorted(set(trt_bindings.VERSIONS["cu12"]) & set(trt_bindings.VERSIONS["cu13"])))

@@ -23,6 +23,7 @@ from trtflow.backend import roi_align_plugin as rap
 from trtflow.backend.implicit_int8 import cache_only_calibrator
 from trtflow.calibrate import ALGORITHMS, calibration_table, format_calibration_table, version_tag
 from trtflow.config import environment_problems
+from trtflow.network_record import interface_attributes
 from trtflow.plugins import MAX_LEVELS, RoIAlignSpec
 
 LEVELS = 4
@@ -273,6 +274,11 @@ def backend_facts():
     }
 
 
+def layer_attributes():
+    """The attributes of ILayer and of each layer class the network record reads, by the record's own rule."""
+    return interface_attributes(trt)
+
+
 def main():
     report = {
         "version": trt.__version__,
@@ -281,6 +287,7 @@ def main():
         "backend": attempt(backend_facts),
         "plugin_import": attempt(plugin_import),
         "inspector": attempt(inspector),
+        "layer_attributes": attempt(layer_attributes),
     }
     backend = report["backend"].get("value", {})
     flavour = backend.get("flavour", {}).get("value")

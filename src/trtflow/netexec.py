@@ -18,7 +18,8 @@ Choices where TensorRT's documentation leaves room, each the reading closest to 
 - Loops: a WHILE trip limit is evaluated before each iteration from the current recurrence values;
   LAST_VALUE outputs are the value of the last iteration that ran.
 Every layer's outputs are checked against the types and shapes TensorRT declared for them.
-A layer type or mode not implemented here is refused, naming the layer, its index and its type.
+A layer type or mode not implemented here is refused, naming the layer, its index and its type, and so is
+a layer with an attribute off the default the executor assumes (`network_record.DEFAULT_ONLY`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from trtflow.backend.dtypes import TORCH_DTYPES
-from trtflow.network_record import LOOP_BOUNDARIES, NetworkRecord
+from trtflow.network_record import DEFAULT_ONLY, LAYER_ATTRIBUTES, LOOP_BOUNDARIES, NetworkRecord
 
 QUANTIZED_RANGE = {"INT8": (-128, 127), "UINT8": (0, 255)}
 
@@ -719,6 +720,13 @@ class NetworkExecutor:
                     f"{layer_label(layer)}: the network-definition executor does not implement {layer['type']} "
                     f"layers (it implements {', '.join(sorted(known))})"
                 )
+            interface = LAYER_ATTRIBUTES[layer["type"]][0]
+            for attribute, (default, fix) in {**DEFAULT_ONLY["ILayer"], **DEFAULT_ONLY.get(interface, {})}.items():
+                if (value := layer["params"].get(attribute, default)) != default:
+                    raise NetworkExecutionError(
+                        f"{layer_label(layer)}: {attribute} is {value!r} (TensorRT's default: {default!r}), which "
+                        f"the network-definition executor does not evaluate; {fix}"
+                    )
 
     def order(self, steps: list) -> list:
         """Steps in dependency order, ties broken by TensorRT's layer order."""

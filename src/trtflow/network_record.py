@@ -6,12 +6,17 @@ The engine stage records the exact network it hands to `build_serialized_network
 This module only reads: which attribute means what is TensorRT's business, documented in its API
 (`ILayer` subclasses); the evaluation is `trtflow.netexec`'s.
 
+What the record knowingly leaves out is listed beside what it holds: attributes that do not change the values
+(`IRRELEVANT_ATTRIBUTES`, each with its reason) and attributes the executor refuses off their default
+(`DEFAULT_ONLY`); tests hold these lists complete for TensorRT-RTX and every full TensorRT version.
+
 File: safetensors; each layer's weights are tensors named ``<layer index>.<attribute>``, the layer list
 is JSON under the metadata key ``trtflow.network``.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +28,7 @@ from safetensors.numpy import load_file, save
 
 from trtflow.artifacts import write_bytes
 
-FORMAT = "trtflow-network-record/2"  # 2: slice axes, Q/DQ block_shape
+FORMAT = "trtflow-network-record/2"  # 2: slice axes, Q/DQ block_shape, ILayer attributes refused off default
 METADATA_KEY = "trtflow.network"
 
 # LayerType name -> (the ILayer subclass that holds its parameters, parameter attributes, weight attributes).
@@ -104,6 +109,66 @@ SUPERSEDED_BY_INPUT: dict[str, dict[int, tuple[str, ...]]] = {
     "SLICE": {1: ("start",), 2: ("shape",), 3: ("stride",), 5: ("axes",)},
 }
 
+# Attributes of these classes (ILayer's once, for all) that the evaluation does not read, each with the reason: held
+# elsewhere in the record, or without effect on the values (a few are recorded all the same). Which attributes
+# TensorRT-RTX and each full TensorRT version have: tests/test_network_record.py, tests/test_trt_bindings_matrix.py.
+INPUTS = "recorded as the layer's inputs"
+OUTPUTS = "recorded as the layer's outputs (name, type, shape)"
+OUTPUT_TYPE = "the type of the output, recorded with the outputs; the executor converts to it"
+LOOP = "recorded as the layer's `loop`, the name of its ILoop"
+PADDING_ND = "pre_padding's value (the pre-padding where asymmetric); pre_padding and post_padding are recorded"
+CUBIC_ONLY = (
+    "used by CUBIC interpolation only, which the executor refuses (LINEAR's two taps clamped to the edge equal "
+    "excluding outside samples)"
+)
+IRRELEVANT_ATTRIBUTES: dict[str, dict[str, str]] = {
+    "ILayer": {
+        "name": "a label: recorded as the layer's name, for messages",
+        "metadata": "free text for tools and profilers (e.g. the ONNX node it came from); TensorRT computes nothing from it",
+        "type": "recorded as the layer's type",
+        "num_inputs": INPUTS,
+        "get_input": INPUTS,
+        "set_input": INPUTS,
+        "num_outputs": OUTPUTS,
+        "get_output": OUTPUTS,
+        "get_output_type": OUTPUT_TYPE,
+        "set_output_type": "sets the output type constraint that output_type_is_set reports",
+        "reset_output_type": "clears the output type constraint that output_type_is_set reports",
+        "precision": "the computation precision constraint, in effect only where precision_is_set",
+        "reset_precision": "clears precision_is_set",
+    },
+    "ICastLayer": {"to_type": OUTPUT_TYPE},
+    "IQuantizeLayer": {"to_type": OUTPUT_TYPE},
+    "IDequantizeLayer": {"to_type": OUTPUT_TYPE},
+    "IConvolutionLayer": {"padding_nd": PADDING_ND},
+    "IPoolingLayer": {"padding_nd": PADDING_ND},
+    "IIteratorLayer": {"loop": LOOP},
+    "IRecurrenceLayer": {"loop": LOOP},
+    "ITripLimitLayer": {"loop": LOOP},
+    "ILoopOutputLayer": {
+        "loop": LOOP,
+        "axis": "used by CONCATENATE and REVERSE outputs only, which the executor refuses",
+    },
+    "INMSLayer": {"indices_type": OUTPUT_TYPE},
+    "ITopKLayer": {"indices_type": OUTPUT_TYPE},
+    "IResizeLayer": {"cubic_coeff": CUBIC_ONLY, "exclude_outside": CUBIC_ONLY},
+}
+
+# Attributes the executor does not implement: (the value it assumes, TensorRT's default; what to do instead).
+# Recorded where the TensorRT has them (a method of the output index as the outputs where it holds); the
+# executor refuses a layer where one differs. precision_is_set / output_type_is_set: the constraint tells a weakly
+# typed network's builder to compute in or produce another type (NvInfer.h ILayer::setPrecision / setOutputType,
+# TensorRT 10); strongly typed networks reject both, and TensorRT 11 and TensorRT-RTX have neither. num_ranks:
+# ranks of multi-device execution, more than 1 only on IDistCollectiveLayer (Python API ILayer.num_ranks, 10.16+).
+CASTS = "in a strongly typed network a Cast sets the type a layer computes in and produces"
+DEFAULT_ONLY: dict[str, dict[str, tuple[object, str]]] = {
+    "ILayer": {
+        "precision_is_set": (False, f"leave the layer's precision unset ({CASTS})"),
+        "output_type_is_set": ([], f"leave the layer's output types unset ({CASTS})"),
+        "num_ranks": (1, "the executor evaluates a network on one device"),
+    },
+}
+
 
 class NetworkRecordError(ValueError):
     """A network that cannot be recorded, or a file that is no network record."""
@@ -175,6 +240,12 @@ def parameter(layer, attribute: str):
         raise
 
 
+def default_only_value(layer, attribute: str):
+    """A DEFAULT_ONLY attribute as recorded: its value, or for a method of the output index the outputs where it holds."""
+    value = getattr(layer, attribute)
+    return [i for i in range(layer.num_outputs) if value(i)] if callable(value) else plain(value)
+
+
 def tensor_entry(tensor) -> dict:
     return {"name": tensor.name, "dtype": tensor.dtype.name, "shape": list(tensor.shape)}
 
@@ -192,6 +263,9 @@ def read_layer(trt: ModuleType, network, index: int) -> tuple[dict, dict[str, np
         "weights": {},
     }
     arrays = {}
+    for attribute in DEFAULT_ONLY["ILayer"]:
+        if hasattr(layer, attribute):  # a TensorRT without it holds its default
+            entry["params"][attribute] = default_only_value(layer, attribute)
     if kind not in LAYER_ATTRIBUTES:  # recorded as it is; the executor refuses it by index, name and type
         return entry, arrays
     interface, params, weights = LAYER_ATTRIBUTES[kind]
@@ -229,3 +303,46 @@ def read_network(network, trt: ModuleType) -> NetworkRecord:
     outputs = [network.get_output(i).name for i in range(network.num_outputs)]
     source = {"module": trt.__name__, "version": trt.__version__}
     return NetworkRecord(inputs, outputs, layers, arrays, source)
+
+
+# --------------------------------------------------------------------------- completeness
+
+
+def interface_attributes(trt: ModuleType) -> dict[str, list[str]]:
+    """The attributes of ILayer and of each LAYER_ATTRIBUTES class that `trt` has, by name.
+
+    Every public name counts, data attribute (pybind property) or method: get_X / set_X pairs and other accessors
+    hold layer state as properties do. A subclass's names are those ILayer lacks, and the properties it redefines
+    (IActivationLayer.type is the activation type); a method it redefines (set_input) keeps ILayer's meaning.
+    """
+    base = trt.ILayer
+    attributes = {"ILayer": sorted(name for name in dir(base) if not name.startswith("_"))}
+    for interface in sorted({interface for interface, _, _ in LAYER_ATTRIBUTES.values()}):
+        cls = getattr(trt, interface, None)
+        if cls is None:
+            continue
+        own = []
+        for name in dir(cls):
+            found = inspect.getattr_static(cls, name)
+            if not name.startswith("_") and (
+                not hasattr(base, name)
+                or (isinstance(found, property) and found is not inspect.getattr_static(base, name))
+            ):
+                own.append(name)
+        attributes[interface] = sorted(own)
+    return attributes
+
+
+def unaccounted_attributes(attributes: dict[str, list[str]]) -> list[str]:
+    """`Class.attribute` for each of `attributes` (as interface_attributes gives them) that the record neither
+    holds (LAYER_ATTRIBUTES), nor declares irrelevant (IRRELEVANT_ATTRIBUTES), nor refuses off its default
+    (DEFAULT_ONLY)."""
+    recorded = {interface: set(params + weights) for interface, params, weights in LAYER_ATTRIBUTES.values()}
+    return [
+        f"{interface}.{name}"
+        for interface, names in attributes.items()
+        for name in names
+        if name not in recorded.get(interface, set())
+        and name not in IRRELEVANT_ATTRIBUTES.get(interface, {})
+        and name not in DEFAULT_ONLY.get(interface, {})
+    ]
