@@ -409,7 +409,10 @@ def test_record_round_trip_and_bad_files(backend, small_detector, tmp_path):
 
 def test_nms_layer_selects_like_torchvision(backend):
     """INMSLayer as built on TensorRT-RTX's network API (which cannot build it into a plan) against
-    torchvision's NMS, per batch and class, with the score threshold and the per-class output limit."""
+    torchvision's NMS, as NvInfer.h documents the layer: per batch item the (box, class) scores above the
+    score threshold, best first without regard to class, of which only the TopK limit are considered (per
+    batch item); per class, greedy NMS among those, at most MaxOutputBoxesPerClass kept; the selected
+    indices ordered by batch, then by decreasing score."""
     import torchvision
 
     trt = backend.trt
@@ -432,13 +435,20 @@ def test_nms_layer_selects_like_torchvision(backend):
     selected, count = NetworkExecutor(read_network(network, trt))({"boxes": boxes, "scores": scores}).values()
     expected = []
     for batch in range(2):
+        flat = scores[batch].flatten()  # (box, class) pairs, box-major
+        best = torch.sort(flat, descending=True, stable=True).indices
+        best = best[flat[best] > 0.2][:30]
+        assert (flat > 0.2).sum() > 30 and len(set((best % 3).tolist())) == 3  # the limit bites, across classes
+        kept = []
         for cls in range(3):
-            score = scores[batch, :, cls]
-            best = torch.sort(score, descending=True, stable=True).indices[:30]
-            best = best[score[best] > 0.2]
-            kept = best[torchvision.ops.nms(boxes[batch, best], score[best], 0.4)][:6]
-            expected += [[batch, cls, int(i)] for i in kept]
+            box = best[best % 3 == cls] // 3
+            score = scores[batch, box, cls]
+            kept += [
+                (float(score[i]), cls, int(box[i])) for i in torchvision.ops.nms(boxes[batch, box], score, 0.4)[:6]
+            ]
+        expected += [[batch, kept_class, kept_box] for _, kept_class, kept_box in sorted(kept, reverse=True)]
     assert selected.tolist() == expected and int(count) == len(expected) > 12
+    assert [row[1] for row in expected] != sorted(row[1] for row in expected)  # classes interleave by score
 
 
 def test_scatter_nd_writes_the_updates(backend):

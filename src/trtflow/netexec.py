@@ -11,13 +11,19 @@ Choices where TensorRT's documentation leaves room, each the reading closest to 
 - Floating-point layers compute in float32 and round their outputs to the declared type (float16
   tensors of a strongly typed network, as TensorRT's fp16 kernels accumulate in float32).
 - TopK breaks ties by the lower index. Gather refuses out-of-range indices (TensorRT: undefined).
+- INMSLayer orders (box, class) candidates of equal score by box, then class (TensorRT: unspecified), both
+  for its TopK limit and for its output.
+- Resize by static scales where length x scale is not the output length: refused (TensorRT's documented
+  ratio of lengths and ONNX's 1 / scale disagree there; see resize_positions).
 - Integer DIV truncates toward zero; FLOOR_DIV floors. Cast from float to integer truncates.
 - Quantize: round half to even of x / scale, plus the zero point, saturated to the type's range;
   Dequantize: (x - zero point) * scale. Per-tensor (scalar scale), per-axis (1-D scale on `axis`) or blocked
   (a scale of the input's rank, one value per block of `block_shape`).
 - Loops: a WHILE trip limit is evaluated before each iteration from the current recurrence values;
   LAST_VALUE outputs are the value of the last iteration that ran.
-Every layer's outputs are checked against the types and shapes TensorRT declared for them.
+Every layer's outputs are checked against the types and shapes TensorRT declared for them, and a dimension
+declared -1 (unknown when the network was defined: a dynamic batch) against the layer's documented
+output-shape rule applied to the shapes that flow in (SHAPE_RULES; none for Shuffle, Slice, Resize, NMS).
 A layer type or mode not implemented here is refused, naming the layer, its index and its type, and so is
 a layer with an attribute off the default the executor assumes (`network_record.DEFAULT_ONLY`).
 """
@@ -38,6 +44,7 @@ from trtflow.backend.dtypes import TORCH_DTYPES
 from trtflow.network_record import DEFAULT_ONLY, LAYER_ATTRIBUTES, LOOP_BOUNDARIES, NetworkRecord
 
 QUANTIZED_RANGE = {"INT8": (-128, 127), "UINT8": (0, 255)}
+NMS_TOP_K_LIMIT = 5000  # INMSLayer::setTopKBoxLimit: at most 5000 (2000 on SM 5.3 / 6.2 devices)
 
 
 class NetworkExecutionError(RuntimeError):
@@ -219,27 +226,36 @@ def pooling(layer, inputs, _):
         return [maximum()]
     if kind == "AVERAGE":
         return [average()]
-    if kind == "MAX_AVERAGE_BLEND":
+    if kind == "MAX_AVERAGE_BLEND":  # NvInfer.h PoolingType: (1 - blendFactor) * maxPool + blendFactor * avgPool
         blend = params["blend_factor"]
-        return [blend * maximum() + (1 - blend) * average()]
+        return [(1 - blend) * maximum() + blend * average()]
     raise NotImplementedError(f"PoolingType.{kind}")
 
 
-def resize_positions(layer, size_in: int, size_out: int, scale: float | None) -> torch.Tensor:
-    """Input coordinates of each output position along one axis (ResizeCoordinateTransformation)."""
+def resize_positions(layer, axis: int, size_in: int, size_out: int, scale: float | None) -> torch.Tensor:
+    """Input coordinates of each output position along one axis: ResizeCoordinateTransformation's formulas
+    (NvInfer.h), which map by the ratio of lengths, length_origin / length_resize."""
     params = layer["params"]
     out = torch.arange(size_out, dtype=torch.float64)
-    scale = scale if scale else size_out / size_in
     mode = params["coordinate_transformation"]
     if size_out == 1 and params["selector_for_single_pixel"] == "UPPER":
         return torch.zeros(1, dtype=torch.float64)
     if mode == "ALIGN_CORNERS":
         return out * ((size_in - 1) / (size_out - 1)) if size_out > 1 else torch.zeros(1, dtype=torch.float64)
+    if mode not in ("ASYMMETRIC", "HALF_PIXEL"):
+        raise NotImplementedError(f"ResizeCoordinateTransformation.{mode}")
+    # NvInfer.h documents the ratio of lengths; ONNX's Resize maps by 1 / scale, and TensorRT's ONNX parser hands
+    # ONNX scales to setScales. Where the output length (floor(length * scale)) is not length * scale the two
+    # differ, and which one TensorRT applies is not documented: refused rather than guessed.
+    if scale is not None and size_in * scale != size_out:
+        raise NotImplementedError(
+            f"Resize by scale {scale} on axis {axis} maps length {size_in} -> {size_out}, not {size_in} x {scale}, "
+            "where TensorRT's documented coordinate transform (ratio of lengths) and ONNX's (1 / scale) disagree; "
+            "set the output dimensions (ONNX Resize: sizes) instead, or a scale that maps lengths exactly"
+        )
     if mode == "ASYMMETRIC":
-        return out / scale
-    if mode == "HALF_PIXEL":
-        return (out + 0.5) / scale - 0.5
-    raise NotImplementedError(f"ResizeCoordinateTransformation.{mode}")
+        return out * size_in / size_out
+    return (out + 0.5) * size_in / size_out - 0.5
 
 
 def resize(layer, inputs, _):
@@ -262,7 +278,7 @@ def resize(layer, inputs, _):
     for axis, (size_in, size_out) in enumerate(zip(x.shape, target)):
         if size_in == size_out and scales[axis] in (None, 1.0):
             continue
-        position = resize_positions(layer, size_in, size_out, scales[axis])
+        position = resize_positions(layer, axis, size_in, size_out, scales[axis])
         if mode == "NEAREST":
             if params["nearest_rounding"] not in rounding:
                 raise NotImplementedError(f"ResizeRoundMode.{params['nearest_rounding']}")
@@ -312,8 +328,12 @@ def gather(layer, inputs, _):
         raise NotImplementedError(f"GatherMode.{mode}")
     if batch_dims == 0:
         return [gather_axis(data, indices, axis)]
-    if batch_dims == 1 and axis >= 1:
-        return [torch.stack([gather_axis(d, i, axis - 1) for d, i in zip(data, indices)])]
+    if batch_dims == 1 and axis >= 1:  # the element-wise first dimension broadcasts (IGatherLayer, kDEFAULT)
+        batch = torch.broadcast_shapes(data.shape[:1], indices.shape[:1])
+        data, indices = data.expand(*batch, *data.shape[1:]), indices.expand(*batch, *indices.shape[1:])
+        rows = torch.arange(batch[0], device=data.device).reshape(-1, *[1] * (indices.dim() - 1))
+        picked = data.movedim(axis, 1)[rows, indices.long()]  # batch + indices.shape[1:] + the rest, in order
+        return [picked.movedim(tuple(range(1, indices.dim())), tuple(range(axis, axis + indices.dim() - 1)))]
     raise NotImplementedError(f"Gather with num_elementwise_dims={batch_dims} on axis {axis}")
 
 
@@ -482,15 +502,17 @@ def shape_of(layer, inputs, _):
 
 
 def cumulative(layer, inputs, _):
+    """ICumulativeLayer SUM: y[j] = sum of x[0..j] (inclusive) or x[0..j-1] (exclusive), counted from the end
+    when reversed."""
     params = layer["params"]
     if params["op"] != "SUM":
         raise NotImplementedError(f"CumulativeOperation.{params['op']}")
     x, axis = floating(inputs[0]), int(inputs[1])
     if params["reverse"]:
         x = x.flip(axis)
+    if params["exclusive"] and x.shape[axis]:  # shifted, then summed: inclusive minus x loses small terms
+        x = torch.cat([torch.zeros_like(x.narrow(axis, 0, 1)), x.narrow(axis, 0, x.shape[axis] - 1)], axis)
     total = torch.cumsum(x, dim=axis)
-    if params["exclusive"]:
-        total = total - x
     return [total.flip(axis) if params["reverse"] else total]
 
 
@@ -505,44 +527,51 @@ def corner_pairs(boxes: torch.Tensor, box_format: str) -> torch.Tensor:
     return torch.cat([low, high], -1)
 
 
-def greedy_selection(
-    boxes: torch.Tensor, scores: torch.Tensor, iou_thresh: float, score_thresh: float, limit: int, keep: int
-) -> list[int]:
-    """Indices kept by greedy NMS of one class: candidates scoring above `score_thresh`, the best `limit` of
-    them in descending score, each kept unless its IoU with a kept one exceeds `iou_thresh`; at most `keep`."""
-    candidates = [int(i) for i in torch.sort(scores, descending=True, stable=True).indices if scores[i] > score_thresh]
+def greedy_selection(boxes: torch.Tensor, classes: torch.Tensor, iou_thresh: float, keep: int) -> list[int]:
+    """Greedy NMS over candidates in descending score: each kept unless its IoU with a kept candidate of its
+    class exceeds `iou_thresh`, at most `keep` per class; returns the kept positions, in candidate order."""
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    kept: list[int] = []
-    for i in candidates[:limit]:
-        if len(kept) == keep:
-            break
-        if kept:
-            others = boxes[kept]
+    kept: dict[int, list[int]] = {}
+    selected = []
+    for i, cls in enumerate(classes.tolist()):
+        same = kept.setdefault(cls, [])
+        if len(same) == keep:
+            continue
+        if same:
+            others = boxes[same]
             low, high = torch.maximum(others[:, :2], boxes[i, :2]), torch.minimum(others[:, 2:], boxes[i, 2:])
             inter = (high - low).clamp(min=0).prod(-1)
-            iou = inter / (area[kept] + area[i] - inter)
+            iou = inter / (area[same] + area[i] - inter)
             if bool((iou > iou_thresh).any()):
                 continue
-        kept.append(i)
-    return kept
+        same.append(i)
+        selected.append(i)
+    return selected
 
 
 def nms(layer, inputs, _):
     """INMSLayer: boxes (B, N, 4) or per class (B, N, C, 4), scores (B, N, C), max output boxes per class,
-    IoU threshold (default 0), score threshold (default 0) -> selected (batch, class, box) indices, ordered by
-    batch, class, then descending score, and their count."""
+    IoU threshold (default 0), score threshold (default 0) -> selected (batch, class, box) indices and their
+    count. Per batch item, the (box, class) scores above the score threshold sorted without regard to class,
+    the best `topk_box_limit` of them considered; per class, greedy NMS; the selected ordered by batch, then by
+    decreasing score (NvInfer.h, INMSLayer)."""
     params = layer["params"]
+    limit = params["topk_box_limit"]
+    if limit > NMS_TOP_K_LIMIT:
+        raise ValueError(f"topk_box_limit {limit} exceeds TensorRT's limit of {NMS_TOP_K_LIMIT}; lower it")
     boxes, scores = corner_pairs(inputs[0].float(), params["bounding_box_format"]), inputs[1].float()
     scalar = lambda i: float(inputs[i]) if len(inputs) > i and inputs[i] is not None else 0.0  # noqa: E731
     keep, iou_thresh, score_thresh = int(inputs[2]), scalar(3), scalar(4)
+    num_classes = scores.shape[2]
     selected = []
     for batch in range(scores.shape[0]):
-        for cls in range(scores.shape[2]):
-            class_boxes = boxes[batch, :, cls] if boxes.dim() == 4 else boxes[batch]
-            for index in greedy_selection(
-                class_boxes, scores[batch, :, cls], iou_thresh, score_thresh, params["topk_box_limit"], keep
-            ):
-                selected.append([batch, cls, index])
+        flat = scores[batch].flatten()  # (box, class) pairs, box-major: ties keep this order
+        order = torch.sort(flat, descending=True, stable=True).indices
+        order = order[flat[order] > score_thresh][:limit]
+        box, cls = order // num_classes, order % num_classes
+        candidates = boxes[batch, box, cls] if boxes.dim() == 4 else boxes[batch, box]
+        for i in greedy_selection(candidates, cls, iou_thresh, keep):
+            selected.append([batch, int(cls[i]), int(box[i])])
     found = torch.tensor(selected, dtype=torch.int32, device=scores.device).reshape(-1, 3)
     return [found, torch.tensor(len(selected), dtype=torch.int32, device=scores.device)]
 
@@ -585,6 +614,115 @@ LAYERS: dict[str, Callable] = {
     "SOFTMAX": softmax,
     "TOPK": top_k,
     "UNARY": unary,
+}
+
+
+# --------------------------------------------------------------------------- output-shape rules
+# Each takes (layer record, its input tensors) and returns the shape TensorRT's documentation gives every
+# output of the layer, from the shapes that flow in (None: no rule for this mode). The executor checks
+# dimensions declared -1 (unknown when the network was defined) against it. Layers whose output shape is the
+# value of a parameter or shape tensor (Shuffle, Slice, Resize, Constant) or depends on the data (NMS) have none.
+
+
+def broadcast_shape(*shapes: Sequence[int]) -> list[int]:
+    """IElementWiseLayer / ISelectLayer / the batch dimensions of IMatrixMultiplyLayer: equal ranks; per
+    dimension the lengths match, or one is 1 and the output takes the other."""
+    if len({len(shape) for shape in shapes}) != 1:
+        raise ValueError(f"shapes {list(map(list, shapes))} differ in rank; TensorRT broadcasts equal ranks only")
+    result = []
+    for lengths in zip(*shapes):
+        others = set(lengths) - {1}
+        if len(others) > 1:
+            raise ValueError(f"shapes {list(map(list, shapes))} do not broadcast")
+        result.append(others.pop() if others else 1)
+    return result
+
+
+def first_input_shape(layer, inputs) -> list[int]:
+    return list(inputs[0].shape)
+
+
+def concatenation_shape(layer, inputs) -> list[int]:
+    axis = layer["params"]["axis"]
+    shape = list(inputs[0].shape)
+    shape[axis] = sum(t.shape[axis] for t in inputs)
+    return shape
+
+
+def gather_shape(layer, inputs) -> list[int] | None:
+    """kDEFAULT: the broadcast of the element-wise dimensions, then data's with the axis replaced by the
+    indices' remaining ones; kELEMENT: the indices'."""
+    params = layer["params"]
+    data, indices = list(inputs[0].shape), list(inputs[1].shape)
+    if params["mode"] == "ELEMENT":
+        return indices
+    if params["mode"] != "DEFAULT":
+        return None
+    front, axis = params["num_elementwise_dims"], params["axis"]
+    return broadcast_shape(data[:front], indices[:front]) + data[front:axis] + indices[front:] + data[axis + 1 :]
+
+
+def matrix_multiply_shape(layer, inputs) -> list[int]:
+    """The broadcast batch dimensions, then A's rows unless A is a vector, B's columns unless B is a vector."""
+    a, b = (list(t.shape) for t in inputs)
+    op0, op1 = layer["params"]["op0"], layer["params"]["op1"]
+    a_batch, rows = (a[:-1], []) if op0 == "VECTOR" else (a[:-2], [a[-1] if op0 == "TRANSPOSE" else a[-2]])
+    b_batch, columns = (b[:-1], []) if op1 == "VECTOR" else (b[:-2], [b[-2] if op1 == "TRANSPOSE" else b[-1]])
+    return broadcast_shape(a_batch, b_batch) + rows + columns
+
+
+def reduce_shape(layer, inputs) -> list[int]:
+    shape = list(inputs[0].shape)
+    axes = axes_of(layer["params"]["axes"], len(shape))
+    if layer["params"]["keep_dims"]:
+        return [1 if axis in axes else n for axis, n in enumerate(shape)]
+    return [n for axis, n in enumerate(shape) if axis not in axes]
+
+
+def top_k_shape(layer, inputs) -> list[int]:
+    shape = list(inputs[0].shape)
+    (axis,) = axes_of(layer["params"]["axes"], len(shape))
+    shape[axis] = int(inputs[1]) if len(inputs) > 1 and inputs[1] is not None else layer["params"]["k"]
+    return shape
+
+
+def window_shape(layer, inputs) -> list[int]:
+    """Convolution and pooling with explicit padding rounded down: per spatial axis
+    floor((length + pre + post - dilation * (kernel - 1) - 1) / stride) + 1; convolution sets the channels."""
+    params = layer["params"]
+    kernel = params.get("kernel_size_nd") or params["window_size_nd"]
+    dilation = params.get("dilation_nd") or [1] * len(kernel)
+    shape = list(inputs[0].shape)
+    spatial = [
+        (n + before + after - d * (k - 1) - 1) // s + 1
+        for n, before, after, d, k, s in zip(
+            shape[-len(kernel) :], params["pre_padding"], params["post_padding"], dilation, kernel, params["stride_nd"]
+        )
+    ]
+    channels = [params["num_output_maps"]] if layer["type"] == "CONVOLUTION" else shape[-len(kernel) - 1 : -len(kernel)]
+    return shape[: -len(kernel) - 1] + channels + spatial
+
+
+SHAPE_RULES: dict[str, Callable] = {
+    "ACTIVATION": first_input_shape,
+    "CAST": first_input_shape,
+    "CONCATENATION": concatenation_shape,
+    "CONVOLUTION": window_shape,
+    "CUMULATIVE": first_input_shape,
+    "DEQUANTIZE": first_input_shape,
+    "ELEMENTWISE": lambda layer, inputs: broadcast_shape(*(t.shape for t in inputs)),
+    "GATHER": gather_shape,
+    "IDENTITY": first_input_shape,
+    "MATRIX_MULTIPLY": matrix_multiply_shape,
+    "POOLING": window_shape,
+    "QUANTIZE": first_input_shape,
+    "REDUCE": reduce_shape,
+    "SCATTER": first_input_shape,
+    "SELECT": lambda layer, inputs: broadcast_shape(*(t.shape for t in inputs)),
+    "SHAPE": lambda layer, inputs: [inputs[0].dim()],
+    "SOFTMAX": first_input_shape,
+    "TOPK": top_k_shape,
+    "UNARY": first_input_shape,
 }
 
 
@@ -777,12 +915,14 @@ class NetworkExecutor:
             results = LAYERS[layer["type"]](layer, inputs, self)
         except (NotImplementedError, ValueError, RuntimeError, IndexError, TypeError) as error:
             raise NetworkExecutionError(f"{layer_label(layer)}: {error}") from error
-        return [self.declared(layer, slot, value) for slot, value in enumerate(results)]
+        return [self.declared(layer, slot, value, inputs) for slot, value in enumerate(results)]
 
     @staticmethod
-    def declared(layer: Mapping, slot: int, value: torch.Tensor) -> torch.Tensor:
+    def declared(layer: Mapping, slot: int, value: torch.Tensor, inputs: list | None = None) -> torch.Tensor:
         """`value` converted to the output's declared type; its kind (float / integer / bool) and shape
-        checked against what TensorRT declared, so a semantics error here cannot hide behind a cast."""
+        checked against what TensorRT declared, so a semantics error here cannot hide behind a cast. A
+        dimension declared -1 is checked against the layer's output-shape rule (SHAPE_RULES) applied to
+        `inputs`, where the layer type has one."""
         spec = layer["outputs"][slot]
         dtype = TORCH_DTYPES.get(spec["dtype"])
         if dtype is None:
@@ -796,6 +936,17 @@ class NetworkExecutor:
             raise NetworkExecutionError(
                 f"{layer_label(layer)}: computed shape {shape}, TensorRT declared {spec['shape']}"
             )
+        if -1 in spec["shape"] and inputs is not None and layer["type"] in SHAPE_RULES:
+            try:
+                ruled = SHAPE_RULES[layer["type"]](layer, inputs)
+            except ValueError as error:
+                raise NetworkExecutionError(f"{layer_label(layer)}: {error}") from error
+            if ruled is not None and list(ruled) != shape:
+                flowing = [None if t is None else list(t.shape) for t in inputs]
+                raise NetworkExecutionError(
+                    f"{layer_label(layer)}: computed shape {shape}, TensorRT declared {spec['shape']}, which its "
+                    f"output-shape rule makes {list(ruled)} for inputs of shapes {flowing}"
+                )
         return value.to(dtype)
 
     def run_step(self, step, values: dict, forced: Mapping[str, torch.Tensor] | None = None) -> None:
@@ -805,8 +956,26 @@ class NetworkExecutor:
         inputs = [None if name is None else values[name] for name in step["inputs"]]
         for slot, (output, value) in enumerate(zip(step["outputs"], self.evaluate(step, inputs))):
             if forced and output["name"] in forced:
-                value = self.declared(step, slot, forced[output["name"]].to(self.device))
+                value = self.declared(step, slot, forced[output["name"]].to(self.device), inputs)
             values[output["name"]] = value
+
+    @staticmethod
+    def iterate(iterator: Mapping, values: dict, trips: int | None, iteration: int) -> torch.Tensor:
+        """IIteratorLayer: the slice `iteration` of its input along its axis, or with reverse=true the slice
+        M-1-iteration, M the loop's COUNT trip limit (IIteratorLayer::setReverse)."""
+        source, axis = values[iterator["inputs"][0]], iterator["params"]["axis"]
+        if iterator["params"]["reverse"] and trips is None:
+            raise NetworkExecutionError(
+                f"{layer_label(iterator)}: a reverse iterator counts back from the trip count, so it needs a COUNT "
+                "trip limit; its loop has a WHILE one only"
+            )
+        position = trips - 1 - iteration if iterator["params"]["reverse"] else iteration
+        if not 0 <= position < source.shape[axis]:
+            raise NetworkExecutionError(
+                f"{layer_label(iterator)}: iteration {iteration} reads slice {position} of axis {axis}, whose length "
+                f"is {source.shape[axis]}; the trip limit must not exceed the iterated length"
+            )
+        return source.select(axis, position)
 
     def run_loop(self, loop: Loop, values: dict) -> None:
         limit = loop.trip_limit
@@ -816,9 +985,7 @@ class NetworkExecutor:
         while trips is None or iteration < trips:
             scope = {**values, **state}
             for iterator in loop.iterators:
-                source, axis = values[iterator["inputs"][0]], iterator["params"]["axis"]
-                position = source.shape[axis] - 1 - iteration if iterator["params"]["reverse"] else iteration
-                scope[iterator["outputs"][0]["name"]] = source.select(axis, position)
+                scope[iterator["outputs"][0]["name"]] = self.iterate(iterator, values, trips, iteration)
             for layer in loop.condition:
                 self.run_step(layer, scope)
             if trips is None and not bool(scope[limit["inputs"][0]]):
