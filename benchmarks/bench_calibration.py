@@ -2,8 +2,8 @@
 
 Same ONNX (torchvision fasterrcnn_mobilenet_v3_large_320_fpn features: backbone + FPN + RPN head convs,
 random-init weights, input (1, 3, 320, 320)), same tensors (every float tensor, as ORT selects them),
-same synthetic images. Each measurement runs in a fresh subprocess so that its peak RSS
-(resource.getrusage maxrss) is its own.
+same synthetic images. Each measurement runs in a fresh subprocess and reports its own peak RSS
+(VmHWM, benchmarks/peak_memory.py: not the exporting parent's, which getrusage's maxrss would carry over).
 
     .venv/bin/python benchmarks/bench_calibration.py                    # ours at 32 and 128 images, ORT at 32
     .venv/bin/python benchmarks/bench_calibration.py --images 32 --ort-images 16 32
@@ -19,12 +19,13 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+
+from peak_memory import peak_rss_mb
 
 ONNX_NAME = "fasterrcnn_mobilenet_v3_large_320_fpn_features.onnx"
 INPUT_SHAPE = (1, 3, 320, 320)
@@ -74,10 +75,6 @@ def ort_tensors(onnx_path: Path) -> list[str]:
     all_op_types = SimpleNamespace(op_types_to_calibrate=None)  # the calibrator's default: every op
     tensors, _ = HistogramCalibrater.select_tensors_to_calibrate(all_op_types, load_model_with_shape_infer(onnx_path))
     return sorted(tensors)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def run_ours(onnx_path: Path, images: int, tensors: str) -> dict:

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import yaml
+from peak_memory import peak_rss_mb
 from snakemake.utils import validate
 
 from trtflow.artifacts import installed_versions
@@ -97,8 +98,8 @@ def export_random_model(config: dict, arch: str, size: int, path: Path) -> None:
 def child(args) -> dict:
     """One quantization in this (fresh) process, rule `calibrate`'s code with the given placement and method.
 
-    Time and peak memory cover all of it, image decoding included. Peak memory is VmHWM (this process image's
-    own high-water mark): getrusage's maxrss would carry over the parent's across fork + exec.
+    Time and peak memory cover all of it, image decoding included. Peak memory is this process image's own
+    (benchmarks/peak_memory.py).
     """
     from trtflow.calibrate import calibrate_features
 
@@ -118,9 +119,7 @@ def child(args) -> dict:
         preprocess=preprocess,
     )
     seconds = time.perf_counter() - start
-    status = Path("/proc/self/status").read_text()
-    peak_kib = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
-    return {"seconds": seconds, "peak_rss_mb": peak_kib / 1024, "qdq_onnx": str(out)}
+    return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "qdq_onnx": str(out)}
 
 
 def measure(args, model: str, tool: str, method: str) -> dict:
