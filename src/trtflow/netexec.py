@@ -10,7 +10,9 @@ compilation of it (fusions, kernel choice, reduced-precision kernels).
 Choices where TensorRT's documentation leaves room, each the reading closest to it:
 - Floating-point layers compute in float32 and round their outputs to the declared type (float16
   tensors of a strongly typed network, as TensorRT's fp16 kernels accumulate in float32).
-- TopK breaks ties by the lower index. Gather refuses out-of-range indices (TensorRT: undefined).
+- TopK breaks ties by the lower index. Gather refuses negative and out-of-range indices: what TensorRT gives
+  for them depends on the version (newer headers document zeros out of range, wrapping of negative indices on
+  build-time axes), and none of our networks asks for them.
 - INMSLayer orders (box, class) candidates of equal score by box, then class (TensorRT: unspecified), both
   for its TopK limit and for its output.
 - Resize by static scales where length x scale is not the output length: refused (TensorRT's documented
