@@ -15,10 +15,10 @@ $(INSTALLED): pyproject.toml
 demo: $(INSTALLED)
 	$(VENV)/bin/snakemake --cores $(CORES) results/engine_int8.plan
 
-test: style
+test: style lint
 	$(PYTHON) -m pytest
 
-# the unit tests alone (no Snakemake runs): a few minutes instead of CI's full suite
+# every test that runs neither Snakemake nor nvcc (no `pipeline` mark): a few minutes instead of CI's full suite
 test-fast: style
 	$(PYTHON) -m pytest -m "not pipeline"
 
@@ -27,6 +27,7 @@ style: $(INSTALLED)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 
+# Snakemake's linter on the workflow (part of `make test`, so of CI)
 lint: $(INSTALLED)
 	$(VENV)/bin/snakemake --lint
 

@@ -1,5 +1,6 @@
-# Shared paths and helpers for every rule file. The Snakefile that includes it sets WORKFLOW_DIR: the folder of
-# the workflow's own files (src/, plugins/, models/).
+# Shared paths and helpers for the files in workflow/rules/. The Snakefile that includes it sets WORKFLOW_DIR: the
+# folder of the workflow's own files (src/, plugins/, models/). This file holds functions only: `snakemake --lint`
+# (part of `make test`) takes a line with "rule", a space and a later colon for a rule, and refuses the mix.
 import importlib.util
 import re
 from pathlib import Path
