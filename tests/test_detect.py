@@ -13,6 +13,12 @@ from pathlib import Path
 import cv2
 import pytest
 
+from test_executors import POSTPROCESS, preprocess_settings
+from test_images import picture, write_image
+from test_verify import IMPOSSIBLE_OUTPUTS, NO_GPU, fixed_executor
+from trtflow import cli
+from trtflow.usage import classes_of
+
 TRTFLOW = Path(sys.executable).with_name("trtflow")  # the console script of [project.scripts]
 RESULT_KEYS = ("image_id", "category_id", "bbox", "score")  # a COCO results entry
 
@@ -107,3 +113,24 @@ def test_detect_refuses_a_corrupt_image_naming_it(completed_run, val_images, tmp
     assert result.returncode == 1
     assert f"{corrupt}: is a truncated JPEG" in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "dets.json").exists()
+
+
+@pytest.mark.parametrize("fault, reason", IMPOSSIBLE_OUTPUTS.values(), ids=IMPOSSIBLE_OUTPUTS)
+def test_detect_refuses_an_impossible_output_with_verifys_reason(tmp_path, monkeypatch, capsys, fault, reason):
+    """The executor gives what no head can (label 0, a label past the classes, NaN score, inf box, more
+    detections than rows): `trtflow detect` says so in one line, the same reason verify gives, and writes nothing."""
+    plan = tmp_path / "engine_fp32.plan"
+    plan.write_bytes(b"not run")
+    categories = [{"id": i, "name": f"class{i}"} for i in (1, 2, 3)]
+    usage = {"precision": "fp32", "preprocess": preprocess_settings(), "postprocess": POSTPROCESS}
+    plan.with_suffix(".json").write_text(json.dumps({**usage, "classes": classes_of(categories)}))
+    files = [str(write_image(tmp_path / f"photo_{n}.png", picture(seed=n))) for n in (1, 2)]
+    monkeypatch.setattr("trtflow.detect.executor_for", lambda plan, metadata, fallback: (fixed_executor(fault), NO_GPU))
+    out = tmp_path / "dets.json"
+    status = cli.main(["detect", "--engine", str(plan), *files, "--fallback", "--out", str(out)])
+    stderr = capsys.readouterr().err
+    assert status == 1 and not out.exists() and "Traceback" not in stderr
+    assert stderr.splitlines()[-1] == (
+        f"trtflow detect: DetectError: fixed-outputs (level network-definition) gave an impossible output: "
+        f"{files[1]}: {reason}"
+    ), stderr[-2000:]

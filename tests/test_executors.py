@@ -26,6 +26,18 @@ from trtflow.verify import match_detections
 
 INPUT_HW = (96, 128)
 IMAGE_SIZES = ((120, 160), (96, 128), (150, 100), (64, 64), (100, 140), (90, 200))
+POSTPROCESS = {"score_thresh": 0.05, "iou_thresh": 0.5, "max_detections": 100}
+
+
+def preprocess_settings(input_hw=INPUT_HW) -> dict:
+    """config `preprocess:` (ImageNet mean and std, RGB) at `input_hw`, as the pipeline hands it to every stage."""
+    return {
+        "input": {"height": input_hw[0], "width": input_hw[1]},
+        "color": "rgb",
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "pad_value": 0,
+    }
 
 
 class Deployment:
@@ -45,14 +57,8 @@ class Deployment:
         self.coco = folder / "val.json"
         self.images = len(IMAGE_SIZES)
         self.coco.write_text(json.dumps(small_coco(folder, IMAGE_SIZES)))
-        self.preprocess = {
-            "input": {"height": input_hw[0], "width": input_hw[1]},
-            "color": "rgb",
-            "mean": [0.485, 0.456, 0.406],
-            "std": [0.229, 0.224, 0.225],
-            "pad_value": 0,
-        }
-        self.postprocess = {"score_thresh": 0.05, "iou_thresh": 0.5, "max_detections": 100}
+        self.preprocess = preprocess_settings(input_hw)
+        self.postprocess = POSTPROCESS
         self.torchvision = pytorch_executor(self.model)
 
     def detections(self, executor):

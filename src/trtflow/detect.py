@@ -5,7 +5,8 @@ names. The plan runs where this machine can run it; where it cannot, `detect_fil
 `fallback`, runs the best executor that can (`trtflow.verify.choose_executor`, given the network record, ONNX
 and head weights the JSON names: the TensorRT network definition where it was recorded); the result names the
 executor that ran and its verification level. Images are read by `trtflow.images.read_image`,
-so a bad file is refused with the same message as in the pipeline.
+so a bad file is refused with the same message as in the pipeline; an output no head can give (a label outside
+the plan's classes, a non-finite box or score, more detections than rows) is refused with verify's reason.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import cv2
 
 from trtflow.artifacts import files_sha256, write_bytes, write_json
 from trtflow.detection_loop import detect_images
-from trtflow.executors import Executor, tensorrt_executor
+from trtflow.executors import Executor, ImpossibleOutput, tensorrt_executor
 from trtflow.images import read_image
 from trtflow.runtime import EngineRefused, read_metadata
 from trtflow.verify import choose_executor, level_status
@@ -128,15 +129,20 @@ def detect_files(
     if not status.get("engine_executed"):
         log.warning("%s does not run here: the detections are %s's", plan, executor.name)
     classes = metadata["classes"]
-    detections = detect_images(
-        executor,
-        entries,
-        {entry["label"]: entry["category_id"] for entry in classes},
-        metadata["preprocess"],
-        metadata["postprocess"],
-        batch_size=batch_size,
-        desc=f"detect ({executor.name})",
-    )
+    try:
+        detections = detect_images(
+            executor,
+            entries,
+            {entry["label"]: entry["category_id"] for entry in classes},
+            metadata["preprocess"],
+            metadata["postprocess"],
+            batch_size=batch_size,
+            desc=f"detect ({executor.name})",
+        )
+    except ImpossibleOutput as error:  # the reason verify would fail the plan for
+        raise DetectError(
+            f"{executor.name} (level {status['verified_level']}) gave an impossible output: {error}"
+        ) from None
     result = {
         "plan": str(plan),
         "precision": metadata["precision"],

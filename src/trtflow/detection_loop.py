@@ -4,10 +4,12 @@ written as COCO results (the reference, verify, the calibration accuracy check a
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
 
+from trtflow.executors import ImpossibleOutput, check_detections
 from trtflow.images import read_image
 from trtflow.metrics import category_labels
 from trtflow.postprocess import postprocess, to_coco_results
@@ -51,12 +53,21 @@ def detect_images(
     desc: str = "detect",
 ) -> list[dict]:
     """COCO results of `detect` (see `detect_dataset`) over `images` ({"id", "file_name"} each); `category_of`:
-    model label -> category id (empty: an images-only data set, whose results keep the model labels)."""
+    model label -> category id (empty: an images-only data set, whose results keep the model labels).
+
+    Raises `trtflow.executors.ImpossibleOutput`, naming the image's file, where `detect` gives what no head can
+    (a label not in `category_of`, a non-finite box or score, more detections than rows)."""
+    labels = set(category_of)
     category_of = category_of or _ModelLabels()
     results = []
     for chunk in tqdm(list(batches(images, batch_size)), desc=desc, unit="batch"):
         tensors, letterboxes = preprocess_batch([read_image(image["file_name"]) for image in chunk], preprocess_cfg)
-        for image, letterbox, raw in zip(chunk, letterboxes, detect(tensors)):
+        try:
+            raws = detect(tensors)
+        except ImpossibleOutput as error:  # raised by position in the batch: name the image's file
+            raise replace(error, image=chunk[error.image]["file_name"]) from None
+        for image, letterbox, raw in zip(chunk, letterboxes, raws):
+            check_detections(image["file_name"], *raw, labels)
             detections = postprocess(*raw, letterbox, postprocess_cfg)
             results += to_coco_results(detections, image["id"], category_of.__getitem__)
     return results

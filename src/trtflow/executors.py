@@ -11,15 +11,17 @@
   evaluated layer by layer by `trtflow.netexec` on the CPU or any torch device.
 
 `detect(batch: np.ndarray (B, 3, H, W) float32) -> [(boxes, scores, classes)]` per image, in input
-pixels; head outputs are cut at `num_detections`. Nothing substitutes one executor for another: a
-constructor that cannot build what it was asked for raises, and `details` records what really runs
-(device, dtypes, ONNX Runtime's active providers, CUDA graph mode).
+pixels; head outputs are cut at `num_detections`. What no head can give (more detections than rows here; labels
+outside the model's classes and non-finite boxes or scores, checked by `check_detections` in the detection loop)
+raises `ImpossibleOutput`, which verify turns into a failed verdict and `trtflow detect` into a refusal.
+Nothing substitutes one executor for another: a constructor that cannot build what it was asked for raises, and
+`details` records what really runs (device, dtypes, ONNX Runtime's active providers, CUDA graph mode).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -65,17 +67,59 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@dataclass(eq=False)
+class ImpossibleOutput(ValueError):
+    """An executor gave what no head can (the contract of `trtflow.head`): more detections than rows, a label
+    outside the model's classes, a box or score that is not a finite number. A wrong network, never noise."""
+
+    image: int | str  # the image's file, or (before the detection loop names it) its position in the batch
+    output: str  # e.g. "classes[3]": the output, and the detection's row
+    value: object
+    expected: str
+
+    def __str__(self) -> str:
+        where = f"image {self.image} of the batch" if isinstance(self.image, int) else self.image
+        return f"{where}: {self.output} is {self.value}, should be {self.expected}"
+
+
 def head_detections(outputs: Mapping) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Head outputs (num_detections, boxes, scores, classes; zero-padded) -> per image the first
-    num_detections (boxes, scores, classes) as numpy."""
+    num_detections (boxes, scores, classes) as numpy; ImpossibleOutput where an image declares more
+    detections than the outputs have rows (or fewer than none)."""
     arrays = {
         name: np.asarray(outputs[name].cpu() if isinstance(outputs[name], torch.Tensor) else outputs[name])
         for name in HEAD_OUTPUTS
     }
+    rows = arrays["scores"].shape[1]
+    for position, declared in enumerate(arrays["num_detections"].tolist()):
+        if not 0 <= declared <= rows:
+            expected = f"0..{rows} (the rows of boxes, scores and classes)"
+            raise ImpossibleOutput(position, "num_detections", declared, expected)
     return [
         (arrays["boxes"][i, :n], arrays["scores"][i, :n], arrays["classes"][i, :n])
         for i, n in enumerate(arrays["num_detections"].astype(int))
     ]
+
+
+def check_detections(
+    image: str, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, labels: Collection[int]
+) -> None:
+    """One image's raw detections (what `detect` returns for it) against the head's contract: finite boxes and
+    scores, labels among `labels` (the model's, 1..num_classes-1; empty: any label >= 1, where a data set names
+    no categories). Raises ImpossibleOutput naming `image`, the output and row, the value and what it should be."""
+    boxes, scores, classes = np.asarray(boxes), np.asarray(scores), np.asarray(classes)
+    for name, values in (("boxes", boxes.reshape(len(boxes), -1)), ("scores", scores.reshape(len(scores), -1))):
+        bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+        if bad.size:
+            value = values[bad[0]].tolist()
+            raise ImpossibleOutput(image, f"{name}[{bad[0]}]", value[0] if len(value) == 1 else value, "finite")
+    known = np.isin(classes, list(labels)) if labels else classes >= 1
+    if not known.all():
+        row = int(np.flatnonzero(~known)[0])
+        allowed = f"in {min(labels)}..{max(labels)}" if labels else ">= 1"
+        raise ImpossibleOutput(
+            image, f"classes[{row}]", int(classes[row]), f"a model label {allowed} (0 is the background)"
+        )
 
 
 # --------------------------------------------------------------------------- CUDA graphs
@@ -284,14 +328,15 @@ def network_definition_executor(record: str | Path, *, device: str | torch.devic
 
     def detect(batch: np.ndarray):
         images = torch.from_numpy(batch)
-        found = []
+        chunks = []
         for start in range(0, len(images), chunk or len(images)):
             part = images[start : start + chunk] if chunk else images
-            count = len(part)
-            if chunk and count < chunk:
-                part = torch.cat([part, part[-1:].expand(chunk - count, *part.shape[1:])])
-            found += head_detections(network({name: part}))[:count]
-        return found
+            if chunk and len(part) < chunk:
+                part = torch.cat([part, part[-1:].expand(chunk - len(part), *part.shape[1:])])
+            chunks.append(network({name: part}))
+        # one read of the whole batch, so that an impossible output names its position in `batch`
+        outputs = {output: torch.cat([found[output] for found in chunks])[: len(images)] for output in HEAD_OUTPUTS}
+        return head_detections(outputs)
 
     return Executor(
         "tensorrt-network",

@@ -339,15 +339,12 @@ def stage_rows(
     for verification in verify.values():
         result = verification.document
         executed = "engine" if result["engine_executed"] else f"{result['executor']} (engine did not run)"
-        rows.append(
-            [
-                "verify",
-                verification.path,
-                f"{executed}: match recall {result['match_recall']:.4f}, mAP {result['mAP']:.4f} vs "
-                f"{result['reference_mAP']:.4f}",
-                verified_badge(result),
-            ]
+        found = (
+            f"impossible output, {result['impossible_output']}"
+            if "impossible_output" in result
+            else f"match recall {result['match_recall']:.4f}, mAP {result['mAP']:.4f} vs {result['reference_mAP']:.4f}"
         )
+        rows.append(["verify", verification.path, f"{executed}: {found}", verified_badge(result)])
     for timing in bench.values():
         document = timing.document
         timed = [entry for entry in document["results"] if "p50_ms" in entry]
@@ -363,6 +360,34 @@ def stage_rows(
     return rows
 
 
+def comparison_rows(result: Mapping) -> list[list]:
+    """A verify result's numbers: its detections matched to the reference's, mAP, and the thresholds held."""
+    return [
+        ["images", result["images"]],
+        [
+            "match recall / precision",
+            f"{result['match_recall']:.4f} / {result['match_precision']:.4f} (same class, IoU ≥ {result['match_iou']})",
+        ],
+        [
+            "matched / reference / deployed",
+            f"{result['matched']} / {result['reference_detections']} / {result['deployed_detections']}",
+        ],
+        ["mean / max |Δscore|", f"{_cell(result['mean_abs_dscore'])} / {_cell(result['max_abs_dscore'])}"],
+        ["mean box IoU", result["mean_iou"]],
+        [
+            "zero-area boxes (not matched)",
+            "reference {reference}, deployed {deployed}".format(
+                **result.get("zero_area_detections", {"reference": 0, "deployed": 0})
+            ),
+        ],
+        [
+            "mAP deployed / reference",
+            f"{result['mAP']:.4f} / {result['reference_mAP']:.4f} (drop {result['map_drop_points']:.2f} points)",
+        ],
+        ["thresholds", ", ".join(f"{k} {v}" for k, v in result["thresholds"].items()) or "none"],
+    ]
+
+
 def precision_section(precision: str, result: Mapping | None, bench: Mapping | None) -> str:
     parts = [f"<h3>{precision}{verified_badge(result) if result is not None else ''}</h3>"]
     if result is not None:
@@ -373,31 +398,12 @@ def precision_section(precision: str, result: Mapping | None, bench: Mapping | N
             ["executor", Markup(f"<b>{html.escape(result['executor'])}</b> ({html.escape(details)})")],
             ["engine executed", result["engine_executed"]],
             *([["why not", result["reason"]]] if not result["engine_executed"] and "reason" in result else []),
-            ["images", result["images"]],
-            [
-                "match recall / precision",
-                f"{result['match_recall']:.4f} / {result['match_precision']:.4f} "
-                f"(same class, IoU ≥ {result['match_iou']})",
-            ],
-            [
-                "matched / reference / deployed",
-                f"{result['matched']} / {result['reference_detections']} / {result['deployed_detections']}",
-            ],
-            ["mean / max |Δscore|", f"{_cell(result['mean_abs_dscore'])} / {_cell(result['max_abs_dscore'])}"],
-            ["mean box IoU", result["mean_iou"]],
-            [
-                "zero-area boxes (not matched)",
-                "reference {reference}, deployed {deployed}".format(
-                    **result.get("zero_area_detections", {"reference": 0, "deployed": 0})
-                ),
-            ],
-            [
-                "mAP deployed / reference",
-                f"{result['mAP']:.4f} / {result['reference_mAP']:.4f} (drop {result['map_drop_points']:.2f} points)",
-            ],
-            ["thresholds", ", ".join(f"{k} {v}" for k, v in result["thresholds"].items()) or "none"],
-            ["verdict", verified_badge(result)],
         ]
+        if "impossible_output" in result:  # the executor gave what no head can: no detections to compare
+            rows.append(["impossible output", result["impossible_output"]])
+        else:
+            rows += comparison_rows(result)
+        rows.append(["verdict", verified_badge(result)])
         parts.append(table(["verify", ""], rows))
     if bench is not None:
         rows = []
@@ -526,7 +532,7 @@ def build_report(
     dscores = {
         p: match_detections(reference, deployed_docs[p], verify_docs[p]["match_iou"]).dscores
         for p in precisions
-        if p in deployed_docs and p in verify_docs
+        if p in deployed_docs and "match_iou" in verify_docs.get(p, {})
     }
     hardware = next(iter(bench_docs.values()))["hardware"] if bench_docs else {}
     plots = {

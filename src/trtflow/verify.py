@@ -4,7 +4,9 @@ The deployed executor runs through `trtflow.detection_loop.detect_dataset`, the 
 postprocessing as the reference. Its detections are matched to the reference's (same image, same
 class, IoU >= `verify.match_iou`, greedy: reference detections in descending score each take the
 best-overlapping unmatched deployed one) giving match recall / precision, |Δscore| and box IoU of
-the matched pairs; both sets are scored with COCO mAP. Thresholds per precision come from config.
+the matched pairs; both sets are scored with COCO mAP. Thresholds per precision come from config. An output no
+head can give (`trtflow.executors.ImpossibleOutput`: a label outside the classes, a non-finite box or score, more
+detections than rows) is a failed verdict with its reason, not a crash.
 
 Which executor, strongest first, and the level the JSON claims (`verified_level`):
 - ``engine``: the plan ran (`trtflow.runtime`, a GPU it was built for);
@@ -28,10 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trtflow.artifacts import write_json
+from trtflow.artifacts import software_versions, write_json
 from trtflow.detection_loop import detect_dataset
 from trtflow.executors import (
     Executor,
+    ImpossibleOutput,
     default_device,
     network_definition_executor,
     onnxruntime_static_head_executor,
@@ -164,11 +167,14 @@ def match_detections(reference: list[dict], deployed: list[dict], iou_thresh: fl
 class Thresholds:
     """A precision's pass criteria (config `verify.thresholds.<precision>`); unset ones are not checked.
 
+    `max_abs_dscore` bounds |deployed score - reference score| over the matched pairs (none matched: nothing to
+    bound, recall says it); the scores compared are COCO results', written to 5 decimals, so 1e-5 is one step.
     `max_map_drop_points` is in COCO mAP points (0-100 scale): 0.5 allows mAP 0.849 -> 0.844.
     """
 
     min_match_recall: float | None = None
     min_match_precision: float | None = None
+    max_abs_dscore: float | None = None
     max_map_drop_points: float | None = None
 
     @classmethod
@@ -181,6 +187,9 @@ class Thresholds:
             found.append(f"match_recall {result['match_recall']:.4f} < {self.min_match_recall}")
         if self.min_match_precision is not None and result["match_precision"] < self.min_match_precision:
             found.append(f"match_precision {result['match_precision']:.4f} < {self.min_match_precision}")
+        dscore = result["max_abs_dscore"]
+        if self.max_abs_dscore is not None and dscore is not None and dscore > self.max_abs_dscore:
+            found.append(f"max_abs_dscore {dscore:.5f} > {self.max_abs_dscore}")
         if self.max_map_drop_points is not None and result["map_drop_points"] > self.max_map_drop_points:
             found.append(f"mAP drop {result['map_drop_points']:.2f} points > {self.max_map_drop_points}")
         return found
@@ -266,19 +275,36 @@ def verify_detections(
     batch_size: int = 8,
 ) -> tuple[dict, list[dict]]:
     """Run `executor` over the val split and compare with the reference (its detections, and the COCO
-    metrics the reference stage computed from them): (verify result, deployed detections)."""
-    deployed = detect_dataset(
-        executor, val_json, preprocess, postprocess, batch_size=batch_size, desc=f"verify {precision} ({executor.name})"
-    )
+    metrics the reference stage computed from them): (verify result, deployed detections).
+
+    An output no head can give (`trtflow.executors.ImpossibleOutput`) is a failed verdict: the result says
+    `passed: false`, its reason under `impossible_output` and `failures`, and holds no detections or numbers."""
+    ran = {
+        "precision": precision,
+        "executor": executor.name,
+        **status,
+        "executor_details": dict(executor.details),
+        "software": software_versions(),
+    }
+    held = {key: value for key, value in asdict(thresholds).items() if value is not None}
+    try:
+        deployed = detect_dataset(
+            executor,
+            val_json,
+            preprocess,
+            postprocess,
+            batch_size=batch_size,
+            desc=f"verify {precision} ({executor.name})",
+        )
+    except ImpossibleOutput as error:  # a wrong network: a verdict, not a crash
+        failure = f"impossible output: {error}"
+        return {**ran, "impossible_output": str(error), "thresholds": held, "failures": [failure], "passed": False}, []
     reference = json.loads(Path(reference_detections).read_text())
     matching = match_detections(reference, deployed, match_iou)
     metrics = coco_map(val_json, deployed)
     reference_metrics = json.loads(Path(reference_metrics).read_text())
     result = {
-        "precision": precision,
-        "executor": executor.name,
-        **status,
-        "executor_details": dict(executor.details),
+        **ran,
         "images": metrics["images"],
         **matching.summary(),
         "match_iou": match_iou,
@@ -287,7 +313,7 @@ def verify_detections(
         "reference_mAP": reference_metrics["mAP"],
         "reference_mAP50": reference_metrics["mAP50"],
         "map_drop_points": 100.0 * (reference_metrics["mAP"] - metrics["mAP"]),
-        "thresholds": {key: value for key, value in asdict(thresholds).items() if value is not None},
+        "thresholds": held,
     }
     result["failures"] = thresholds.failures(result)
     result["passed"] = not result["failures"]
@@ -352,11 +378,13 @@ def run_verify(
     level = f"{executor.name}, level {status['verified_level']}"
     if not result["passed"] and not enforce:
         log.warning(
-            "%s (%s) is below its thresholds (%s) but verify.enforce does not list it",
+            "%s (%s) fails verification (%s) but verify.enforce does not list it",
             precision,
             level,
             "; ".join(result["failures"]),
         )
+    elif "impossible_output" in result:
+        raise VerifyError(f"{precision} ({level}) fails verification: {result['failures'][0]}")
     elif not result["passed"]:
         raise VerifyError(
             f"{precision} ({level}) fails verification: {'; '.join(result['failures'])} "
