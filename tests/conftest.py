@@ -1,22 +1,26 @@
 """Test markers, registered once, and the fixtures test modules share.
 
-Markers: `pipeline` (runs Snakemake; `make test-fast` leaves these out; set here, by module), `needs_cuda`,
-`needs_full_tensorrt` and `needs_snakemake` (skipped, with the reason, where this machine lacks it), and
-`needs_no_cuda` (what happens without a GPU: skipped where one is visible).
+Markers: `pipeline` (runs Snakemake or nvcc; `make test-fast` leaves these out; set here on every test that
+takes one of PIPELINE_FIXTURES, directly or through its fixtures), `needs_cuda`, `needs_full_tensorrt` and
+`needs_snakemake` (skipped, with the reason, where this machine lacks it), and `needs_no_cuda` (what happens
+without a GPU: skipped where one is visible).
 """
 
 import copy
 import importlib.util
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
 pytest.register_assert_rewrite("snakemake_runs")
-from snakemake_runs import ROOT, scratch_workflow, snakemake  # noqa: E402  (after the assert-rewrite hook)
+import snakemake_runs  # noqa: E402  (after the assert-rewrite hook)
+from snakemake_runs import ROOT, scratch_workflow, snakemake  # noqa: E402
 
 MARKERS = {
-    "pipeline": "runs Snakemake on the workflow (the shared completed demo run, or runs of its own)",
+    "pipeline": "runs Snakemake or nvcc: takes completed_run, scratch_run or nvcc (conftest sets it)",
     "needs_cuda": "needs a CUDA GPU",
     "needs_no_cuda": "shows what happens without a CUDA GPU",
     "needs_full_tensorrt": "needs full TensorRT (not TensorRT-RTX)",
@@ -39,6 +43,9 @@ MISSING = {  # marker -> why it is skipped here; only the markers whose requirem
     )
     if missing
 }
+# the fixtures through which a test runs Snakemake (the shared completed run, a scratch copy of the workflow for
+# a run of its own) or compiles with nvcc: a test that takes one, directly or through its fixtures, is `pipeline`
+PIPELINE_FIXTURES = ("completed_run", "scratch_run", "nvcc")
 
 
 def pytest_configure(config):
@@ -46,17 +53,18 @@ def pytest_configure(config):
         config.addinivalue_line("markers", f"{marker}: {meaning}")
 
 
-def runs_snakemake(module) -> bool:
-    """Whether a test module uses tests/snakemake_runs.py's helpers."""
-    return any(getattr(value, "__module__", None) == "snakemake_runs" for value in vars(module).values())
-
-
 def pytest_collection_modifyitems(items):
     for item in items:
-        if runs_snakemake(item.module) or "completed_run" in item.fixturenames:
+        if any(name in item.fixturenames for name in PIPELINE_FIXTURES):  # fixturenames: the whole closure
             item.add_marker(pytest.mark.pipeline)
         for marker in MISSING.keys() & {mark.name for mark in item.iter_markers()}:
             item.add_marker(pytest.mark.skip(reason=MISSING[marker]))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Tell snakemake_runs whether the test about to run (fixtures first) may start Snakemake."""
+    snakemake_runs.UNMARKED_TEST = None if item.get_closest_marker("pipeline") else item.nodeid
 
 
 @pytest.fixture(scope="session")
@@ -65,6 +73,26 @@ def completed_run(tmp_path_factory):
     workdir = scratch_workflow(tmp_path_factory.mktemp("completed_run"))
     snakemake(workdir, timeout=1200)
     return workdir
+
+
+@pytest.fixture(scope="session")
+def scratch_run(tmp_path_factory):
+    """Makes a fresh scratch copy of the workflow (nothing built) for a Snakemake run of a test's own:
+    `scratch_run(name, extra=())` copies the workflow's files and the `extra` paths into a new folder."""
+
+    def new_copy(name: str, extra: tuple[str, ...] = ()) -> Path:
+        return scratch_workflow(tmp_path_factory.mktemp(name), extra)
+
+    return new_copy
+
+
+@pytest.fixture(scope="session")
+def nvcc() -> str:
+    """The path of the CUDA compiler on PATH, for tests that compile with it; they skip where there is none."""
+    path = shutil.which("nvcc")
+    if path is None:
+        pytest.skip("nvcc is not on PATH: nothing can be compiled with it here")
+    return path
 
 
 @pytest.fixture(scope="session")

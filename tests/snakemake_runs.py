@@ -2,7 +2,8 @@
 
 conftest's session fixture `completed_run` (the default target, built once: 1.5 to 3 minutes on 2 cores)
 is shared by the slow test files. Tests that change files or outputs work on `clone(completed_run, ...)`,
-never on it. A test module that imports from here is a `pipeline` test (conftest marks it).
+never on it; runs of a test's own start from conftest's `scratch_run`. Taking either fixture (or `nvcc`) is
+what marks a test `pipeline`; `snakemake` refuses to start in a test that is not marked.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW_FILES = ("Snakefile", "config.yaml", "workflow", "profiles", "src", "models", "plugins")
 PRECISIONS = ("fp32", "fp16", "int8")
+# a small demo data set, for runs of a test's own where the models are not what is tested
+SMALL_DATA = {"data": {"demo": {"num_val": 8, "num_calib": 8}}}
+# set by conftest for each test: the id of a running test that is not marked `pipeline`, None for one that is
+UNMARKED_TEST: str | None = None
 
 
 def scratch_workflow(workdir: Path, extra: tuple[str, ...] = ()) -> Path:
@@ -39,10 +44,27 @@ def clone(workdir: Path, destination: Path) -> Path:
     return destination
 
 
+class SnakemakeRun(subprocess.CompletedProcess):
+    """A finished `snakemake` process."""
+
+    @property
+    def console(self) -> str:
+        """What the user saw: standard output, then standard error (where Snakemake logs its jobs)."""
+        return self.stdout + self.stderr
+
+
 def snakemake(
     workdir: Path, *args: str, cores: int = 2, check: bool = True, env: dict | None = None, timeout: float = 600
-) -> subprocess.CompletedProcess:
-    """`snakemake --cores N ARGS` in `workdir`, as a user types it (no profile unless ARGS names one)."""
+) -> SnakemakeRun:
+    """`snakemake --cores N ARGS` in `workdir`, as a user types it (no profile unless ARGS names one).
+
+    `env` is laid over this process's environment. Refused in a test not marked `pipeline`: `make test-fast`
+    would run it."""
+    if UNMARKED_TEST is not None:
+        raise AssertionError(
+            f"{UNMARKED_TEST} runs snakemake {' '.join(args)} but is not marked `pipeline`: take the fixture it runs "
+            "in, `completed_run` or `scratch_run` (conftest marks every test that uses one)"
+        )
     result = subprocess.run(
         [sys.executable, "-m", "snakemake", "--cores", str(cores), *args],
         cwd=workdir,
@@ -56,7 +78,7 @@ def snakemake(
             f"snakemake {' '.join(args)} failed ({result.returncode}):\n"
             f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
         )
-    return result
+    return SnakemakeRun(result.args, result.returncode, result.stdout, result.stderr)
 
 
 @dataclass
@@ -131,8 +153,7 @@ def events_of(output: str) -> list[tuple[str, str]]:
 
 def planned(workdir: Path, *args: str, env: dict | None = None) -> list[str]:
     """The sorted job names (`rule[wildcards]`) a dry run of ARGS would run."""
-    result = snakemake(workdir, "--dry-run", *args, env=env)
-    return sorted(job.name for job in jobs_of(result.stdout + result.stderr))
+    return sorted(job.name for job in jobs_of(snakemake(workdir, "--dry-run", *args, env=env).console))
 
 
 def config_overlay(workdir: Path, name: str, yaml_text: str) -> tuple[str, ...]:
