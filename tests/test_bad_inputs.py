@@ -23,7 +23,7 @@ import yaml
 from onnx import TensorProto, helper
 
 from conftest import FULL_TENSORRT
-from snakemake_runs import ROOT, config_overlay, scratch_workflow, snakemake
+from snakemake_runs import ROOT, config_overlay, snakemake
 from trtflow import artifacts, data
 from trtflow.coco import DatasetError
 from trtflow.config import ConfigError, check_config
@@ -173,9 +173,9 @@ def test_a_bad_calibration_image_fails_naming_it(user_images, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def scratch(tmp_path_factory) -> Path:
+def scratch(scratch_run) -> Path:
     """A scratch copy of the workflow with no results: single rules run from source files."""
-    return scratch_workflow(tmp_path_factory.mktemp("scratch"))
+    return scratch_run("scratch")
 
 
 def test_rule_data_names_every_bad_image_and_leaves_nothing(scratch, user_images):
@@ -410,7 +410,7 @@ def test_config_values_that_cannot_work_name_the_key(change, message):
 def test_snakemake_refuses_a_bad_config_before_any_job(scratch):
     overlay = config_overlay(scratch, "bad.yaml", "model:\n  num_classes: five\ncalibration:\n  num_images: -3\n")
     result = snakemake(scratch, "--dry-run", *overlay, check=False)
-    console = result.stdout + result.stderr
+    console = result.console
     assert result.returncode == 1
     assert "config.yaml: invalid configuration:" in console
     assert "model.num_classes: 'five' is not of type 'integer'" in console
@@ -420,7 +420,7 @@ def test_snakemake_refuses_a_bad_config_before_any_job(scratch):
     missing = config_overlay(scratch, "missing.yaml", "model:\n  checkpoint: models/nowhere.pth\n")
     result = snakemake(scratch, "--dry-run", *missing, check=False)
     assert result.returncode == 1
-    assert "model.checkpoint: models/nowhere.pth does not exist" in result.stdout + result.stderr
+    assert "model.checkpoint: models/nowhere.pth does not exist" in result.console
 
 
 # -- tools: nvcc, TensorRT, the GPU ---------------------------------------------------------------

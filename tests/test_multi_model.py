@@ -14,26 +14,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT
-from snakemake_runs import Job, jobs_of, scratch_workflow
-from snakemake_runs import snakemake as run_snakemake
+from snakemake_runs import PRECISIONS, ROOT, SMALL_DATA, Job, jobs_of, snakemake
 from trtflow.config import ConfigError, check_config, model_settings
 
-PRECISIONS = ("fp32", "fp16", "int8")
 NAMES = ("demo_320", "demo_256x320")
 TWO_MODELS = {"models": {"demo_320": {}, "demo_256x320": {"input": {"height": 256, "width": 320}}}}
-# the real run: a small data set (the models are not what is tested), the int8 engine and the parity gate of each
-SMALL_DATA = {"data": {"demo": {"num_val": 8, "num_calib": 8}}}
+# the real run (on SMALL_DATA): the int8 engine and the parity gate of each
 RUN_TARGETS = tuple(f"results/{name}/{path}" for name in NAMES for path in ("onnx/parity.json", "engine_int8.plan"))
 SCHEMA = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
 STAGE_FOLDERS = set(SCHEMA["properties"]["models"]["propertyNames"]["not"]["enum"])  # results/<stage>/, never a model
 RAW = yaml.safe_load((ROOT / "config.yaml").read_text())
-
-
-def snakemake(workdir: Path, *args: str, check: bool = True) -> str:
-    """The console output of `snakemake ARGS` (the shared runner adds --cores 2)."""
-    result = run_snakemake(workdir, *args, check=check)
-    return result.stdout + result.stderr
 
 
 def dry_run(workdir: Path, *targets: str, config: dict | None = None) -> list[Job]:
@@ -43,7 +33,7 @@ def dry_run(workdir: Path, *targets: str, config: dict | None = None) -> list[Jo
         extra = workdir / f"extra_{hashlib.md5(json.dumps(config, sort_keys=True).encode()).hexdigest()}.yaml"
         extra.write_text(yaml.safe_dump(config))
         args += ["--configfile", str(extra)]
-    output = snakemake(workdir, *args)
+    output = snakemake(workdir, *args).console
     jobs = jobs_of(output)
     assert jobs or "Nothing to be done" in output, output
     return jobs
@@ -55,20 +45,16 @@ def model_dir(path: str) -> str | None:
     return parts[1] if len(parts) > 2 and parts[0] == "results" and parts[1] not in STAGE_FOLDERS else None
 
 
-def scratch_copy(workdir: Path) -> Path:
-    return scratch_workflow(workdir, extra=("tests/submit_local.sh",))
-
-
 @pytest.fixture(scope="module")
-def scratch(tmp_path_factory):
+def scratch(scratch_run):
     """The workflow with nothing built, for dry runs."""
-    return scratch_copy(tmp_path_factory.mktemp("multi_dry"))
+    return scratch_run("multi_dry")
 
 
 @pytest.fixture(scope="module")
-def two_model_run(tmp_path_factory):
+def two_model_run(scratch_run):
     """Two models built through the cluster-generic executor, every job submitted to this machine."""
-    workdir = scratch_copy(tmp_path_factory.mktemp("multi_run"))
+    workdir = scratch_run("multi_run", extra=("tests/submit_local.sh",))
     (workdir / "two_models.yaml").write_text(yaml.safe_dump({**SMALL_DATA, **TWO_MODELS}))
     submitted = workdir / "submitted.txt"
     log = snakemake(
@@ -84,7 +70,7 @@ def two_model_run(tmp_path_factory):
         *RUN_TARGETS,
         "--configfile",
         "two_models.yaml",
-    )
+    ).console
     return workdir, log, submitted.read_text().split("\n")[:-1]
 
 
@@ -182,7 +168,9 @@ def test_a_model_that_trains_gets_its_own_training(scratch):
 
 def test_an_unknown_model_has_no_rule(scratch):
     (scratch / "two_models.yaml").write_text(yaml.safe_dump(TWO_MODELS))
-    output = snakemake(scratch, "-n", "results/nobody/engine_int8.plan", "--configfile", "two_models.yaml", check=False)
+    output = snakemake(
+        scratch, "-n", "results/nobody/engine_int8.plan", "--configfile", "two_models.yaml", check=False
+    ).console
     assert "No rule to produce results/nobody/engine_int8.plan" in output
 
 

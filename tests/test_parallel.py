@@ -30,7 +30,7 @@ def build_engines(workdir: Path, *args: str) -> tuple[str, dict]:
         plan = (workdir / f"results/engine_{precision}.plan").read_bytes()
         record = json.loads((workdir / f"results/engine_{precision}.json").read_text())
         built[precision] = (hashlib.sha256(plan).hexdigest(), record)
-    return result.stdout + result.stderr, built
+    return result.console, built
 
 
 def overlapping(events: list[tuple[str, str]], rule: str) -> int:
@@ -84,7 +84,7 @@ def test_the_default_profile_lets_one_gpu_job_run_at_a_time(completed_run, tmp_p
 def test_a_plain_snakemake_run_picks_up_the_default_profile(completed_run):
     """Users type `snakemake --cores 4 ...`: the GPU limit only holds if Snakemake finds the profile by itself."""
     result = snakemake(completed_run, "--dry-run")
-    assert "Using workflow specific profile" in result.stdout + result.stderr, (
+    assert "Using workflow specific profile" in result.console, (
         "Snakemake looks for the default workflow profile in profiles/default/ beside the Snakefile (or in the "
         "working directory), so workflow/profiles/default/ is not found unless the Snakefile moves to workflow/ "
         "or the profile to profiles/default/"
@@ -96,7 +96,7 @@ def every_job(completed_run) -> list:
     """Every job of a fresh full-TensorRT pipeline with demo training, as the dry run schedules them."""
     overlay = config_overlay(completed_run, "full_tensorrt.yaml", "backend: tensorrt\nmodel:\n  checkpoint: train\n")
     result = snakemake(completed_run, "--dry-run", "--forceall", *overlay)
-    return jobs_of(result.stdout + result.stderr)
+    return jobs_of(result.console)
 
 
 def test_exactly_the_gpu_rules_claim_a_gpu(every_job):

@@ -13,8 +13,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 from collections import OrderedDict
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 from conftest import CUDA, ROOT, SNAKEMAKE
+from snakemake_runs import snakemake
 from trtflow.artifacts import files_sha256
 from trtflow.backend import load_backend
 from trtflow.backend.roi_align_plugin import (
@@ -50,6 +49,8 @@ from trtflow.plugins import (
 )
 
 IMAGE_HW = (512, 640)
+# the test's Snakefile, unlike the workflow's, does not put src/ first on the path of its jobs
+WITH_SOURCE_TREE = {"PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
 
 def target_arch() -> int:
@@ -61,18 +62,16 @@ def target_arch() -> int:
 
 
 @pytest.fixture(scope="session")
-def built(tmp_path_factory) -> Path:
+def built(nvcc, tmp_path_factory) -> Path:
     """Run the `plugins` rule in a scratch copy of the workflow; returns its results/plugins.
 
     Where snakemake is missing (the GPU machine) the same build runs through build_plugins.
     """
-    if shutil.which("nvcc") is None:
-        pytest.skip("nvcc is not on PATH: the plugin library cannot be compiled here")
     work = tmp_path_factory.mktemp("workflow")
     shutil.copytree(ROOT / "plugins", work / "plugins")
     arch = target_arch()
     if not SNAKEMAKE:
-        build_plugins(work / "plugins", work / "results/plugins", BuildConfig(archs=(arch,), ptx_arch=arch))
+        build_plugins(work / "plugins", work / "results/plugins", BuildConfig(archs=(arch,), ptx_arch=arch, nvcc=nvcc))
         return work / "results/plugins"
     (work / "src").symlink_to(ROOT / "src")
     (work / "workflow").symlink_to(ROOT / "workflow")  # the rule's code inputs come from its script's imports
@@ -82,26 +81,12 @@ def built(tmp_path_factory) -> Path:
         "WORKFLOW_DIR = Path('.')  # where the rules find src/, workflow/ and plugins/: this scratch folder\n"
         f'configfile: "{ROOT}/config.yaml"\n'
         f'validate(config, "{ROOT}/workflow/schemas/config.schema.yaml")\n'
-        f'config["plugins"] = {{"archs": [{arch}], "ptx_arch": {arch}, "nvcc": "nvcc", "extra_nvcc_flags": []}}\n'
+        f'config["plugins"] = {{"archs": [{arch}], "ptx_arch": {arch}, "nvcc": "{nvcc}", "extra_nvcc_flags": []}}\n'
         f'include: "{ROOT}/workflow/rules/common.smk"\n'
         f'include: "{ROOT}/workflow/rules/plugins.smk"\n'
     )
-    snakemake(work, "results/plugins/libtrtflow_plugins.so")
+    snakemake(work, "results/plugins/libtrtflow_plugins.so", cores=1, env=WITH_SOURCE_TREE)
     return work / "results/plugins"
-
-
-def snakemake(work: Path, *args: str) -> str:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    done = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--cores", "1", *args],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout + done.stderr
 
 
 # -- build and load ----------------------------------------------------------------------------
@@ -130,13 +115,13 @@ def test_rule_builds_library_ptx_and_record(built):
 
 @pytest.mark.needs_snakemake
 def test_editing_a_source_reruns_the_rule(built):
-    work = built.parents[1]
-    assert "Nothing to be done" in snakemake(work, "-n", "results/plugins/libtrtflow_plugins.so")
+    work, library = built.parents[1], "results/plugins/libtrtflow_plugins.so"
+    assert "Nothing to be done" in snakemake(work, "-n", library, cores=1, env=WITH_SOURCE_TREE).console
     source = work / "plugins/multilevel_roi_align.cu"
     built_at = (built / "libtrtflow_plugins.so").stat().st_mtime
     source.write_text(source.read_text() + "// edited\n")
     os.utime(source, (built_at + 1, built_at + 1))
-    plan = snakemake(work, "-n", "results/plugins/libtrtflow_plugins.so")
+    plan = snakemake(work, "-n", library, cores=1, env=WITH_SOURCE_TREE).console
     assert re.search(r"rule plugins:", plan) and "Nothing to be done" not in plan
 
 

@@ -62,7 +62,7 @@ def test_no_job_of_a_cluster_profile_asks_for_more_threads_than_its_maximum(
         *scratch_with_training,
         cores=UNBOUNDED_CORES,
     )
-    jobs = jobs_of(result.stdout + result.stderr)
+    jobs = jobs_of(result.console)
     threads = {job.name: int(job.fields.get("threads", 1)) for job in jobs}
     assert {"train_demo", "calibrate", "engine", "verify", "bench", "report"} <= {job.rule for job in jobs}
     assert all(value <= maximum for value in threads.values()), (name, maximum, threads)

@@ -24,9 +24,9 @@ TARGET = "results/model/model.json"  # rule `model`: a numeric artifact in a few
 MARKER = "provenance marker: this clone's trtflow.model ran"
 
 
-def edited_clone(folder: Path) -> Path:
+def edited_clone(scratch_run) -> Path:
     """A scratch copy of the workflow whose trtflow.model prints MARKER when imported."""
-    clone = scratch_workflow(folder)
+    clone = scratch_run("clone")
     model = clone / "src/trtflow/model.py"
     model.write_text(model.read_text() + f"\nprint({MARKER!r})\n")
     return clone
@@ -44,32 +44,32 @@ def recorded_code(workdir: Path) -> dict:
     return json.loads((workdir / TARGET).read_text())["software"]["trtflow_code"]
 
 
-def test_a_second_clone_sharing_the_environment_runs_its_own_code(tmp_path):
+def test_a_second_clone_sharing_the_environment_runs_its_own_code(scratch_run):
     """This test environment's editable install points at ROOT; the clone's jobs still import the clone's files."""
-    clone = edited_clone(tmp_path / "clone")
+    clone = edited_clone(scratch_run)
     result = snakemake(clone, TARGET, cores=1)
-    assert MARKER in result.stdout + result.stderr
+    assert MARKER in result.console
     code = recorded_code(clone)
     assert "trtflow.model" in code["modules"] and "trtflow.workflow" in code["modules"]
     assert code["sha256"] == code_sha256(clone / "src/trtflow", code["modules"])
     assert code["sha256"] != code_sha256(ROOT / "src/trtflow", code["modules"])
 
 
-def test_an_installed_copy_does_not_stand_in_for_the_edited_clone(installed, tmp_path):  # noqa: F811
+def test_an_installed_copy_does_not_stand_in_for_the_edited_clone(installed, scratch_run):  # noqa: F811
     """`pip install <clone>` (here: the wheel into a --target folder first on PYTHONPATH), then an edit of the
     clone: its jobs run the edited clone, not the installed copy."""
-    clone = edited_clone(tmp_path / "clone")
+    clone = edited_clone(scratch_run)
     result = snakemake(clone, TARGET, cores=1, env={"PYTHONPATH": str(installed)})
-    assert MARKER in result.stdout + result.stderr
+    assert MARKER in result.console
     code = recorded_code(clone)
     assert code["sha256"] == code_sha256(clone / "src/trtflow", code["modules"])
     assert code["sha256"] != code_sha256(installed / "trtflow", code["modules"])
 
 
-def test_a_trtflow_imported_before_the_workflow_is_refused(installed, tmp_path):  # noqa: F811
+def test_a_trtflow_imported_before_the_workflow_is_refused(installed, scratch_run):  # noqa: F811
     """A Python process that imported another trtflow before calling Snakemake cannot switch to the workflow's:
     the workflow refuses to start, naming the module it imported, the folder it expected and the fix."""
-    clone = scratch_workflow(tmp_path / "clone")
+    clone = scratch_run("clone")
     call = (
         f"import sys; sys.path.insert(0, {str(installed)!r}); import trtflow; from snakemake.cli import main; "
         f"main(['--cores', '1', '--dry-run', {TARGET!r}])"

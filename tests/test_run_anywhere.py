@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from snakemake_runs import clone, config_overlay, jobs_of, scratch_workflow, snakemake
+from snakemake_runs import SMALL_DATA, clone, config_overlay, jobs_of, snakemake
 
-SMALL_DATA = {"data": {"demo": {"num_val": 8, "num_calib": 8}}}
 # the default target of a fresh run, as the dry run plans it (nvcc is on PATH here)
 DEFAULT_TARGET_RULES = {
     "data",
@@ -56,14 +55,14 @@ def no_nvcc(completed_run) -> tuple[dict, tuple[str, ...]]:
 def test_without_nvcc_the_default_target_leaves_out_the_plugin(completed_run, no_nvcc):
     env, overlay = no_nvcc
     planned = snakemake(completed_run, "--dry-run", "--forceall", *overlay, env=env)
-    rules = {job.rule for job in jobs_of(planned.stdout + planned.stderr)}
+    rules = {job.rule for job in jobs_of(planned.console)}
     assert rules == DEFAULT_TARGET_RULES - {"plugins"}, rules
     # where the engines use the plugin, the default target still asks for it (and its rule says how to get nvcc)
     plugin_overlay = config_overlay(
         completed_run, "no_nvcc_plugin.yaml", "plugins:\n  nvcc: /nowhere/bin/nvcc\nengine:\n  roi_align: plugin\n"
     )
     planned = snakemake(completed_run, "--dry-run", "--forceall", *plugin_overlay, env=env)
-    assert "plugins" in {job.rule for job in jobs_of(planned.stdout + planned.stderr)}
+    assert "plugins" in {job.rule for job in jobs_of(planned.console)}
 
 
 def test_without_nvcc_snakemake_completes_the_default_target(completed_run, no_nvcc, tmp_path):
@@ -72,23 +71,23 @@ def test_without_nvcc_snakemake_completes_the_default_target(completed_run, no_n
     workdir = clone(completed_run, tmp_path / "run")
     shutil.rmtree(workdir / "results/plugins")
     result = snakemake(workdir, *overlay, env=env)
-    assert "Nothing to be done" in result.stdout + result.stderr, result.stderr[-3000:]
+    assert "Nothing to be done" in result.console, result.stderr[-3000:]
     assert not (workdir / "results/plugins").exists()
     assert (workdir / "results/report.html").is_file()
     # with nvcc back (and config.yaml's plugins.nvcc), the same target builds the plugin again
     planned = snakemake(workdir, "--dry-run")
-    assert [job.rule for job in jobs_of(planned.stdout + planned.stderr) if job.rule != "all"] == ["plugins"]
+    assert [job.rule for job in jobs_of(planned.console) if job.rule != "all"] == ["plugins"]
 
 
 @pytest.fixture(scope="module")
-def elsewhere(tmp_path_factory) -> tuple[Path, Path, str]:
+def elsewhere(scratch_run, tmp_path_factory) -> tuple[Path, Path, str]:
     """A clone of the workflow, and a working directory elsewhere in which it built results/engine_int8.plan."""
+    checkout = scratch_run("clone")
     root = tmp_path_factory.mktemp("elsewhere")
-    checkout = scratch_workflow(root / "clone")
     workdir = root / "work"
     workdir.mkdir()
     (workdir / "config.yaml").write_text(yaml.safe_dump(SMALL_DATA))  # the rest: the schema's defaults
-    result = snakemake(
+    log = snakemake(
         root,
         "-s",
         str(checkout / "Snakefile"),
@@ -98,8 +97,8 @@ def elsewhere(tmp_path_factory) -> tuple[Path, Path, str]:
         "work/config.yaml",
         "--",
         "results/engine_int8.plan",
-    )
-    return checkout, workdir, result.stdout + result.stderr
+    ).console
+    return checkout, workdir, log
 
 
 def test_from_another_folder_the_workflow_builds_a_plan(elsewhere):
@@ -124,14 +123,12 @@ def test_as_a_module_the_workflow_plans_everything_and_builds_a_plan(elsewhere):
     )
     # the importing workflow's default target is trtflow's: every stage but what the int8 plan already built
     planned = snakemake(workdir, "--dry-run")
-    rules = {job.rule for job in jobs_of(planned.stdout + planned.stderr)}
+    rules = {job.rule for job in jobs_of(planned.console)}
     assert rules == DEFAULT_TARGET_RULES - {"data", "model", "onnx", "weights", "calibrate"}, rules
     # the module's jobs are the same jobs: the int8 plan is up to date, the fp32 plan builds from the same files
-    assert "Nothing to be done" in (lambda r: r.stdout + r.stderr)(
-        snakemake(workdir, "--dry-run", "results/engine_int8.plan")
-    )
+    assert "Nothing to be done" in snakemake(workdir, "--dry-run", "results/engine_int8.plan").console
     built = snakemake(workdir, "results/engine_fp32.plan")
-    assert [job.rule for job in jobs_of(built.stdout + built.stderr)] == ["engine"]
+    assert [job.rule for job in jobs_of(built.console)] == ["engine"]
     metadata = json.loads((workdir / "results/engine_fp32.json").read_text())
     assert (
         metadata["precision"] == "fp32"
