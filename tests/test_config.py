@@ -1,5 +1,6 @@
 import copy
 import importlib.util
+from dataclasses import fields
 
 import pytest
 import yaml
@@ -12,6 +13,7 @@ from trtflow.config import SCHEMA, ConfigError, check_config
 from trtflow.engine import INT8_MODES
 from trtflow.head import PRECISIONS
 from trtflow.head_network import HEAD_OPTIONS
+from trtflow.verify import Thresholds
 
 RAW = yaml.safe_load((ROOT / "config.yaml").read_text())
 
@@ -56,6 +58,10 @@ def test_a_missing_schema_is_named(tmp_path):
             r"data: Additional properties are not allowed \('surprise' was unexpected\)",
         ),
         (lambda c: c["model"].update(num_classes=1), r"model\.num_classes: 1 is less than the minimum of 2"),
+        (
+            lambda c: c["verify"]["thresholds"]["fp16"].update(max_abs_dscore=-0.01),
+            r"verify\.thresholds\.fp16\.max_abs_dscore: -0\.01 is less than the minimum of 0",
+        ),
         (
             lambda c: c["calibration"].update(qdq_placement="onnxruntime"),
             r"calibration\.qdq_placement: 'onnxruntime' is not one of \['trtflow', 'modelopt'\]",
@@ -132,6 +138,17 @@ def test_defaults_are_filled_in():
     assert config["onnx"]["opset"] >= 17 and config["model"]["train"]["epochs"] == 30
 
 
+def test_the_default_verdicts_bound_recall_precision_and_dscore():
+    """fp32 and fp16 pass on more than recall (issue 21): a head that adds detections or moves scores fails; the
+    schema's defaults are config.yaml's, so a config without `verify.thresholds` gets the same verdicts."""
+    config = checked(lambda c: c["verify"].pop("thresholds"))
+    assert config["verify"]["thresholds"] == RAW["verify"]["thresholds"]
+    for precision in ("fp32", "fp16"):
+        thresholds = Thresholds.from_config(RAW["verify"]["thresholds"][precision])
+        assert None not in (thresholds.min_match_recall, thresholds.min_match_precision, thresholds.max_abs_dscore)
+    assert Thresholds.from_config(RAW["verify"]["thresholds"]["int8"]).max_map_drop_points == 0.5
+
+
 def test_the_schema_offers_exactly_the_values_the_library_implements():
     """Each option's values are defined where they are implemented; the schema only repeats them for users."""
     schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())["properties"]
@@ -143,3 +160,5 @@ def test_the_schema_offers_exactly_the_values_the_library_implements():
     assert schema["backend"]["enum"] == list(BACKEND_CHOICES)
     assert schema["calibration"]["properties"]["algorithm"]["enum"] == list(ALGORITHMS)
     assert schema["data"]["properties"]["bad_images"]["enum"] == list(BAD_IMAGE_POLICIES)
+    criteria = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())["definitions"]
+    assert list(criteria["verify_thresholds"]["properties"]) == [field.name for field in fields(Thresholds)]
