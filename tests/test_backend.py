@@ -8,13 +8,16 @@ import json
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 
 from conftest import FULL_TENSORRT
 from trtflow import backend as backends
-from trtflow.backend import BackendUnavailableError, load_backend, precisions
+from trtflow.backend import BackendUnavailableError, dtypes, layer_dtypes, load_backend
 from trtflow.backend.implicit_int8 import cache_only_calibrator
 from trtflow.calibrate import ALGORITHMS, calibration_table, format_calibration_table
+from trtflow.head import PRECISIONS, head_dtype
 
 
 @pytest.fixture
@@ -129,7 +132,7 @@ def test_network_precisions_count_declared_types(rtx):
     network = _input_network(rtx, rtx.create_builder())
     cast = network.add_cast(network.get_input(0), trt.float16)
     network.add_activation(cast.get_output(0), trt.ActivationType.RELU)
-    summary = precisions.from_network(network, "no GPU")
+    summary = layer_dtypes.from_network(network, "no GPU")
     assert summary["source"] == "network_definition" and summary["layers"] == 2
     assert summary["output_dtypes"] == {"HALF": 2}
     assert summary["by_layer_type"] == {"ACTIVATION": {"HALF": 1}, "CAST": {"HALF": 1}}
@@ -160,10 +163,33 @@ def test_inspector_precisions_read_tensorrt_10_and_11_fields():
             ]
         }
     )
-    summary = precisions.from_inspector(engine_information)
+    summary = layer_dtypes.from_inspector(engine_information)
     assert summary["source"] == "engine_inspector" and summary["layers"] == 4
     assert summary["output_dtypes"] == {"HALF": 2, "INT8": 1, "FLOAT": 1}
     assert summary["by_layer_type"]["CaskConvolution"] == {"HALF": 1, "INT8": 1}
+
+
+def test_one_dtype_table_agrees_with_tensorrt_torch_and_numpy(rtx):
+    """TensorRT documents `DataType.itemsize` (the size in bytes of a DataType) and `tensorrt.nptype` (a DataType's
+    numpy equivalent; none for BF16, FP8, INT4, FP4) in the Python API's FoundationalTypes/DataType page: every row
+    of the one table names a DataType and holds torch and numpy dtypes of its size and kind, and every spelling of
+    the head dtype and of the inspector resolves to a DataType."""
+    trt = rtx.trt
+    assert set(dtypes.TORCH_DTYPES) == {"FLOAT", "HALF", "BF16", "INT8", "UINT8", "INT32", "INT64", "BOOL"}
+    assert set(dtypes.TORCH_DTYPES) - set(dtypes.NUMPY_DTYPES) == {"BF16"}
+    for name, torch_dtype in dtypes.TORCH_DTYPES.items():
+        data_type = trt.DataType.__members__[name]
+        assert torch_dtype.itemsize == data_type.itemsize, name
+        if name in dtypes.NUMPY_DTYPES:
+            assert np.dtype(dtypes.NUMPY_DTYPES[name]) == np.dtype(trt.nptype(data_type)), name
+    head = {precision: dtypes.TORCH_DTYPES[dtypes.HEAD_DTYPES[head_dtype(precision)]] for precision in PRECISIONS}
+    assert head == {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.float16}
+    assert {spelling: dtypes.HEAD_DTYPES[spelling] for spelling in ("fp32", "fp16")} == {
+        "fp32": "FLOAT",
+        "fp16": "HALF",
+    }
+    assert set(dtypes.INSPECTOR_WORDS.values()) <= set(trt.DataType.__members__)
+    assert layer_dtypes.dtype_from_inspector("Channel major BF16 format") == "BF16"
 
 
 # -- timing cache: TensorRT's answers played by a stand-in config (the native library is absent) ----------

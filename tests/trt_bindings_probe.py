@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import tensorrt as trt
 
-from trtflow.backend import load_backend, precisions
+from trtflow.backend import layer_dtypes, load_backend
 from trtflow.backend import roi_align_plugin as rap
 from trtflow.backend.implicit_int8 import cache_only_calibrator
 from trtflow.calibrate import ALGORITHMS, calibration_table, format_calibration_table, version_tag
@@ -258,7 +258,7 @@ def calibrator():
 def inspector():
     major = int(trt.__version__.split(".")[0])
     layer = {"Name": "conv", "LayerType": "CaskConvolution", "Outputs": [{"Name": "y", **INSPECTOR_KEYS[major]}]}
-    return precisions.from_inspector(json.dumps({"Layers": [layer]}))["output_dtypes"]
+    return layer_dtypes.from_inspector(json.dumps({"Layers": [layer]}))["output_dtypes"]
 
 
 def backend_facts():

@@ -26,8 +26,7 @@ from typing import Callable, Iterator
 import onnx
 
 from trtflow.artifacts import files_sha256, software_versions, write_bytes, write_text
-from trtflow.backend import Backend, load_backend
-from trtflow.backend import precisions as layer_precisions
+from trtflow.backend import Backend, layer_dtypes, load_backend
 from trtflow.backend.roi_align_plugin import register_plugins, unsupported_reason
 from trtflow.config import batch_problem
 from trtflow.head import HEAD_OUTPUTS, PRECISIONS, head_dtype
@@ -494,9 +493,9 @@ def plan_precisions(backend: Backend, plan: bytes, network, gpu: dict | None) ->
     engine = backend.deserialize(plan) if gpu is not None else None
     if engine is None:
         reason = "no GPU here to deserialize the plan" if gpu is None else f"{gpu['name']} cannot deserialize the plan"
-        return layer_precisions.from_network(network, reason)
+        return layer_dtypes.from_network(network, reason)
     inspector = engine.create_engine_inspector()
-    return layer_precisions.from_inspector(inspector.get_engine_information(backend.trt.LayerInformationFormat.JSON))
+    return layer_dtypes.from_inspector(inspector.get_engine_information(backend.trt.LayerInformationFormat.JSON))
 
 
 def file_record(path: Path | None) -> dict | None:

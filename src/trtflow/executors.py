@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from trtflow.backend.dtypes import HEAD_DTYPES, TORCH_DTYPES
 from trtflow.head import HEAD_OUTPUTS, StaticHead
 from trtflow.model import FeaturesNetwork, output_names, run_detector
 from trtflow.netexec import NetworkExecutor
@@ -36,7 +37,6 @@ from trtflow.network_record import NetworkRecord
 from trtflow.onnxrun import OnnxSession
 from trtflow.runtime import EngineRunner
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16}
 CUDA_GRAPH_MODES = ("none", "features", "whole")
 
 
@@ -235,7 +235,7 @@ def pytorch_static_head_executor(
     device = torch.device(device) if device is not None else default_device()
     if cuda_graph != "none" and device.type != "cuda":
         raise ValueError(f"cuda_graph = {cuda_graph!r} needs a CUDA device, got {device}")
-    form = DeploymentForm(model, manifest, tensors, DTYPES[dtype]).to(device).eval()
+    form = DeploymentForm(model, manifest, tensors, TORCH_DTYPES[HEAD_DTYPES[dtype]]).to(device).eval()
     if cuda_graph == "whole":
         run = GraphPerShape(form)
     elif cuda_graph == "features":
@@ -281,7 +281,7 @@ def onnxruntime_static_head_executor(
     finishes detection from its outputs by name."""
     session = OnnxSession(onnx_path, providers=providers or onnxruntime_providers(), threads=threads)
     device = torch.device(device) if device is not None else default_device()
-    head = StaticHead(manifest, tensors, DTYPES[head_dtype]).to(device).eval()
+    head = StaticHead(manifest, tensors, TORCH_DTYPES[HEAD_DTYPES[head_dtype]]).to(device).eval()
 
     @torch.no_grad()
     def detect(batch: np.ndarray):

@@ -29,6 +29,7 @@ from types import ModuleType
 import numpy as np
 
 from trtflow.backend import load_backend
+from trtflow.backend.dtypes import HEAD_DTYPES, NUMPY_DTYPES
 from trtflow.backend.roi_align_plugin import add_multilevel_roi_align, unsupported_reason
 from trtflow.head import LN2, NO_SCORE, by_level, level_anchors
 from trtflow.plugins import RoIAlignSpec
@@ -55,8 +56,6 @@ class Graph:
     """A network plus the few conveniences the head needs: constants shaped and typed like the
     tensor they meet, negative axes, named layers."""
 
-    NUMPY = {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_}
-
     def __init__(self, network, trt: ModuleType, prefix: str = "head"):
         self.network, self.trt, self.prefix = network, trt, prefix
         self.scope = ""
@@ -70,7 +69,7 @@ class Graph:
         return layer.get_output(index)
 
     def numpy_dtype(self, tensor):
-        return self.NUMPY[tensor.dtype.name]
+        return NUMPY_DTYPES[tensor.dtype.name]
 
     def const(self, array: np.ndarray):
         array = np.array(array, order="C")  # a copy the network keeps alive; keeps 0-D arrays 0-D
@@ -550,9 +549,6 @@ def box_detections(
 
 # --------------------------------------------------------------------------- the head
 
-DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16"}
-
-
 def add_head(
     network,
     trt: ModuleType,
@@ -578,13 +574,13 @@ def add_head(
     """
     check_head_options(roi_align=roi_align, nms=nms)
     if isinstance(dtype, str):
-        if dtype not in DTYPES:
+        if dtype not in HEAD_DTYPES:
             raise HeadBuildError(f"dtype={dtype!r}: use float32 or float16")
-        dtype = getattr(trt, DTYPES[dtype])
+        dtype = getattr(trt.DataType, HEAD_DTYPES[dtype])
     g = Graph(network, trt)
     suppress = Suppressor(g, nms)
     input_hw = (manifest["input"]["height"], manifest["input"]["width"])
-    numpy_dtype = Graph.NUMPY[dtype.name]
+    numpy_dtype = NUMPY_DTYPES[dtype.name]
     weights = {
         name: np.ascontiguousarray(np.asarray(t, dtype=np.float32).astype(numpy_dtype)) for name, t in tensors.items()
     }

@@ -414,7 +414,7 @@ def multilevel_roi_align(
     if len(features) != len(spatial_scales):
         raise ValueError(f"{len(features)} feature maps but {len(spatial_scales)} spatial_scales")
     first = features[0]
-    dtype = {torch.float32: "float32", torch.float16: "float16"}.get(first.dtype)
+    dtype = str(first.dtype).removeprefix("torch.")  # float32 / float16: a DTYPE_CODES key
     for level, feature in enumerate(features):
         if (
             feature.dim() != 4
@@ -426,7 +426,7 @@ def multilevel_roi_align(
                 f"feature map {level} is {tuple(feature.shape)} {feature.dtype} on {feature.device}: every map "
                 f"must be (B, C, H, W) with map 0's B, C = {tuple(first.shape[:2])}, dtype and device"
             )
-    if dtype is None or (first.device.type == "cpu" and dtype != "float32"):
+    if dtype not in DTYPE_CODES or (first.device.type == "cpu" and dtype != "float32"):
         raise ValueError(
             f"features are {first.dtype} on {first.device}: use float32 or float16 on CUDA, float32 on the CPU"
         )

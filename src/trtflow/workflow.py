@@ -101,7 +101,7 @@ def imported_modules(source: Path, package: str = "trtflow") -> frozenset[str]:
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            # `from trtflow.backend import precisions` may name a submodule: both spellings are candidates
+            # `from trtflow.backend import layer_dtypes` may name a submodule: both spellings are candidates
             names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
     return frozenset(name for name in names if name == package or name.startswith(f"{package}."))
 

@@ -1,4 +1,4 @@
-"""Which precision each layer runs in: from the engine inspector where the plan can be
+"""The layer-dtype reader: which data type each layer runs in, from the engine inspector where the plan can be
 deserialized here, else from the network definition's tensor types.
 
 The two sources differ on purpose and say so: the inspector reports the built engine
@@ -12,25 +12,11 @@ import json
 import re
 from collections import Counter, defaultdict
 
-# Inspector spellings: TensorRT 10 "Format/Datatype" ("Row major linear FP32", "Channel major
-# FP16 format ..."); TensorRT 11 splits it into "Format" and "Datatype" ("Float", "Half", "Int8").
-# Keys are matched without case ("DataType" too).
+from trtflow.backend.dtypes import INSPECTOR_WORDS
+
+# The inspector's field naming a layer output's type: TensorRT 10 "Format/Datatype", TensorRT 11 "Datatype"
+# ("DataType" too: keys are matched without case); its words are dtypes.INSPECTOR_WORDS.
 _DTYPE_KEYS = ("datatype", "format/datatype")
-_DTYPE_WORDS = {
-    "fp32": "FLOAT",
-    "float": "FLOAT",
-    "fp16": "HALF",
-    "half": "HALF",
-    "bf16": "BF16",
-    "int8": "INT8",
-    "uint8": "UINT8",
-    "int32": "INT32",
-    "int64": "INT64",
-    "bool": "BOOL",
-    "fp8": "FP8",
-    "int4": "INT4",
-    "fp4": "FP4",
-}
 _WORD = re.compile(r"[A-Za-z]+\d*")
 
 
@@ -50,8 +36,8 @@ def _summary(source: str, layers: list[tuple[str, str]], note: str) -> dict:
 def dtype_from_inspector(text: str) -> str:
     """TensorRT DataType name for an inspector format/type string; UNKNOWN when none is named."""
     for word in _WORD.findall(text):
-        if word.lower() in _DTYPE_WORDS:
-            return _DTYPE_WORDS[word.lower()]
+        if word.lower() in INSPECTOR_WORDS:
+            return INSPECTOR_WORDS[word.lower()]
     return "UNKNOWN"
 
 
