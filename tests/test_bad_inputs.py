@@ -390,7 +390,8 @@ def test_rule_model_fails_on_a_corrupt_checkpoint_and_saves_nothing(scratch, tmp
         ),
         (
             {"plugins": {"archs": [75, 86], "ptx_arch": 86}},
-            "plugins.ptx_arch: 86 is newer than the oldest of plugins.archs [75, 86]; set it to at most 75",
+            "plugins.ptx_arch: 86 is newer than the oldest of plugins.archs [75, 86]: the PTX must run everywhere "
+            "the library does; set it to at most 75",
         ),
         (
             {"calibration": {"images": "no/such/images/*.jpg"}},

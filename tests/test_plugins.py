@@ -151,8 +151,12 @@ def test_missing_nvcc_names_the_fix(tmp_path):
 
 def test_build_config_rejects_ptx_newer_than_the_oldest_arch():
     assert BuildConfig.from_config({}) == BuildConfig()
-    with pytest.raises(ValueError, match="ptx_arch = 86"):
+    with pytest.raises(ValueError) as refused:
         BuildConfig.from_config({"archs": [80, 90], "ptx_arch": 86})
+    assert str(refused.value) == (  # the config check's message (tests/test_bad_inputs.py): one rule, one message
+        "plugins.ptx_arch: 86 is newer than the oldest of plugins.archs [80, 90]: the PTX must run everywhere the "
+        "library does; set it to at most 80"
+    )
 
 
 def test_loader_refuses_missing_and_foreign_libraries(tmp_path):

@@ -10,6 +10,7 @@ import yaml
 
 from trtflow.backend import BackendUnavailableError, load_backend
 from trtflow.backend.roi_align_plugin import unsupported_reason
+from trtflow.plugins import ptx_arch_problem
 
 SCHEMA_NAME = "config.schema.yaml"
 
@@ -176,12 +177,8 @@ def consistency_problems(config: dict) -> list[str]:
                 f"data.demo.num_train: {num_train} training images make no batch of {key}.train.batch_size "
                 f"{model['train']['batch_size']}; raise num_train or lower the batch size"
             )
-    plugins = config["plugins"]
-    if plugins["ptx_arch"] > min(plugins["archs"]):
-        problems.append(
-            f"plugins.ptx_arch: {plugins['ptx_arch']} is newer than the oldest of plugins.archs "
-            f"{plugins['archs']}; set it to at most {min(plugins['archs'])}"
-        )
+    if problem := ptx_arch_problem(config["plugins"]["archs"], config["plugins"]["ptx_arch"]):
+        problems.append(problem)
     return problems
 
 

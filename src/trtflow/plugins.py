@@ -84,17 +84,24 @@ class BuildConfig:
                 f"plugins.archs = {list(archs)}, plugins.ptx_arch = {ptx_arch}: use compute capabilities "
                 "as integers >= 50, e.g. archs: [75, 80, 86, 89, 90], ptx_arch: 75 (config.yaml)"
             )
-        if ptx_arch > min(archs):
-            raise ValueError(
-                f"plugins.ptx_arch = {ptx_arch} is newer than the oldest of plugins.archs {list(archs)}: "
-                "the PTX must run everywhere the library does; lower ptx_arch (config.yaml)"
-            )
+        if problem := ptx_arch_problem(archs, ptx_arch):
+            raise ValueError(problem)
         return cls(
             archs=archs,
             ptx_arch=ptx_arch,
             nvcc=str(section.get("nvcc", cls.nvcc)),
             extra_flags=tuple(str(f) for f in section.get("extra_nvcc_flags", cls.extra_flags)),
         )
+
+
+def ptx_arch_problem(archs: Sequence[int], ptx_arch: int) -> str | None:
+    """plugins.ptx_arch's rule, asked by the config check and by BuildConfig.from_config."""
+    if ptx_arch > min(archs):
+        return (
+            f"plugins.ptx_arch: {ptx_arch} is newer than the oldest of plugins.archs {list(archs)}: the PTX must "
+            f"run everywhere the library does; set it to at most {min(archs)}"
+        )
+    return None
 
 
 def find_nvcc(nvcc: str = "nvcc") -> Path:
