@@ -32,13 +32,13 @@ from trtflow.config import batch_problem
 from trtflow.head import HEAD_OUTPUTS, PRECISIONS, head_dtype
 from trtflow.head_network import add_head, check_head_options
 from trtflow.head_weights import load_head
+from trtflow.model import RPN_PREFIXES
 from trtflow.network_record import read_network
 from trtflow.onnxrun import is_quantized
 from trtflow.usage import plan_usage
 
 INT8_MODES = ("explicit", "implicit")
 CHECKPOINT_KEY = "trtflow.checkpoint_sha256"  # written into features.onnx by trtflow.export
-RPN_PREFIXES = ("objectness_", "deltas_")
 QDQ_SUFFIX = ".qdq.onnx"  # rule calibrate writes the Q/DQ graph of <name>.onnx beside it, as <name>.qdq.onnx
 
 log = logging.getLogger(__name__)

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 from trtflow.head_weights import load_head, required_tensors
+from trtflow.model import DELTAS_PREFIX, OBJECTNESS_PREFIX
 
 NO_SCORE = -1.0  # score of a slot holding no candidate; every real score is a probability >= 0
 LN2 = math.log(2.0)
@@ -413,8 +414,8 @@ class StaticHead(nn.Module):
 
     def propose(self, objectness, deltas) -> Proposals:
         return rpn_proposals(
-            by_level(self.manifest, objectness, "objectness_"),
-            by_level(self.manifest, deltas, "deltas_"),
+            by_level(self.manifest, objectness, OBJECTNESS_PREFIX),
+            by_level(self.manifest, deltas, DELTAS_PREFIX),
             self.anchors,
             self.manifest["rpn"],
             self.input_hw,

@@ -32,6 +32,7 @@ from trtflow.backend import load_backend
 from trtflow.backend.dtypes import HEAD_DTYPES, NUMPY_DTYPES
 from trtflow.backend.roi_align_plugin import add_multilevel_roi_align, unsupported_reason
 from trtflow.head import LN2, NO_SCORE, by_level, level_anchors
+from trtflow.model import DELTAS_PREFIX, OBJECTNESS_PREFIX
 from trtflow.plugins import RoIAlignSpec
 
 MAX_TOP_K = 3840  # ITopKLayer: k <= 3840
@@ -549,6 +550,7 @@ def box_detections(
 
 # --------------------------------------------------------------------------- the head
 
+
 def add_head(
     network,
     trt: ModuleType,
@@ -587,8 +589,8 @@ def add_head(
 
     boxes, scores, valid = rpn_proposals(
         g,
-        by_level(manifest, objectness, "objectness_"),
-        by_level(manifest, deltas, "deltas_"),
+        by_level(manifest, objectness, OBJECTNESS_PREFIX),
+        by_level(manifest, deltas, DELTAS_PREFIX),
         level_anchors(manifest),
         manifest["rpn"],
         input_hw,

@@ -41,6 +41,10 @@ class CheckpointError(ValueError):
 
 
 INPUT_NAME = "images"
+# The features network's outputs, in FeaturesNetwork.forward's order: every FPN map by its level name (p2, ..., pool),
+# then each level's RPN objectness and box deltas, named by these prefixes (objectness_p2, deltas_p2, ...).
+OBJECTNESS_PREFIX, DELTAS_PREFIX = "objectness_", "deltas_"
+RPN_PREFIXES = (OBJECTNESS_PREFIX, DELTAS_PREFIX)
 
 
 class FeaturesNetwork(nn.Module):
@@ -59,7 +63,7 @@ class FeaturesNetwork(nn.Module):
 
 
 def output_names(levels: list[str]) -> list[str]:
-    return [*levels, *(f"{kind}_{level}" for level in levels for kind in ("objectness", "deltas"))]
+    return [*levels, *(f"{prefix}{level}" for level in levels for prefix in RPN_PREFIXES)]
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
