@@ -19,13 +19,14 @@ import cv2
 
 from trtflow.artifacts import files_sha256, write_bytes, write_json
 from trtflow.detection_loop import detect_images
+from trtflow.drawing import DEPLOYED_COLOR, bgr
 from trtflow.executors import Executor, ImpossibleOutput, tensorrt_executor
 from trtflow.images import read_image
 from trtflow.runtime import EngineRefused, read_metadata
 from trtflow.verify import choose_executor, level_status
 
 log = logging.getLogger(__name__)
-BOX_COLOR = (39, 48, 215)  # BGR of the report's deployed-box red
+BOX_COLOR = bgr(DEPLOYED_COLOR)  # the report's deployed-box red
 
 
 class DetectError(ValueError):

@@ -24,11 +24,11 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from trtflow.artifacts import write_bytes, write_text
+from trtflow.drawing import DEPLOYED_COLOR, REFERENCE_COLOR
 from trtflow.images import read_image
 from trtflow.verify import match_detections
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
-REFERENCE_COLOR, DEPLOYED_COLOR = "#1a9850", "#d73027"
 REFERENCE_STYLE = {"edgecolor": REFERENCE_COLOR, "linewidth": 5, "alpha": 0.6, "zorder": 2}
 DEPLOYED_STYLE = {"edgecolor": DEPLOYED_COLOR, "linewidth": 1.4, "linestyle": (0, (4, 2)), "zorder": 3}
 FIGURES = ("latency", "dscore", "calibration", "examples")  # the PNG files of `snakemake --report`
