@@ -17,6 +17,7 @@ from trtflow import backend as backends
 from trtflow.backend import BackendUnavailableError, dtypes, layer_dtypes, load_backend
 from trtflow.backend.implicit_int8 import cache_only_calibrator
 from trtflow.calibrate import ALGORITHMS, calibration_table, format_calibration_table
+from trtflow.engine import EngineSettings
 from trtflow.head import PRECISIONS, head_dtype
 
 
@@ -111,6 +112,19 @@ def test_rtx_builder_config_settings(rtx):
     assert config.num_compute_capabilities == 2
     assert config.get_compute_capability(0) == trt.ComputeCapability.SM86
     assert config.get_compute_capability(1) == trt.ComputeCapability.SM120
+
+
+def test_tf32_is_off_unless_asked_for(rtx):
+    """TensorRT's builder config starts with BuilderFlag.TF32 set ("enabled by default", IBuilderConfig): float32
+    convolutions and matrix products may then run on 10-bit mantissas, which verify's network-definition level (strict
+    float32) cannot see. Our configs clear it; engine.tf32: true keeps it."""
+    trt = rtx.trt
+    builder = rtx.create_builder()
+    assert builder.create_builder_config().get_flag(trt.BuilderFlag.TF32)  # TensorRT's own default
+    settings = dict(workspace_mb=256, opt_level=2, profile_shapes={})
+    assert not rtx.create_config(builder, **settings).get_flag(trt.BuilderFlag.TF32)
+    assert rtx.create_config(builder, **settings, tf32=True).get_flag(trt.BuilderFlag.TF32)
+    assert EngineSettings.from_config({"tf32": True}, "fp32").tf32 and not EngineSettings("fp32").tf32
 
 
 @pytest.mark.parametrize("targets", [["9.0"], ["current", "8.6"], ["sm86"]])

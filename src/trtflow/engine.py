@@ -74,6 +74,7 @@ class EngineSettings:
     int8_mode: str = "explicit"
     compute_capabilities: tuple[str, ...] = ()
     debug_outputs: tuple[str, ...] = ()
+    tf32: bool = False
 
     def __post_init__(self):
         for key, value, allowed in (
@@ -100,6 +101,7 @@ class EngineSettings:
             int8_mode=engine.get("int8_mode", cls.int8_mode),
             compute_capabilities=tuple(str(cc) for cc in engine.get("rtx", {}).get("compute_capabilities", ())),
             debug_outputs=tuple(engine.get("debug_outputs", ())),
+            tf32=bool(engine.get("tf32", cls.tf32)),
         )
 
     @property
@@ -475,6 +477,7 @@ def build_plan(
         opt_level=settings.opt_level,
         profile_shapes=shapes,
         compute_capabilities=settings.compute_capabilities,
+        tf32=settings.tf32,
     )
     # TensorRT keeps only a borrowed pointer to the calibrator: it must outlive the build.
     calibrator = (

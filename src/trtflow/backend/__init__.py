@@ -195,12 +195,19 @@ class Backend:
         opt_level: int,
         profile_shapes: dict[str, tuple[Sequence[int], Sequence[int], Sequence[int]]],
         compute_capabilities: Sequence[str] = (),
+        tf32: bool = False,
     ):
-        """Builder config: workspace limit, optimization level, the batch profile of dynamic inputs, GPU targets."""
+        """Builder config: workspace limit, optimization level, TF32, the batch profile of dynamic inputs, GPU
+        targets."""
         trt = self.trt
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
         config.builder_optimization_level = int(opt_level)
+        # TensorRT enables TF32 by default: float32 convolutions and matrix products may then round their inputs to
+        # 10 mantissa bits, which the network definition (float32 tensors) does not say and verify's
+        # network-definition level cannot see. Off unless asked for (engine.tf32), as Polygraphy builds.
+        if not tf32:
+            config.clear_flag(trt.BuilderFlag.TF32)
         # DETAILED keeps layer types and precisions in the plan for the engine inspector.
         config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
         if profile_shapes:
