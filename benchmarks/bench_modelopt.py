@@ -183,7 +183,7 @@ def build_int8_plan(config: dict, qdq: Path, with_head: bool) -> dict:
     except Exception as error:  # the result to record, not a failure of the benchmark
         return {"builds": False, "error": f"{type(error).__name__}: {str(error)[:300]}"}
     qdq.with_suffix(".plan").unlink()
-    return {"builds": True, "build_s": metadata["build_seconds"], "plan_mb": metadata["plan_bytes"] / 2**20}
+    return {"builds": True, "build_s": metadata.build_seconds, "plan_mb": metadata.plan_bytes / 2**20}
 
 
 def demo_accuracy(config: dict, qdq: Path) -> dict:

@@ -22,8 +22,7 @@ from pathlib import Path
 import yaml
 
 from trtflow.detection_loop import detect_dataset
-from trtflow.executors import network_definition_executor
-from trtflow.verify import deployment_executor
+from trtflow.executors import deployment_executor, network_definition_executor
 
 
 def main() -> None:

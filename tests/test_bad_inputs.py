@@ -503,13 +503,13 @@ def test_a_plan_for_other_gpus_is_refused_with_the_reason(tmp_path):
         tmp_path / "engine_fp32.json",
         backend="tensorrt_rtx",
     )
-    installed = {"tensorrt_rtx": metadata["backend_version"]}
+    installed = {"tensorrt_rtx": metadata.backend_version}
     assert refusals(metadata, Gpu("NVIDIA RTX A6000", "8.6"), installed, plan) == []
     (hopper,) = refusals(metadata, Gpu("NVIDIA H100 80GB HBM3", "9.0"), installed, plan)
     assert "compute capability 9.0 (Hopper), on which TensorRT-RTX plans do not run" in hopper
     assert "build the engine with full TensorRT on this GPU (backend: tensorrt)" in hopper
     (turing,) = refusals(metadata, Gpu("Tesla T4", "7.5"), installed, plan)
-    assert f"the plan targets compute capabilities {metadata['compute_capabilities']} but Tesla T4 is 7.5" in turing
+    assert f"the plan targets compute capabilities {metadata.compute_capabilities} but Tesla T4 is 7.5" in turing
     assert "engine.rtx.compute_capabilities" in turing
     (upgraded,) = refusals(metadata, Gpu("NVIDIA RTX A6000", "8.6"), {"tensorrt_rtx": "9.9.9"}, plan)
     assert "a plan runs only on the version that built it" in upgraded

@@ -64,8 +64,8 @@ def test_the_run_side_does_not_run_the_engine_build():
 
 
 # The two wings (docs/ARCHITECTURE.md): they meet through files in results/ and the shared modules (the head
-# contract, the network-record and head-weights file formats, image reading and COCO data sets, model definitions,
-# backend, artifacts).
+# contract, the network-record, head-weights and plan-metadata file formats, image reading and COCO data sets, model
+# definitions, backend, artifacts).
 BUILD_SIDE = {
     "data",
     "demo_data",
@@ -81,6 +81,7 @@ BUILD_SIDE = {
 }
 RUN_SIDE = {
     "executors",
+    "matching",
     "netexec",
     "runtime",
     "verify",
@@ -103,6 +104,45 @@ def module_imports() -> dict[str, set[str]]:
         name = ".".join(("trtflow", *path.relative_to(src).with_suffix("").parts)).removesuffix(".__init__")
         graph[name] = {module for module in imported_modules(path) if module_file(module, src) and module != name}
     return graph
+
+
+# The modules a rule's script runs as its stage (docs/ARCHITECTURE.md's table; `detect` is `trtflow detect`'s). A
+# stage reads what another stage wrote, not its code: what two stages share is a module of neither (the executor
+# ladder and LEVELS in `executors`, matching in `matching`, the plan's JSON in `plan_metadata`). Not `model`: it holds
+# the detector and features-network definitions both wings share (ARCHITECTURE's "shared"); rule validate_model
+# calls its save_validated_checkpoint.
+STAGE_MODULES = {
+    "data",
+    "train",
+    "reference",
+    "export",
+    "weights",
+    "plugins",
+    "calibrate",
+    "qdq_accuracy",
+    "engine",
+    "verify",
+    "bench",
+    "report",
+    "detect",
+}
+# Left for issue 22's item 3 (one home per fact): `weights` names feature levels by `export.level_names`. Nothing may
+# join this list.
+STAGE_IMPORTS_LEFT = {"weights": {"export"}}
+
+
+def test_no_stage_module_imports_another():
+    graph = module_imports()
+    assert {f"trtflow.{m}" for m in STAGE_MODULES} <= set(graph), "a stage names a module that is gone"
+    crossings = {
+        stage: sorted(found)
+        for stage in sorted(STAGE_MODULES)
+        if (
+            found := {module.removeprefix("trtflow.") for module in graph[f"trtflow.{stage}"]}
+            & STAGE_MODULES - STAGE_IMPORTS_LEFT.get(stage, set())
+        )
+    }
+    assert not crossings, f"stage modules that import another stage module: {crossings}"
 
 
 def test_no_import_circle():

@@ -15,8 +15,10 @@ import pytest
 
 from test_executors import POSTPROCESS, preprocess_settings
 from test_images import picture, write_image
-from test_verify import IMPOSSIBLE_OUTPUTS, NO_GPU, fixed_executor
+from test_plan_metadata import file_record, write_plan
+from test_verify import IMPOSSIBLE_OUTPUTS, fixed_executor, no_gpu
 from trtflow import cli
+from trtflow.plan_metadata import FORMAT, VERSION, metadata_path
 from trtflow.usage import classes_of
 
 TRTFLOW = Path(sys.executable).with_name("trtflow")  # the console script of [project.scripts]
@@ -115,17 +117,33 @@ def test_detect_refuses_a_corrupt_image_naming_it(completed_run, val_images, tmp
     assert not (tmp_path / "dets.json").exists()
 
 
+def plan_with_usage(folder: Path) -> Path:
+    """An fp32 plan file (not a plan) whose JSON says how to use it, and the files its `sources` name."""
+    sources = {
+        "onnx": file_record(folder / "results/onnx/features.onnx"),
+        "checkpoint_sha256": None,
+        "head_weights": file_record(folder / "results/weights/manifest.json"),
+        "calibration_table": None,
+        "plugin_library": None,
+    }
+    return write_plan(
+        folder / "results/engine_fp32.plan",
+        sources=sources,
+        preprocess=preprocess_settings(),
+        postprocess=POSTPROCESS,
+        classes=classes_of([{"id": i, "name": f"class{i}"} for i in (1, 2, 3)]),
+    )
+
+
 @pytest.mark.parametrize("fault, reason", IMPOSSIBLE_OUTPUTS.values(), ids=IMPOSSIBLE_OUTPUTS)
 def test_detect_refuses_an_impossible_output_with_verifys_reason(tmp_path, monkeypatch, capsys, fault, reason):
     """The executor gives what no head can (label 0, a label past the classes, NaN score, inf box, more
     detections than rows): `trtflow detect` says so in one line, the same reason verify gives, and writes nothing."""
-    plan = tmp_path / "engine_fp32.plan"
-    plan.write_bytes(b"not run")
-    categories = [{"id": i, "name": f"class{i}"} for i in (1, 2, 3)]
-    usage = {"precision": "fp32", "preprocess": preprocess_settings(), "postprocess": POSTPROCESS}
-    plan.with_suffix(".json").write_text(json.dumps({**usage, "classes": classes_of(categories)}))
+    plan = plan_with_usage(tmp_path)
     files = [str(write_image(tmp_path / f"photo_{n}.png", picture(seed=n))) for n in (1, 2)]
-    monkeypatch.setattr("trtflow.detect.executor_for", lambda plan, metadata, fallback: (fixed_executor(fault), NO_GPU))
+    monkeypatch.setattr(
+        "trtflow.detect.choose_executor", lambda precision, plan, **kwargs: no_gpu(fixed_executor(fault))
+    )
     out = tmp_path / "dets.json"
     status = cli.main(["detect", "--engine", str(plan), *files, "--fallback", "--out", str(out)])
     stderr = capsys.readouterr().err
@@ -134,3 +152,17 @@ def test_detect_refuses_an_impossible_output_with_verifys_reason(tmp_path, monke
         f"trtflow detect: DetectError: fixed-outputs (level network-definition) gave an impossible output: "
         f"{files[1]}: {reason}"
     ), stderr[-2000:]
+
+
+def test_detect_refuses_a_plan_json_of_a_newer_format_naming_it(tmp_path, capsys):
+    """The plan's JSON is read through trtflow.plan_metadata: one written by a newer trtflow is refused, naming the
+    file, the version found, the version read here and the fix, before any image is read."""
+    plan = plan_with_usage(tmp_path)
+    path = metadata_path(plan)
+    path.write_text(path.read_text().replace(f"{FORMAT}/{VERSION}", f"{FORMAT}/{VERSION + 1}", 1))
+    status = cli.main(["detect", "--engine", str(plan), str(tmp_path / "absent.png"), "--fallback"])
+    assert status == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"trtflow detect: PlanMetadataError: {path} has format '{FORMAT}/{VERSION + 1}', this trtflow reads "
+        f"{FORMAT}/{VERSION} (the file was written by a newer trtflow); rebuild the engine (snakemake -f {plan})"
+    )

@@ -27,6 +27,7 @@ from trtflow.engine import (
     check_same_checkpoint,
     merge_into_file,
 )
+from trtflow.plan_metadata import FORMAT, VERSION, PlanMetadata
 from trtflow.usage import INPUT_MEANING
 
 CHECKPOINT = "c0ffee" * 10 + "abcd"
@@ -129,22 +130,23 @@ def _build(tmp_path, onnx_path, precision, **settings):
     return plan, meta, metadata
 
 
-def _check_plan_files(plan: Path, meta: Path, metadata: dict):
-    assert json.loads(meta.read_text()) == metadata
+def _check_plan_files(plan: Path, meta: Path, metadata: PlanMetadata):
+    assert PlanMetadata.read(meta) == metadata
+    assert meta.read_text().startswith(f'{{\n  "format": "{FORMAT}/{VERSION}",\n  "backend": "tensorrt_rtx",\n')
     data = plan.read_bytes()
-    assert metadata["plan_bytes"] == len(data) > 10_000
-    assert metadata["plan_sha256"] == hashlib.sha256(data).hexdigest()
-    assert metadata["backend"] == "tensorrt_rtx" and metadata["backend_version"] == load_backend("tensorrt_rtx").version
-    assert metadata["built_on"] == "cpu-aot" and metadata["gpu"] is None
-    assert {"8.0", "8.6", "8.9", "12.0"} <= set(metadata["compute_capabilities"])
-    assert "9.0" not in metadata["compute_capabilities"]
+    assert metadata.plan_bytes == len(data) > 10_000
+    assert metadata.plan_sha256 == hashlib.sha256(data).hexdigest()
+    assert metadata.backend == "tensorrt_rtx" and metadata.backend_version == load_backend("tensorrt_rtx").version
+    assert metadata.built_on == "cpu-aot" and metadata.gpu is None
+    assert {"8.0", "8.6", "8.9", "12.0"} <= set(metadata.compute_capabilities)
+    assert "9.0" not in metadata.compute_capabilities
     assert not [p for p in plan.parent.iterdir() if p.name.startswith(".")], "temporary files left behind"
 
 
 def test_fp32_plan(tmp_path, tiny_onnx):
     plan, meta, metadata = _build(tmp_path, tiny_onnx, "fp32")
     _check_plan_files(plan, meta, metadata)
-    assert metadata["inputs"] == [
+    assert metadata.inputs == [
         {
             "name": "images",
             "dtype": "FLOAT",
@@ -155,35 +157,35 @@ def test_fp32_plan(tmp_path, tiny_onnx):
         }
     ]
     # built outside the pipeline: no preprocessing or classes to record, but the command that loads it
-    assert metadata["preprocess"] is metadata["classes"] is None
-    assert metadata["runtime"]["command"].endswith("--loadEngine=engine_fp32.plan --shapes=images:2x3x32x32")
-    assert [(o["name"], o["dtype"], o["shape"]) for o in metadata["outputs"]] == [
+    assert metadata.preprocess is metadata.classes is None
+    assert metadata.runtime["command"].endswith("--loadEngine=engine_fp32.plan --shapes=images:2x3x32x32")
+    assert [(o["name"], o["dtype"], o["shape"]) for o in metadata.outputs] == [
         ("p1", "FLOAT", [-1, 8, 16, 16]),
         ("objectness_p1", "FLOAT", [-1, 3, 16, 16]),
         ("deltas_p1", "FLOAT", [-1, 12, 16, 16]),
     ]
-    assert metadata["layer_precisions"]["source"] == "network_definition"
-    assert metadata["layer_precisions"]["by_layer_type"]["CONVOLUTION"] == {"FLOAT": 4}
-    assert metadata["sources"]["checkpoint_sha256"] == CHECKPOINT
-    assert metadata["sources"]["onnx"]["sha256"] == hashlib.sha256(tiny_onnx.read_bytes()).hexdigest()
-    assert metadata["timing_cache"]["used"] is False
+    assert metadata.layer_precisions["source"] == "network_definition"
+    assert metadata.layer_precisions["by_layer_type"]["CONVOLUTION"] == {"FLOAT": 4}
+    assert metadata.sources["checkpoint_sha256"] == CHECKPOINT
+    assert metadata.sources["onnx"]["sha256"] == hashlib.sha256(tiny_onnx.read_bytes()).hexdigest()
+    assert metadata.timing_cache["used"] is False
 
 
 def test_fp16_plan_keeps_fp32_input(tmp_path, tiny_onnx):
     plan, meta, metadata = _build(tmp_path, tiny_onnx, "fp16")
     _check_plan_files(plan, meta, metadata)
-    assert metadata["inputs"][0]["dtype"] == "FLOAT"
-    assert {o["dtype"] for o in metadata["outputs"]} == {"HALF"}  # a features-only plan hands fp16 maps to the head
-    by_type = metadata["layer_precisions"]["by_layer_type"]
+    assert metadata.inputs[0]["dtype"] == "FLOAT"
+    assert {o["dtype"] for o in metadata.outputs} == {"HALF"}  # a features-only plan hands fp16 maps to the head
+    by_type = metadata.layer_precisions["by_layer_type"]
     assert by_type["CONVOLUTION"] == {"HALF": 4} and by_type["CAST"] == {"HALF": 1}
-    assert "FLOAT" not in metadata["layer_precisions"]["output_dtypes"]
+    assert "FLOAT" not in metadata.layer_precisions["output_dtypes"]
 
 
 def test_int8_plan_from_qdq(tmp_path, qdq_onnx):
     plan, meta, metadata = _build(tmp_path, qdq_onnx, "int8")
     _check_plan_files(plan, meta, metadata)
-    assert metadata["int8_mode"] == "explicit"
-    by_type = metadata["layer_precisions"]["by_layer_type"]
+    assert metadata.int8_mode == "explicit"
+    by_type = metadata.layer_precisions["by_layer_type"]
     assert by_type["QUANTIZE"] == {"INT8": 3} and by_type["DEQUANTIZE"] == {"FLOAT": 6}
     assert by_type["CONVOLUTION"] == {"FLOAT": 3}
 
@@ -204,16 +206,16 @@ def test_engine_json_records_the_files_it_was_given(tmp_path, tiny_onnx, monkeyp
         backend="tensorrt_rtx",
         network_record_path=network,
     )
-    assert metadata["sources"]["onnx"]["path"] == str(features)
-    assert metadata["network_record"]["path"] == str(network)
-    assert metadata["runtime"]["command"].startswith("tensorrt_rtx --loadEngine=engine_fp32.plan ")
+    assert metadata.sources["onnx"]["path"] == str(features)
+    assert metadata.network_record["path"] == str(network)
+    assert metadata.runtime["command"].startswith("tensorrt_rtx --loadEngine=engine_fp32.plan ")
     assert set(re.findall(r"results/[^/\"]*", plan.with_suffix(".json").read_text())) == {str(MODEL_DIR)}
 
 
 def test_debug_outputs_are_added_and_unknown_names_refused(tmp_path, tiny_onnx):
     network_names = [node.output[0] for node in onnx.load(str(tiny_onnx)).graph.node if node.op_type == "Relu"]
     _, _, metadata = _build(tmp_path, tiny_onnx, "fp32", debug_outputs=tuple(network_names))
-    assert [o["name"] for o in metadata["outputs"]][-1] == network_names[0]
+    assert [o["name"] for o in metadata.outputs][-1] == network_names[0]
     with pytest.raises(ValueError, match=r"engine.debug_outputs \['no_such_tensor'\] are not tensors"):
         _build(tmp_path, tiny_onnx, "fp32", debug_outputs=("no_such_tensor",))
 
@@ -258,17 +260,17 @@ def test_detector_plan_has_the_head_contract(tmp_path, small_detector, precision
     )
     manifest = json.loads((small_detector / "weights" / "manifest.json").read_text())
     k, proposals = manifest["box"]["detections_per_img"], manifest["rpn"]["post_nms_top_n"]
-    assert [(o["name"], o["dtype"], o["shape"]) for o in metadata["outputs"]] == [
+    assert [(o["name"], o["dtype"], o["shape"]) for o in metadata.outputs] == [
         ("num_detections", "INT32", [-1]),
         ("boxes", "FLOAT", [-1, k, 4]),
         ("scores", "FLOAT", [-1, k]),
         ("classes", "INT32", [-1, k]),
         ("head.proposals", "FLOAT", [-1, proposals, 4]),
     ]
-    assert metadata["inputs"][0]["profile"]["max"] == [2, 3, 128, 160]
-    assert metadata["head"] and (metadata["roi_align"], metadata["nms"]) == ("builtin", "static")
-    assert metadata["plan_bytes"] == (tmp_path / "engine.plan").stat().st_size
-    dtypes = metadata["layer_precisions"]["output_dtypes"]
+    assert metadata.inputs[0]["profile"]["max"] == [2, 3, 128, 160]
+    assert metadata.head and (metadata.roi_align, metadata.nms) == ("builtin", "static")
+    assert metadata.plan_bytes == (tmp_path / "engine.plan").stat().st_size
+    dtypes = metadata.layer_precisions["output_dtypes"]
     assert ("HALF" in dtypes) == (precision != "fp32")  # fp16 and int8 run the head in fp16
     assert ("INT8" in dtypes) == (precision == "int8")
 
@@ -422,7 +424,7 @@ def test_static_batch_must_match_the_profile(tmp_path, tiny_onnx):
     with pytest.raises(ValueError, match=r"static batch of 1 but engine.batch = .*to \{min: 1, opt: 1, max: 1\}"):
         _build(tmp_path, static, "fp32")
     _, _, metadata = _build(tmp_path, static, "fp32", batch=BatchProfile(1, 1, 1))
-    assert metadata["inputs"][0]["shape"] == [1, 3, 32, 32] and "profile" not in metadata["inputs"][0]
+    assert metadata.inputs[0]["shape"] == [1, 3, 32, 32] and "profile" not in metadata.inputs[0]
 
 
 def test_unreadable_onnx_names_the_file(tmp_path):
@@ -563,6 +565,6 @@ def test_tensorrt_10_implicit_int8_from_the_table(tmp_path, tiny_onnx):
         tmp_path / "engine_int8.json",
         backend=backend,
     )
-    assert metadata["int8_mode"] == "implicit"
-    assert metadata["layer_precisions"]["source"] == "engine_inspector"
-    assert metadata["layer_precisions"]["output_dtypes"].get("INT8", 0) > 0
+    assert metadata.int8_mode == "implicit"
+    assert metadata.layer_precisions["source"] == "engine_inspector"
+    assert metadata.layer_precisions["output_dtypes"].get("INT8", 0) > 0

@@ -1,6 +1,6 @@
 """trtflow.executors and trtflow.bench on CPU: the deployment form (ONNX Runtime or PyTorch features +
 StaticHead) against torchvision's own detector on a tiny random-init detector, through the shared
-pre/post-processing; what each executor says it runs; latency statistics.
+pre/post-processing; what each executor says it runs; which one runs a plan here (the ladder); latency statistics.
 
 Also home of the `deployment` fixture test_verify.py shares.
 """
@@ -12,17 +12,23 @@ import numpy as np
 import pytest
 import torch
 
+from test_plan_metadata import write_plan
 from test_weights import tame, tiny_fpn_detector
 from trtflow.detection_loop import detect_dataset
 from trtflow.executors import (
+    LEVELS,
+    UNVERIFIED,
     CaptureError,
     Executor,
+    ExecutorChoice,
+    choose_executor,
     head_detections,
     onnxruntime_static_head_executor,
     pytorch_executor,
     pytorch_static_head_executor,
 )
-from trtflow.verify import match_detections
+from trtflow.matching import match_detections
+from trtflow.runtime import EngineRefused
 
 INPUT_HW = (96, 128)
 IMAGE_SIZES = ((120, 160), (96, 128), (150, 100), (64, 64), (100, 140), (90, 200))
@@ -194,6 +200,54 @@ def test_cuda_graph_features_replay_matches_eager(deployment, torchvision_detect
         whole(batch)
     except CaptureError as error:
         assert "cannot be captured into a CUDA graph" in str(error)
+
+
+# --------------------------------------------------------------------------- which executor runs a plan here
+
+
+def test_each_level_says_what_it_leaves_unverified():
+    """The levels weakest first, and what a run at each leaves open (README "Verification: what ran, and what it
+    proves": nothing of the plan at `engine`; TensorRT's compilation at `network-definition`; the TensorRT network
+    and the plan at `deployment-form`)."""
+    assert LEVELS == ("deployment-form", "network-definition", "engine") and set(UNVERIFIED) == set(LEVELS)
+    assert UNVERIFIED["engine"] is None and "compilation" in UNVERIFIED["network-definition"]
+    assert UNVERIFIED["deployment-form"].startswith("neither the plan nor the TensorRT network definition ran")
+    executor = Executor("x", lambda batch: [])
+    assert ExecutorChoice(executor, "engine").status() == {
+        "verified_level": "engine",
+        "engine_executed": True,
+        "unverified": None,
+    }
+    assert ExecutorChoice(executor, "deployment-form", ("no GPU", "no record")).status() == {
+        "verified_level": "deployment-form",
+        "engine_executed": False,
+        "unverified": UNVERIFIED["deployment-form"],
+        "reason": "no GPU; no record",
+    }
+    with pytest.raises(ValueError, match="level 'plan': use one of deployment-form, network-definition, engine"):
+        ExecutorChoice(executor, "plan")
+
+
+def test_without_fallback_the_ladder_gives_the_engines_refusal(tmp_path):
+    plan = tmp_path / "engine_fp32.plan"
+    with pytest.raises(EngineRefused, match=r"engine_fp32\.json not found: the runner needs the engine metadata"):
+        choose_executor("fp32", plan, fallback=False)
+    with pytest.raises(ValueError, match="the deployment-form fallback needs the features ONNX and head weights"):
+        choose_executor("fp32", plan, network=tmp_path / "engine_fp32.network.safetensors")
+
+
+@pytest.mark.needs_no_cuda
+def test_the_ladder_says_why_each_stronger_level_did_not_run(deployment, tmp_path):
+    plan = write_plan(tmp_path / "engine_fp32.plan")
+    network = tmp_path / "engine_fp32.network.safetensors"  # not written: the network definition cannot run
+    chosen = choose_executor("fp32", plan, network=network, onnx=deployment.onnx, weights_dir=deployment.weights)
+    assert (chosen.level, chosen.executor.name) == ("deployment-form", "onnxruntime+static-head")
+    engine, network_definition = chosen.reasons
+    assert engine.startswith(f"cannot run {plan} (tensorrt_rtx 1.7.1.116, fp32): no CUDA GPU is visible")
+    assert network_definition == (
+        f"the network definition cannot be evaluated: network record {network} does not exist; build it with its "
+        f"engine (snakemake {plan})"
+    )
 
 
 # --------------------------------------------------------------------------- bench

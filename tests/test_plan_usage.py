@@ -5,6 +5,7 @@ import json
 import yaml
 
 from snakemake_runs import ROOT
+from trtflow.plan_metadata import FORMAT, VERSION, PlanMetadata
 from trtflow.usage import plan_usage
 
 CONFIG = yaml.safe_load((ROOT / "config.yaml").read_text())
@@ -39,24 +40,30 @@ def test_the_plans_json_says_how_to_use_the_plan(completed_run):
     assert runtime["compute_capabilities"] == metadata["compute_capabilities"]
     runner = {"tensorrt": "trtexec", "tensorrt_rtx": "tensorrt_rtx"}[metadata["backend"]]
     assert runtime["command"] == f"{runner} --loadEngine=engine_fp32.plan --shapes=images:1x3x320x320"
+    # the same JSON, as trtflow reads it: the format first, every field an attribute
+    assert next(iter(metadata)) == "format" and metadata["format"] == f"{FORMAT}/{VERSION}"
+    assert PlanMetadata.read(completed_run / "results/engine_fp32.json").document() == metadata
 
 
 def test_a_plan_built_outside_the_pipeline_says_what_it_does_not_know():
-    metadata = {
-        "backend": "tensorrt",
-        "backend_version": "10.16.0",
-        "compute_capabilities": ["8.6"],
-        "inputs": [
-            {
-                "name": "images",
-                "dtype": "FLOAT",
-                "shape": [-1, 3, 320, 320],
-                "profile": {"min": [1, 3, 320, 320], "opt": [4, 3, 320, 320], "max": [8, 3, 320, 320]},
-            }
-        ],
-        "outputs": [{"name": "p2", "dtype": "FLOAT", "shape": [-1, 64, 80, 80]}],
-    }
-    usage = plan_usage(metadata, "out/features.plan", None)
+    inputs = [
+        {
+            "name": "images",
+            "dtype": "FLOAT",
+            "shape": [-1, 3, 320, 320],
+            "profile": {"min": [1, 3, 320, 320], "opt": [4, 3, 320, 320], "max": [8, 3, 320, 320]},
+        }
+    ]
+    outputs = [{"name": "p2", "dtype": "FLOAT", "shape": [-1, 64, 80, 80]}]
+    usage = plan_usage(
+        inputs,
+        outputs,
+        backend="tensorrt",
+        backend_version="10.16.0",
+        compute_capabilities=["8.6"],
+        plan_path="out/features.plan",
+        usage=None,
+    )
     assert usage["preprocess"] is usage["postprocess"] is usage["classes"] is None
     assert usage["outputs"][0]["meaning"] == "a debug output (engine.debug_outputs)"
     assert usage["runtime"]["command"] == "trtexec --loadEngine=features.plan --shapes=images:4x3x320x320"

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 
 from test_executors import small_coco
-from trtflow.report import FIGURES, build_report, find_browser, screenshot
-from trtflow.verify import Thresholds, match_detections
+from test_plan_metadata import plan_metadata
+from trtflow.executors import LEVELS
+from trtflow.matching import match_detections
+from trtflow.report import FIGURES, LEVEL_WORDS, build_report, find_browser, screenshot
+from trtflow.verify import Thresholds
 
 PRECISIONS = ("fp32", "int8")
 MODEL = "demo_320"  # a `models:` entry: its artifacts under results/demo_320/
@@ -121,14 +124,7 @@ def stage_layout(tmp_path_factory):
         )
         files["engines"][precision] = model_file(
             f"engine_{precision}.json",
-            {
-                "backend": "tensorrt_rtx",
-                "backend_version": "1.7.1.116",
-                "built_on": "cpu-aot",
-                "plan_bytes": 19_000_000,
-                "build_seconds": 2.7,
-                "roi_align": "builtin",
-            },
+            plan_metadata(precision=precision, plan_bytes=19_000_000, build_seconds=2.7).document(),
         )
     return workdir, files
 
@@ -178,6 +174,18 @@ def test_report_holds_every_stage_and_precision(report):
     assert "match_recall 0.8889 &lt; 0.99" in text  # int8 lost one detection in nine, named and HTML-escaped
     assert "no CUDA GPU is visible &lt;here&gt;" in text
     assert "simulated INT8 mAP 0.8460 vs fp32 0.8490 (drop 0.30 points, onnxruntime)" in text
+    assert stage_table(text)[3][2] == "tensorrt_rtx 1.7.1.116, built cpu-aot, 19.0 MB in 2.7 s, RoIAlign builtin"
+
+
+def test_the_levels_read_as_words_of_the_one_ladder():
+    """The report's words for `verified_level` are keyed by trtflow.executors.LEVELS, so a level cannot be added
+    or renamed there without the report showing it."""
+    assert list(LEVEL_WORDS) == list(LEVELS)
+    assert LEVEL_WORDS == {
+        "deployment-form": "deployment form",
+        "network-definition": "network definition",
+        "engine": "engine",
+    }
 
 
 def test_report_embeds_four_decodable_plots(report):

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from test_plan_metadata import plan_metadata
 from trtflow.backend import installed_version
-from trtflow.runtime import EngineRefused, EngineRunner, Gpu, check_runnable, metadata_path, refusals, visible_gpu
+from trtflow.plan_metadata import FORMAT, VERSION, PlanMetadata, PlanMetadataError, metadata_path
+from trtflow.runtime import EngineRefused, EngineRunner, Gpu, check_runnable, refusals, visible_gpu
 
 RTX_VERSION = "1.7.1.116"
-RTX_TARGETS = ["8.0", "8.6", "8.9", "12.0", "12.1"]
 RTX_4090 = Gpu("NVIDIA GeForce RTX 4090", "8.9")
 H100 = Gpu("NVIDIA H100 80GB HBM3", "9.0")
 NO_GPU = None
@@ -25,16 +26,10 @@ def plan(tmp_path):
     return path
 
 
-def rtx_metadata(plan, **changes) -> dict:
-    metadata = {
-        "backend": "tensorrt_rtx",
-        "backend_version": RTX_VERSION,
-        "precision": "fp16",
-        "compute_capabilities": RTX_TARGETS,
-        "roi_align": "builtin",
-        "plan_sha256": hashlib.sha256(plan.read_bytes()).hexdigest(),
-    }
-    return {**metadata, **changes}
+def rtx_metadata(plan, **changes) -> PlanMetadata:
+    """An fp16 TensorRT-RTX plan's metadata, describing the bytes of `plan`."""
+    digest = hashlib.sha256(plan.read_bytes()).hexdigest()
+    return plan_metadata(**{"backend_version": RTX_VERSION, "precision": "fp16", "plan_sha256": digest, **changes})
 
 
 def test_a_plan_this_machine_can_run_has_no_refusals(plan):
@@ -99,9 +94,8 @@ def test_refuses_plan_bytes_the_metadata_does_not_describe(plan):
 
 
 def test_refuses_a_plugin_plan_without_its_library(plan, tmp_path):
-    metadata = rtx_metadata(
-        plan, roi_align="plugin", sources={"plugin_library": {"path": str(tmp_path / "libtrtflow_plugins.so")}}
-    )
+    library = {"path": str(tmp_path / "libtrtflow_plugins.so"), "sha256": "0" * 64}
+    metadata = rtx_metadata(plan, roi_align="plugin", sources={**plan_metadata().sources, "plugin_library": library})
     (reason,) = refusals(metadata, RTX_4090, {"tensorrt_rtx": RTX_VERSION}, plan)
     assert reason.startswith("the plan uses the MultiLevelRoIAlign plugin but its library ")
     assert reason.endswith(
@@ -118,6 +112,18 @@ def test_runner_needs_the_metadata_beside_the_plan(plan):
     assert metadata_path(plan) == plan.with_suffix(".json")
     with pytest.raises(EngineRefused, match=r"engine_fp16\.json not found: the runner needs the engine metadata"):
         EngineRunner(plan)
+
+
+def test_runner_refuses_metadata_of_a_newer_format_by_name(plan):
+    """The runner reads the plan's JSON through trtflow.plan_metadata: a newer version is refused before TensorRT."""
+    document = rtx_metadata(plan).document() | {"format": f"{FORMAT}/{VERSION + 1}"}
+    metadata_path(plan).write_text(json.dumps(document))
+    with pytest.raises(PlanMetadataError) as refused:
+        EngineRunner(plan)
+    assert str(refused.value) == (
+        f"{metadata_path(plan)} has format '{FORMAT}/{VERSION + 1}', this trtflow reads {FORMAT}/{VERSION} (the file "
+        f"was written by a newer trtflow); rebuild the engine (snakemake -f {plan})"
+    )
 
 
 @pytest.mark.needs_no_cuda
@@ -167,10 +173,10 @@ def features_plan(tmp_path_factory):
 @pytest.mark.needs_no_cuda
 def test_a_real_plan_is_refused_without_a_gpu(features_plan):
     plan, _ = features_plan
-    metadata = json.loads(metadata_path(plan).read_text())
+    metadata = PlanMetadata.read(metadata_path(plan))
     with pytest.raises(EngineRefused, match="no CUDA GPU is visible") as refused:
         EngineRunner(plan)
-    assert f"{metadata['backend']} {metadata['backend_version']}" in str(refused.value)
+    assert f"{metadata.backend} {metadata.backend_version}" in str(refused.value)
 
 
 @pytest.mark.parametrize("cuda_graph", [False, True])
@@ -178,7 +184,7 @@ def test_engine_runner_matches_onnxruntime(features_plan, cuda_graph):
     from trtflow.onnxrun import OnnxSession
 
     plan, onnx = features_plan
-    metadata = json.loads(metadata_path(plan).read_text())
+    metadata = PlanMetadata.read(metadata_path(plan))
     if reasons := refusals(metadata, *_here(metadata), plan):
         pytest.skip("this machine cannot run the plan: " + "; ".join(reasons))
     runner = EngineRunner(plan, cuda_graph=cuda_graph)
@@ -192,5 +198,5 @@ def test_engine_runner_matches_onnxruntime(features_plan, cuda_graph):
             assert np.abs(outputs[name].cpu().numpy() - value).max() <= 1e-3 * scale, name
 
 
-def _here(metadata):
-    return visible_gpu(), {metadata["backend"]: installed_version(metadata["backend"])}
+def _here(metadata: PlanMetadata):
+    return visible_gpu(), {metadata.backend: installed_version(metadata.backend)}

@@ -1,5 +1,5 @@
-"""trtflow.verify: matching metrics on hand-built detections, thresholds, and the stage end to end on CPU
-(the engine refused for want of a GPU, the deployment-form reference verified instead)."""
+"""trtflow.verify: thresholds, and the stage end to end on CPU (the engine refused for want of a GPU, the
+deployment-form reference verified instead); its matching is tests/test_matching.py's."""
 
 import html
 import json
@@ -9,99 +9,11 @@ import numpy as np
 import pytest
 
 from test_executors import IMAGE_SIZES, POSTPROCESS, deployment, preprocess_settings, small_coco  # noqa: F401
-from trtflow.executors import Executor, head_detections
+from test_plan_metadata import RTX_TARGETS, write_plan
+from trtflow.executors import Executor, ExecutorChoice, head_detections
 from trtflow.metrics import coco_map
 from trtflow.report import Artifact, precision_section, stage_rows
-from trtflow.verify import (
-    Thresholds,
-    VerifyError,
-    iou_matrix,
-    level_status,
-    match_detections,
-    run_verify,
-    verify_detections,
-    xyxy,
-)
-
-
-def det(image_id, category_id, bbox, score):
-    return {"image_id": image_id, "category_id": category_id, "bbox": bbox, "score": score}
-
-
-REFERENCE = [
-    det(1, 1, [0, 0, 10, 10], 0.9),  # r0: found exactly (d0)
-    det(1, 1, [20, 20, 10, 10], 0.8),  # r1: found at IoU 100/105 (d1)
-    det(1, 2, [0, 0, 10, 10], 0.7),  # r2: deployed with another class (d2): missed
-    det(1, 1, [50, 50, 10, 10], 0.6),  # r3: deployed shifted to IoU 90/110 < 0.9 (d3): missed
-    det(2, 1, [0, 0, 20, 20], 0.5),  # r4: found on image 2 (d4)
-]
-DEPLOYED = [
-    det(1, 1, [0, 0, 10, 10], 0.85),
-    det(1, 1, [20, 20, 10, 10.5], 0.82),
-    det(1, 3, [0, 0, 10, 10], 0.7),
-    det(1, 1, [51, 50, 10, 10], 0.6),
-    det(2, 1, [0, 0, 20, 20], 0.5),
-    det(1, 1, [0, 0, 10, 10], 0.3),  # d5: a duplicate of r0, which d0 already took
-]
-
-
-def test_iou_matrix_on_known_boxes():
-    a = xyxy([[0, 0, 10, 10], [20, 20, 10, 10]])
-    b = xyxy([[0, 0, 10, 10], [5, 0, 10, 10], [20, 20, 10, 10.5], [0, 0, 0, 0]])
-    assert iou_matrix(a, b) == pytest.approx(np.array([[1.0, 50 / 150, 0.0, 0.0], [0.0, 0.0, 100 / 105, 0.0]]))
-
-
-def test_zero_area_boxes_are_counted_apart():
-    """Boxes in the letterbox padding come out of the postprocessing clipped to zero width: no IoU."""
-    flat = [det(1, 1, [64, 10, 0, 5], 0.4), det(1, 1, [64, 10, 0, 6], 0.3)]
-    matching = match_detections(REFERENCE + flat[:1], DEPLOYED + flat, iou_thresh=0.9)
-    assert matching.pairs == [(0, 0), (1, 1), (4, 4)]
-    summary = matching.summary()
-    assert summary["zero_area_detections"] == {"reference": 1, "deployed": 2}
-    assert summary["match_recall"] == pytest.approx(3 / 5) and summary["match_precision"] == pytest.approx(3 / 6)
-
-
-def test_match_metrics_on_hand_built_detections():
-    matching = match_detections(REFERENCE, DEPLOYED, iou_thresh=0.9)
-    assert matching.pairs == [(0, 0), (1, 1), (4, 4)]
-    summary = matching.summary()
-    assert summary["matched"] == 3 and summary["reference_detections"] == 5 and summary["deployed_detections"] == 6
-    assert summary["match_recall"] == pytest.approx(3 / 5)
-    assert summary["match_precision"] == pytest.approx(3 / 6)
-    assert matching.dscores == pytest.approx([-0.05, 0.02, 0.0])
-    assert summary["mean_abs_dscore"] == pytest.approx(0.07 / 3)
-    assert summary["max_abs_dscore"] == pytest.approx(0.05)
-    assert summary["mean_iou"] == pytest.approx((1 + 100 / 105 + 1) / 3)
-
-
-def test_lower_iou_threshold_admits_the_shifted_box():
-    matching = match_detections(REFERENCE, DEPLOYED, iou_thresh=0.8)
-    assert matching.pairs == [(0, 0), (1, 1), (3, 3), (4, 4)]
-    assert matching.recall == pytest.approx(4 / 5)
-
-
-def test_greedy_matching_serves_the_higher_reference_score_first():
-    reference = [det(1, 1, [0, 0, 10, 10], 0.6), det(1, 1, [0, 0, 10, 10.5], 0.9)]
-    deployed = [det(1, 1, [0, 0, 10, 10], 0.9)]
-    matching = match_detections(reference, deployed)
-    assert matching.pairs == [(1, 0)]  # the 0.9 reference takes it, though the 0.6 one overlaps it better
-    assert matching.dscores == pytest.approx([0.0])
-
-
-def test_empty_sides():
-    assert match_detections([], []).summary() == {
-        "reference_detections": 0,
-        "deployed_detections": 0,
-        "matched": 0,
-        "match_recall": 1.0,
-        "match_precision": 1.0,
-        "mean_abs_dscore": None,
-        "max_abs_dscore": None,
-        "mean_iou": None,
-        "zero_area_detections": {"reference": 0, "deployed": 0},
-    }
-    assert match_detections(REFERENCE, []).recall == 0.0
-    assert match_detections([], DEPLOYED).precision == 0.0
+from trtflow.verify import Thresholds, VerifyError, run_verify, verify_detections
 
 
 def test_thresholds_name_each_failure():
@@ -130,19 +42,7 @@ def test_thresholds_name_each_failure():
 def plan_for_no_gpu_here(folder: Path) -> Path:
     """An fp32 TensorRT-RTX plan file and its metadata: verify refuses it on a machine without a GPU, before
     reading its bytes (which are not a plan)."""
-    plan = folder / "engine_fp32.plan"
-    plan.write_bytes(b"not run")
-    plan.with_suffix(".json").write_text(
-        json.dumps(
-            {
-                "backend": "tensorrt_rtx",
-                "backend_version": "1.7.1.116",
-                "precision": "fp32",
-                "compute_capabilities": ["8.0", "8.6", "8.9", "12.0"],
-            }
-        )
-    )
-    return plan
+    return write_plan(folder / "engine_fp32.plan", b"not run", compute_capabilities=RTX_TARGETS)
 
 
 @pytest.mark.needs_no_cuda
@@ -297,13 +197,15 @@ def second_file(case: dict) -> str:
     return json.loads(case["val_json"].read_text())["images"][1]["file_name"]
 
 
-NO_GPU = level_status("network-definition", ["no CUDA GPU is visible"])
+def no_gpu(executor: Executor) -> ExecutorChoice:
+    """What the ladder chooses where the engine is refused for want of a GPU and the network definition runs."""
+    return ExecutorChoice(executor, "network-definition", ("no CUDA GPU is visible",))
 
 
 def test_the_fixed_outputs_pass_verify(fixed_case):
     """The control: without a fault the fixed outputs are possible, and verify matches them to themselves."""
     result, deployed = verify_detections(
-        "fp32", fixed_executor(), NO_GPU, thresholds=Thresholds(min_match_recall=1.0), batch_size=2, **fixed_case
+        "fp32", no_gpu(fixed_executor()), thresholds=Thresholds(min_match_recall=1.0), batch_size=2, **fixed_case
     )
     assert result["passed"] and result["failures"] == [] and len(deployed) == 2 * len(IMAGE_SIZES)
     assert result["match_recall"] == result["match_precision"] == 1.0 and result["max_abs_dscore"] == 0.0
@@ -314,7 +216,7 @@ def test_an_impossible_output_is_a_failed_verdict_naming_it(fixed_case, fault, r
     """Labels outside 1..num_classes-1, non-finite boxes or scores, more detections than rows: verify says
     `passed: false` with the reason (image, output, value, what it should be), no traceback."""
     result, deployed = verify_detections(
-        "fp32", fixed_executor(fault), NO_GPU, thresholds=Thresholds(min_match_recall=0.99), batch_size=2, **fixed_case
+        "fp32", no_gpu(fixed_executor(fault)), thresholds=Thresholds(min_match_recall=0.99), batch_size=2, **fixed_case
     )
     assert result["passed"] is False and deployed == []
     assert result["failures"] == [f"impossible output: {second_file(fixed_case)}: {reason}"]
@@ -325,7 +227,9 @@ def test_an_impossible_output_is_a_failed_verdict_naming_it(fixed_case, fault, r
 def test_run_verify_records_an_impossible_output_and_enforce_fails_in_one_line(
     fixed_case, tmp_path, monkeypatch, fault, reason
 ):
-    monkeypatch.setattr("trtflow.verify.choose_executor", lambda precision, **kwargs: (fixed_executor(fault), NO_GPU))
+    monkeypatch.setattr(
+        "trtflow.verify.choose_executor", lambda precision, plan, **kwargs: no_gpu(fixed_executor(fault))
+    )
     kwargs = dict(
         plan=tmp_path / "engine_fp16.plan",
         onnx=tmp_path / "features.onnx",

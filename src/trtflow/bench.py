@@ -23,6 +23,7 @@ from trtflow.executors import (
     CaptureError,
     Executor,
     default_device,
+    deployment_executor,
     pytorch_executor,
     pytorch_static_head_executor,
     tensorrt_executor,
@@ -30,7 +31,6 @@ from trtflow.executors import (
 from trtflow.head_weights import load_head
 from trtflow.preprocess import preprocess_split
 from trtflow.runtime import EngineRefused
-from trtflow.verify import deployment_executor
 
 EXECUTORS = ("tensorrt", "onnxruntime+static-head", "pytorch", "pytorch+static-head")
 

@@ -2,9 +2,9 @@
 
 Everything comes from the plan's JSON (`trtflow.usage`): the preprocessing, the postprocessing and the class
 names. The plan runs where this machine can run it; where it cannot, `detect_files` says why and, with
-`fallback`, runs the best executor that can (`trtflow.verify.choose_executor`, given the network record, ONNX
-and head weights the JSON names: the TensorRT network definition where it was recorded); the result names the
-executor that ran and its verification level. Images are read by `trtflow.images.read_image`,
+`fallback`, runs the best executor that can (`trtflow.executors.choose_executor`, verify's ladder, given the
+network record, ONNX and head weights the JSON names: the TensorRT network definition where it was recorded); the
+result names the executor that ran and its verification level. Images are read by `trtflow.images.read_image`,
 so a bad file is refused with the same message as in the pipeline; an output no head can give (a label outside
 the plan's classes, a non-finite box or score, more detections than rows) is refused with verify's reason.
 """
@@ -20,10 +20,10 @@ import cv2
 from trtflow.artifacts import files_sha256, write_bytes, write_json
 from trtflow.detection_loop import detect_images
 from trtflow.drawing import DEPLOYED_COLOR, bgr
-from trtflow.executors import Executor, ImpossibleOutput, tensorrt_executor
+from trtflow.executors import ImpossibleOutput, choose_executor
 from trtflow.images import read_image
+from trtflow.plan_metadata import PlanMetadata, metadata_path
 from trtflow.runtime import EngineRefused, read_metadata
-from trtflow.verify import choose_executor, level_status
 
 log = logging.getLogger(__name__)
 BOX_COLOR = bgr(DEPLOYED_COLOR)  # the report's deployed-box red
@@ -33,14 +33,14 @@ class DetectError(ValueError):
     """The plan, its JSON or its sources cannot serve `trtflow detect`; the message names the file and the fix."""
 
 
-def usage_of(plan: Path) -> dict:
-    """The plan's JSON, checked for what detect reads (plans built before trtflow.usage lack it)."""
+def usage_of(plan: Path) -> PlanMetadata:
+    """The plan's JSON, checked for what detect reads (a plan built outside the pipeline lacks it)."""
     metadata = read_metadata(plan)
-    missing = [key for key in ("preprocess", "postprocess", "classes") if metadata.get(key) is None]
+    missing = [key for key in ("preprocess", "postprocess", "classes") if getattr(metadata, key) is None]
     if missing:
         raise DetectError(
-            f"{plan.with_suffix('.json')} has no {', '.join(missing)}: the plan was built before its "
-            f"JSON described its use, or outside the pipeline; rebuild it (snakemake -f {plan})"
+            f"{metadata_path(plan)} has no {', '.join(missing)}: the plan was built outside the pipeline, so its "
+            f"JSON does not say how to use it; build it with the pipeline (snakemake -f {plan})"
         )
     return metadata
 
@@ -50,7 +50,7 @@ def source_path(record: Mapping | None, what: str, plan: Path) -> Path:
     from here, or from a folder above the plan; its sha256 must be the recorded one."""
     if record is None:
         raise DetectError(
-            f"{plan.with_suffix('.json')} names no {what}: a features-only plan has no deployment "
+            f"{metadata_path(plan)} names no {what}: a features-only plan has no deployment "
             "form to fall back to; run it where the plan runs"
         )
     recorded = Path(record["path"])
@@ -69,24 +69,15 @@ def source_path(record: Mapping | None, what: str, plan: Path) -> Path:
     return path
 
 
-def executor_for(plan: Path, metadata: Mapping, fallback: bool) -> tuple[Executor, dict]:
-    """The plan's executor where it runs here; otherwise an error, or with `fallback` the best one that runs."""
-    if not fallback:
-        try:
-            return tensorrt_executor(plan), level_status("engine", [])
-        except EngineRefused as refused:
-            raise DetectError(
-                f"{refused}\nthe plan cannot run on this machine; pass --fallback to run the best "
-                "executor that can (named in the output)"
-            ) from None
-    sources = metadata["sources"]
-    onnx = source_path(sources["onnx"], "features ONNX", plan)
-    weights_dir = source_path(sources["head_weights"], "head weights manifest", plan).parent
-    recorded = metadata.get("network_record")
-    network = source_path(recorded, "network record", plan) if recorded else None
-    return choose_executor(
-        metadata["precision"], plan=plan, onnx=onnx, weights_dir=weights_dir, network=network, cuda_graph=False
-    )
+def fallback_sources(plan: Path, metadata: PlanMetadata) -> dict[str, Path | None]:
+    """What `choose_executor` falls back to, from the files the plan's JSON names: the features ONNX, the head
+    weights folder and the network record (where one was written)."""
+    recorded = metadata.network_record
+    return {
+        "onnx": source_path(metadata.sources["onnx"], "features ONNX", plan),
+        "weights_dir": source_path(metadata.sources["head_weights"], "head weights manifest", plan).parent,
+        "network": source_path(recorded, "network record", plan) if recorded else None,
+    }
 
 
 def draw(image_bgr, detections: Sequence[Mapping], names: Mapping[int, str]):
@@ -126,29 +117,36 @@ def detect_files(
         )
     for entry in entries:  # a bad image is refused before any model loads
         read_image(entry["file_name"])
-    executor, status = executor_for(plan, metadata, fallback)
-    if not status.get("engine_executed"):
+    try:
+        chosen = choose_executor(
+            metadata.precision, plan, fallback=fallback, **(fallback_sources(plan, metadata) if fallback else {})
+        )
+    except EngineRefused as refused:  # only without fallback: the ladder takes the next level otherwise
+        raise DetectError(
+            f"{refused}\nthe plan cannot run on this machine; pass --fallback to run the best "
+            "executor that can (named in the output)"
+        ) from None
+    executor = chosen.executor
+    if chosen.level != "engine":
         log.warning("%s does not run here: the detections are %s's", plan, executor.name)
-    classes = metadata["classes"]
+    classes = metadata.classes
     try:
         detections = detect_images(
             executor,
             entries,
             {entry["label"]: entry["category_id"] for entry in classes},
-            metadata["preprocess"],
-            metadata["postprocess"],
+            metadata.preprocess,
+            metadata.postprocess,
             batch_size=batch_size,
             desc=f"detect ({executor.name})",
         )
     except ImpossibleOutput as error:  # the reason verify would fail the plan for
-        raise DetectError(
-            f"{executor.name} (level {status['verified_level']}) gave an impossible output: {error}"
-        ) from None
+        raise DetectError(f"{executor.name} (level {chosen.level}) gave an impossible output: {error}") from None
     result = {
         "plan": str(plan),
-        "precision": metadata["precision"],
+        "precision": metadata.precision,
         "executor": executor.name,
-        **status,
+        **chosen.status(),
         "executor_details": dict(executor.details),
         "images": entries,
         "categories": [{"id": entry["category_id"], "name": entry["name"]} for entry in classes],

@@ -15,7 +15,6 @@ Version-specific calls live in `trtflow.backend`; this module decides what to bu
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from contextlib import contextmanager
@@ -35,6 +34,7 @@ from trtflow.head_weights import load_head
 from trtflow.model import RPN_PREFIXES
 from trtflow.network_record import read_network
 from trtflow.onnxrun import is_quantized
+from trtflow.plan_metadata import PlanMetadata
 from trtflow.usage import plan_usage
 
 INT8_MODES = ("explicit", "implicit")
@@ -515,9 +515,10 @@ def build_engine(
     timing_cache: Path | None = None,
     network_record_path: Path | None = None,
     usage: dict | None = None,
-) -> dict:
-    """Build one plan from the sources; write plan + metadata (and, given `network_record_path`, the record of
-    the network definition handed to the builder, for `trtflow.netexec`) atomically; return the metadata.
+) -> PlanMetadata:
+    """Build one plan from the sources; write plan + metadata (`trtflow.plan_metadata`; and, given
+    `network_record_path`, the record of the network definition handed to the builder, for `trtflow.netexec`)
+    atomically; return the metadata as a reader of its JSON gets it.
 
     `usage` (preprocess, postprocess, categories) goes into the metadata for runtimes: see `trtflow.usage`.
 
@@ -553,42 +554,45 @@ def build_engine(
 
     inputs, outputs = describe_io(network, shapes)
     uses_gpu = not backend.capabilities.compute_capability_targets or settings.compute_capabilities == ("current",)
-    metadata = {
-        "backend": backend.name,
-        "backend_version": backend.version,
-        "software": software_versions(),
-        "precision": settings.precision,
-        "built_on": "gpu" if uses_gpu else "cpu-aot",
-        "gpu": gpu,
-        # The runner refuses a plan unless its GPU is listed here and its backend version is backend_version.
-        "compute_capabilities": compute_capabilities,
-        "build_seconds": round(build_seconds, 3),
-        "plan_bytes": len(plan),
-        "plan_sha256": hashlib.sha256(plan).hexdigest(),
-        "inputs": inputs,
-        "outputs": outputs,
-        "head": head is not None,
-        "roi_align": settings.roi_align if head is not None else None,
-        "nms": settings.nms if head is not None else None,
-        "int8_mode": settings.int8_mode if settings.precision == "int8" else None,
-        "layer_precisions": plan_precisions(backend, plan, network, gpu),
-        "network_record": None
-        if record is None
-        else {**file_record(network_record_path), "layers": len(record.layers)},
-        "timing_cache": cache_info,
-        "settings": {**asdict(settings), "batch": asdict(settings.batch)},
-        "sources": {
+    metadata = PlanMetadata(
+        backend=backend.name,
+        backend_version=backend.version,
+        software=software_versions(),
+        precision=settings.precision,
+        built_on="gpu" if uses_gpu else "cpu-aot",
+        gpu=gpu,
+        compute_capabilities=compute_capabilities,
+        build_seconds=round(build_seconds, 3),
+        plan_bytes=len(plan),
+        plan_sha256=hashlib.sha256(plan).hexdigest(),
+        head=head is not None,
+        roi_align=settings.roi_align if head is not None else None,
+        nms=settings.nms if head is not None else None,
+        int8_mode=settings.int8_mode if settings.precision == "int8" else None,
+        layer_precisions=plan_precisions(backend, plan, network, gpu),
+        network_record=None if record is None else {**file_record(network_record_path), "layers": len(record.layers)},
+        timing_cache=cache_info,
+        settings={**asdict(settings), "batch": asdict(settings.batch)},
+        sources={
             "onnx": file_record(sources.onnx),
             "checkpoint_sha256": checkpoint_of(model),
             "head_weights": file_record(sources.head_weights / "manifest.json") if head is not None else None,
             "calibration_table": file_record(sources.calibration_table),
             "plugin_library": file_record(sources.plugin_library),
         },
-    }
-    metadata |= plan_usage(metadata, plan_path, usage)
-    text = json.dumps(metadata, indent=2) + "\n"
+        **plan_usage(
+            inputs,
+            outputs,
+            backend=backend.name,
+            backend_version=backend.version,
+            compute_capabilities=compute_capabilities,
+            plan_path=plan_path,
+            usage=usage,
+        ),
+    )
+    text = metadata.text()
     write_bytes(plan_path, plan)
     if metadata_path is not None:
         write_text(metadata_path, text)
     log.info("wrote %s (%d bytes, %.1f s)", plan_path, len(plan), build_seconds)
-    return json.loads(text)
+    return PlanMetadata.parse(text, metadata_path or plan_path)  # the settings' tuples as JSON lists

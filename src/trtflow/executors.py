@@ -16,11 +16,21 @@ outside the model's classes and non-finite boxes or scores, checked by `check_de
 raises `ImpossibleOutput`, which verify turns into a failed verdict and `trtflow detect` into a refusal.
 Nothing substitutes one executor for another: a constructor that cannot build what it was asked for raises, and
 `details` records what really runs (device, dtypes, ONNX Runtime's active providers, CUDA graph mode).
+
+Which of them can run a plan here is `choose_executor`'s answer, the one ladder verify, `trtflow detect`, bench and
+the report go by; each rung is a level (`LEVELS`) of what a run there proves, strongest first:
+- ``engine``: the plan ran (`trtflow.runtime`, a GPU it was built for);
+- ``network-definition``: the exact TensorRT network the plan was built from, evaluated layer by layer
+  (`trtflow.netexec`, from the record beside the plan): what remains unverified is TensorRT's own
+  compilation of that network;
+- ``deployment-form``: only the algorithm's twin (ONNX Runtime + StaticHead, the engine's inputs and head
+  dtype): neither the plan nor the TensorRT network ran.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,12 +40,16 @@ import torch
 from torch import nn
 
 from trtflow.backend.dtypes import HEAD_DTYPES, TORCH_DTYPES
-from trtflow.head import HEAD_OUTPUTS, StaticHead
+from trtflow.head import HEAD_OUTPUTS, PRECISIONS, StaticHead, head_dtype
+from trtflow.head_weights import load_head
 from trtflow.model import FeaturesNetwork, output_names, run_detector
-from trtflow.netexec import NetworkExecutor
+from trtflow.netexec import NetworkExecutionError, NetworkExecutor
 from trtflow.network_record import NetworkRecord
 from trtflow.onnxrun import OnnxSession
-from trtflow.runtime import EngineRunner
+from trtflow.plan_metadata import PlanMetadata
+from trtflow.runtime import EngineRefused, EngineRunner
+
+log = logging.getLogger(__name__)
 
 CUDA_GRAPH_MODES = ("none", "features", "whole")
 
@@ -303,7 +317,7 @@ def onnxruntime_static_head_executor(
 # --------------------------------------------------------------------------- TensorRT
 
 
-def tensorrt_executor(plan: str | Path, metadata: Mapping | None = None, *, cuda_graph: bool = False) -> Executor:
+def tensorrt_executor(plan: str | Path, metadata: PlanMetadata | None = None, *, cuda_graph: bool = False) -> Executor:
     """A plan through trtflow.runtime.EngineRunner; raises EngineRefused where this machine cannot run it."""
     runner = EngineRunner(plan, metadata, cuda_graph=cuda_graph)
 
@@ -348,3 +362,96 @@ def network_definition_executor(record: str | Path, *, device: str | torch.devic
             "layers": len(network.record.layers),
         },
     )
+
+
+# --------------------------------------------------------------------------- which one runs a plan here
+
+LEVELS = ("deployment-form", "network-definition", "engine")  # weakest first
+UNVERIFIED = {
+    "engine": None,
+    "network-definition": "TensorRT's compilation of this network (layer fusion, kernel choice, reduced-precision "
+    "kernels) did not run here",
+    "deployment-form": "neither the plan nor the TensorRT network definition ran here: only the algorithm's "
+    "ONNX Runtime + PyTorch twin was checked",
+}
+
+
+def float16_runs_on(device: torch.device) -> str | None:
+    """None where float16 matmul and convolution run on `device`, else the error that says why not."""
+    try:
+        x = torch.ones(1, 2, 4, 4, dtype=torch.float16, device=device)
+        torch.nn.functional.conv2d(x, torch.ones(2, 2, 1, 1, dtype=torch.float16, device=device))
+        x.flatten(1) @ torch.ones(32, 2, dtype=torch.float16, device=device)
+    except RuntimeError as error:
+        return str(error).splitlines()[0]
+    return None
+
+
+def deployment_executor(
+    precision: str, onnx: str | Path, weights_dir: str | Path, *, device: str | torch.device | None = None
+) -> Executor:
+    """The deployment-form reference as the engine of `precision` is built: `onnx` is features.onnx for fp32
+    and fp16, features.qdq.onnx for int8; the head runs float32 for fp32, float16 otherwise. Where the
+    head's device cannot run float16 it runs float32 and `details["note"]` says so."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    device = torch.device(device) if device is not None else default_device()
+    dtype, note = head_dtype(precision), None
+    if dtype == "float16" and (problem := float16_runs_on(device)):
+        dtype, note = "float32", f"float16 head does not run on {device} ({problem}): head ran in float32"
+    manifest, tensors = load_head(weights_dir)
+    return onnxruntime_static_head_executor(onnx, manifest, tensors, head_dtype=dtype, device=device).with_note(note)
+
+
+@dataclass(frozen=True)
+class ExecutorChoice:
+    """The strongest executor that runs a plan here, the level (`LEVELS`) that proves, and why no stronger one ran."""
+
+    executor: Executor
+    level: str
+    reasons: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.level not in LEVELS:
+            raise ValueError(f"level {self.level!r}: use one of {', '.join(LEVELS)}")
+
+    def status(self) -> dict:
+        """What a result says of what ran: its level, what that leaves unverified, why nothing stronger ran."""
+        status = {"verified_level": self.level, "engine_executed": self.level == "engine"}
+        status["unverified"] = UNVERIFIED[self.level]
+        return status | ({"reason": "; ".join(self.reasons)} if self.reasons else {})
+
+
+def choose_executor(
+    precision: str,
+    plan: str | Path,
+    *,
+    network: str | Path | None = None,
+    onnx: str | Path | None = None,
+    weights_dir: str | Path | None = None,
+    cuda_graph: bool = False,
+    fallback: bool = True,
+) -> ExecutorChoice:
+    """The strongest executor this machine can run for `plan`: the engine, else the recorded network definition
+    (`network`, the record beside the plan), else the deployment-form reference (`onnx` and `weights_dir`, the
+    files the plan was built from). Without `fallback` only the engine: its EngineRefused says why not."""
+    try:
+        return ExecutorChoice(tensorrt_executor(plan, cuda_graph=cuda_graph), "engine")
+    except EngineRefused as refused:
+        if not fallback:
+            raise
+        reasons = [str(refused)]
+    if network is not None:
+        try:
+            executor = network_definition_executor(network)
+            log.warning("%s; verifying the TensorRT network definition instead", reasons[0])
+            return ExecutorChoice(executor, "network-definition", tuple(reasons))
+        except (NetworkExecutionError, FileNotFoundError) as error:
+            reasons.append(f"the network definition cannot be evaluated: {error}")
+    if onnx is None or weights_dir is None:
+        raise ValueError(
+            f"{plan}: the deployment-form fallback needs the features ONNX and head weights it was built from; "
+            "pass onnx= and weights_dir="
+        )
+    log.warning("%s; verifying the deployment-form reference instead", "; ".join(reasons))
+    return ExecutorChoice(deployment_executor(precision, onnx, weights_dir), "deployment-form", tuple(reasons))

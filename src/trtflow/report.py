@@ -25,15 +25,16 @@ import numpy as np
 
 from trtflow.artifacts import write_bytes, write_text
 from trtflow.drawing import DEPLOYED_COLOR, REFERENCE_COLOR
+from trtflow.executors import LEVELS
 from trtflow.images import read_image
-from trtflow.verify import match_detections
+from trtflow.matching import match_detections
+from trtflow.plan_metadata import PlanMetadata, plan_path
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 REFERENCE_STYLE = {"edgecolor": REFERENCE_COLOR, "linewidth": 5, "alpha": 0.6, "zorder": 2}
 DEPLOYED_STYLE = {"edgecolor": DEPLOYED_COLOR, "linewidth": 1.4, "linestyle": (0, (4, 2)), "zorder": 3}
 FIGURES = ("latency", "dscore", "calibration", "examples")  # the PNG files of `snakemake --report`
-# what a verification ran, strongest first (verify JSON `verified_level`)
-LEVELS = {"engine": "engine", "network-definition": "network definition", "deployment-form": "deployment form"}
+LEVEL_WORDS = {level: level.replace("-", " ") for level in LEVELS}  # a verify JSON's `verified_level`, as shown
 
 
 def read_json(path: str | Path | None):
@@ -63,6 +64,15 @@ def read_artifact(path: str | Path | None) -> Artifact | None:
 def read_artifacts(paths: Mapping[str, str | Path]) -> dict[str, Artifact]:
     """{precision: Artifact} of the precisions whose JSON exists."""
     return {precision: artifact for precision, path in paths.items() if (artifact := read_artifact(path)) is not None}
+
+
+def read_engines(paths: Mapping[str, str | Path]) -> dict[str, Artifact]:
+    """{precision: Artifact of its plan's PlanMetadata} of the precisions whose plan JSON exists."""
+    return {
+        precision: Artifact(shown_path(path), PlanMetadata.read(path))
+        for precision, path in paths.items()
+        if Path(path).is_file()
+    }
 
 
 # --------------------------------------------------------------------------- plots
@@ -262,14 +272,14 @@ img { max-width: 100%; display: block; margin: 0.6em 0; }
 
 def verified_level(result: Mapping) -> str:
     """What a verification ran: its `verified_level`, or for JSONs without one, whether the engine executed."""
-    return result.get("verified_level") or ("engine" if result.get("engine_executed") else "deployment-form")
+    return result.get("verified_level") or (LEVELS[-1] if result.get("engine_executed") else LEVELS[0])
 
 
 def verified_badge(result: Mapping) -> Markup:
     """ "verified: <level>": green only where the engine itself ran and passed; amber where a stand-in passed; red
     with the failures where the thresholds were missed."""
     level = verified_level(result)
-    text = f"verified: {LEVELS.get(level, level)}"
+    text = f"verified: {LEVEL_WORDS.get(level, level)}"
     if not result["passed"]:
         return badge(False, f"FAILED ({text}): " + "; ".join(result["failures"]))
     return Markup(f'<span class="{"pass" if level == "engine" else "partial"}">{html.escape(text)}</span>')
@@ -325,14 +335,13 @@ def stage_rows(
         )
     for engine in engines.values():
         metadata = engine.document
-        # the engine JSON describes the plan beside it (engine_<precision>.json -> engine_<precision>.plan)
         rows.append(
             [
                 "engine",
-                str(Path(engine.path).with_suffix(".plan")),
-                f"{metadata['backend']} {metadata['backend_version']}, built {metadata.get('built_on')}, "
-                f"{metadata['plan_bytes'] / 1e6:.1f} MB in {metadata['build_seconds']:.1f} s, "
-                f"RoIAlign {metadata.get('roi_align')}",
+                str(plan_path(engine.path)),
+                f"{metadata.backend} {metadata.backend_version}, built {metadata.built_on}, "
+                f"{metadata.plan_bytes / 1e6:.1f} MB in {metadata.build_seconds:.1f} s, "
+                f"RoIAlign {metadata.roi_align}",
                 badge(True, "built"),
             ]
         )
@@ -393,7 +402,10 @@ def precision_section(precision: str, result: Mapping | None, bench: Mapping | N
     if result is not None:
         details = ", ".join(f"{key}: {value}" for key, value in result.get("executor_details", {}).items())
         rows = [
-            ["verified", Markup(f"<b>{html.escape(LEVELS.get(verified_level(result), verified_level(result)))}</b>")],
+            [
+                "verified",
+                Markup(f"<b>{html.escape(LEVEL_WORDS.get(verified_level(result), verified_level(result)))}</b>"),
+            ],
             *([["not verified", unverified(result)]] if unverified(result) else []),
             ["executor", Markup(f"<b>{html.escape(result['executor'])}</b> ({html.escape(details)})")],
             ["engine executed", result["engine_executed"]],
@@ -516,9 +528,8 @@ def build_report(
     settings = settings or {}
     val = read_json(val_json)
     reference = read_json(reference_detections)
-    verify_artifacts, bench_artifacts, engine_artifacts = (
-        read_artifacts(paths) for paths in (verify, bench, engines or {})
-    )
+    verify_artifacts, bench_artifacts = (read_artifacts(paths) for paths in (verify, bench))
+    engine_artifacts = read_engines(engines or {})
     verify_docs, bench_docs = (
         {p: artifact.document for p, artifact in artifacts.items()} for artifacts in (verify_artifacts, bench_artifacts)
     )

@@ -5,16 +5,16 @@ One CUDA context is shared with PyTorch: I/O buffers are torch tensors, the plan
 and CUDA graphs are optional (TensorRT-RTX captures natively through its runtime config; full
 TensorRT is captured with torch.cuda.graph around `execute_async_v3`).
 
-Before touching TensorRT the runner reads the engine metadata JSON (`trtflow.engine` writes it next
-to the plan) and refuses, with every reason at once, a plan this machine cannot run: no CUDA GPU, a
-GPU whose compute capability the plan does not target (a TensorRT-RTX plan never runs on 9.0,
-Hopper), a plan of another backend or version than the one installed, plan bytes that are not the
-ones the metadata describes, a missing RoIAlign plugin library. Those checks need no TensorRT.
+Before touching TensorRT the runner reads the engine metadata JSON (`trtflow.plan_metadata`, which
+`trtflow.engine` writes next to the plan) and refuses, with every reason at once, a plan this machine
+cannot run: no CUDA GPU, a GPU whose compute capability the plan does not target (a TensorRT-RTX plan
+never runs on 9.0, Hopper), a plan of another backend or version than the one installed, plan bytes
+that are not the ones the metadata describes, a missing RoIAlign plugin library. Those checks need no
+TensorRT.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,7 @@ from trtflow.backend import FLAVOUR_NAMES, INSTALL_COMMANDS, UNSUPPORTED_GPUS, i
 from trtflow.backend.dtypes import TORCH_DTYPES
 from trtflow.backend.roi_align_plugin import register_plugins
 from trtflow.model import INPUT_NAME
+from trtflow.plan_metadata import PlanMetadata, metadata_path
 
 
 class EngineRefused(RuntimeError):
@@ -46,29 +47,26 @@ def visible_gpu() -> Gpu | None:
     return Gpu(torch.cuda.get_device_name(), f"{major}.{minor}")
 
 
-def metadata_path(plan: str | Path) -> Path:
-    """`results/engine_fp32.plan` -> `results/engine_fp32.json`, where `trtflow.engine` writes it."""
-    return Path(plan).with_suffix(".json")
-
-
-def read_metadata(plan: str | Path, metadata: str | Path | None = None) -> dict:
-    path = Path(metadata) if metadata is not None else metadata_path(plan)
+def read_metadata(plan: str | Path) -> PlanMetadata:
+    """The metadata beside `plan`; EngineRefused where there is none, PlanMetadataError where this trtflow cannot
+    read it."""
+    path = metadata_path(plan)
     if not path.is_file():
         raise EngineRefused(
             f"{path} not found: the runner needs the engine metadata written beside {plan}; "
             f"rebuild the plan (snakemake -f {plan})"
         )
-    return json.loads(path.read_text())
+    return PlanMetadata.read(path)
 
 
 def refusals(
-    metadata: Mapping, gpu: Gpu | None, installed: Mapping[str, str | None], plan: str | Path | None = None
+    metadata: PlanMetadata, gpu: Gpu | None, installed: Mapping[str, str | None], plan: str | Path | None = None
 ) -> list[str]:
     """Every reason this machine cannot run the plan that `metadata` describes; empty when it can.
 
     `installed` maps backend module name -> installed version (None: does not import).
     """
-    backend, version = metadata["backend"], metadata["backend_version"]
+    backend, version = metadata.backend, metadata.backend_version
     built = f"{backend} {version}"
     reasons = []
     if gpu is None:
@@ -76,7 +74,7 @@ def refusals(
             "no CUDA GPU is visible (torch.cuda.is_available() is False); a TensorRT plan runs only on an NVIDIA GPU"
         )
     else:
-        targets = [str(cc) for cc in metadata.get("compute_capabilities") or []]
+        targets = [str(cc) for cc in metadata.compute_capabilities]
         unsupported = UNSUPPORTED_GPUS.get(backend, {}).get(gpu.compute_capability)
         if unsupported:
             reasons.append(
@@ -106,12 +104,12 @@ def refusals(
     if plan is not None:
         if not Path(plan).is_file():
             reasons.append(f"{plan} does not exist; build it (snakemake {plan})")
-        elif metadata.get("plan_sha256") and files_sha256(plan) != metadata["plan_sha256"]:
+        elif files_sha256(plan) != metadata.plan_sha256:
             reasons.append(
                 f"{plan} is not the plan its metadata describes (sha256 differs); rebuild both (snakemake -f {plan})"
             )
-    if metadata.get("roi_align") == "plugin":
-        library = (metadata.get("sources", {}).get("plugin_library") or {}).get("path")
+    if metadata.roi_align == "plugin":
+        library = (metadata.sources.get("plugin_library") or {}).get("path")
         if not library or not Path(library).is_file():
             reasons.append(
                 f"the plan uses the MultiLevelRoIAlign plugin but its library {library} is missing; "
@@ -120,14 +118,14 @@ def refusals(
     return reasons
 
 
-def check_runnable(plan: str | Path, metadata: Mapping) -> None:
+def check_runnable(plan: str | Path, metadata: PlanMetadata) -> None:
     """Raise EngineRefused naming every reason the plan cannot run on this machine's GPU and backend."""
-    installed = {metadata["backend"]: installed_version(metadata["backend"])}
+    installed = {metadata.backend: installed_version(metadata.backend)}
     reasons = refusals(metadata, visible_gpu(), installed, plan)
     if reasons:
         raise EngineRefused(
-            f"cannot run {plan} ({metadata['backend']} {metadata['backend_version']}, "
-            f"{metadata.get('precision')}): " + "; ".join(reasons)
+            f"cannot run {plan} ({metadata.backend} {metadata.backend_version}, {metadata.precision}): "
+            + "; ".join(reasons)
         )
 
 
@@ -144,14 +142,14 @@ class EngineRunner:
     padded to min). Returns the engine outputs by name, on the input's device.
     """
 
-    def __init__(self, plan: str | Path, metadata: Mapping | None = None, *, cuda_graph: bool = False):
+    def __init__(self, plan: str | Path, metadata: PlanMetadata | None = None, *, cuda_graph: bool = False):
         self.plan = Path(plan)
-        self.metadata = dict(metadata) if metadata is not None else read_metadata(plan)
+        self.metadata = metadata if metadata is not None else read_metadata(plan)
         check_runnable(self.plan, self.metadata)
-        self.backend = load_backend(self.metadata["backend"])
+        self.backend = load_backend(self.metadata.backend)
         trt = self.backend.trt
-        if self.metadata.get("roi_align") == "plugin":
-            register_plugins(self.backend, self.metadata["sources"]["plugin_library"]["path"])
+        if self.metadata.roi_align == "plugin":
+            register_plugins(self.backend, self.metadata.sources["plugin_library"]["path"])
         self.runtime = trt.Runtime(self.backend.logger)
         self.engine = self.runtime.deserialize_cuda_engine(self.plan.read_bytes())
         if self.engine is None:  # every check passed, so this is a fault, not a refusal: fail loudly
@@ -191,7 +189,7 @@ class EngineRunner:
         return {
             "plan": str(self.plan),
             "backend": self.backend.describe(),
-            "precision": self.metadata.get("precision"),
+            "precision": self.metadata.precision,
             "gpu": torch.cuda.get_device_name(),
             "batch_range": list(self.batch_range),
             "cuda_graph": (

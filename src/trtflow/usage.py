@@ -3,7 +3,8 @@
 `plan_usage` describes the input (name, shape, dtype, NCHW layout), the exact preprocessing of
 `trtflow.preprocess`, the class names, what each output means, the postprocessing the pipeline applies
 (`trtflow.postprocess`), the TensorRT version and GPUs the plan runs on, and the equivalent trtexec command.
-`trtflow detect` reads it back; it is plain data, so the run side reads it without the build side.
+The engine stage writes it into the plan's `trtflow.plan_metadata.PlanMetadata`; it is plain data, so a runtime
+without this repository reads it, and the run side reads it back through that format without the build side.
 """
 
 from __future__ import annotations
@@ -55,27 +56,37 @@ def shapes_argument(inputs: Sequence[Mapping]) -> str:
     )
 
 
-def plan_usage(metadata: Mapping, plan_path: str | Path, usage: Mapping | None) -> dict:
-    """The metadata keys a runtime reads, from the build's `metadata` (inputs, outputs, backend, targets) and the
-    pipeline's `usage` ({"preprocess": preprocess settings, "postprocess": config postprocess:, "categories":
-    the data set's COCO categories}); without `usage` (a plan built outside the pipeline) those three are None."""
+def plan_usage(
+    inputs: Sequence[Mapping],
+    outputs: Sequence[Mapping],
+    *,
+    backend: str,
+    backend_version: str,
+    compute_capabilities: Sequence[str],
+    plan_path: str | Path,
+    usage: Mapping | None,
+) -> dict:
+    """The fields of `trtflow.plan_metadata.PlanMetadata` a runtime reads, from what the build knows (the network's
+    `inputs` and `outputs`, the backend and the GPUs the plan targets) and the pipeline's `usage` ({"preprocess":
+    preprocess settings, "postprocess": config postprocess:, "categories": the data set's COCO categories}); without
+    `usage` (a plan built outside the pipeline) those three are None."""
     usage = usage or {}
     preprocess, postprocess = usage.get("preprocess"), usage.get("postprocess")
     categories = usage.get("categories")
-    runner = COMMAND_LINE_RUNNERS.get(metadata["backend"], "trtexec")
+    runner = COMMAND_LINE_RUNNERS.get(backend, "trtexec")
     return {
-        "inputs": [{**entry, "layout": "NCHW", "meaning": INPUT_MEANING} for entry in metadata["inputs"]],
+        "inputs": [{**entry, "layout": "NCHW", "meaning": INPUT_MEANING} for entry in inputs],
         "outputs": [
             {**entry, "meaning": OUTPUT_MEANINGS.get(entry["name"], "a debug output (engine.debug_outputs)")}
-            for entry in metadata["outputs"]
+            for entry in outputs
         ],
         "preprocess": None if preprocess is None else {**preprocess, "steps": list(PREPROCESS_STEPS)},
         "postprocess": None if postprocess is None else {**postprocess, "steps": list(POSTPROCESS_STEPS)},
         "classes": None if categories is None else classes_of(categories),
         "runtime": {
-            "backend": metadata["backend"],
-            "version": metadata["backend_version"],
-            "compute_capabilities": metadata["compute_capabilities"],
-            "command": f"{runner} --loadEngine={Path(plan_path).name} --shapes={shapes_argument(metadata['inputs'])}",
+            "backend": backend,
+            "version": backend_version,
+            "compute_capabilities": compute_capabilities,
+            "command": f"{runner} --loadEngine={Path(plan_path).name} --shapes={shapes_argument(inputs)}",
         },
     }
