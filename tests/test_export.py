@@ -3,8 +3,8 @@ import onnx
 import pytest
 import torch
 
-from trtflow.export import export_features, features_parity, level_names
-from trtflow.model import TORCHVISION_ARCHS, build_detector, output_names
+from trtflow.export import export_features, features_parity
+from trtflow.model import TORCHVISION_ARCHS, build_detector, level_names, output_names
 
 
 def exported(tmp_path, model_cfg, **kwargs):

@@ -7,7 +7,6 @@ parser takes cleanly. Everything after it is the head that the TensorRT network 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -15,30 +14,9 @@ import onnx
 import torch
 
 from trtflow.artifacts import atomic_write, software_versions, write_json
-from trtflow.model import INPUT_NAME, FeaturesNetwork, output_names
+from trtflow.model import INPUT_NAME, FeaturesNetwork, level_names, output_names
 from trtflow.onnxrun import OnnxSession
 from trtflow.preprocess import preprocess_split
-
-
-def backbone_maps(model, input_hw: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """The backbone's maps, by key, for one zero image of `input_hw`: a dry run for their names and sizes."""
-    param = next(model.backbone.parameters())
-    with torch.no_grad():
-        return model.backbone(torch.zeros(1, 3, *input_hw, dtype=param.dtype, device=param.device))
-
-
-def level_names(model, input_hw: tuple[int, int], maps: dict[str, torch.Tensor] | None = None) -> list[str]:
-    """`p{log2(stride)}` for each FPN map in backbone order, `pool` for torchvision's max-pool level.
-
-    Where two maps share a stride (torchvision's MobileNetV3-FPN returns two stride-32 maps), each of them
-    is suffixed with its backbone key: `p5_0`, `p5_1`. `maps`: the dry run's, where the caller has it.
-    """
-    maps = backbone_maps(model, input_hw) if maps is None else maps
-    by_stride = {
-        key: "pool" if key == "pool" else f"p{round(math.log2(input_hw[0] / m.shape[-2]))}" for key, m in maps.items()
-    }
-    taken = list(by_stride.values())
-    return [name if taken.count(name) == 1 else f"{name}_{key}" for key, name in by_stride.items()]
 
 
 def export_features(

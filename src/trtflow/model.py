@@ -7,6 +7,7 @@ sees exactly the network input the engine sees.
 
 from __future__ import annotations
 
+import math
 import pickle
 from collections import OrderedDict
 from pathlib import Path
@@ -60,6 +61,27 @@ class FeaturesNetwork(nn.Module):
         objectness, deltas = self.rpn_head(feature_maps)
         per_level = [tensor for pair in zip(objectness, deltas) for tensor in pair]
         return (*feature_maps, *per_level)
+
+
+def backbone_maps(model, input_hw: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """The backbone's maps, by key, for one zero image of `input_hw`: a dry run for their names and sizes."""
+    param = next(model.backbone.parameters())
+    with torch.no_grad():
+        return model.backbone(torch.zeros(1, 3, *input_hw, dtype=param.dtype, device=param.device))
+
+
+def level_names(model, input_hw: tuple[int, int], maps: dict[str, torch.Tensor] | None = None) -> list[str]:
+    """`p{log2(stride)}` for each FPN map in backbone order, `pool` for torchvision's max-pool level.
+
+    Where two maps share a stride (torchvision's MobileNetV3-FPN returns two stride-32 maps), each of them
+    is suffixed with its backbone key: `p5_0`, `p5_1`. `maps`: the dry run's, where the caller has it.
+    """
+    maps = backbone_maps(model, input_hw) if maps is None else maps
+    by_stride = {
+        key: "pool" if key == "pool" else f"p{round(math.log2(input_hw[0] / m.shape[-2]))}" for key, m in maps.items()
+    }
+    taken = list(by_stride.values())
+    return [name if taken.count(name) == 1 else f"{name}_{key}" for key, name in by_stride.items()]
 
 
 def output_names(levels: list[str]) -> list[str]:

@@ -12,7 +12,7 @@
 `trtflow.head_weights.load_head` reads it back (and refuses a folder whose tensors are not exactly those the
 manifest's layers need, or whose bytes differ from the recorded sha256s).
 
-Feature levels are named as the features network names its outputs (``trtflow.export.level_names``:
+Feature levels are named as the features network names its outputs (``trtflow.model.level_names``:
 ``p{log2(stride)}``, ``pool`` for torchvision's LastLevelMaxPool map, suffixed with the backbone key
 where two maps share a stride, as in the MobileNetV3 FPNs).
 """
@@ -33,7 +33,6 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
 from trtflow.artifacts import atomic_write, software_versions, write_json
-from trtflow.export import backbone_maps, level_names
 from trtflow.head_weights import (
     FORMATS,
     MANIFEST,
@@ -46,6 +45,7 @@ from trtflow.head_weights import (
     tensor_sha256,
     write_wts,
 )
+from trtflow.model import backbone_maps, level_names
 
 # torchvision constants that are not attributes of the modules.
 BOX_MIN_SIZE = 1e-2  # RoIHeads.postprocess_detections: remove_small_boxes(min_size=1e-2)
@@ -54,7 +54,7 @@ LEVEL_MAPPER_EPS = 1e-6  # poolers.LevelMapper default
 
 def feature_levels(model: nn.Module, input_hw: tuple[int, int]) -> list[dict]:
     """Name, torchvision key, channels, size and anchor stride of each backbone output, from a dry run
-    at the input size. Names come from the features network's own rule (`trtflow.export.level_names`).
+    at the input size. Names come from the features network's own rule (`trtflow.model.level_names`).
 
     ``anchor_stride`` is torchvision's ``AnchorGenerator`` stride (integer division of the input
     size by the map size), which is what places the anchors.
