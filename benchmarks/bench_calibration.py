@@ -1,4 +1,4 @@
-"""Calibration benchmark: trtflow.calibrate vs onnxruntime.quantization's Entropy calibrator.
+"""Calibration benchmark: trtflow.build.calibrate vs onnxruntime.quantization's Entropy calibrator.
 
 Same ONNX (torchvision fasterrcnn_mobilenet_v3_large_320_fpn features: backbone + FPN + RPN head convs,
 random-init weights, input (1, 3, 320, 320)), same tensors (every float tensor, as ORT selects them),
@@ -34,11 +34,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def export_features_onnx(path: Path) -> None:
-    """Random-init fasterrcnn_mobilenet_v3_large_320_fpn -> features ONNX (trtflow.model.FeaturesNetwork)."""
+    """Random-init fasterrcnn_mobilenet_v3_large_320_fpn -> features ONNX (trtflow.common.model.FeaturesNetwork)."""
     import torch
     from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
 
-    from trtflow.model import FeaturesNetwork
+    from trtflow.common.model import FeaturesNetwork
 
     torch.manual_seed(0)
     detector = fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None).eval()
@@ -78,7 +78,7 @@ def ort_tensors(onnx_path: Path) -> list[str]:
 
 
 def run_ours(onnx_path: Path, images: int, tensors: str) -> dict:
-    from trtflow.calibrate import collect_histograms, compute_amax
+    from trtflow.build.calibrate import collect_histograms, compute_amax
 
     names = ort_tensors(onnx_path) if tensors == "ort" else None
     start = time.perf_counter()
@@ -104,7 +104,7 @@ def tensorrt_rtx_build_seconds(onnx_path: Path, amax: dict) -> float | None:
     """Insert Q/DQ from `amax` and time a TensorRT-RTX build of it (strongly typed, CPU ahead-of-time)."""
     import onnx
 
-    from trtflow.qdq import insert_qdq, quantization_plan
+    from trtflow.build.qdq import insert_qdq, quantization_plan
 
     try:
         import tensorrt_rtx as trt

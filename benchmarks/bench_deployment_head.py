@@ -1,4 +1,4 @@
-"""torchvision eager Faster R-CNN vs the deployment form in PyTorch (features network + trtflow.head.StaticHead).
+"""torchvision eager Faster R-CNN vs the deployment form in PyTorch (features network + trtflow.common.head.StaticHead).
 
 The deployment form is the network the TensorRT engine builds: torchvision's backbone, FPN and RPN head
 convolutions, then the static-shape head (fixed budgets, masks instead of compaction, greedy NMS from
@@ -31,9 +31,9 @@ import torch
 import torchvision
 from torchvision.models.detection import fasterrcnn_resnet50_fpn
 
-from trtflow.executors import CaptureError, DeploymentForm, GraphPerShape
-from trtflow.model import run_detector
-from trtflow.weights import head_metadata, head_tensors
+from trtflow.build.weights import head_metadata, head_tensors
+from trtflow.common.model import run_detector
+from trtflow.run.executors import CaptureError, DeploymentForm, GraphPerShape
 
 
 def parse_size(text: str) -> tuple[int, int]:

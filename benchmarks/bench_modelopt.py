@@ -1,11 +1,11 @@
 """ModelOpt vs trtflow Q/DQ placement (issue 16, item 7) on the same ONNX, images and calibration method.
 
-For each model and method, rule `calibrate`'s code (`trtflow.calibrate.calibrate_features`, with config.yaml's
+For each model and method, rule `calibrate`'s code (`trtflow.build.calibrate.calibrate_features`, with config.yaml's
 `calibration:`) runs twice, each time in a fresh subprocess (so the peak memory is its own), on the same
 features ONNX and the same seeded calibration subset decoded and preprocessed by the same code:
 
-- trtflow: `calibration.qdq_placement: trtflow`, streamed histograms -> thresholds -> `trtflow.qdq` insertion;
-- modelopt: `calibration.qdq_placement: modelopt`, `trtflow.modelopt_qdq.quantize_features`: the images as one
+- trtflow: `calibration.qdq_placement: trtflow`, streamed histograms -> thresholds -> `trtflow.build.qdq` insertion;
+- modelopt: `calibration.qdq_placement: modelopt`, `trtflow.build.modelopt_qdq.quantize_features`: the images as one
   numpy array into `modelopt.onnx.quantization.quantize(quantize_mode="int8", calibration_eps=["cpu"],
   high_precision_dtype="fp32")` (fp32 keeps the unquantized ops float32, as ours does; ModelOpt's default,
   fp16, would change two things at once).
@@ -15,11 +15,11 @@ Entropy calibrator), `max` (ours: minmax; ModelOpt: max). ModelOpt offers no per
 (the pipeline default, percentile 99.99) runs as an extra row.
 
 Then, in this process, for every Q/DQ ONNX: QuantizeLinear/DequantizeLinear counts and the op types that read
-a dequantized tensor; a TensorRT-RTX int8 plan built by `trtflow.engine.build_engine` (features + head for
+a dequantized tensor; a TensorRT-RTX int8 plan built by `trtflow.build.engine.build_engine` (features + head for
 the demo, features only for the random-weights model); and
 - demo detector (results/ from `snakemake results/calib/accuracy.json`): simulated-INT8 COCO mAP through the
-  deployment head, `trtflow.qdq_accuracy.simulated_accuracy` as rule `calibration_accuracy` runs it;
-- random-weights torchvision architectures (`--models`) at `--size` (exported by `trtflow.export.export_features`, num_classes 5):
+  deployment head, `trtflow.run.qdq_accuracy.simulated_accuracy` as rule `calibration_accuracy` runs it;
+- random-weights torchvision architectures (`--models`) at `--size` (exported by `trtflow.build.export.export_features`, num_classes 5):
   mAP means nothing, so ONNX Runtime agreement of the Q/DQ graph with the float graph on `--agreement-images`
   val images (per output max |error| / max |float|, the worst output and the median over outputs).
 
@@ -49,14 +49,14 @@ from peak_memory import peak_rss_mb
 from snakemake.utils import validate
 
 from trtflow.artifacts import installed_versions
-from trtflow.calibrate import image_batches, select_calibration_images
+from trtflow.build.calibrate import image_batches, select_calibration_images
+from trtflow.build.modelopt_qdq import METHODS as MODELOPT_METHODS
 from trtflow.config import SCHEMA
-from trtflow.modelopt_qdq import METHODS as MODELOPT_METHODS
 
 RESULTS = Path("results")
 CALIB_JSON = RESULTS / "data/calib.json"
 VAL_JSON = RESULTS / "data/val.json"
-# method -> config calibration.algorithm (trtflow.modelopt_qdq.METHODS maps it to ModelOpt's calibration_method)
+# method -> config calibration.algorithm (trtflow.build.modelopt_qdq.METHODS maps it to ModelOpt's calibration_method)
 METHODS = {"entropy": "entropy", "max": "minmax", "percentile": "percentile"}
 
 
@@ -81,8 +81,8 @@ def export_random_model(config: dict, arch: str, size: int, path: Path) -> None:
     """Random-init `arch` (num_classes 5) -> features ONNX through the pipeline's own exporter."""
     import torch
 
-    from trtflow.export import export_features
-    from trtflow.model import build_detector
+    from trtflow.build.export import export_features
+    from trtflow.common.model import build_detector
 
     torch.manual_seed(0)
     detector = build_detector({**config["model"], "arch": arch, "num_classes": 5}).eval()
@@ -101,7 +101,7 @@ def child(args) -> dict:
     Time and peak memory cover all of it, image decoding included. Peak memory is this process image's own
     (benchmarks/peak_memory.py).
     """
-    from trtflow.calibrate import calibrate_features
+    from trtflow.build.calibrate import calibrate_features
 
     config = pipeline_config()
     preprocess = preprocess_settings(config, None if args.model == "demo" else args.size)
@@ -172,7 +172,7 @@ def qdq_summary(path: Path) -> dict:
 
 
 def build_int8_plan(config: dict, qdq: Path, with_head: bool) -> dict:
-    from trtflow.engine import EngineSettings, EngineSources, build_engine
+    from trtflow.build.engine import EngineSettings, EngineSources, build_engine
 
     engine = {key: value for key, value in config["engine"].items() if key != "precisions"}
     sources = EngineSources(onnx=qdq, head_weights=RESULTS / "weights" if with_head else None)
@@ -187,7 +187,7 @@ def build_int8_plan(config: dict, qdq: Path, with_head: bool) -> dict:
 
 
 def demo_accuracy(config: dict, qdq: Path) -> dict:
-    from trtflow.qdq_accuracy import simulated_accuracy
+    from trtflow.run.qdq_accuracy import simulated_accuracy
 
     report = simulated_accuracy(
         RESULTS / "onnx/features.onnx",
@@ -203,7 +203,7 @@ def demo_accuracy(config: dict, qdq: Path) -> dict:
 
 def output_agreement(config: dict, float_onnx: Path, qdq: Path, size: int, count: int) -> dict:
     """Per output: max |Q/DQ - float| / max |float| in ONNX Runtime on `count` val images."""
-    from trtflow.onnxrun import OnnxSession
+    from trtflow.common.onnxrun import OnnxSession
 
     paths = select_calibration_images(VAL_JSON, count, 0)
     images = np.concatenate(list(image_batches(paths, count, preprocess_settings(config, size))))

@@ -1,5 +1,5 @@
 """Verify's executors on the demo val split: the TensorRT network definition evaluated layer by layer
-(trtflow.netexec, `tensorrt-network`) vs the deployment-form reference (ONNX Runtime + StaticHead).
+(trtflow.run.netexec, `tensorrt-network`) vs the deployment-form reference (ONNX Runtime + StaticHead).
 
 Each run is one executor over the val images, through the same detection loop verify uses, so two runs
 side by side (one process each) give the ratio verify pays for the stronger check:
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import yaml
 
-from trtflow.detection_loop import detect_dataset
-from trtflow.executors import deployment_executor, network_definition_executor
+from trtflow.run.detection_loop import detect_dataset
+from trtflow.run.executors import deployment_executor, network_definition_executor
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ aspect 1:2..2:1, clipped to the image); 7x7 output, sampling_ratio 2; float32 an
 Each timed call starts with L2 flushed (a 256 MiB write outside the timed region) and is
 timed with CUDA events; the median of --repeats calls after --warmup calls is reported.
 
-"ours (call)" is trtflow.plugins.multilevel_roi_align (argument checks, ctypes, allocation);
+"ours (call)" is trtflow.common.plugins.multilevel_roi_align (argument checks, ctypes, allocation);
 "ours (kernel)" launches the library's entry point with prepared arguments on the NCHW maps.
 "NHWC kernel" is the channels-last kernel on the same values in channels-last memory (what a
 TensorRT engine hands the plugin in its HWC / HWC8 formats); "NHWC + convert" adds converting
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torchvision.ops import MultiScaleRoIAlign
 
-from trtflow.plugins import (
+from trtflow.common.plugins import (
     SOURCE_DIR,
     BuildConfig,
     RoIAlignSpec,

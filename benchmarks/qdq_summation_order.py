@@ -27,10 +27,10 @@ import torch
 import yaml
 
 from summation_order import convolutions_summed_in_two_halves  # tests/summation_order.py
-from trtflow.netexec import NetworkExecutor
-from trtflow.network_record import NetworkRecord
-from trtflow.onnxrun import OnnxSession
-from trtflow.preprocess import preprocess_split
+from trtflow.common.onnxrun import OnnxSession
+from trtflow.common.preprocess import preprocess_split
+from trtflow.formats.network_record import NetworkRecord
+from trtflow.run.netexec import NetworkExecutor
 
 
 def quantizer_scales(model: onnx.ModelProto) -> dict[str, float]:

@@ -1,7 +1,7 @@
 /*
  * trtflow custom-plugin library: the C ABI of libtrtflow_plugins.so.
  *
- * Everything crossing this boundary is a plain C type so that ctypes (trtflow.plugins), a
+ * Everything crossing this boundary is a plain C type so that ctypes (trtflow.common.plugins), a
  * TensorRT IPluginV3 enqueue and a C++ program can all call it. Bump TRTFLOW_PLUGINS_ABI_VERSION
  * whenever a signature or a meaning changes: loaders refuse a library whose version differs.
  */

@@ -3,7 +3,7 @@
 Two correct runtimes of one Q/DQ graph sum each convolution in their own order; where a value lies within
 float32 rounding of a quantization boundary they round it to neighbouring int8 values, and that one-step
 difference grows through the later quantized layers. ONNX Runtime set against itself on this rewrite shows
-how far that alone moves the outputs, which is the band any other implementation (trtflow.netexec,
+how far that alone moves the outputs, which is the band any other implementation (trtflow.run.netexec,
 TensorRT's INT8 kernels) can be held to.
 """
 

@@ -24,12 +24,13 @@ from onnx import TensorProto, helper
 
 from conftest import FULL_TENSORRT
 from snakemake_runs import ROOT, config_overlay, snakemake
-from trtflow import artifacts, data
-from trtflow.coco import DatasetError
+from trtflow import artifacts
+from trtflow.build import data
+from trtflow.common.coco import DatasetError
+from trtflow.common.images import read_image
+from trtflow.common.metrics import LabelSetError
+from trtflow.common.model import CheckpointError
 from trtflow.config import ConfigError, check_config
-from trtflow.images import read_image
-from trtflow.metrics import LabelSetError
-from trtflow.model import CheckpointError
 
 DEMO_CHECKPOINT = ROOT / "models/demo_detector.safetensors"
 CATEGORIES = [{"id": i, "name": name} for i, name in enumerate(("circle", "rectangle", "triangle", "star"), 1)]
@@ -232,7 +233,7 @@ def test_an_annotation_of_an_unlisted_category_is_named(user_images, tmp_path):
 
 @pytest.fixture(scope="module")
 def demo_model(default_config):
-    from trtflow.model import load_detector
+    from trtflow.common.model import load_detector
 
     return load_detector(default_config["model"], DEMO_CHECKPOINT)
 
@@ -243,7 +244,7 @@ def demo_model(default_config):
 def test_categories_that_are_not_the_models_classes_fail_before_scoring(
     demo_model, default_config, user_images, tmp_path, categories
 ):
-    from trtflow.reference import run_reference
+    from trtflow.run.reference import run_reference
 
     annotations = coco_for(user_images, ["good0.jpg"], categories)
     val = tmp_path / "val.json"
@@ -267,7 +268,7 @@ def test_images_without_annotations_give_reference_detections_and_say_map_is_not
     val = tmp_path / "val.json"
     data.prepare_data(user_data(user_images, None, "skip"), val, tmp_path / "calib.json")
     preprocess = {"input": default_config["model"]["input"], **default_config["preprocess"]}
-    from trtflow.reference import run_reference
+    from trtflow.run.reference import run_reference
 
     metrics = run_reference(
         demo_model,
@@ -329,7 +330,7 @@ CHECKPOINTS = {  # file -> (how it is made, config change, what the message must
 
 @pytest.mark.parametrize("name", sorted(CHECKPOINTS))
 def test_a_bad_checkpoint_is_named_with_the_fix_and_nothing_is_saved(default_config, tmp_path, name):
-    from trtflow.model import save_validated_checkpoint
+    from trtflow.common.model import save_validated_checkpoint
 
     make, change, message = CHECKPOINTS[name]
     path = tmp_path / name
@@ -345,7 +346,7 @@ def test_a_bad_checkpoint_is_named_with_the_fix_and_nothing_is_saved(default_con
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file whatever its permissions")
 def test_an_unreadable_checkpoint_is_named(default_config, tmp_path):
-    from trtflow.model import load_detector
+    from trtflow.common.model import load_detector
 
     path = tmp_path / "private.safetensors"
     shutil.copy(DEMO_CHECKPOINT, path)
@@ -474,7 +475,7 @@ def test_engine_stage_without_tensorrt_names_the_install_command(tmp_path):
     if FULL_TENSORRT:
         pytest.skip("full TensorRT is installed here")
     from trtflow.backend import BackendUnavailableError
-    from trtflow.engine import EngineSettings, EngineSources, build_engine
+    from trtflow.build.engine import EngineSettings, EngineSources, build_engine
 
     sources = EngineSources(onnx=tiny_features_onnx(tmp_path / "features.onnx"))
     with pytest.raises(BackendUnavailableError) as caught:
@@ -492,8 +493,8 @@ def test_engine_stage_without_tensorrt_names_the_install_command(tmp_path):
 
 def test_a_plan_for_other_gpus_is_refused_with_the_reason(tmp_path):
     pytest.importorskip("tensorrt_rtx", reason="builds a real (features-only) TensorRT-RTX plan")
-    from trtflow.engine import EngineSettings, EngineSources, build_engine
-    from trtflow.runtime import EngineRefused, Gpu, check_runnable, refusals
+    from trtflow.build.engine import EngineSettings, EngineSources, build_engine
+    from trtflow.run.runtime import EngineRefused, Gpu, check_runnable, refusals
 
     plan = tmp_path / "engine_fp32.plan"
     metadata = build_engine(
@@ -543,14 +544,14 @@ def write_metrics(path):
 
 
 def write_table(path):
-    from trtflow.calibrate import CalibrationTable, write_calibration_table
+    from trtflow.build.calibrate import CalibrationTable, write_calibration_table
 
     write_calibration_table(path, CalibrationTable("101600", "EntropyCalibration2", {"images": 0.02}))
 
 
 def write_plan(path):
     pytest.importorskip("tensorrt_rtx", reason="builds a real (features-only) TensorRT-RTX plan")
-    from trtflow.engine import EngineSettings, EngineSources, build_engine
+    from trtflow.build.engine import EngineSettings, EngineSources, build_engine
 
     with tempfile.TemporaryDirectory() as sources:
         features = tiny_features_onnx(Path(sources) / "features.onnx")
@@ -564,7 +565,7 @@ def write_plan(path):
 
 
 def write_qdq(path):
-    from trtflow.qdq import save_onnx
+    from trtflow.build.qdq import save_onnx
 
     save_onnx(tiny_features_model(), path)
 
@@ -578,14 +579,14 @@ def demo_model_config() -> dict:
 
 
 def write_checkpoint(path):
-    from trtflow.model import save_validated_checkpoint
+    from trtflow.common.model import save_validated_checkpoint
 
     save_validated_checkpoint(demo_model_config(), DEMO_CHECKPOINT, path, path.with_name("model.json"))
 
 
 def write_head_weights(path):
-    from trtflow.model import load_detector
-    from trtflow.weights import export_head
+    from trtflow.build.weights import export_head
+    from trtflow.common.model import load_detector
 
     model = load_detector(demo_model_config(), DEMO_CHECKPOINT)
     export_head(model, (320, 320), path.parent, checkpoint_sha256="0" * 64)

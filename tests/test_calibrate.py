@@ -1,4 +1,4 @@
-"""INT8 calibration (trtflow.calibrate): histograms, thresholds, the TensorRT cache, the stage end to end."""
+"""INT8 calibration (trtflow.build.calibrate): histograms, thresholds, the TensorRT cache, the stage end to end."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from trtflow.backend.implicit_int8 import CALIBRATORS
-from trtflow.calibrate import (
+from trtflow.build.calibrate import (
     ALGORITHMS,
     NUM_BINS,
     AbsHistogram,
@@ -28,7 +28,7 @@ from trtflow.calibrate import (
     version_tag,
     write_calibration_table,
 )
-from trtflow.images import BadImageError
+from trtflow.common.images import BadImageError
 
 
 def histogram_of(samples: np.ndarray, chunks: int = 1) -> AbsHistogram:
@@ -208,7 +208,7 @@ def test_version_tag():
 
 def test_collection_uses_the_qdq_plan_and_streams():
     from test_qdq import INPUT_SHAPE, resnet_like_model
-    from trtflow.qdq import quantization_plan
+    from trtflow.build.qdq import quantization_plan
 
     model = resnet_like_model()
     rng = np.random.default_rng(5)
@@ -263,7 +263,7 @@ def features_onnx(tmp_path):
 
 
 def run_stage(features_onnx, images, out, **overrides):
-    from trtflow.calibrate import calibrate_features
+    from trtflow.build.calibrate import calibrate_features
 
     return calibrate_features(
         features_onnx,
@@ -298,7 +298,7 @@ def test_stage_outputs_are_deterministic(tmp_path, features_onnx):
 
 
 def test_stage_subset_is_seeded(tmp_path):
-    from trtflow.calibrate import select_calibration_images
+    from trtflow.build.calibrate import select_calibration_images
 
     images = write_images(tmp_path / "images", 10)
     chosen = select_calibration_images(images, 4, seed=0)
@@ -308,7 +308,7 @@ def test_stage_subset_is_seeded(tmp_path):
 
 
 def test_more_images_than_available_warns_and_uses_all(tmp_path):
-    from trtflow.calibrate import select_calibration_images
+    from trtflow.build.calibrate import select_calibration_images
 
     images = write_images(tmp_path / "images", 3)
     with pytest.warns(UserWarning, match="num_images = 50 but .* has only 3 images"):

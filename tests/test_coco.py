@@ -1,4 +1,4 @@
-"""trtflow.coco: image listing, COCO validation and indexing, the bad-image policy."""
+"""trtflow.common.coco: image listing, COCO validation and indexing, the bad-image policy."""
 
 import json
 from pathlib import Path
@@ -8,7 +8,7 @@ from pycocotools.coco import COCO
 
 from test_images import picture, write_image
 from trtflow.artifacts import write_json
-from trtflow.coco import DatasetError, index_coco, index_images, list_images
+from trtflow.common.coco import DatasetError, index_coco, index_images, list_images
 
 # --- bad image policy ------------------------------------------------------------------
 

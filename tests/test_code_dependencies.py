@@ -54,46 +54,26 @@ def test_the_closure_follows_every_import(tmp_path):
     ]
 
 
-def test_the_run_side_does_not_run_the_engine_build():
-    """verify's and report's code: the head contract, not the engine stage that builds plans."""
+def test_the_run_side_does_not_run_the_build_wing():
+    """verify's, report's and bench's code: the head contract and the recorded network, not the wing that builds."""
     src = ROOT / "src/trtflow"
     for script in ("verify", "report", "bench"):
-        names = {path.name for path in code_closure(ROOT / f"workflow/scripts/{script}.py", src)}
-        assert {"netexec.py", "network_record.py", "head.py"} <= names
-        assert not names & {"engine.py", "head_network.py", "calibrate.py", "train.py"}, script
+        names = {str(path.relative_to(src)) for path in code_closure(ROOT / f"workflow/scripts/{script}.py", src)}
+        assert {"run/netexec.py", "formats/network_record.py", "common/head.py"} <= names
+        assert not [name for name in names if name.startswith("build/")], script
 
 
-# The two wings (docs/ARCHITECTURE.md): they meet through files in results/ and the shared modules (the head
-# contract, the network-record, head-weights and plan-metadata file formats, image reading and COCO data sets, model
-# definitions, backend, artifacts).
-BUILD_SIDE = {
-    "data",
-    "demo_data",
-    "train",
-    "export",
-    "weights",
-    "calibrate",
-    "qdq",
-    "modelopt_qdq",
-    "head_network",
-    "engine",
-    "usage",
+# The layout is the architecture (docs/ARCHITECTURE.md): the build wing (trtflow.build) and the run wing (trtflow.run)
+# meet through files in results/, whose formats are trtflow.formats, and share trtflow.common and trtflow.backend;
+# artifacts, config, workflow and cli sit at the top. A sub-package's modules may import only the packages listed.
+MAY_IMPORT = {
+    "build": {"build", "common", "formats", "backend", "artifacts", "config"},  # engine.batch's rule: config's
+    "run": {"run", "common", "formats", "backend", "artifacts"},
+    "common": {"common", "formats", "backend", "artifacts"},
+    "formats": {"formats", "backend", "artifacts"},
+    "backend": {"backend", "common", "artifacts"},  # the plugin library's loader is common.plugins
 }
-RUN_SIDE = {
-    "executors",
-    "matching",
-    "netexec",
-    "runtime",
-    "verify",
-    "bench",
-    "report",
-    "detect",
-    "cli",
-    "reference",
-    "onnxrun",
-    "detection_loop",
-    "qdq_accuracy",
-}
+MAX_LEVELS = 8
 
 
 def module_imports() -> dict[str, set[str]]:
@@ -106,25 +86,41 @@ def module_imports() -> dict[str, set[str]]:
     return graph
 
 
+def room(module: str) -> str:
+    """The sub-package (or top-level module) of a dotted trtflow module: trtflow.run.verify -> run."""
+    return (module.split(".") + [""])[1]
+
+
+def test_each_sub_package_imports_only_what_its_place_allows():
+    graph = module_imports()
+    assert set(MAY_IMPORT) <= {room(name) for name in graph}, "a sub-package of the layout is gone"
+    crossings = {
+        name: sorted(module for module in imports if room(module) not in MAY_IMPORT[room(name)])
+        for name, imports in graph.items()
+        if room(name) in MAY_IMPORT
+    }
+    assert not {name: found for name, found in crossings.items() if found}
+
+
 # The modules a rule's script runs as its stage (docs/ARCHITECTURE.md's table; `detect` is `trtflow detect`'s). A
 # stage reads what another stage wrote, not its code: what two stages share is a module of neither (the executor
-# ladder and LEVELS in `executors`, matching in `matching`, the plan's JSON in `plan_metadata`). Not `model`: it holds
-# the detector and features-network definitions both wings share (ARCHITECTURE's "shared"); rule validate_model
+# ladder and LEVELS in `run.executors`, matching in `run.matching`, the plan's JSON in `formats.plan_metadata`). Not
+# `model`: it holds the detector and features-network definitions both wings share (`common`); rule validate_model
 # calls its save_validated_checkpoint.
 STAGE_MODULES = {
-    "data",
-    "train",
-    "reference",
-    "export",
-    "weights",
-    "plugins",
-    "calibrate",
-    "qdq_accuracy",
-    "engine",
-    "verify",
-    "bench",
-    "report",
-    "detect",
+    "build.data",
+    "build.train",
+    "build.export",
+    "build.weights",
+    "build.calibrate",
+    "build.engine",
+    "common.plugins",
+    "run.reference",
+    "run.qdq_accuracy",
+    "run.verify",
+    "run.bench",
+    "run.report",
+    "run.detect",
 }
 
 
@@ -139,7 +135,7 @@ def test_no_stage_module_imports_another():
     assert not crossings, f"stage modules that import another stage module: {crossings}"
 
 
-def test_no_import_circle():
+def test_no_import_circle_and_at_most_eight_levels():
     graph = module_imports()
 
     def reachable(start):
@@ -153,18 +149,15 @@ def test_no_import_circle():
 
     circles = sorted(name for name in graph if name in reachable(name))
     assert not circles, f"modules that import themselves through others: {circles}"
+    levels: dict[str, int] = {}
 
+    def level(name):  # 1 for a module that imports no trtflow module, else one above the highest it imports
+        if name not in levels:
+            levels[name] = 1 + max((level(module) for module in graph[name] if module in graph), default=0)
+        return levels[name]
 
-def test_the_run_side_imports_no_build_side_module():
-    graph = module_imports()
-    assert {f"trtflow.{m}" for m in BUILD_SIDE | RUN_SIDE} <= set(graph), "a wing names a module that is gone"
-    first = lambda name: (name.split(".") + [""])[1]  # noqa: E731  (trtflow.<first>...)
-    crossings = {
-        name: sorted(m for m in imports if first(m) in BUILD_SIDE)
-        for name, imports in graph.items()
-        if first(name) in RUN_SIDE
-    }
-    assert not {name: found for name, found in crossings.items() if found}
+    highest = max(graph, key=level)
+    assert level(highest) <= MAX_LEVELS, f"{highest} sits on level {level(highest)}"
 
 
 def downstream(workdir) -> dict[str, set[str]]:

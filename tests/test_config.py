@@ -7,13 +7,13 @@ import yaml
 
 from conftest import ROOT
 from trtflow.backend import CHOICES as BACKEND_CHOICES
-from trtflow.calibrate import ALGORITHMS
-from trtflow.coco import BAD_IMAGE_POLICIES
+from trtflow.build.calibrate import ALGORITHMS
+from trtflow.build.engine import INT8_MODES
+from trtflow.build.head_network import HEAD_OPTIONS
+from trtflow.common.coco import BAD_IMAGE_POLICIES
+from trtflow.common.head import PRECISIONS
 from trtflow.config import SCHEMA, ConfigError, check_config
-from trtflow.engine import INT8_MODES
-from trtflow.head import PRECISIONS
-from trtflow.head_network import HEAD_OPTIONS
-from trtflow.verify import Thresholds
+from trtflow.run.verify import Thresholds
 
 RAW = yaml.safe_load((ROOT / "config.yaml").read_text())
 

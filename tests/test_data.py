@@ -1,10 +1,10 @@
-"""trtflow.data: the `data` stage, preparing the val and calib splits."""
+"""trtflow.build.data: the `data` stage, preparing the val and calib splits."""
 
 import pytest
 
 from test_coco import save, user_coco  # noqa: F401  (user_coco: a fixture)
-from trtflow.coco import DatasetError, load_json
-from trtflow.data import prepare_data
+from trtflow.build.data import prepare_data
+from trtflow.common.coco import DatasetError, load_json
 
 # --- prepare_data (rule `data`) -----------------------------------------------------------
 

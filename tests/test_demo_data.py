@@ -1,11 +1,11 @@
-"""trtflow.demo_data: the synthetic demo data set."""
+"""trtflow.build.demo_data: the synthetic demo data set."""
 
 import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from trtflow import demo_data
-from trtflow.images import read_image
+from trtflow.build import demo_data
+from trtflow.common.images import read_image
 
 
 @pytest.fixture(scope="module")

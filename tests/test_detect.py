@@ -18,8 +18,8 @@ from test_images import picture, write_image
 from test_plan_metadata import file_record, write_plan
 from test_verify import IMPOSSIBLE_OUTPUTS, fixed_executor, no_gpu
 from trtflow import cli
-from trtflow.plan_metadata import FORMAT, VERSION, metadata_path
-from trtflow.usage import classes_of
+from trtflow.formats.plan_metadata import FORMAT, VERSION, metadata_path
+from trtflow.formats.usage import classes_of
 
 TRTFLOW = Path(sys.executable).with_name("trtflow")  # the console script of [project.scripts]
 RESULT_KEYS = ("image_id", "category_id", "bbox", "score")  # a COCO results entry
@@ -142,7 +142,7 @@ def test_detect_refuses_an_impossible_output_with_verifys_reason(tmp_path, monke
     plan = plan_with_usage(tmp_path)
     files = [str(write_image(tmp_path / f"photo_{n}.png", picture(seed=n))) for n in (1, 2)]
     monkeypatch.setattr(
-        "trtflow.detect.choose_executor", lambda precision, plan, **kwargs: no_gpu(fixed_executor(fault))
+        "trtflow.run.detect.choose_executor", lambda precision, plan, **kwargs: no_gpu(fixed_executor(fault))
     )
     out = tmp_path / "dets.json"
     status = cli.main(["detect", "--engine", str(plan), *files, "--fallback", "--out", str(out)])
@@ -155,7 +155,7 @@ def test_detect_refuses_an_impossible_output_with_verifys_reason(tmp_path, monke
 
 
 def test_detect_refuses_a_plan_json_of_a_newer_format_naming_it(tmp_path, capsys):
-    """The plan's JSON is read through trtflow.plan_metadata: one written by a newer trtflow is refused, naming the
+    """The plan's JSON is read through trtflow.formats.plan_metadata: one written by a newer trtflow is refused, naming the
     file, the version found, the version read here and the fix, before any image is read."""
     plan = plan_with_usage(tmp_path)
     path = metadata_path(plan)

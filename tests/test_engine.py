@@ -1,4 +1,4 @@
-"""trtflow.engine: real plans built on this CPU by TensorRT-RTX (ahead of time), from small
+"""trtflow.build.engine: real plans built on this CPU by TensorRT-RTX (ahead of time), from small
 ONNX graphs that follow the features contract; bad inputs fail clearly; concurrent builds
 and the timing-cache file survive each other. Full-TensorRT paths skip with the reason.
 """
@@ -17,7 +17,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from trtflow.backend import BuildError, load_backend
-from trtflow.engine import (
+from trtflow.build.engine import (
     CHECKPOINT_KEY,
     BatchProfile,
     EngineSettings,
@@ -27,15 +27,15 @@ from trtflow.engine import (
     check_same_checkpoint,
     merge_into_file,
 )
-from trtflow.plan_metadata import FORMAT, VERSION, PlanMetadata
-from trtflow.usage import INPUT_MEANING
+from trtflow.formats.plan_metadata import FORMAT, VERSION, PlanMetadata
+from trtflow.formats.usage import INPUT_MEANING
 
 CHECKPOINT = "c0ffee" * 10 + "abcd"
 MODEL_DIR = Path("results/demo_320")  # a `models:` entry's folder, where the engine rule finds its inputs
 
 
 class TinyFeatures(torch.nn.Module):
-    """One FPN level and its RPN head, named as trtflow.export names them."""
+    """One FPN level and its RPN head, named as trtflow.build.export names them."""
 
     def __init__(self):
         super().__init__()
@@ -226,10 +226,10 @@ def test_debug_outputs_are_added_and_unknown_names_refused(tmp_path, tiny_onnx):
 @pytest.fixture(scope="module")
 def small_detector(tmp_path_factory, default_config):
     """The demo detector (random weights) at 128x160: features.onnx, its Q/DQ twin, head weights."""
-    from trtflow.export import export_features
-    from trtflow.model import build_detector
-    from trtflow.qdq import insert_qdq, quantization_plan
-    from trtflow.weights import export_head
+    from trtflow.build.export import export_features
+    from trtflow.build.qdq import insert_qdq, quantization_plan
+    from trtflow.build.weights import export_head
+    from trtflow.common.model import build_detector
 
     torch.manual_seed(0)
     model = build_detector({**default_config["model"], "input": {"height": 128, "width": 160}}).eval()

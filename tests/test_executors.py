@@ -1,4 +1,4 @@
-"""trtflow.executors and trtflow.bench on CPU: the deployment form (ONNX Runtime or PyTorch features +
+"""trtflow.run.executors and trtflow.run.bench on CPU: the deployment form (ONNX Runtime or PyTorch features +
 StaticHead) against torchvision's own detector on a tiny random-init detector, through the shared
 pre/post-processing; what each executor says it runs; which one runs a plan here (the ladder); latency statistics.
 
@@ -14,8 +14,8 @@ import torch
 
 from test_plan_metadata import write_plan
 from test_weights import tame, tiny_fpn_detector
-from trtflow.detection_loop import detect_dataset
-from trtflow.executors import (
+from trtflow.run.detection_loop import detect_dataset
+from trtflow.run.executors import (
     LEVELS,
     UNVERIFIED,
     CaptureError,
@@ -27,8 +27,8 @@ from trtflow.executors import (
     pytorch_executor,
     pytorch_static_head_executor,
 )
-from trtflow.matching import match_detections
-from trtflow.runtime import EngineRefused
+from trtflow.run.matching import match_detections
+from trtflow.run.runtime import EngineRefused
 
 INPUT_HW = (96, 128)
 IMAGE_SIZES = ((120, 160), (96, 128), (150, 100), (64, 64), (100, 140), (90, 200))
@@ -50,9 +50,9 @@ class Deployment:
     """A tiny tamed random-init detector, its features ONNX, its head weights, and a small COCO data set."""
 
     def __init__(self, folder, model=None, input_hw=INPUT_HW):
-        from trtflow.export import export_features
-        from trtflow.head_weights import load_head
-        from trtflow.weights import export_head
+        from trtflow.build.export import export_features
+        from trtflow.build.weights import export_head
+        from trtflow.formats.head_weights import load_head
 
         self.model = tame(tiny_fpn_detector(), input_hw) if model is None else model
         self.onnx = folder / "features.onnx"
@@ -254,7 +254,7 @@ def test_the_ladder_says_why_each_stronger_level_did_not_run(deployment, tmp_pat
 
 
 def test_latency_stats_from_known_timings():
-    from trtflow.bench import latency_stats
+    from trtflow.run.bench import latency_stats
 
     stats = latency_stats([0.010, 0.020, 0.030, 0.040], batch_size=2)
     assert stats["iterations"] == 4 and stats["p50_ms"] == pytest.approx(25.0)
@@ -264,7 +264,7 @@ def test_latency_stats_from_known_timings():
 
 
 def test_time_detect_warms_up_then_times_each_call():
-    from trtflow.bench import tiled_batch, time_detect
+    from trtflow.run.bench import tiled_batch, time_detect
 
     batches = []
     stats = time_detect(
@@ -277,7 +277,7 @@ def test_time_detect_warms_up_then_times_each_call():
 
 @pytest.mark.needs_no_cuda
 def test_bench_on_cpu_lists_the_refused_engine_and_times_the_rest(deployment, tmp_path):
-    from trtflow.bench import EXECUTORS, bench_executors, benchmark
+    from trtflow.run.bench import EXECUTORS, bench_executors, benchmark
 
     executors = bench_executors(
         "fp16",

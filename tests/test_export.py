@@ -3,8 +3,8 @@ import onnx
 import pytest
 import torch
 
-from trtflow.export import export_features, features_parity
-from trtflow.model import TORCHVISION_ARCHS, build_detector, level_names, output_names
+from trtflow.build.export import export_features, features_parity
+from trtflow.common.model import TORCHVISION_ARCHS, build_detector, level_names, output_names
 
 
 def exported(tmp_path, model_cfg, **kwargs):
@@ -79,7 +79,7 @@ def scaled_graph(batch: int | str) -> onnx.ModelProto:
 
 
 def test_onnx_session_chunks_a_static_batch_and_exposes_intermediates(tmp_path):
-    from trtflow.onnxrun import OnnxSession
+    from trtflow.common.onnxrun import OnnxSession
 
     path = tmp_path / "static2.onnx"
     onnx.save(scaled_graph(2), str(path))
@@ -93,7 +93,7 @@ def test_onnx_session_chunks_a_static_batch_and_exposes_intermediates(tmp_path):
 
 
 def test_onnx_session_pads_a_short_static_batch_and_names_a_missing_file(tmp_path):
-    from trtflow.onnxrun import OnnxSession
+    from trtflow.common.onnxrun import OnnxSession
 
     path = tmp_path / "static2.onnx"
     onnx.save(scaled_graph(2), str(path))

@@ -1,4 +1,4 @@
-"""trtflow.head: the static deployment-form head against torchvision's own stages.
+"""trtflow.common.head: the static deployment-form head against torchvision's own stages.
 
 Random-init detectors (outputs tamed into trained-like ranges), random seeded inputs, B = 2:
 anchors exact, proposals equal, RoIAlign within 1e-5 x max|ref| of MultiScaleRoIAlign, final
@@ -11,9 +11,9 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import batched_nms, box_iou
 
 from test_weights import ARCHS, tame, tiny_fpn_detector, torchvision_detector
-from trtflow.head import StaticHead, greedy_nms, level_anchors
-from trtflow.head_weights import load_head
-from trtflow.weights import export_head
+from trtflow.build.weights import export_head
+from trtflow.common.head import StaticHead, greedy_nms, level_anchors
+from trtflow.formats.head_weights import load_head
 
 BATCH = 2
 

@@ -1,23 +1,23 @@
-"""trtflow.head_network: the head built with the TensorRT network API.
+"""trtflow.build.head_network: the head built with the TensorRT network API.
 
 TensorRT-RTX builds real plans on this CPU-only machine (ahead of time) but cannot run them, so the
 tests here build: fp32 with a dynamic batch, fp16 with a static one, both box-head kinds, the MobileNet
 level layout; they check the output contract, that only layers every backend builds are used, and the
-errors for the full-TensorRT-only options. Numbers are checked where an engine can run (trtflow.verify).
+errors for the full-TensorRT-only options. Numbers are checked where an engine can run (trtflow.run.verify).
 """
 
 import pytest
 import torch
 
-import trtflow.head
-import trtflow.head_network
+import trtflow.build.head_network
+import trtflow.common.head
 from test_weights import tame, tiny_fpn_detector, torchvision_detector
 from trtflow.backend import load_backend
 from trtflow.backend.roi_align_plugin import register_plugins
-from trtflow.head_network import HeadBuildError, add_head
-from trtflow.head_weights import load_head
-from trtflow.plugins import DEFAULT_LIBRARY
-from trtflow.weights import export_head
+from trtflow.build.head_network import HeadBuildError, add_head
+from trtflow.build.weights import export_head
+from trtflow.common.plugins import DEFAULT_LIBRARY
+from trtflow.formats.head_weights import load_head
 
 rtx = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX (pip install tensorrt-rtx-cu13) is not installed")
 
@@ -210,7 +210,9 @@ def test_network_mirrors_every_head_piece():
         "box_detections",
     ]
     for piece in pieces:
-        assert callable(getattr(trtflow.head, piece)) and callable(getattr(trtflow.head_network, piece)), piece
+        assert callable(getattr(trtflow.common.head, piece)) and callable(getattr(trtflow.build.head_network, piece)), (
+            piece
+        )
 
 
 @pytest.mark.needs_full_tensorrt

@@ -1,4 +1,4 @@
-"""trtflow.images: robust image reading."""
+"""trtflow.common.images: robust image reading."""
 
 from pathlib import Path
 
@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from trtflow.images import BadImageError, read_image
+from trtflow.common.images import BadImageError, read_image
 
 
 def write_image(path: Path, pixels: np.ndarray) -> Path:

@@ -1,9 +1,9 @@
-"""trtflow.matching: deployed detections matched one to one to the reference's, on hand-built detections."""
+"""trtflow.run.matching: deployed detections matched one to one to the reference's, on hand-built detections."""
 
 import numpy as np
 import pytest
 
-from trtflow.matching import iou_matrix, match_detections, xyxy
+from trtflow.run.matching import iou_matrix, match_detections, xyxy
 
 
 def det(image_id, category_id, bbox, score):

@@ -2,7 +2,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from trtflow.model import CheckpointError, build_detector, load_detector, run_detector, save_validated_checkpoint
+from trtflow.common.model import CheckpointError, build_detector, load_detector, run_detector, save_validated_checkpoint
 
 
 def test_demo_detector_fits_the_shipped_size_budget(config):

@@ -1,7 +1,7 @@
-"""trtflow.netexec: the TensorRT network definition handed to the builder, evaluated layer by layer on the CPU.
+"""trtflow.run.netexec: the TensorRT network definition handed to the builder, evaluated layer by layer on the CPU.
 
 Every network here is a real INetworkDefinition of TensorRT-RTX (ONNX-parsed features + the API-built
-head, exactly as the engine stage defines it), recorded by trtflow.network_record. The executor is
+head, exactly as the engine stage defines it), recorded by trtflow.formats.network_record. The executor is
 checked against ONNX Runtime (features, Q/DQ as written) and torchvision (whole detectors), and shown
 to catch head bugs that the deployment-form check (ONNX Runtime + StaticHead) cannot see.
 """
@@ -15,20 +15,20 @@ import onnx
 import pytest
 import torch
 
-import trtflow.head_network
+import trtflow.build.head_network
 from summation_order import convolutions_summed_in_two_halves
 from test_engine import small_detector  # noqa: F401  (demo detector, random weights, 128x160, + Q/DQ twin)
 from test_executors import Deployment, deployment  # noqa: F401  (tamed tiny detector + a small COCO set)
 from test_verify import plan_for_no_gpu_here
 from test_weights import ARCHS, tame, torchvision_detector
-from trtflow.engine import EngineSettings, EngineSources, define_network
-from trtflow.executors import network_definition_executor, onnxruntime_static_head_executor
-from trtflow.head_weights import load_head
-from trtflow.netexec import NetworkExecutionError, NetworkExecutor
-from trtflow.network_record import NetworkRecord, NetworkRecordError, read_network
-from trtflow.onnxrun import OnnxSession
-from trtflow.qdq import insert_qdq, quantization_plan
-from trtflow.verify import Thresholds, VerifyError, match_detections, run_verify
+from trtflow.build.engine import EngineSettings, EngineSources, define_network
+from trtflow.build.qdq import insert_qdq, quantization_plan
+from trtflow.common.onnxrun import OnnxSession
+from trtflow.formats.head_weights import load_head
+from trtflow.formats.network_record import NetworkRecord, NetworkRecordError, read_network
+from trtflow.run.executors import network_definition_executor, onnxruntime_static_head_executor
+from trtflow.run.netexec import NetworkExecutionError, NetworkExecutor
+from trtflow.run.verify import Thresholds, VerifyError, match_detections, run_verify
 
 rtx = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX (pip install tensorrt-rtx-cu13) is not installed")
 
@@ -237,7 +237,7 @@ def test_torchvision_architectures_with_random_weights(backend, arch, tmp_path):
 
 def transposed_fc_weight(manifest, monkeypatch):
     """The first box-head FC reads its weight in the transposed memory order (same shape, scrambled)."""
-    linear = trtflow.head_network.linear
+    linear = trtflow.build.head_network.linear
     first = next(layer["name"] for layer in manifest["box_head"]["layers"] if layer["kind"] == "linear")
 
     def scrambled(g, x, layer, tensors):
@@ -247,7 +247,7 @@ def transposed_fc_weight(manifest, monkeypatch):
             tensors = {**tensors, name: np.ascontiguousarray(weight.reshape(weight.shape[::-1]).T)}
         return linear(g, x, layer, tensors)
 
-    monkeypatch.setattr(trtflow.head_network, "linear", scrambled)
+    monkeypatch.setattr(trtflow.build.head_network, "linear", scrambled)
     return manifest
 
 
@@ -263,12 +263,12 @@ def nms_threshold_off(manifest, monkeypatch):
 def level_mapping_shifted(manifest, monkeypatch):
     """Each RoI samples the FPN map one level coarser than torchvision's LevelMapper assigns (an off-by-one
     in the level index; the coarsest level stays)."""
-    fpn_levels = trtflow.head_network.fpn_levels
+    fpn_levels = trtflow.build.head_network.fpn_levels
 
     def shifted(g, boxes, roi_pool):
         return g.minimum(g.add(fpn_levels(g, boxes, roi_pool), 1), len(roi_pool["scales"]) - 1)
 
-    monkeypatch.setattr(trtflow.head_network, "fpn_levels", shifted)
+    monkeypatch.setattr(trtflow.build.head_network, "fpn_levels", shifted)
     return manifest
 
 

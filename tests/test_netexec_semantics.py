@@ -1,4 +1,4 @@
-"""trtflow.netexec against TensorRT's documented layer semantics, one TensorRT-RTX layer at a time.
+"""trtflow.run.netexec against TensorRT's documented layer semantics, one TensorRT-RTX layer at a time.
 
 Each test defines a one-layer network with TensorRT-RTX's network API, records it, evaluates it with
 NetworkExecutor and compares the result with the formula TensorRT documents for that layer mode (quoted in
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from test_netexec import backend  # noqa: F401  (TensorRT-RTX, skipped where it is not installed)
-from trtflow import netexec
-from trtflow.netexec import NetworkExecutionError, NetworkExecutor
-from trtflow.network_record import read_network
+from trtflow.formats.network_record import read_network
+from trtflow.run import netexec
+from trtflow.run.netexec import NetworkExecutionError, NetworkExecutor
 
 
 def new_network(backend):

@@ -1,6 +1,6 @@
-"""trtflow.network_record: what the record holds of each layer, and what it knowingly leaves out.
+"""trtflow.formats.network_record: what the record holds of each layer, and what it knowingly leaves out.
 
-One-layer TensorRT-RTX networks (its network API is TensorRT's), recorded and evaluated by trtflow.netexec
+One-layer TensorRT-RTX networks (its network API is TensorRT's), recorded and evaluated by trtflow.run.netexec
 against the rule TensorRT documents; and the completeness guard: every attribute of every layer class the
 executor implements is recorded and read, declared irrelevant with a reason, or refused unless at its default
 (the same guard runs on every full TensorRT version's bindings in tests/test_trt_bindings_matrix.py).
@@ -12,9 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from trtflow import netexec
-from trtflow.netexec import NetworkExecutionError, NetworkExecutor
-from trtflow.network_record import (
+from trtflow.formats.network_record import (
     DEFAULT_ONLY,
     IRRELEVANT_ATTRIBUTES,
     LAYER_ATTRIBUTES,
@@ -23,6 +21,8 @@ from trtflow.network_record import (
     read_network,
     unaccounted_attributes,
 )
+from trtflow.run import netexec
+from trtflow.run.netexec import NetworkExecutionError, NetworkExecutor
 
 rtx = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX (pip install tensorrt-rtx-cu13) is not installed")
 

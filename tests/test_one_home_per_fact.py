@@ -69,9 +69,9 @@ def definitions(predicate) -> list[str]:
     "predicate, home",
     [
         (is_dtype_table, "backend/dtypes.py"),
-        (is_rpn_output_name, "model.py"),
-        (is_box_color, "drawing.py"),
-        (is_ptx_arch_rule, "plugins.py"),
+        (is_rpn_output_name, "common/model.py"),
+        (is_box_color, "run/drawing.py"),
+        (is_ptx_arch_rule, "common/plugins.py"),
     ],
     ids=["dtype tables", "features output names", "box colours", "ptx_arch rule"],
 )

@@ -1,4 +1,4 @@
-"""trtflow.plan_metadata: the plan's JSON as one versioned dataclass, written as the engine stage wrote it before the
+"""trtflow.formats.plan_metadata: the plan's JSON as one versioned dataclass, written as the engine stage wrote it before the
 format had a version (plus the version), and refused by name where it is of another format or version."""
 
 import hashlib
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from trtflow.artifacts import files_sha256
-from trtflow.plan_metadata import FORMAT, VERSION, PlanMetadata, PlanMetadataError, metadata_path, plan_path
+from trtflow.formats.plan_metadata import FORMAT, VERSION, PlanMetadata, PlanMetadataError, metadata_path, plan_path
 
 # The keys of results/engine_<precision>.json in the order the engine stage wrote them before this format existed
-# (commit dfff426, an inline dict in trtflow.engine): the JSON keeps them, in this order, after the format key.
+# (commit dfff426, an inline dict in trtflow.build.engine): the JSON keeps them, in this order, after the format key.
 ENGINE_JSON_KEYS = (
     "backend",
     "backend_version",

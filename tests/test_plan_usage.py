@@ -1,12 +1,12 @@
-"""The plan stands on its own: results/engine_<precision>.json says how to use the plan (trtflow.usage)."""
+"""The plan stands on its own: results/engine_<precision>.json says how to use the plan (trtflow.formats.usage)."""
 
 import json
 
 import yaml
 
 from snakemake_runs import ROOT
-from trtflow.plan_metadata import FORMAT, VERSION, PlanMetadata
-from trtflow.usage import plan_usage
+from trtflow.formats.plan_metadata import FORMAT, VERSION, PlanMetadata
+from trtflow.formats.usage import plan_usage
 
 CONFIG = yaml.safe_load((ROOT / "config.yaml").read_text())
 

@@ -33,7 +33,7 @@ from trtflow.backend.roi_align_plugin import (
     plugin_flavour,
     register_plugins,
 )
-from trtflow.plugins import (
+from trtflow.common.plugins import (
     ABI_VERSION,
     BuildConfig,
     PluginBuildError,
@@ -483,10 +483,10 @@ def test_padded_channels_last_maps_match_torchvision(built, device):
 
 def test_wrapper_picks_the_layout_of_the_maps(built, monkeypatch):
     """channels_last maps reach the library as NHWC, untouched; anything else as NCHW."""
-    import trtflow.plugins
+    import trtflow.common.plugins
 
     layouts = []
-    monkeypatch.setattr(trtflow.plugins, "launch", lambda *args, layout: layouts.append((args[2], layout)))
+    monkeypatch.setattr(trtflow.common.plugins, "launch", lambda *args, layout: layouts.append((args[2], layout)))
     features = make_pyramid(4, batch=2, channels=4)
     channels_last = [f.contiguous(memory_format=torch.channels_last) for f in features]
     for maps in (features, channels_last, [channels_last[0], *features[1:]]):

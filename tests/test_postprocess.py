@@ -2,8 +2,8 @@ import numpy as np
 import torch
 from torchvision.ops import batched_nms
 
-from trtflow.postprocess import postprocess, to_coco_results
-from trtflow.preprocess import Letterbox
+from trtflow.common.postprocess import postprocess, to_coco_results
+from trtflow.common.preprocess import Letterbox
 
 CFG = {"score_thresh": 0.05, "iou_thresh": 0.5, "max_detections": 100}
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from test_images import picture, write_image
-from trtflow.preprocess import preprocess_batch, preprocess_image, preprocess_split
+from trtflow.common.preprocess import preprocess_batch, preprocess_image, preprocess_split
 
 CFG = {
     "input": {"height": 320, "width": 320},

@@ -21,13 +21,13 @@ from trtflow.artifacts import files_sha256
 from trtflow.workflow import ProvenanceError, check_job_code, module_file
 
 TARGET = "results/model/model.json"  # rule `model`: a numeric artifact in a few seconds, no other job first
-MARKER = "provenance marker: this clone's trtflow.model ran"
+MARKER = "provenance marker: this clone's trtflow.common.model ran"
 
 
 def edited_clone(scratch_run) -> Path:
-    """A scratch copy of the workflow whose trtflow.model prints MARKER when imported."""
+    """A scratch copy of the workflow whose trtflow.common.model prints MARKER when imported."""
     clone = scratch_run("clone")
-    model = clone / "src/trtflow/model.py"
+    model = clone / "src/trtflow/common/model.py"
     model.write_text(model.read_text() + f"\nprint({MARKER!r})\n")
     return clone
 
@@ -50,7 +50,7 @@ def test_a_second_clone_sharing_the_environment_runs_its_own_code(scratch_run):
     result = snakemake(clone, TARGET, cores=1)
     assert MARKER in result.console
     code = recorded_code(clone)
-    assert "trtflow.model" in code["modules"] and "trtflow.workflow" in code["modules"]
+    assert "trtflow.common.model" in code["modules"] and "trtflow.workflow" in code["modules"]
     assert code["sha256"] == code_sha256(clone / "src/trtflow", code["modules"])
     assert code["sha256"] != code_sha256(ROOT / "src/trtflow", code["modules"])
 

@@ -1,4 +1,4 @@
-"""Q/DQ placement (trtflow.qdq) on a small ResNet-like graph, its numerics in ONNX Runtime, and a TensorRT-RTX build."""
+"""Q/DQ placement (trtflow.build.qdq) on a small ResNet-like graph, its numerics in ONNX Runtime, and a TensorRT-RTX build."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from trtflow.onnxrun import OnnxSession
-from trtflow.qdq import KeepFloat, insert_qdq, quantization_plan, quantize_weight, shared_amax
+from trtflow.build.qdq import KeepFloat, insert_qdq, quantization_plan, quantize_weight, shared_amax
+from trtflow.common.onnxrun import OnnxSession
 
 INPUT_SHAPE = (1, 3, 32, 32)
 
@@ -142,7 +142,7 @@ def test_per_channel_weights_are_symmetric_int8():
 
 def calibrated_amax(model, batches=4):
     """Min-max ranges of every planned tensor from ONNX Runtime runs on random images."""
-    from trtflow.calibrate import collect_histograms, compute_amax
+    from trtflow.build.calibrate import collect_histograms, compute_amax
 
     rng = np.random.default_rng(2)
     images = (rng.standard_normal(INPUT_SHAPE).astype(np.float32) for _ in range(batches))

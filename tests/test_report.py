@@ -1,4 +1,4 @@
-"""trtflow.report: the page renders from the stages' JSONs, with its tables and plots, and a headless browser
+"""trtflow.run.report: the page renders from the stages' JSONs, with its tables and plots, and a headless browser
 draws it (skipped, with the reason, where no Chromium is installed)."""
 
 import base64
@@ -11,10 +11,10 @@ import pytest
 
 from test_executors import small_coco
 from test_plan_metadata import plan_metadata
-from trtflow.executors import LEVELS
-from trtflow.matching import match_detections
-from trtflow.report import FIGURES, LEVEL_WORDS, build_report, find_browser, screenshot
-from trtflow.verify import Thresholds
+from trtflow.run.executors import LEVELS
+from trtflow.run.matching import match_detections
+from trtflow.run.report import FIGURES, LEVEL_WORDS, build_report, find_browser, screenshot
+from trtflow.run.verify import Thresholds
 
 PRECISIONS = ("fp32", "int8")
 MODEL = "demo_320"  # a `models:` entry: its artifacts under results/demo_320/
@@ -178,7 +178,7 @@ def test_report_holds_every_stage_and_precision(report):
 
 
 def test_the_levels_read_as_words_of_the_one_ladder():
-    """The report's words for `verified_level` are keyed by trtflow.executors.LEVELS, so a level cannot be added
+    """The report's words for `verified_level` are keyed by trtflow.run.executors.LEVELS, so a level cannot be added
     or renamed there without the report showing it."""
     assert list(LEVEL_WORDS) == list(LEVELS)
     assert LEVEL_WORDS == {

@@ -109,7 +109,7 @@ def test_from_another_folder_the_workflow_builds_a_plan(elsewhere):
     # the shipped checkpoint, trtflow's code and the scripts come from the clone; nothing is written into it
     model_job = next(job for job in jobs_of(log) if job.rule == "model")
     assert str(checkout / "models/demo_detector.safetensors") in model_job.fields["input"]
-    assert str(checkout / "src/trtflow/model.py") in model_job.fields["input"]
+    assert str(checkout / "src/trtflow/common/model.py") in model_job.fields["input"]
     assert not any((checkout / name).exists() for name in ("results", "logs", ".snakemake"))
     assert json.loads((workdir / "results/data/val.json").read_text())["images"].__len__() == 8
 

@@ -1,4 +1,4 @@
-"""trtflow.runtime: the engine runner's refusals (pure checks of the engine metadata, no TensorRT needed) and,
+"""trtflow.run.runtime: the engine runner's refusals (pure checks of the engine metadata, no TensorRT needed) and,
 where a CUDA GPU can run a plan, its execution against ONNX Runtime on the same features graph."""
 
 import hashlib
@@ -10,8 +10,8 @@ import torch
 
 from test_plan_metadata import plan_metadata
 from trtflow.backend import installed_version
-from trtflow.plan_metadata import FORMAT, VERSION, PlanMetadata, PlanMetadataError, metadata_path
-from trtflow.runtime import EngineRefused, EngineRunner, Gpu, check_runnable, refusals, visible_gpu
+from trtflow.formats.plan_metadata import FORMAT, VERSION, PlanMetadata, PlanMetadataError, metadata_path
+from trtflow.run.runtime import EngineRefused, EngineRunner, Gpu, check_runnable, refusals, visible_gpu
 
 RTX_VERSION = "1.7.1.116"
 RTX_4090 = Gpu("NVIDIA GeForce RTX 4090", "8.9")
@@ -115,7 +115,7 @@ def test_runner_needs_the_metadata_beside_the_plan(plan):
 
 
 def test_runner_refuses_metadata_of_a_newer_format_by_name(plan):
-    """The runner reads the plan's JSON through trtflow.plan_metadata: a newer version is refused before TensorRT."""
+    """The runner reads the plan's JSON through trtflow.formats.plan_metadata: a newer version is refused before TensorRT."""
     document = rtx_metadata(plan).document() | {"format": f"{FORMAT}/{VERSION + 1}"}
     metadata_path(plan).write_text(json.dumps(document))
     with pytest.raises(PlanMetadataError) as refused:
@@ -141,12 +141,12 @@ def test_check_runnable_refuses_here_for_want_of_a_gpu(plan):
 
 @pytest.fixture(scope="module")
 def features_plan(tmp_path_factory):
-    """A features-only plan of a tiny detector with a dynamic batch 1..4, built by trtflow.engine with the
+    """A features-only plan of a tiny detector with a dynamic batch 1..4, built by trtflow.build.engine with the
     installed backend, and its ONNX."""
     from test_weights import tame, tiny_fpn_detector
     from trtflow.backend import BackendUnavailableError, BuildError, load_backend
-    from trtflow.engine import BatchProfile, EngineSettings, EngineSources, build_engine
-    from trtflow.export import export_features
+    from trtflow.build.engine import BatchProfile, EngineSettings, EngineSources, build_engine
+    from trtflow.build.export import export_features
 
     try:
         backend = load_backend("auto")
@@ -181,7 +181,7 @@ def test_a_real_plan_is_refused_without_a_gpu(features_plan):
 
 @pytest.mark.parametrize("cuda_graph", [False, True])
 def test_engine_runner_matches_onnxruntime(features_plan, cuda_graph):
-    from trtflow.onnxrun import OnnxSession
+    from trtflow.common.onnxrun import OnnxSession
 
     plan, onnx = features_plan
     metadata = PlanMetadata.read(metadata_path(plan))

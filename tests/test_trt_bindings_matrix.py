@@ -19,9 +19,9 @@ import pytest
 import trt_bindings
 from trtflow.backend.implicit_int8 import CALIBRATORS, parse_cache_header
 from trtflow.backend.roi_align_plugin import ATTRIBUTES, kernel_name
-from trtflow.calibrate import version_tag
-from trtflow.network_record import LAYER_ATTRIBUTES, unaccounted_attributes
-from trtflow.plugins import RoIAlignSpec
+from trtflow.build.calibrate import version_tag
+from trtflow.common.plugins import RoIAlignSpec
+from trtflow.formats.network_record import LAYER_ATTRIBUTES, unaccounted_attributes
 
 LEVELS = 4  # the probe's level count (tests/trt_bindings_probe.py)
 ATTRS = dict(zip(ATTRIBUTES, RoIAlignSpec(output_size=(7, 5), sampling_ratio=2, num_levels=LEVELS).c_args()))
@@ -209,7 +209,7 @@ def test_inspector_precisions_read_each_major_versions_keys(reports, bindings):
 def test_every_layer_attribute_is_recorded_irrelevant_or_refused(reports, bindings):
     """Issue 21, item 3, on each version's real bindings (TensorRT-RTX: tests/test_network_record.py): every
     attribute of ILayer and of each class of a layer type the network executor implements is recorded, declared
-    irrelevant with a reason, or refused off its default (trtflow.network_record). A class a version lacks is
+    irrelevant with a reason, or refused off its default (trtflow.formats.network_record). A class a version lacks is
     absent; the attributes that come and go across versions are each accounted for on both sides."""
     attributes, version = value(reports[(bindings, False)], "layer_attributes"), release(bindings.version)
     interfaces = {interface for interface, _, _ in LAYER_ATTRIBUTES.values()}

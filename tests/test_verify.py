@@ -1,4 +1,4 @@
-"""trtflow.verify: thresholds, and the stage end to end on CPU (the engine refused for want of a GPU, the
+"""trtflow.run.verify: thresholds, and the stage end to end on CPU (the engine refused for want of a GPU, the
 deployment-form reference verified instead); its matching is tests/test_matching.py's."""
 
 import html
@@ -10,10 +10,10 @@ import pytest
 
 from test_executors import IMAGE_SIZES, POSTPROCESS, deployment, preprocess_settings, small_coco  # noqa: F401
 from test_plan_metadata import RTX_TARGETS, write_plan
-from trtflow.executors import Executor, ExecutorChoice, head_detections
-from trtflow.metrics import coco_map
-from trtflow.report import Artifact, precision_section, stage_rows
-from trtflow.verify import Thresholds, VerifyError, run_verify, verify_detections
+from trtflow.common.metrics import coco_map
+from trtflow.run.executors import Executor, ExecutorChoice, head_detections
+from trtflow.run.report import Artifact, precision_section, stage_rows
+from trtflow.run.verify import Thresholds, VerifyError, run_verify, verify_detections
 
 
 def test_thresholds_name_each_failure():
@@ -49,9 +49,9 @@ def plan_for_no_gpu_here(folder: Path) -> Path:
 def test_run_verify_on_cpu_names_the_executor_and_why_not_the_engine(deployment, tmp_path):
     """No GPU here: the engine is refused, the deployment-form reference is verified, the JSON says both."""
 
-    from trtflow.detection_loop import detect_dataset
-    from trtflow.metrics import coco_map
-    from trtflow.verify import run_verify
+    from trtflow.common.metrics import coco_map
+    from trtflow.run.detection_loop import detect_dataset
+    from trtflow.run.verify import run_verify
 
     plan = plan_for_no_gpu_here(tmp_path)
     detections = detect_dataset(
@@ -87,7 +87,7 @@ def test_run_verify_on_cpu_names_the_executor_and_why_not_the_engine(deployment,
 
 
 def test_run_verify_fails_below_enforced_thresholds_only(deployment, tmp_path):
-    from trtflow.verify import VerifyError, run_verify
+    from trtflow.run.verify import VerifyError, run_verify
 
     empty = tmp_path / "reference.json"
     empty.write_text("[]")  # every deployed detection is then unmatched: match_precision 0
@@ -119,7 +119,7 @@ def test_run_verify_fails_below_enforced_thresholds_only(deployment, tmp_path):
 
 
 def fixed_head_outputs(images: int) -> dict[str, np.ndarray]:
-    """The head's outputs (`trtflow.head.HEAD_OUTPUTS`) for `images` images: two detections each of three rows,
+    """The head's outputs (`trtflow.common.head.HEAD_OUTPUTS`) for `images` images: two detections each of three rows,
     the third row zero as the head pads, labels 1 and 2 of the three classes of `small_coco`."""
     return {
         "num_detections": np.full(images, 2, np.int32),
@@ -138,7 +138,7 @@ def second_image(output: str, index, value):
     return fault
 
 
-# (fault, what the reason says of the second image of the data set); the head says (trtflow.head, HEAD_OUTPUTS):
+# (fault, what the reason says of the second image of the data set); the head says (trtflow.common.head, HEAD_OUTPUTS):
 # labels 1..C-1 (0 is the background), boxes and scores are finite numbers, num_detections rows hold detections
 IMPOSSIBLE_OUTPUTS = {
     "label 0": (
@@ -174,7 +174,7 @@ def fixed_executor(fault=None) -> Executor:
 @pytest.fixture(scope="module")
 def fixed_case(tmp_path_factory) -> dict:
     """Six images of three classes, and as their reference the fixed executor's detections without a fault."""
-    from trtflow.detection_loop import detect_dataset
+    from trtflow.run.detection_loop import detect_dataset
 
     folder = tmp_path_factory.mktemp("fixed")
     val = folder / "val.json"
@@ -228,7 +228,7 @@ def test_run_verify_records_an_impossible_output_and_enforce_fails_in_one_line(
     fixed_case, tmp_path, monkeypatch, fault, reason
 ):
     monkeypatch.setattr(
-        "trtflow.verify.choose_executor", lambda precision, plan, **kwargs: no_gpu(fixed_executor(fault))
+        "trtflow.run.verify.choose_executor", lambda precision, plan, **kwargs: no_gpu(fixed_executor(fault))
     )
     kwargs = dict(
         plan=tmp_path / "engine_fp16.plan",

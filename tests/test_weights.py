@@ -1,4 +1,4 @@
-"""trtflow.weights: head tensors + manifest export, exact round-trips, strict loading.
+"""trtflow.build.weights: head tensors + manifest export, exact round-trips, strict loading.
 
 Also home of the small random-init detectors the head and network tests share.
 """
@@ -25,8 +25,15 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCN
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import MultiScaleRoIAlign
 
-from trtflow.head_weights import HeadWeightsError, load_head, read_wts, required_tensors, tensor_sha256, write_wts
-from trtflow.weights import export_head
+from trtflow.build.weights import export_head
+from trtflow.formats.head_weights import (
+    HeadWeightsError,
+    load_head,
+    read_wts,
+    required_tensors,
+    tensor_sha256,
+    write_wts,
+)
 
 # Test-time budgets small enough for CPU, large enough for real NMS work.
 BUDGETS = {"rpn_pre_nms_top_n_test": 150, "rpn_post_nms_top_n_test": 60}

@@ -21,10 +21,10 @@ import tensorrt as trt
 from trtflow.backend import layer_dtypes, load_backend
 from trtflow.backend import roi_align_plugin as rap
 from trtflow.backend.implicit_int8 import cache_only_calibrator
-from trtflow.calibrate import ALGORITHMS, calibration_table, format_calibration_table, version_tag
+from trtflow.build.calibrate import ALGORITHMS, calibration_table, format_calibration_table, version_tag
+from trtflow.common.plugins import MAX_LEVELS, RoIAlignSpec
 from trtflow.config import environment_problems
-from trtflow.network_record import interface_attributes
-from trtflow.plugins import MAX_LEVELS, RoIAlignSpec
+from trtflow.formats.network_record import interface_attributes
 
 LEVELS = 4
 SPEC = RoIAlignSpec(output_size=(7, 5), sampling_ratio=2, num_levels=LEVELS)

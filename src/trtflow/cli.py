@@ -1,4 +1,4 @@
-"""The `trtflow` command: argument parsing only; the work is in run-side modules (`trtflow.detect`)."""
+"""The `trtflow` command: argument parsing only; the work is in run-side modules (`trtflow.run.detect`)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from trtflow.detect import detect_files
-from trtflow.runtime import EngineRefused
+from trtflow.run.detect import detect_files
+from trtflow.run.runtime import EngineRefused
 
 
 def parser() -> argparse.ArgumentParser:

@@ -10,7 +10,7 @@ import yaml
 
 from trtflow.backend import BackendUnavailableError, load_backend
 from trtflow.backend.roi_align_plugin import unsupported_reason
-from trtflow.plugins import ptx_arch_problem
+from trtflow.common.plugins import ptx_arch_problem
 
 SCHEMA_NAME = "config.schema.yaml"
 
@@ -129,7 +129,7 @@ def _names_files(workdir: Path, spec: str) -> bool:
 
 
 def batch_problem(batch: dict) -> str | None:
-    """engine.batch's rule, asked by the config check and by trtflow.engine.BatchProfile."""
+    """engine.batch's rule, asked by the config check and by trtflow.build.engine.BatchProfile."""
     if not 1 <= batch["min"] <= batch["opt"] <= batch["max"]:
         return f"engine.batch: {batch} needs 1 <= min <= opt <= max"
     return None
@@ -160,7 +160,7 @@ def consistency_problems(config: dict) -> list[str]:
         )
     if calibration["qdq_placement"] == "modelopt":
         # imported here: the ModelOpt adapter loads onnx (about 0.5 s), which every Snakemake start would pay
-        from trtflow.modelopt_qdq import missing_modelopt, modelopt_method
+        from trtflow.build.modelopt_qdq import missing_modelopt, modelopt_method
 
         try:
             modelopt_method(calibration["algorithm"])

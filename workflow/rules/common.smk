@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from trtflow.config import locate, model_settings
-from trtflow.plugins import PluginBuildError, find_nvcc
+from trtflow.common.plugins import PluginBuildError, find_nvcc
 from trtflow.workflow import code_closure
 
 # What the workflow writes, relative to the working directory (--directory); what it reads of its own, from

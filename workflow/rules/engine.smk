@@ -1,7 +1,7 @@
 # Stage `engine`: features ONNX + the TensorRT-API head -> results/engine_{precision}.plan + .json metadata.
 # TensorRT-RTX builds on a CPU (ahead of time); full TensorRT needs the GPU the plan is for.
 from trtflow.artifacts import installed_versions
-from trtflow.data import dataset_categories
+from trtflow.build.data import dataset_categories
 
 # A plan runs only on the TensorRT version that built it, so an upgrade (pip) must rebuild the plans:
 # the installed versions are a param, and a changed param reruns the rule.
@@ -20,7 +20,7 @@ rule engine:
     output:
         plan=RESULTS / "{model}engine_{precision}.plan",
         metadata=RESULTS / "{model}engine_{precision}.json",
-        # the exact network handed to the builder, for verify where the plan cannot run (trtflow.netexec)
+        # the exact network handed to the builder, for verify where the plan cannot run (trtflow.run.netexec)
         network=RESULTS / "{model}engine_{precision}.network.safetensors",
     wildcard_constraints:
         precision="fp32|fp16|int8",
@@ -31,7 +31,7 @@ rule engine:
         engine={key: value for key, value in ENGINE.items() if key != "precisions"},
         # shared by concurrent builds (file lock, merged), so not an output of any one job
         timing_cache=RESULTS / "cache/timing.cache",
-        # what a runtime needs beside the plan, recorded in its JSON (trtflow.usage; read by `trtflow detect`)
+        # what a runtime needs beside the plan, recorded in its JSON (trtflow.formats.usage; read by `trtflow detect`)
         usage=lambda wildcards: {"preprocess": preprocess_settings(wildcards), "postprocess": config["postprocess"],
                                  "categories": CATEGORIES},
     resources:

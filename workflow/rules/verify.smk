@@ -1,6 +1,6 @@
 # Stage `verify`: every precision against the PyTorch reference (rule verify), timed (rule bench), and
 # the pipeline's checks on one page (rule report). The engine runs where this machine can run it;
-# elsewhere its recorded TensorRT network definition is evaluated layer by layer (trtflow.netexec), and the
+# elsewhere its recorded TensorRT network definition is evaluated layer by layer (trtflow.run.netexec), and the
 # JSONs say which level ran and why nothing stronger did.
 
 PRECISIONS = config["engine"]["precisions"]

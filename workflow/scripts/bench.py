@@ -1,7 +1,7 @@
 from pathlib import Path
 
-from trtflow.bench import run_bench
-from trtflow.model import load_detector
+from trtflow.common.model import load_detector
+from trtflow.run.bench import run_bench
 from trtflow.workflow import script_logging
 
 with script_logging(snakemake):

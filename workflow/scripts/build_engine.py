@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from trtflow.engine import EngineSettings, EngineSources, build_engine
+from trtflow.build.engine import EngineSettings, EngineSources, build_engine
 from trtflow.workflow import script_logging
 
 with script_logging(snakemake):

@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from trtflow.plugins import BuildConfig, build_plugins
+from trtflow.common.plugins import BuildConfig, build_plugins
 from trtflow.workflow import script_logging
 
 with script_logging(snakemake):

@@ -1,4 +1,4 @@
-from trtflow.calibrate import calibrate_features
+from trtflow.build.calibrate import calibrate_features
 from trtflow.workflow import script_logging
 
 with script_logging(snakemake):

@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from trtflow.qdq_accuracy import simulated_accuracy
+from trtflow.run.qdq_accuracy import simulated_accuracy
 from trtflow.workflow import script_logging
 
 with script_logging(snakemake):

@@ -1,8 +1,8 @@
 import json
 
 from trtflow.artifacts import software_versions
-from trtflow.export import export_features
-from trtflow.model import load_detector
+from trtflow.build.export import export_features
+from trtflow.common.model import load_detector
 from trtflow.workflow import script_logging
 
 with script_logging(snakemake):

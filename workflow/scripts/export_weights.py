@@ -1,8 +1,8 @@
 import json
 from pathlib import Path
 
-from trtflow.model import load_detector
-from trtflow.weights import export_head
+from trtflow.build.weights import export_head
+from trtflow.common.model import load_detector
 from trtflow.workflow import script_logging
 
 with script_logging(snakemake):

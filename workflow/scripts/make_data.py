@@ -1,6 +1,6 @@
 """Rule `data`: results/data/val.json and calib.json from the `data:` config."""
 
-from trtflow.data import prepare_data
+from trtflow.build.data import prepare_data
 from trtflow.workflow import script_logging
 
 with script_logging(snakemake):

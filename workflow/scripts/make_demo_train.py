@@ -1,6 +1,6 @@
 """Rule `data_train`: the demo training split, results/data/train.json + images."""
 
-from trtflow.demo_data import make_demo_split
+from trtflow.build.demo_data import make_demo_split
 from trtflow.workflow import script_logging
 
 with script_logging(snakemake):

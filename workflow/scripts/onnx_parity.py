@@ -1,5 +1,5 @@
-from trtflow.export import check_parity
-from trtflow.model import load_detector
+from trtflow.build.export import check_parity
+from trtflow.common.model import load_detector
 from trtflow.workflow import script_logging
 
 with script_logging(snakemake):

@@ -1,5 +1,5 @@
-from trtflow.model import load_detector
-from trtflow.reference import run_reference
+from trtflow.common.model import load_detector
+from trtflow.run.reference import run_reference
 from trtflow.workflow import script_logging
 
 with script_logging(snakemake):

@@ -1,4 +1,4 @@
-from trtflow.report import build_report
+from trtflow.run.report import build_report
 from trtflow.workflow import script_logging
 
 with script_logging(snakemake):

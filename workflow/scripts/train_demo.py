@@ -1,4 +1,4 @@
-from trtflow.train import train_demo
+from trtflow.build.train import train_demo
 from trtflow.workflow import script_logging
 
 with script_logging(snakemake):

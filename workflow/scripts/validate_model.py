@@ -1,4 +1,4 @@
-from trtflow.model import save_validated_checkpoint
+from trtflow.common.model import save_validated_checkpoint
 from trtflow.workflow import script_logging
 
 with script_logging(snakemake):

@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from trtflow.verify import Thresholds, run_verify
+from trtflow.run.verify import Thresholds, run_verify
 from trtflow.workflow import script_logging
 
 with script_logging(snakemake):

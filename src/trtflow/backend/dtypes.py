@@ -20,7 +20,7 @@ _DTYPES = {
 TORCH_DTYPES = {name: torch_dtype for name, (torch_dtype, _) in _DTYPES.items()}
 NUMPY_DTYPES = {name: numpy_dtype for name, (_, numpy_dtype) in _DTYPES.items() if numpy_dtype is not None}
 
-# The head dtype as trtflow.head.head_dtype and the executors spell it; add_head also takes the precisions' words.
+# The head dtype as trtflow.common.head.head_dtype and the executors spell it; add_head also takes the precisions' words.
 HEAD_DTYPES = {"float32": "FLOAT", "float16": "HALF", "fp32": "FLOAT", "fp16": "HALF"}
 
 # The engine inspector's words: TensorRT 10 "Format/Datatype" ("Row major linear FP32", "Channel major FP16 format

@@ -35,7 +35,7 @@ from types import ModuleType
 
 import numpy as np
 
-from trtflow.plugins import (
+from trtflow.common.plugins import (
     DEFAULT_LIBRARY,
     MAX_LEVELS,
     ROI_ALIGN_PTX,
@@ -129,7 +129,7 @@ def _release(version: str) -> tuple[int, int]:
 
 def kernel_name(num_levels: int, dtype: str, layout: str) -> str:
     """The PTX entry for a level count, feature dtype ('float32' / 'float16') and map layout
-    (a key of trtflow.plugins.LAYOUT_CODES; both channels-last layouts share one entry)."""
+    (a key of trtflow.common.plugins.LAYOUT_CODES; both channels-last layouts share one entry)."""
     suffix = "nchw" if layout == "nchw" else "nhwc"
     return f"trtflow_multilevel_roi_align_{num_levels}l_{'f16' if dtype == 'float16' else 'f32'}_{suffix}"
 
@@ -148,7 +148,7 @@ def pixel_stride(channels, layout: str):
 
 
 def map_layout(trt, tensor_format) -> str:
-    """trtflow.plugins.LAYOUT_CODES key of a feature map's trt.TensorFormat."""
+    """trtflow.common.plugins.LAYOUT_CODES key of a feature map's trt.TensorFormat."""
     layouts = {trt.TensorFormat.LINEAR: "nchw", trt.TensorFormat.HWC: "nhwc", trt.TensorFormat.HWC8: "nhwc8"}
     if tensor_format not in layouts:
         raise ValueError(

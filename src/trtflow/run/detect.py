@@ -1,0 +1,162 @@
+"""`trtflow detect`: a plan on image files, with the pipeline's own pre- and postprocessing.
+
+Everything comes from the plan's JSON (`trtflow.formats.usage`): the preprocessing, the postprocessing and the class
+names. The plan runs where this machine can run it; where it cannot, `detect_files` says why and, with
+`fallback`, runs the best executor that can (`trtflow.run.executors.choose_executor`, verify's ladder, given the
+network record, ONNX and head weights the JSON names: the TensorRT network definition where it was recorded); the
+result names the executor that ran and its verification level. Images are read by `trtflow.common.images.read_image`,
+so a bad file is refused with the same message as in the pipeline; an output no head can give (a label outside
+the plan's classes, a non-finite box or score, more detections than rows) is refused with verify's reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import cv2
+
+from trtflow.artifacts import files_sha256, write_bytes, write_json
+from trtflow.common.images import read_image
+from trtflow.formats.plan_metadata import PlanMetadata, metadata_path
+from trtflow.run.detection_loop import detect_images
+from trtflow.run.drawing import DEPLOYED_COLOR, bgr
+from trtflow.run.executors import ImpossibleOutput, choose_executor
+from trtflow.run.runtime import EngineRefused, read_metadata
+
+log = logging.getLogger(__name__)
+BOX_COLOR = bgr(DEPLOYED_COLOR)  # the report's deployed-box red
+
+
+class DetectError(ValueError):
+    """The plan, its JSON or its sources cannot serve `trtflow detect`; the message names the file and the fix."""
+
+
+def usage_of(plan: Path) -> PlanMetadata:
+    """The plan's JSON, checked for what detect reads (a plan built outside the pipeline lacks it)."""
+    metadata = read_metadata(plan)
+    missing = [key for key in ("preprocess", "postprocess", "classes") if getattr(metadata, key) is None]
+    if missing:
+        raise DetectError(
+            f"{metadata_path(plan)} has no {', '.join(missing)}: the plan was built outside the pipeline, so its "
+            f"JSON does not say how to use it; build it with the pipeline (snakemake -f {plan})"
+        )
+    return metadata
+
+
+def source_path(record: Mapping | None, what: str, plan: Path) -> Path:
+    """A file the plan's JSON names under `sources` (a path relative to the pipeline's working directory): found
+    from here, or from a folder above the plan; its sha256 must be the recorded one."""
+    if record is None:
+        raise DetectError(
+            f"{metadata_path(plan)} names no {what}: a features-only plan has no deployment "
+            "form to fall back to; run it where the plan runs"
+        )
+    recorded = Path(record["path"])
+    candidates = [recorded] + [folder / recorded for folder in plan.resolve().parents]
+    path = next((candidate for candidate in candidates if candidate.is_file()), None)
+    if path is None:
+        raise DetectError(
+            f"the {what} {recorded} that {plan} was built from is not found here nor above "
+            f"{plan.parent}; run from the pipeline's folder, or copy results/ with the plan"
+        )
+    if files_sha256(path) != record["sha256"]:
+        raise DetectError(
+            f"{path} is not the {what} {plan} was built from (sha256 {files_sha256(path)[:12]}…, "
+            f"the plan's JSON records {record['sha256'][:12]}…); rebuild the plan (snakemake -f {plan})"
+        )
+    return path
+
+
+def fallback_sources(plan: Path, metadata: PlanMetadata) -> dict[str, Path | None]:
+    """What `choose_executor` falls back to, from the files the plan's JSON names: the features ONNX, the head
+    weights folder and the network record (where one was written)."""
+    recorded = metadata.network_record
+    return {
+        "onnx": source_path(metadata.sources["onnx"], "features ONNX", plan),
+        "weights_dir": source_path(metadata.sources["head_weights"], "head weights manifest", plan).parent,
+        "network": source_path(recorded, "network record", plan) if recorded else None,
+    }
+
+
+def draw(image_bgr, detections: Sequence[Mapping], names: Mapping[int, str]):
+    """The image with each detection's box, class name and score."""
+    canvas = image_bgr.copy()
+    for entry in detections:
+        x, y, w, h = (round(v) for v in entry["bbox"])
+        cv2.rectangle(canvas, (x, y), (x + w, y + h), BOX_COLOR, 2)
+        label = f"{names.get(entry['category_id'], entry['category_id'])} {entry['score']:.2f}"
+        cv2.putText(canvas, label, (x, max(12, y - 4)), cv2.FONT_HERSHEY_SIMPLEX, 0.45, BOX_COLOR, 1, cv2.LINE_AA)
+    return canvas
+
+
+def detect_files(
+    plan: str | Path,
+    images: Sequence[str | Path],
+    *,
+    out_json: str | Path | None = None,
+    draw_dir: str | Path | None = None,
+    fallback: bool = False,
+    batch_size: int = 8,
+) -> dict:
+    """COCO-style detections of the plan (or, with `fallback`, its best runnable stand-in) on `images`.
+
+    Returns {"plan", "precision", "executor", "engine_executed", ..., "images": [{"id", "file_name"}],
+    "categories", "detections": COCO results}; written to `out_json` when given, and each image drawn with its
+    boxes into `draw_dir/<stem>.png` when given. Image ids are 1.. in the order given.
+    """
+    plan = Path(plan)
+    metadata = usage_of(plan)
+    entries = [{"id": number, "file_name": str(path)} for number, path in enumerate(images, 1)]
+    stems = [Path(entry["file_name"]).stem for entry in entries]
+    if draw_dir is not None and len(set(stems)) < len(stems):
+        raise DetectError(
+            f"--draw {draw_dir}: two images share a file name stem ({stems}); each is drawn into "
+            "<stem>.png, so give them distinct names"
+        )
+    for entry in entries:  # a bad image is refused before any model loads
+        read_image(entry["file_name"])
+    try:
+        chosen = choose_executor(
+            metadata.precision, plan, fallback=fallback, **(fallback_sources(plan, metadata) if fallback else {})
+        )
+    except EngineRefused as refused:  # only without fallback: the ladder takes the next level otherwise
+        raise DetectError(
+            f"{refused}\nthe plan cannot run on this machine; pass --fallback to run the best "
+            "executor that can (named in the output)"
+        ) from None
+    executor = chosen.executor
+    if chosen.level != "engine":
+        log.warning("%s does not run here: the detections are %s's", plan, executor.name)
+    classes = metadata.classes
+    try:
+        detections = detect_images(
+            executor,
+            entries,
+            {entry["label"]: entry["category_id"] for entry in classes},
+            metadata.preprocess,
+            metadata.postprocess,
+            batch_size=batch_size,
+            desc=f"detect ({executor.name})",
+        )
+    except ImpossibleOutput as error:  # the reason verify would fail the plan for
+        raise DetectError(f"{executor.name} (level {chosen.level}) gave an impossible output: {error}") from None
+    result = {
+        "plan": str(plan),
+        "precision": metadata.precision,
+        "executor": executor.name,
+        **chosen.status(),
+        "executor_details": dict(executor.details),
+        "images": entries,
+        "categories": [{"id": entry["category_id"], "name": entry["name"]} for entry in classes],
+        "detections": detections,
+    }
+    if out_json is not None:
+        write_json(out_json, result)
+    if draw_dir is not None:
+        names = {entry["category_id"]: entry["name"] for entry in classes}
+        for entry, stem in zip(entries, stems):
+            drawn = draw(read_image(entry["file_name"]), [d for d in detections if d["image_id"] == entry["id"]], names)
+            write_bytes(Path(draw_dir) / f"{stem}.png", cv2.imencode(".png", drawn)[1].tobytes())
+    return result
