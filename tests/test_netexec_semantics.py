@@ -29,6 +29,20 @@ def evaluate(backend, network, **inputs) -> list[torch.Tensor]:
     return list(NetworkExecutor(read_network(network, backend.trt))(inputs).values())
 
 
+def test_parametric_relu_scales_negative_inputs_by_the_broadcast_slope(backend):
+    """NvInfer.h, INetworkDefinition::addParametricReLU / IParametricReLULayer: the output is the input where it is
+    positive and input * slope elsewhere, the slope tensor broadcast to the input's shape (here (1, 3) against a
+    dynamic batch of (2, 3))."""
+    trt = backend.trt
+    network = new_network(backend)
+    x = network.add_input("x", trt.float32, (-1, 3))
+    slope = constant(network, [[0.5, -2.0, 0.0]], np.float32)
+    network.mark_output(network.add_parametric_relu(x, slope).get_output(0))
+    values = torch.tensor([[-2.0, -1.0, -4.0], [3.0, 0.0, 5.0]])
+    (result,) = evaluate(backend, network, x=values)
+    assert result.tolist() == [[-1.0, 2.0, 0.0], [3.0, 0.0, 5.0]]
+
+
 def test_max_average_blend_pooling_weights_the_average_by_the_blend_factor(backend):
     """NvInfer.h, PoolingType::kMAX_AVERAGE_BLEND and IPoolingLayer::setBlendFactor: the output is
     (1 - blendFactor) * maxPool + blendFactor * avgPool."""

@@ -136,7 +136,7 @@ def test_every_attribute_of_the_executors_layer_classes_is_accounted_for():
     assert set(LAYER_ATTRIBUTES) == set(netexec.LAYERS) | set(LOOP_BOUNDARIES)
     interfaces = {interface for interface, _, _ in LAYER_ATTRIBUTES.values()}
     attributes = interface_attributes(rtx)
-    assert set(attributes) == {"ILayer"} | interfaces and len(interfaces) == 28
+    assert set(attributes) == {"ILayer"} | interfaces and len(interfaces) == 29
     assert {"axes", "start", "shape", "stride", "mode"} == set(attributes["ISliceLayer"])
     assert (
         {"axis", "block_shape", "to_type"} == set(attributes["IQuantizeLayer"]) == set(attributes["IDequantizeLayer"])

@@ -61,6 +61,7 @@ LAYER_ATTRIBUTES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "LOOP_OUTPUT": ("ILoopOutputLayer", ("kind", "axis"), ()),
     "MATRIX_MULTIPLY": ("IMatrixMultiplyLayer", ("op0", "op1"), ()),
     "NMS": ("INMSLayer", ("bounding_box_format", "topk_box_limit"), ()),
+    "PARAMETRIC_RELU": ("IParametricReLULayer", (), ()),
     "POOLING": (
         "IPoolingLayer",
         (

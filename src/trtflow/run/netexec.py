@@ -206,6 +206,12 @@ def convolution(layer, inputs, executor):
     ]
 
 
+def parametric_relu(layer, inputs, _):
+    """x where x >= 0, else slope * x, the slope tensor (input 1) broadcast to x's shape."""
+    x, slope = inputs[0].float(), inputs[1].float()
+    return [torch.where(x >= 0, x, slope * x)]
+
+
 def pooling(layer, inputs, _):
     params = layer["params"]
     window, stride = params["window_size_nd"], params["stride_nd"]
@@ -604,6 +610,7 @@ LAYERS: dict[str, Callable] = {
     "IDENTITY": same,
     "MATRIX_MULTIPLY": matrix_multiply,
     "NMS": nms,
+    "PARAMETRIC_RELU": parametric_relu,
     "POOLING": pooling,
     "QUANTIZE": quantize,
     "REDUCE": reduce,
@@ -716,6 +723,7 @@ SHAPE_RULES: dict[str, Callable] = {
     "GATHER": gather_shape,
     "IDENTITY": first_input_shape,
     "MATRIX_MULTIPLY": matrix_multiply_shape,
+    "PARAMETRIC_RELU": first_input_shape,
     "POOLING": window_shape,
     "QUANTIZE": first_input_shape,
     "REDUCE": reduce_shape,
