@@ -12,7 +12,10 @@ from trtflow.build.engine import INT8_MODES
 from trtflow.build.head_network import HEAD_OPTIONS
 from trtflow.common.coco import BAD_IMAGE_POLICIES
 from trtflow.common.head import PRECISIONS
+from trtflow.common.model import ARCHS
 from trtflow.config import SCHEMA, ConfigError, check_config
+from trtflow.run.bench import EXECUTORS
+from trtflow.run.executors import LEVELS
 from trtflow.run.verify import Thresholds
 
 RAW = yaml.safe_load((ROOT / "config.yaml").read_text())
@@ -160,5 +163,8 @@ def test_the_schema_offers_exactly_the_values_the_library_implements():
     assert schema["backend"]["enum"] == list(BACKEND_CHOICES)
     assert schema["calibration"]["properties"]["algorithm"]["enum"] == list(ALGORITHMS)
     assert schema["data"]["properties"]["bad_images"]["enum"] == list(BAD_IMAGE_POLICIES)
+    assert schema["bench"]["properties"]["executors"]["items"]["enum"] == list(EXECUTORS)
+    assert sorted(schema["verify"]["properties"]["require"]["enum"]) == sorted(LEVELS)
     criteria = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())["definitions"]
+    assert criteria["model_settings"]["properties"]["arch"]["enum"] == list(ARCHS)
     assert list(criteria["verify_thresholds"]["properties"]) == [field.name for field in fields(Thresholds)]
