@@ -16,9 +16,10 @@ from conftest import FULL_TENSORRT
 from trtflow import backend as backends
 from trtflow.backend import BackendUnavailableError, dtypes, layer_dtypes, load_backend
 from trtflow.backend.implicit_int8 import cache_only_calibrator
-from trtflow.build.calibrate import ALGORITHMS, calibration_table, format_calibration_table
+from trtflow.build.calibrate import calibration_table
 from trtflow.build.engine import EngineSettings
 from trtflow.common.head import PRECISIONS, head_dtype
+from trtflow.formats.calibration_table import ALGORITHMS, format_calibration_table
 
 
 @pytest.fixture

@@ -544,7 +544,7 @@ def write_metrics(path):
 
 
 def write_table(path):
-    from trtflow.build.calibrate import CalibrationTable, write_calibration_table
+    from trtflow.formats.calibration_table import CalibrationTable, write_calibration_table
 
     write_calibration_table(path, CalibrationTable("101600", "EntropyCalibration2", {"images": 0.02}))
 

@@ -11,24 +11,26 @@ import pytest
 
 from trtflow.backend.implicit_int8 import CALIBRATORS
 from trtflow.build.calibrate import (
-    ALGORITHMS,
     NUM_BINS,
     AbsHistogram,
-    CalibrationTable,
     calibration_table,
     collect_histograms,
     compute_amax,
     entropy_amax,
+    percentile_amax,
+)
+from trtflow.common.images import BadImageError
+from trtflow.formats.calibration_table import (
+    ALGORITHMS,
+    CalibrationTable,
     format_calibration_table,
     parse_calibration_table,
-    percentile_amax,
     read_calibration_table,
     scale_hex,
     tensorrt_version_tag,
     version_tag,
     write_calibration_table,
 )
-from trtflow.common.images import BadImageError
 
 
 def histogram_of(samples: np.ndarray, chunks: int = 1) -> AbsHistogram:

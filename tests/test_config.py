@@ -7,13 +7,13 @@ import yaml
 
 from conftest import ROOT
 from trtflow.backend import CHOICES as BACKEND_CHOICES
-from trtflow.build.calibrate import ALGORITHMS
 from trtflow.build.engine import INT8_MODES
 from trtflow.build.head_network import HEAD_OPTIONS
 from trtflow.common.coco import BAD_IMAGE_POLICIES
 from trtflow.common.head import PRECISIONS
 from trtflow.common.model import ARCHS
 from trtflow.config import SCHEMA, ConfigError, check_config
+from trtflow.formats.calibration_table import ALGORITHMS
 from trtflow.run.bench import EXECUTORS
 from trtflow.run.executors import LEVELS
 from trtflow.run.verify import Thresholds

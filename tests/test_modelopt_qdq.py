@@ -11,9 +11,10 @@ from onnx import numpy_helper
 
 from test_calibrate import PREPROCESS, features_onnx, run_stage, write_images  # noqa: F401  (features_onnx: a fixture)
 from test_qdq import resnet_like_model
-from trtflow.build.calibrate import image_batches, read_calibration_table
+from trtflow.build.calibrate import image_batches
 from trtflow.build.modelopt_qdq import activation_amax, modelopt_method
 from trtflow.common.onnxrun import OnnxSession
+from trtflow.formats.calibration_table import read_calibration_table
 
 # The convs of test_qdq.resnet_like_model that ModelOpt quantizes: not b1_conv1/b1_conv2, whose 8 in and 8 out
 # channels its small-conv rule leaves in float (modelopt graph_utils.find_nodes_from_convs_to_exclude).

@@ -18,12 +18,18 @@ from pathlib import Path
 import numpy as np
 import tensorrt as trt
 
-from trtflow.backend import layer_dtypes, load_backend
+from trtflow.backend import load_backend
 from trtflow.backend import roi_align_plugin as rap
 from trtflow.backend.implicit_int8 import cache_only_calibrator
-from trtflow.build.calibrate import ALGORITHMS, calibration_table, format_calibration_table, version_tag
 from trtflow.common.plugins import MAX_LEVELS, RoIAlignSpec
 from trtflow.config import environment_problems
+from trtflow.formats.calibration_table import (
+    ALGORITHMS,
+    TENSORRT_ALGORITHM,
+    CalibrationTable,
+    format_calibration_table,
+    version_tag,
+)
 from trtflow.formats.network_record import interface_attributes
 
 LEVELS = 4
@@ -42,13 +48,6 @@ FORMATS = [
     if hasattr(trt.TensorFormat, name)
 ]
 TYPES = ("FLOAT", "HALF", "INT8", "INT32")
-# Inspector output keys (not in the bindings: the native library writes the JSON). TensorRT 10
-# "Format/Datatype" as its documentation and trtexec --exportLayerInfo show; TensorRT 11 "Format" and
-# "Datatype" as reported in issue 14.
-INSPECTOR_KEYS = {
-    10: {"Format/Datatype": "Channel major FP16 format where channel % 8 == 0"},
-    11: {"Format": "Channel major format where channel % 8 == 0", "Datatype": "Half"},
-}
 
 
 class StandInRegistry:
@@ -241,7 +240,8 @@ def calibrator():
     """Per calibration.algorithm: the table rule calibrate writes under this version, and the calibrator serving it."""
     facts = {}
     for algorithm in ALGORITHMS:
-        table = format_calibration_table(calibration_table({"images": 2.0}, algorithm, version_tag(trt.__version__)))
+        header = (version_tag(trt.__version__), TENSORRT_ALGORITHM[algorithm])
+        table = format_calibration_table(CalibrationTable(*header, {"images": 2.0 / 127}))
         instance = cache_only_calibrator(trt, table.encode(), batch_size=2)
         churn()
         facts[algorithm] = {
@@ -253,12 +253,6 @@ def calibrator():
             "is_calibrator": isinstance(instance, trt.IInt8Calibrator),
         }
     return facts
-
-
-def inspector():
-    major = int(trt.__version__.split(".")[0])
-    layer = {"Name": "conv", "LayerType": "CaskConvolution", "Outputs": [{"Name": "y", **INSPECTOR_KEYS[major]}]}
-    return layer_dtypes.from_inspector(json.dumps({"Layers": [layer]}))["output_dtypes"]
 
 
 def backend_facts():
@@ -286,7 +280,6 @@ def main():
         "bindings": binding_facts(),
         "backend": attempt(backend_facts),
         "plugin_import": attempt(plugin_import),
-        "inspector": attempt(inspector),
         "layer_attributes": attempt(layer_attributes),
     }
     backend = report["backend"].get("value", {})

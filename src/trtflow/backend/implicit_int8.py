@@ -24,7 +24,7 @@ class Calibrator(NamedTuple):
     algorithm_type: str
 
 
-# Header algorithm -> calibrator: the algorithms rule calibrate writes (calibrate.TENSORRT_ALGORITHM).
+# Header algorithm -> calibrator: the algorithms rule calibrate writes (formats.calibration_table.TENSORRT_ALGORITHM).
 # tests/test_trt_bindings_matrix.py checks each class's get_algorithm() on every TensorRT 10.x.
 CALIBRATORS = {
     "EntropyCalibration2": Calibrator("IInt8EntropyCalibrator2", "ENTROPY_CALIBRATION_2"),

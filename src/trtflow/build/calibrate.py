@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
-import struct
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,29 +28,25 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from trtflow.artifacts import files_sha256, software_versions, write_json, write_text
-from trtflow.backend import installed_version
-from trtflow.backend.implicit_int8 import parse_cache_header
+from trtflow.artifacts import files_sha256, software_versions, write_json
 from trtflow.build.modelopt_qdq import quantize_features
 from trtflow.build.qdq import KeepFloat, insert_qdq, quantization_plan, save_onnx, shared_amax, symmetric_scale
 from trtflow.common.coco import list_images
 from trtflow.common.images import read_image
 from trtflow.common.onnxrun import OnnxSession
 from trtflow.common.preprocess import preprocess_batch
+from trtflow.formats.calibration_table import (
+    ALGORITHMS,
+    TENSORRT_ALGORITHM,
+    CalibrationTable,
+    tensorrt_version_tag,
+    write_calibration_table,
+)
 
 log = logging.getLogger(__name__)
 
 NUM_BINS = 2048
 NUM_QUANTIZED_BINS = 128  # int8: 127 magnitudes + 0
-ALGORITHMS = ("entropy", "minmax", "percentile")
-# calibration.algorithm -> the table header's algorithm, which picks the TensorRT 10 calibrator class that reads
-# the table (implicit_int8.CALIBRATORS). Percentile ranges are final ranges, like min-max ones, so they travel
-# under the min-max header.
-TENSORRT_ALGORITHM = {
-    "entropy": "EntropyCalibration2",
-    "minmax": "MinMaxCalibration",
-    "percentile": "MinMaxCalibration",
-}
 
 
 class AbsHistogram:
@@ -260,71 +254,7 @@ def collect_histograms(
     return ActivationStatistics(histograms, num_images)
 
 
-# --- TensorRT calibration cache ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CalibrationTable:
-    """A TensorRT calibration cache: version tag (e.g. '100300'), algorithm (e.g. 'EntropyCalibration2'), scales."""
-
-    version: str
-    algorithm: str
-    scales: dict[str, float]
-
-    @property
-    def header(self) -> str:
-        return f"TRT-{self.version}-{self.algorithm}"
-
-    def amax(self) -> dict[str, float]:
-        return {name: float(np.float32(scale) * np.float32(127)) for name, scale in self.scales.items()}
-
-
-def version_tag(version: str) -> str:
-    """NV_TENSORRT_VERSION of a TensorRT version string, as cache headers write it.
-
-    10.x and later: major*10000 + minor*100 + patch (10.3.0 -> 100300); before 10: major*1000 + minor*100 + patch
-    (8.6.1 -> 8601).
-    """
-    major, minor, patch = (int(part) for part in (version.split(".") + ["0", "0"])[:3])
-    return str(major * 10000 + minor * 100 + patch if major >= 10 else major * 1000 + minor * 100 + patch)
-
-
-def tensorrt_version_tag(fallback: str | int) -> str:
-    """The installed TensorRT's version tag (`tensorrt` imports), else `fallback` (config calibration.tensorrt_version)."""
-    installed = installed_version("tensorrt")
-    return version_tag(installed) if installed else str(fallback)
-
-
-def scale_hex(scale: float) -> str:
-    """IEEE-754 float32 bits of `scale`, big-endian, as TensorRT writes them (8 lowercase hex digits)."""
-    return struct.pack(">f", scale).hex()
-
-
-def format_calibration_table(table: CalibrationTable) -> str:
-    lines = [table.header] + [f"{name}: {scale_hex(scale)}" for name, scale in table.scales.items()]
-    return "\n".join(lines) + "\n"
-
-
-def parse_calibration_table(text: str, source: str = "calibration table") -> CalibrationTable:
-    lines = text.splitlines()
-    version, algorithm = parse_cache_header(lines[0] if lines else "", source)
-    scales = {}
-    for number, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        name, separator, bits = line.rpartition(": ")
-        if not separator or not re.fullmatch(r"[0-9a-fA-F]{8}", bits.strip()):
-            raise ValueError(f"{source}, line {number}: expected '<tensor name>: <8 hex digits>', got {line!r}")
-        scales[name] = struct.unpack(">f", bytes.fromhex(bits.strip()))[0]
-    return CalibrationTable(version, algorithm, scales)
-
-
-def write_calibration_table(path: str | Path, table: CalibrationTable) -> None:
-    write_text(path, format_calibration_table(table))
-
-
-def read_calibration_table(path: str | Path) -> CalibrationTable:
-    return parse_calibration_table(Path(path).read_text(), str(path))
+# --- TensorRT calibration cache (trtflow.formats.calibration_table) ------------------------------------
 
 
 def calibration_table(amax: Mapping[str, float], algorithm: str, version: str) -> CalibrationTable:
