@@ -5,6 +5,7 @@ run it, and what depends on their outputs.
 
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 from snakemake_runs import ROOT, clone, planned, snakemake
 from trtflow.workflow import code_closure, imported_modules, module_file
@@ -177,25 +178,42 @@ def downstream(workdir) -> dict[str, set[str]]:
 
 
 def test_editing_each_module_reruns_exactly_the_rules_that_run_it(completed_run, tmp_path):
-    run = clone(completed_run, tmp_path / "run")
-    src = run / "src/trtflow"
-    reach = downstream(run)
+    """One dry run per module, each after an edit of that module alone; the modules are shared out between two
+    clones of the completed run, whose dry runs go side by side (one per core)."""
+    runs = [clone(completed_run, tmp_path / f"run{i}") for i in range(2)]
+    src = runs[0] / "src/trtflow"
+    reach = downstream(runs[0])
     closures = {
-        rule: {path.relative_to(src) for path in code_closure(run / f"workflow/scripts/{script}.py", src)}
+        rule: {path.relative_to(src) for path in code_closure(runs[0] / f"workflow/scripts/{script}.py", src)}
         for rule, (script, _) in rule_scripts().items()
         if rule in reach
     }
     modules = sorted(path.relative_to(src) for path in src.rglob("*.py"))
     assert len(modules) >= 30
+
+    def reruns_after_editing(run, share):
+        """{module: the rules a dry run plans after an edit of that module alone} for the modules of `share`."""
+        found = {}
+        for module in share:
+            path = run / "src/trtflow" / module
+            text, stat = path.read_text(), path.stat()
+            path.write_text(text + "\n# edited\n")  # newer than every output, and other contents
+            try:
+                found[module] = {job.split("[")[0] for job in planned(run)}
+            finally:
+                path.write_text(text)
+                os.utime(path, (stat.st_atime, stat.st_mtime))
+        return found
+
+    with ThreadPoolExecutor(len(runs)) as pool:
+        shares = [modules[i :: len(runs)] for i in range(len(runs))]
+        reruns = {
+            module: rules for found in pool.map(reruns_after_editing, runs, shares) for module, rules in found.items()
+        }
+    assert sorted(reruns) == modules
     for module in modules:
         importers = {rule for rule, closure in closures.items() if module in closure}
         expected = importers.union(*(reach[rule] for rule in importers))
-        path = src / module
-        text, stat = path.read_text(), path.stat()
-        path.write_text(text + "\n# edited\n")  # newer than every output, and other contents
-        try:
-            rules = {job.split("[")[0] for job in planned(run)}
-        finally:
-            path.write_text(text)
-            os.utime(path, (stat.st_atime, stat.st_mtime))
-        assert rules == expected, f"editing {module}: reran {sorted(rules)}, expected {sorted(expected)}"
+        assert reruns[module] == expected, (
+            f"editing {module}: reran {sorted(reruns[module])}, expected {sorted(expected)}"
+        )
