@@ -6,6 +6,7 @@
 import sys
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -15,7 +16,16 @@ min_version("9.0")
 WORKFLOW_DIR = Path(str(workflow.current_basedir)).resolve()
 # The trtflow beside this file is the code the rules' rerun triggers track (common.smk's script_code), so it is
 # the one this process and every job import, whatever else the Python environment has installed: its src/ goes
-# first on sys.path here and on PYTHONPATH for the jobs (trtflow.workflow.use_workflow_source).
+# first on sys.path here and on PYTHONPATH for the jobs (trtflow.workflow.use_workflow_source). A trtflow imported
+# before this file ran cannot be replaced: refused before any of its code runs.
+IMPORTED = sys.modules.get("trtflow")
+if IMPORTED is not None and Path(IMPORTED.__file__).resolve().parent != WORKFLOW_DIR / "src/trtflow":
+    raise WorkflowError(
+        f"this Python process imported trtflow from {Path(IMPORTED.__file__).parent} before the workflow could put "
+        f"its own code first, but the workflow's rerun triggers track {WORKFLOW_DIR / 'src/trtflow'}: jobs would run "
+        "other code than the code that decides their reruns. Start snakemake in a fresh process and import nothing of "
+        "trtflow before the workflow (an including Snakefile: declare the module before any `from trtflow ...`)"
+    )
 sys.path.insert(0, str(WORKFLOW_DIR / "src"))
 from trtflow.workflow import use_workflow_source
 

@@ -105,7 +105,7 @@ def test_rtx_builder_config_settings(rtx):
     _input_network(rtx, builder)
     shapes = {"images": ((1, 3, 8, 8), (2, 3, 8, 8), (4, 3, 8, 8))}
     config = rtx.create_config(
-        builder, workspace_mb=256, opt_level=2, profile_shapes=shapes, compute_capabilities=["8.6", "12.0"]
+        builder, workspace_mb=256, opt_level=2, profile_shapes=shapes, compute_capabilities=["8.6", "12.0"], tf32=False
     )
     assert config.get_memory_pool_limit(trt.MemoryPoolType.WORKSPACE) == 256 << 20
     assert config.builder_optimization_level == 2
@@ -123,7 +123,7 @@ def test_tf32_is_off_unless_asked_for(rtx):
     builder = rtx.create_builder()
     assert builder.create_builder_config().get_flag(trt.BuilderFlag.TF32)  # TensorRT's own default
     settings = dict(workspace_mb=256, opt_level=2, profile_shapes={})
-    assert not rtx.create_config(builder, **settings).get_flag(trt.BuilderFlag.TF32)
+    assert not rtx.create_config(builder, **settings, tf32=False).get_flag(trt.BuilderFlag.TF32)
     assert rtx.create_config(builder, **settings, tf32=True).get_flag(trt.BuilderFlag.TF32)
     assert EngineSettings.from_config({"tf32": True}, "fp32").tf32 and not EngineSettings("fp32").tf32
 
@@ -132,7 +132,9 @@ def test_tf32_is_off_unless_asked_for(rtx):
 def test_rtx_rejects_unknown_compute_capabilities(rtx, targets):
     builder = rtx.create_builder()
     with pytest.raises(ValueError, match=r"engine.rtx.compute_capabilities .* use one or more of"):
-        rtx.create_config(builder, workspace_mb=64, opt_level=0, profile_shapes={}, compute_capabilities=targets)
+        rtx.create_config(
+            builder, workspace_mb=64, opt_level=0, profile_shapes={}, compute_capabilities=targets, tf32=False
+        )
 
 
 def test_rtx_parse_error_carries_the_parser_message(rtx):

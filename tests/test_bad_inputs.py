@@ -483,7 +483,6 @@ def test_engine_stage_without_tensorrt_names_the_install_command(tmp_path):
             sources,
             EngineSettings("fp32"),
             tmp_path / "engine_fp32.plan",
-            tmp_path / "engine_fp32.json",
             backend="tensorrt",
         )
     assert str(caught.value).startswith("backend: tensorrt -- no TensorRT Python module imports (tensorrt)")
@@ -501,7 +500,6 @@ def test_a_plan_for_other_gpus_is_refused_with_the_reason(tmp_path):
         EngineSources(onnx=tiny_features_onnx(tmp_path / "features.onnx")),
         EngineSettings("fp32"),
         plan,
-        tmp_path / "engine_fp32.json",
         backend="tensorrt_rtx",
     )
     installed = {"tensorrt_rtx": metadata.backend_version}
@@ -559,7 +557,6 @@ def write_plan(path):
             EngineSources(onnx=features),
             EngineSettings("fp32"),
             path,
-            path.with_suffix(".json"),
             backend="tensorrt_rtx",
         )
 

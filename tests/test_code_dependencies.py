@@ -56,12 +56,19 @@ def test_the_closure_follows_every_import(tmp_path):
 
 
 def test_the_run_side_does_not_run_the_build_wing():
-    """verify's, report's and bench's code: the head contract and the recorded network, not the wing that builds."""
+    """verify's and bench's code: the head contract and the recorded network, not the wing that builds. The report
+    and the PyTorch reference run neither: editing an executor reruns neither."""
+
+    def closure(script):
+        return {str(path.relative_to(src)) for path in code_closure(ROOT / f"workflow/scripts/{script}.py", src)}
+
     src = ROOT / "src/trtflow"
-    for script in ("verify", "report", "bench"):
-        names = {str(path.relative_to(src)) for path in code_closure(ROOT / f"workflow/scripts/{script}.py", src)}
-        assert {"run/netexec.py", "formats/network_record.py", "common/head.py"} <= names
-        assert not [name for name in names if name.startswith("build/")], script
+    for script in ("verify", "bench", "report", "reference"):
+        assert not [name for name in closure(script) if name.startswith("build/")], script
+    for script in ("verify", "bench"):
+        assert {"run/netexec.py", "formats/network_record.py", "common/head.py"} <= closure(script), script
+    for script in ("report", "reference"):
+        assert "run/levels.py" in closure("report") and not closure(script) & {"run/executors.py", "run/netexec.py"}
 
 
 # The layout is the architecture (docs/ARCHITECTURE.md): the build wing (trtflow.build) and the run wing (trtflow.run)

@@ -15,7 +15,7 @@ from trtflow.common.model import ARCHS
 from trtflow.config import SCHEMA, ConfigError, check_config
 from trtflow.formats.calibration_table import ALGORITHMS
 from trtflow.run.bench import EXECUTORS
-from trtflow.run.executors import LEVELS
+from trtflow.run.levels import LEVELS
 from trtflow.run.verify import Thresholds
 
 RAW = yaml.safe_load((ROOT / "config.yaml").read_text())

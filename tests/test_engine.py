@@ -125,7 +125,7 @@ def _build(tmp_path, onnx_path, precision, **settings):
     plan, meta = tmp_path / f"engine_{precision}.plan", tmp_path / f"engine_{precision}.json"
     settings.setdefault("batch", BatchProfile(1, 2, 4))
     metadata = build_engine(
-        EngineSources(onnx=onnx_path), EngineSettings(precision, **settings), plan, meta, backend="tensorrt_rtx"
+        EngineSources(onnx=onnx_path), EngineSettings(precision, **settings), plan, backend="tensorrt_rtx"
     )
     return plan, meta, metadata
 
@@ -202,7 +202,6 @@ def test_engine_json_records_the_files_it_was_given(tmp_path, tiny_onnx, monkeyp
         EngineSources(onnx=features),
         EngineSettings("fp32"),
         plan,
-        plan.with_suffix(".json"),
         backend="tensorrt_rtx",
         network_record_path=network,
     )
@@ -255,7 +254,6 @@ def test_detector_plan_has_the_head_contract(tmp_path, small_detector, precision
         EngineSources(onnx=onnx_path, head_weights=small_detector / "weights"),
         EngineSettings(precision, batch=BatchProfile(1, 2, 2), debug_outputs=("head.proposals",)),
         tmp_path / "engine.plan",
-        tmp_path / "engine.json",
         backend="tensorrt_rtx",
     )
     manifest = json.loads((small_detector / "weights" / "manifest.json").read_text())
@@ -285,7 +283,6 @@ def test_features_and_weights_from_different_checkpoints_fail_before_building(tm
             EngineSources(onnx=other, head_weights=small_detector / "weights"),
             EngineSettings("fp32"),
             tmp_path / "engine.plan",
-            tmp_path / "engine.json",
             backend="tensorrt_rtx",
         )
     assert not (tmp_path / "engine.plan").exists()
@@ -496,7 +493,6 @@ def _build_in_process(onnx_path: str, out_dir: str, precision: str) -> None:
         EngineSources(onnx=onnx_path),
         EngineSettings(precision),
         out / f"engine_{precision}.plan",
-        out / f"engine_{precision}.json",
         backend="tensorrt_rtx",
         timing_cache=out / "cache" / "timing.cache",
     )
@@ -562,7 +558,6 @@ def test_tensorrt_10_implicit_int8_from_the_table(tmp_path, tiny_onnx):
         EngineSources(onnx=tiny_onnx, calibration_table=table),
         EngineSettings("int8", int8_mode="implicit", batch=BatchProfile(1, 2, 4)),
         tmp_path / "engine_int8.plan",
-        tmp_path / "engine_int8.json",
         backend=backend,
     )
     assert metadata.int8_mode == "implicit"

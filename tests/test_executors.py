@@ -16,8 +16,6 @@ from test_plan_metadata import write_plan
 from test_weights import tame, tiny_fpn_detector
 from trtflow.run.detection_loop import detect_dataset
 from trtflow.run.executors import (
-    LEVELS,
-    UNVERIFIED,
     CaptureError,
     Executor,
     ExecutorChoice,
@@ -27,6 +25,7 @@ from trtflow.run.executors import (
     pytorch_executor,
     pytorch_static_head_executor,
 )
+from trtflow.run.levels import LEVELS, UNVERIFIED
 from trtflow.run.matching import match_detections
 from trtflow.run.runtime import EngineRefused
 

@@ -13,6 +13,7 @@ import torch
 from test_netexec import backend  # noqa: F401  (TensorRT-RTX, skipped where it is not installed)
 from trtflow.formats.network_record import read_network
 from trtflow.run import netexec
+from trtflow.run.executors import network_definition_executor
 from trtflow.run.netexec import NetworkExecutionError, NetworkExecutor
 
 
@@ -129,6 +130,26 @@ def test_resize_with_an_exact_scale_follows_the_length_ratio(backend):
     expected = torch.nn.functional.interpolate(values[None], scale_factor=2.0, mode="linear", align_corners=False)
     assert result.tolist() == expected[0].tolist()
     assert result.tolist() == [[0.0, 0.25, 0.75, 2.0, 4.0, 4.25, 2.75, 2.0]]
+
+
+def test_a_float32_scale_that_maps_lengths_exactly_is_followed(backend):
+    """TensorRT holds scales as float32: 0.1 is 0.100000001, and 30 x 0.100000001 is 3.00000004, whose floor is the
+    output length 3. The two readings agree on 3 / 30 there (within float32 rounding), so the layer is evaluated by
+    the documented ratio of lengths, like torch's linear upsampling to size 3."""
+    values = torch.arange(30, dtype=torch.float32)[None]
+    (result,) = evaluate(backend, resize_network(backend, 30, 0.1), x=values)
+    expected = torch.nn.functional.interpolate(values[None], size=3, mode="linear", align_corners=False)
+    assert result.tolist() == expected[0].tolist() == [[4.5, 14.5, 24.5]]
+
+
+def test_a_refused_mode_is_refused_when_the_executor_is_made(backend, tmp_path):
+    """verify's ladder falls back from the network-definition level where the executor cannot be made: a layer mode
+    netexec refuses only when the layer is evaluated (here the inexact resize above) is found by the one evaluation
+    of a zero batch that network_definition_executor makes, not halfway through verification."""
+    path = tmp_path / "network.safetensors"
+    read_network(resize_network(backend, 5, 1.5), backend.trt).save(path)
+    with pytest.raises(NetworkExecutionError, match=r"scale 1.5 on axis 1 maps length 5 -> 7"):
+        network_definition_executor(path)
 
 
 def element_wise_gather_network(backend, data_shape, indices_shape):

@@ -18,6 +18,7 @@ from trtflow.formats.network_record import (
     LAYER_ATTRIBUTES,
     LOOP_BOUNDARIES,
     interface_attributes,
+    parameter,
     read_network,
     unaccounted_attributes,
 )
@@ -125,6 +126,18 @@ def evaluation_source(function) -> str:
                 if inspect.isfunction(found):
                     stack.append(found)
     return "\n".join(sources)
+
+
+def test_an_attribute_the_tensorrt_version_lacks_is_recorded_as_its_default():
+    """ISliceLayer.axes came with TensorRT 10.3 and IQuantizeLayer.block_shape with 10.15 (the bindings matrix): an
+    older TensorRT's layer has no such attribute, and holds its default, recorded as None (the executor's reading
+    of an unset one)."""
+
+    class OlderSliceLayer:  # a layer class of a version before the attribute, as the matrix finds them
+        start = (0,)
+
+    assert parameter(OlderSliceLayer(), "axes") is None
+    assert parameter(OlderSliceLayer(), "start") == [0]
 
 
 def test_every_attribute_of_the_executors_layer_classes_is_accounted_for():

@@ -93,7 +93,7 @@ def test_a_job_whose_modules_differ_from_the_tracked_ones_is_refused(tmp_path):
     scripts = clone / "workflow/scripts"
     check_job_code(scripts)  # the same bytes as the imported modules
     (clone / "src/trtflow/workflow.py").write_text((ROOT / "src/trtflow/workflow.py").read_text() + "\n# edited\n")
-    with pytest.raises(ProvenanceError, match=r"1 module\(s\) differ \(trtflow.workflow\)") as refusal:
+    with pytest.raises(ProvenanceError, match=r"1 file\(s\) differ \(workflow.py\)") as refusal:
         check_job_code(scripts)
     assert f"its rerun triggers track {clone.resolve() / 'src/trtflow'}" in str(refusal.value)
     assert f"pip install -e {clone.resolve()}" in str(refusal.value)

@@ -11,9 +11,9 @@ import pytest
 
 from test_executors import small_coco
 from test_plan_metadata import plan_metadata
-from trtflow.run.executors import LEVELS
+from trtflow.run.levels import LEVELS
 from trtflow.run.matching import match_detections
-from trtflow.run.report import FIGURES, LEVEL_WORDS, build_report, find_browser, screenshot
+from trtflow.run.report import FIGURES, build_report, find_browser, level_words, screenshot
 from trtflow.run.verify import Thresholds
 
 PRECISIONS = ("fp32", "int8")
@@ -178,10 +178,8 @@ def test_report_holds_every_stage_and_precision(report):
 
 
 def test_the_levels_read_as_words_of_the_one_ladder():
-    """The report's words for `verified_level` are keyed by trtflow.run.executors.LEVELS, so a level cannot be added
-    or renamed there without the report showing it."""
-    assert list(LEVEL_WORDS) == list(LEVELS)
-    assert LEVEL_WORDS == {
+    """The report shows each of trtflow.run.levels.LEVELS in words."""
+    assert {level: level_words(level) for level in LEVELS} == {
         "deployment-form": "deployment form",
         "network-definition": "network definition",
         "engine": "engine",

@@ -162,7 +162,6 @@ def features_plan(tmp_path_factory):
             EngineSources(onnx=onnx),
             settings,
             folder / "engine_fp32.plan",
-            folder / "engine_fp32.json",
             backend=backend,
         )
     except BuildError as error:

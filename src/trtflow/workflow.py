@@ -23,24 +23,14 @@ class ProvenanceError(RuntimeError):
 def use_workflow_source(src: Path) -> None:
     """Make the jobs this Snakemake process starts import the trtflow in `src` (the folder beside the Snakefile,
     whose modules the rules list as inputs): `src` goes first on PYTHONPATH, which they inherit. The Snakefile has
-    put `src` first on sys.path before importing this module; a trtflow imported from elsewhere before that
-    (an including workflow, or a Python process that calls Snakemake) is refused, as its code is not the code
-    the rerun triggers track."""
+    put `src` first on sys.path for this process, and refused a trtflow imported from elsewhere before it."""
     src = Path(src).resolve()
-    imported = Path(trtflow.__file__).resolve().parent
-    if imported != src / "trtflow":
-        raise ProvenanceError(
-            f"this Python process imported trtflow from {imported} before the workflow could put its own code "
-            f"first, but the workflow's rerun triggers track {src / 'trtflow'}: jobs would run other code than "
-            "the code that decides their reruns. Start snakemake in a fresh process and import nothing of trtflow "
-            "before the workflow (an including Snakefile: declare the module before any `from trtflow ...`)"
-        )
     others = [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry and entry != str(src)]
     os.environ["PYTHONPATH"] = os.pathsep.join([str(src), *others])
 
 
 def check_job_code(scriptdir: str | os.PathLike) -> None:
-    """Refuse a job whose trtflow modules are not, byte for byte, the files its rerun triggers track:
+    """Refuse a job whose trtflow is not, file for file and byte for byte, the code its rerun triggers track:
     `<workflow>/src/trtflow/`, beside the `workflow/scripts/` folder the job's script comes from. A job whose
     workflow has no src/ (the package installed in a container image) has nothing tracked to compare; its
     artifacts still record the code that ran (`artifacts.running_code`)."""
@@ -48,20 +38,17 @@ def check_job_code(scriptdir: str | os.PathLike) -> None:
     imported = Path(trtflow.__file__).resolve().parent
     if imported == tracked or not tracked.is_dir():
         return
-    loaded = sorted(
-        (name, module.__file__)
-        for name, module in list(sys.modules.items())
-        if name.startswith("trtflow") and getattr(module, "__file__", None)
+    files = {path.relative_to(root) for root in (tracked, imported) for path in root.rglob("*.py")}
+    differing = sorted(
+        str(name)
+        for name in files
+        if not ((tracked / name).is_file() and (imported / name).is_file())
+        or files_sha256(tracked / name) != files_sha256(imported / name)
     )
-    differing = [
-        name
-        for name, path in loaded
-        if (twin := module_file(name, tracked)) is None or files_sha256(twin) != files_sha256(path)
-    ]
     if differing:
         raise ProvenanceError(
             f"this job imports trtflow from {imported}, but its rerun triggers track {tracked}, and "
-            f"{len(differing)} module(s) differ ({', '.join(differing)}): the job would run other code than the "
+            f"{len(differing)} file(s) differ ({', '.join(differing)}): the job would run other code than the "
             "code that decides its reruns. Snakemake puts the workflow's src/ first on PYTHONPATH; an environment "
             "that drops it (--use-conda without --conda-not-block-search-path-envvars) must have this clone "
             f"installed: pip install -e {tracked.parents[1]}"

@@ -13,7 +13,6 @@ with script_logging(snakemake):
         ),
         EngineSettings.from_config(snakemake.params.engine, snakemake.wildcards.precision),
         snakemake.output.plan,
-        snakemake.output.metadata,
         network_record_path=snakemake.output.network,
         backend=snakemake.params.backend,
         timing_cache=Path(snakemake.params.timing_cache),

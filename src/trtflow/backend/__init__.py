@@ -195,7 +195,7 @@ class Backend:
         opt_level: int,
         profile_shapes: dict[str, tuple[Sequence[int], Sequence[int], Sequence[int]]],
         compute_capabilities: Sequence[str] = (),
-        tf32: bool = False,
+        tf32: bool,
     ):
         """Builder config: workspace limit, optimization level, TF32, the batch profile of dynamic inputs, GPU
         targets."""

@@ -34,6 +34,11 @@ CALIBRATORS = {
 CACHE_HEADER = re.compile(r"^TRT-(\d+)-(\w+)$")
 
 
+def cache_header(version: str, algorithm: str) -> str:
+    """A cache's first line: `TRT-<version tag>-<algorithm>`, as CACHE_HEADER reads it."""
+    return f"TRT-{version}-{algorithm}"
+
+
 def parse_cache_header(line: str, source: str) -> tuple[str, str]:
     """(version tag, algorithm) of a cache's first line; refuses a malformed header or an algorithm no calibrator reads."""
     match = CACHE_HEADER.match(line.strip())

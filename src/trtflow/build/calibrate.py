@@ -5,8 +5,7 @@
    bins x tensors plus one batch of activations, whatever the number of images.
 2. Thresholds: `entropy` (TensorRT's EntropyCalibration2 method), `minmax`, `percentile`; all
    candidate thresholds of a tensor are scored at once with numpy.
-3. Table: TensorRT's calibration cache text format (`TRT-<version>-<algorithm>`, then
-   `name: <float32 scale bits as 8 hex digits>`, scale = amax / 127), plus `ranges.json`.
+3. Table: TensorRT's calibration cache (`trtflow.formats.calibration_table`), plus `ranges.json`.
 
 Histogram range growth (our choice, documented): a histogram has exactly `num_bins` bins over [0, range).
 The first non-zero batch sets range = its max |x|. When a later batch exceeds it, range grows by the

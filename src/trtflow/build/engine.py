@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 
 import onnx
 
-from trtflow.artifacts import files_sha256, software_versions, write_bytes, write_text
+from trtflow.artifacts import files_sha256, software_versions, write_bytes
 from trtflow.backend import Backend, layer_dtypes, load_backend
 from trtflow.backend.roi_align_plugin import register_plugins, unsupported_reason
 from trtflow.build.head_network import add_head, check_head_options
@@ -34,7 +34,7 @@ from trtflow.common.onnxrun import is_quantized
 from trtflow.config import batch_problem
 from trtflow.formats.head_weights import load_head
 from trtflow.formats.network_record import read_network
-from trtflow.formats.plan_metadata import PlanMetadata
+from trtflow.formats.plan_metadata import PlanMetadata, metadata_path
 from trtflow.formats.usage import plan_usage
 
 INT8_MODES = ("explicit", "implicit")
@@ -509,7 +509,6 @@ def build_engine(
     sources: EngineSources,
     settings: EngineSettings,
     plan_path: Path,
-    metadata_path: Path | None = None,
     *,
     backend: str | Backend = "auto",
     timing_cache: Path | None = None,
@@ -590,9 +589,7 @@ def build_engine(
             usage=usage,
         ),
     )
-    text = metadata.text()
     write_bytes(plan_path, plan)
-    if metadata_path is not None:
-        write_text(metadata_path, text)
+    metadata.write(metadata_path(plan_path))
     log.info("wrote %s (%d bytes, %.1f s)", plan_path, len(plan), build_seconds)
-    return PlanMetadata.parse(text, metadata_path or plan_path)  # the settings' tuples as JSON lists
+    return PlanMetadata.read(metadata_path(plan_path))  # as a reader gets it: the settings' tuples as JSON lists

@@ -18,7 +18,7 @@ import numpy as np
 
 from trtflow.artifacts import write_text
 from trtflow.backend import installed_version
-from trtflow.backend.implicit_int8 import parse_cache_header
+from trtflow.backend.implicit_int8 import cache_header, parse_cache_header
 
 # calibration.algorithm -> the table header's algorithm. Percentile ranges are final ranges, like min-max ones, so
 # they travel under the min-max header.
@@ -40,7 +40,7 @@ class CalibrationTable:
 
     @property
     def header(self) -> str:
-        return f"TRT-{self.version}-{self.algorithm}"
+        return cache_header(self.version, self.algorithm)
 
     def amax(self) -> dict[str, float]:
         return {name: float(np.float32(scale) * np.float32(127)) for name, scale in self.scales.items()}

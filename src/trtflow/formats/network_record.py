@@ -231,8 +231,11 @@ def plain(value):
 
 
 def parameter(layer, attribute: str):
-    """`layer.attribute` as JSON; None where TensorRT has no value (the getter of an unset block_shape raises
-    "Could not get block_shape.", where an unset slice `axes` reads as None)."""
+    """`layer.attribute` as JSON; None where TensorRT has no value: a version without the attribute (ISliceLayer.axes
+    before 10.3, IQuantizeLayer.block_shape before 10.15) holds its default, the getter of an unset block_shape
+    raises "Could not get block_shape.", an unset slice `axes` reads as None."""
+    if not hasattr(type(layer), attribute):
+        return None
     try:
         return plain(getattr(layer, attribute))
     except RuntimeError as error:

@@ -62,7 +62,7 @@ class PlanMetadata:
     roi_align: str | None
     nms: str | None
     int8_mode: str | None
-    layer_precisions: dict  # trtflow.backend.precisions
+    layer_precisions: dict  # trtflow.backend.layer_dtypes
     network_record: dict | None  # the record beside the plan: path, sha256, layers
     timing_cache: dict
     settings: dict  # trtflow.build.engine.EngineSettings as built

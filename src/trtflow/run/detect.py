@@ -20,9 +20,9 @@ import cv2
 from trtflow.artifacts import files_sha256, write_bytes, write_json
 from trtflow.common.images import read_image
 from trtflow.formats.plan_metadata import PlanMetadata, metadata_path
-from trtflow.run.detection_loop import detect_images
+from trtflow.run.detection_loop import ImpossibleOutput, detect_images
 from trtflow.run.drawing import DEPLOYED_COLOR, bgr
-from trtflow.run.executors import ImpossibleOutput, choose_executor
+from trtflow.run.executors import choose_executor
 from trtflow.run.runtime import EngineRefused, read_metadata
 
 log = logging.getLogger(__name__)

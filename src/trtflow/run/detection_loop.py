@@ -4,16 +4,53 @@ written as COCO results (the reference, verify, the calibration accuracy check a
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from collections.abc import Collection
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from trtflow.common.images import read_image
 from trtflow.common.metrics import category_labels
 from trtflow.common.postprocess import postprocess, to_coco_results
 from trtflow.common.preprocess import preprocess_batch
-from trtflow.run.executors import ImpossibleOutput, check_detections
+
+
+@dataclass(eq=False)
+class ImpossibleOutput(ValueError):
+    """An executor gave what no head can (the contract of `trtflow.common.head`): more detections than rows, a label
+    outside the model's classes, a box or score that is not a finite number. A wrong network, never noise."""
+
+    image: int | str  # the image's file, or (before the detection loop names it) its position in the batch
+    output: str  # e.g. "classes[3]": the output, and the detection's row
+    value: object
+    expected: str
+
+    def __str__(self) -> str:
+        where = f"image {self.image} of the batch" if isinstance(self.image, int) else self.image
+        return f"{where}: {self.output} is {self.value}, should be {self.expected}"
+
+
+def check_detections(
+    image: str, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, labels: Collection[int]
+) -> None:
+    """One image's raw detections (what `detect` returns for it) against the head's contract: finite boxes and
+    scores, labels among `labels` (the model's, 1..num_classes-1; empty: any label >= 1, where a data set names
+    no categories). Raises ImpossibleOutput naming `image`, the output and row, the value and what it should be."""
+    boxes, scores, classes = np.asarray(boxes), np.asarray(scores), np.asarray(classes)
+    for name, values in (("boxes", boxes.reshape(len(boxes), -1)), ("scores", scores.reshape(len(scores), -1))):
+        bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+        if bad.size:
+            value = values[bad[0]].tolist()
+            raise ImpossibleOutput(image, f"{name}[{bad[0]}]", value[0] if len(value) == 1 else value, "finite")
+    known = np.isin(classes, list(labels)) if labels else classes >= 1
+    if not known.all():
+        row = int(np.flatnonzero(~known)[0])
+        allowed = f"in {min(labels)}..{max(labels)}" if labels else ">= 1"
+        raise ImpossibleOutput(
+            image, f"classes[{row}]", int(classes[row]), f"a model label {allowed} (0 is the background)"
+        )
 
 
 def batches(items: list, size: int):
@@ -55,7 +92,7 @@ def detect_images(
     """COCO results of `detect` (see `detect_dataset`) over `images` ({"id", "file_name"} each); `category_of`:
     model label -> category id (empty: an images-only data set, whose results keep the model labels).
 
-    Raises `trtflow.run.executors.ImpossibleOutput`, naming the image's file, where `detect` gives what no head can
+    Raises `ImpossibleOutput`, naming the image's file, where `detect` gives what no head can
     (a label not in `category_of`, a non-finite box or score, more detections than rows)."""
     labels = set(category_of)
     category_of = category_of or _ModelLabels()

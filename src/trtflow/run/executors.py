@@ -13,12 +13,13 @@
 `detect(batch: np.ndarray (B, 3, H, W) float32) -> [(boxes, scores, classes)]` per image, in input
 pixels; head outputs are cut at `num_detections`. What no head can give (more detections than rows here; labels
 outside the model's classes and non-finite boxes or scores, checked by `check_detections` in the detection loop)
-raises `ImpossibleOutput`, which verify turns into a failed verdict and `trtflow detect` into a refusal.
+raises `trtflow.run.detection_loop.ImpossibleOutput`, which verify turns into a failed verdict and `trtflow detect` into a refusal.
 Nothing substitutes one executor for another: a constructor that cannot build what it was asked for raises, and
 `details` records what really runs (device, dtypes, ONNX Runtime's active providers, CUDA graph mode).
 
-Which of them can run a plan here is `choose_executor`'s answer, the one ladder verify, `trtflow detect`, bench and
-the report go by; each rung is a level (`LEVELS`) of what a run there proves, strongest first:
+Which of them can run a plan here is `choose_executor`'s answer, the one ladder verify and `trtflow detect` ask (bench
+times the executors it is given by name; the report shows the levels); each rung is a level (`trtflow.run.levels`)
+of what a run there proves, strongest first:
 - ``engine``: the plan ran (`trtflow.run.runtime`, a GPU it was built for);
 - ``network-definition``: the exact TensorRT network the plan was built from, evaluated layer by layer
   (`trtflow.run.netexec`, from the record beside the plan): what remains unverified is TensorRT's own
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -46,6 +47,8 @@ from trtflow.common.onnxrun import OnnxSession
 from trtflow.formats.head_weights import load_head
 from trtflow.formats.network_record import NetworkRecord
 from trtflow.formats.plan_metadata import PlanMetadata
+from trtflow.run.detection_loop import ImpossibleOutput
+from trtflow.run.levels import LEVELS, UNVERIFIED
 from trtflow.run.netexec import NetworkExecutionError, NetworkExecutor
 from trtflow.run.runtime import EngineRefused, EngineRunner
 
@@ -81,21 +84,6 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@dataclass(eq=False)
-class ImpossibleOutput(ValueError):
-    """An executor gave what no head can (the contract of `trtflow.common.head`): more detections than rows, a label
-    outside the model's classes, a box or score that is not a finite number. A wrong network, never noise."""
-
-    image: int | str  # the image's file, or (before the detection loop names it) its position in the batch
-    output: str  # e.g. "classes[3]": the output, and the detection's row
-    value: object
-    expected: str
-
-    def __str__(self) -> str:
-        where = f"image {self.image} of the batch" if isinstance(self.image, int) else self.image
-        return f"{where}: {self.output} is {self.value}, should be {self.expected}"
-
-
 def head_detections(outputs: Mapping) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Head outputs (num_detections, boxes, scores, classes; zero-padded) -> per image the first
     num_detections (boxes, scores, classes) as numpy; ImpossibleOutput where an image declares more
@@ -113,27 +101,6 @@ def head_detections(outputs: Mapping) -> list[tuple[np.ndarray, np.ndarray, np.n
         (arrays["boxes"][i, :n], arrays["scores"][i, :n], arrays["classes"][i, :n])
         for i, n in enumerate(arrays["num_detections"].astype(int))
     ]
-
-
-def check_detections(
-    image: str, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, labels: Collection[int]
-) -> None:
-    """One image's raw detections (what `detect` returns for it) against the head's contract: finite boxes and
-    scores, labels among `labels` (the model's, 1..num_classes-1; empty: any label >= 1, where a data set names
-    no categories). Raises ImpossibleOutput naming `image`, the output and row, the value and what it should be."""
-    boxes, scores, classes = np.asarray(boxes), np.asarray(scores), np.asarray(classes)
-    for name, values in (("boxes", boxes.reshape(len(boxes), -1)), ("scores", scores.reshape(len(scores), -1))):
-        bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
-        if bad.size:
-            value = values[bad[0]].tolist()
-            raise ImpossibleOutput(image, f"{name}[{bad[0]}]", value[0] if len(value) == 1 else value, "finite")
-    known = np.isin(classes, list(labels)) if labels else classes >= 1
-    if not known.all():
-        row = int(np.flatnonzero(~known)[0])
-        allowed = f"in {min(labels)}..{max(labels)}" if labels else ">= 1"
-        raise ImpossibleOutput(
-            image, f"classes[{row}]", int(classes[row]), f"a model label {allowed} (0 is the background)"
-        )
 
 
 # --------------------------------------------------------------------------- CUDA graphs
@@ -335,10 +302,14 @@ def network_definition_executor(record: str | Path, *, device: str | torch.devic
     """The TensorRT network definition recorded at build time, evaluated by trtflow.run.netexec on `device` (default:
     the GPU where there is one, so a Hopper GPU verifies a TensorRT-RTX plan's network fast). A static batch
     is fed in chunks of its size (a short last chunk padded with copies of its last image, whose results are
-    dropped); raises NetworkExecutionError where the network holds a layer netexec does not implement."""
+    dropped); raises NetworkExecutionError where the network holds a layer netexec does not implement, or a layer
+    mode it refuses: the network is evaluated once on a zero batch here (where its image size is fixed), so that
+    such a network makes the ladder fall back, rather than fail verification halfway."""
     network = NetworkExecutor(NetworkRecord.load(record), device or default_device())
     ((name, shape),) = network.input_shapes.items()
     chunk = shape[0] if shape[0] > 0 else None
+    if all(size > 0 for size in shape[1:]):
+        network({name: torch.zeros(chunk or 1, *shape[1:])})
 
     def detect(batch: np.ndarray):
         images = torch.from_numpy(batch)
@@ -365,15 +336,6 @@ def network_definition_executor(record: str | Path, *, device: str | torch.devic
 
 
 # --------------------------------------------------------------------------- which one runs a plan here
-
-LEVELS = ("deployment-form", "network-definition", "engine")  # weakest first
-UNVERIFIED = {
-    "engine": None,
-    "network-definition": "TensorRT's compilation of this network (layer fusion, kernel choice, reduced-precision "
-    "kernels) did not run here",
-    "deployment-form": "neither the plan nor the TensorRT network definition ran here: only the algorithm's "
-    "ONNX Runtime + PyTorch twin was checked",
-}
 
 
 def float16_runs_on(device: torch.device) -> str | None:

@@ -25,7 +25,8 @@ Choices where TensorRT's documentation leaves room, each the reading closest to 
   LAST_VALUE outputs are the value of the last iteration that ran.
 Every layer's outputs are checked against the types and shapes TensorRT declared for them, and a dimension
 declared -1 (unknown when the network was defined: a dynamic batch) against the layer's documented
-output-shape rule applied to the shapes that flow in (SHAPE_RULES; none for Shuffle, Slice, Resize, NMS).
+output-shape rule applied to the shapes that flow in (SHAPE_RULES: every implemented type except Shuffle,
+Slice, Resize, Constant, INMSLayer and the loop boundaries, whose shapes are parameters or data).
 A layer type or mode not implemented here is refused, naming the layer, its index and its type, and so is
 a layer with an attribute off the default the executor assumes (`network_record.DEFAULT_ONLY`).
 """
@@ -255,7 +256,7 @@ def resize_positions(layer, axis: int, size_in: int, size_out: int, scale: float
     # NvInfer.h documents the ratio of lengths; ONNX's Resize maps by 1 / scale, and TensorRT's ONNX parser hands
     # ONNX scales to setScales. Where the output length (floor(length * scale)) is not length * scale the two
     # differ, and which one TensorRT applies is not documented: refused rather than guessed.
-    if scale is not None and size_in * scale != size_out:
+    if scale is not None and not math.isclose(size_in * scale, size_out, rel_tol=1e-6):  # scales are float32
         raise NotImplementedError(
             f"Resize by scale {scale} on axis {axis} maps length {size_in} -> {size_out}, not {size_in} x {scale}, "
             "where TensorRT's documented coordinate transform (ratio of lengths) and ONNX's (1 / scale) disagree; "

@@ -27,14 +27,13 @@ from trtflow.artifacts import write_bytes, write_text
 from trtflow.common.images import read_image
 from trtflow.formats.plan_metadata import PlanMetadata, plan_path
 from trtflow.run.drawing import DEPLOYED_COLOR, REFERENCE_COLOR
-from trtflow.run.executors import LEVELS
+from trtflow.run.levels import LEVELS
 from trtflow.run.matching import match_detections
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 REFERENCE_STYLE = {"edgecolor": REFERENCE_COLOR, "linewidth": 5, "alpha": 0.6, "zorder": 2}
 DEPLOYED_STYLE = {"edgecolor": DEPLOYED_COLOR, "linewidth": 1.4, "linestyle": (0, (4, 2)), "zorder": 3}
 FIGURES = ("latency", "dscore", "calibration", "examples")  # the PNG files of `snakemake --report`
-LEVEL_WORDS = {level: level.replace("-", " ") for level in LEVELS}  # a verify JSON's `verified_level`, as shown
 
 
 def read_json(path: str | Path | None):
@@ -270,6 +269,11 @@ img { max-width: 100%; display: block; margin: 0.6em 0; }
 """
 
 
+def level_words(level: str) -> str:
+    """A verify JSON's `verified_level` (one of trtflow.run.levels.LEVELS), as the report shows it."""
+    return level.replace("-", " ")
+
+
 def verified_level(result: Mapping) -> str:
     """What a verification ran: its `verified_level`, or for JSONs without one, whether the engine executed."""
     return result.get("verified_level") or (LEVELS[-1] if result.get("engine_executed") else LEVELS[0])
@@ -279,7 +283,7 @@ def verified_badge(result: Mapping) -> Markup:
     """ "verified: <level>": green only where the engine itself ran and passed; amber where a stand-in passed; red
     with the failures where the thresholds were missed."""
     level = verified_level(result)
-    text = f"verified: {LEVEL_WORDS.get(level, level)}"
+    text = f"verified: {level_words(level)}"
     if not result["passed"]:
         return badge(False, f"FAILED ({text}): " + "; ".join(result["failures"]))
     return Markup(f'<span class="{"pass" if level == "engine" else "partial"}">{html.escape(text)}</span>')
@@ -404,7 +408,7 @@ def precision_section(precision: str, result: Mapping | None, bench: Mapping | N
         rows = [
             [
                 "verified",
-                Markup(f"<b>{html.escape(LEVEL_WORDS.get(verified_level(result), verified_level(result)))}</b>"),
+                Markup(f"<b>{html.escape(level_words(verified_level(result)))}</b>"),
             ],
             *([["not verified", unverified(result)]] if unverified(result) else []),
             ["executor", Markup(f"<b>{html.escape(result['executor'])}</b> ({html.escape(details)})")],

@@ -4,7 +4,7 @@ The strongest executor this machine can run for the plan (`trtflow.run.executors
 `trtflow.run.detection_loop.detect_dataset`, the same pre- and postprocessing as the reference. Its detections are
 matched to the reference's (`trtflow.run.matching`: same image, same class, IoU >= `verify.match_iou`) giving match
 recall / precision, |Δscore| and box IoU of the matched pairs; both sets are scored with COCO mAP. Thresholds per
-precision come from config. An output no head can give (`trtflow.run.executors.ImpossibleOutput`: a label outside the
+precision come from config. An output no head can give (`trtflow.run.detection_loop.ImpossibleOutput`: a label outside the
 classes, a non-finite box or score, more detections than rows) is a failed verdict with its reason, not a crash.
 
 The JSON claims the level of the executor that ran (`verified_level`, one of `trtflow.run.executors.LEVELS`) and says
@@ -22,8 +22,9 @@ from pathlib import Path
 
 from trtflow.artifacts import software_versions, write_json
 from trtflow.common.metrics import coco_map
-from trtflow.run.detection_loop import detect_dataset
-from trtflow.run.executors import LEVELS, ExecutorChoice, ImpossibleOutput, choose_executor
+from trtflow.run.detection_loop import ImpossibleOutput, detect_dataset
+from trtflow.run.executors import ExecutorChoice, choose_executor
+from trtflow.run.levels import LEVELS
 from trtflow.run.matching import match_detections
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def verify_detections(
     """Run the `chosen` executor over the val split and compare with the reference (its detections, and the COCO
     metrics the reference stage computed from them): (verify result, deployed detections).
 
-    An output no head can give (`trtflow.run.executors.ImpossibleOutput`) is a failed verdict: the result says
+    An output no head can give (`trtflow.run.detection_loop.ImpossibleOutput`) is a failed verdict: the result says
     `passed: false`, its reason under `impossible_output` and `failures`, and holds no detections or numbers."""
     executor = chosen.executor
     ran = {
