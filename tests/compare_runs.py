@@ -4,7 +4,8 @@
 
 Files of identical bytes are counted. The others are compared again with what a code change alone moves taken out:
 `software.trtflow_code` (the hash of the code that ran), a plan JSON's `format` key and `build_seconds` in JSONs, the
-`trtflow.software` metadata of an ONNX graph. What still differs is listed: the reader decides whether it follows
+`trtflow.software` metadata of an ONNX graph; a safetensors file is compared by its tensors and metadata, whose order
+in the header the library does not keep from one run to the next. What still differs is listed: the reader decides whether it follows
 from those (a sha256 of a file that holds them) or from timing (bench, report), or is a change of behaviour.
 """
 
@@ -14,7 +15,9 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
+from safetensors.numpy import load
 
 CODE_ONLY_KEYS = ("trtflow_code", "format", "build_seconds")
 
@@ -35,11 +38,23 @@ def without_software_metadata(data: bytes) -> bytes:
     return model.SerializeToString()
 
 
+def safetensors_content(data: bytes) -> tuple[dict, dict]:
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    return header.get("__metadata__", {}), load(data)
+
+
 def equal_but_for_code(path: Path, before: bytes, after: bytes) -> bool:
     if path.suffix == ".json":
         return without_code_keys(json.loads(before)) == without_code_keys(json.loads(after))
     if path.suffix == ".onnx":
         return without_software_metadata(before) == without_software_metadata(after)
+    if path.suffix == ".safetensors":
+        (old_metadata, old), (new_metadata, new) = safetensors_content(before), safetensors_content(after)
+        return (
+            old_metadata == new_metadata
+            and old.keys() == new.keys()
+            and all(np.array_equal(old[k], new[k]) for k in old)
+        )
     return False
 
 
@@ -63,7 +78,7 @@ def main(before: Path, after: Path) -> int:
     for path in differing:
         print(f"differs: {path}")
     print(
-        f"{identical} identical, {code_only} equal but for the code's hash / format key / build time, {len(differing)} differ"
+        f"{identical} identical, {code_only} equal but for the code hash, format key, build time or header order, {len(differing)} differ"
     )
     return 0
 
