@@ -57,6 +57,7 @@ include: "workflow/rules/calibrate.smk"
 include: "workflow/rules/plugins.smk"
 include: "workflow/rules/engine.smk"
 include: "workflow/rules/verify.smk"
+include: "workflow/rules/deploy.smk"
 
 
 # Every model: the one of `model:` under results/, or each `models:` entry under results/<name>/.
