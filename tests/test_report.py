@@ -168,9 +168,12 @@ def test_report_holds_every_stage_and_precision(report):
     ]
     assert "results/engine_" not in text and "results/onnx/" not in text and "results/verify/" not in text
     assert "<h3>fp32<span" in text and "<h3>int8<span" in text
-    assert text.count('class="pass">passed') == 1  # parity; no verify is green: the engine did not run
+    # parity and the legend's example; no verify is green: the engine did not run
+    assert text.count('class="pass">passed') == 2 and 'class="pass">passed at engine</span> the plan itself' in text
     # fp32 passed on the deployment form: amber in the stage table, its heading and its verdict
-    assert text.count('class="partial">verified: deployment form') == 3
+    assert text.count('class="partial">passed at deployment form') == 3
+    # int8 failed, in words with its level, in the same three places
+    assert text.count('class="fail">failed at deployment form: match_recall 0.8889 &lt; 0.99') == 3
     assert "match_recall 0.8889 &lt; 0.99" in text  # int8 lost one detection in nine, named and HTML-escaped
     assert "no CUDA GPU is visible &lt;here&gt;" in text
     assert "simulated INT8 mAP 0.8460 vs fp32 0.8490 (drop 0.30 points, onnxruntime)" in text
@@ -214,7 +217,59 @@ def test_report_writes_its_plots_and_summary_for_snakemake_report(stage_files, t
         ["int8", "deployment-form", "False", "onnxruntime+static-head", "0.8889"],
     ]
     # the fastest timed executor per image, and why the engine did not run
-    assert rows[1][9:] == ["pytorch float32 bs 1", "14", "cannot run engine: no CUDA GPU is visible <here>"]
+    assert rows[1][9:] == [
+        "pytorch float32 bs 1",
+        "14",
+        "cannot run engine: no CUDA GPU is visible <here>",
+        "tensorrt (no CUDA GPU is visible)",
+    ]
+
+
+def test_the_bench_summary_times_only_the_executors_that_ran_the_precision(stage_files, tmp_path):
+    """fp16 on a CPU: the plan is skipped and PyTorch runs float32 (faster, with a note); only the float16 head
+    counts as fp16, and a line names the other two with why."""
+    timed = {"batch_size": 1, "p90_ms": 90.0, "p99_ms": 95.0, "throughput_ips": 1.0}
+    fp16 = {
+        "precision": "fp16",
+        "hardware": {"cpu": "Test CPU", "gpu": None},
+        "results": [
+            {"executor": "tensorrt", "skipped": "no CUDA GPU is visible"},
+            {"executor": "onnxruntime+static-head", "head_dtype": "float16", "providers": ["CPU"], "p50_ms": 80.0}
+            | timed,
+            {"executor": "pytorch", "dtype": "float32", "note": "fp16: PyTorch float16 needs a CUDA GPU; ran float32"}
+            | {"p50_ms": 14.0}
+            | timed,
+        ],
+    }
+    (tmp_path / "fp16.json").write_text(json.dumps(fp16))
+    text = build_report(
+        tmp_path / "report.html",
+        **{**stage_files, "verify": {}, "bench": {"fp16": tmp_path / "fp16.json"}},
+        summary_tsv=tmp_path / "summary.tsv",
+    )
+    row = dict(zip(*[line.split("\t") for line in (tmp_path / "summary.tsv").read_text().splitlines()], strict=True))
+    assert (row["fastest"], row["p50_ms"]) == ("onnxruntime+static-head float16 bs 1", "80")
+    assert row["not_timed_here"] == (
+        "tensorrt (no CUDA GPU is visible); pytorch float32 (fp16: PyTorch float16 needs a CUDA GPU; ran float32)"
+    )
+    bench_table = re.search(r"<h3>fp16</h3>\n<table>.*?</table>\n(.*)", text).group(0)
+    assert [
+        cells[0]
+        for cells in map(lambda r: re.findall(r"<td>(.*?)</td>", r), re.findall(r"<tr>(.*?)</tr>", bench_table))
+        if cells
+    ] == ["onnxruntime+static-head float16"]
+    assert "<td>providers CPU</td>" in bench_table
+    assert (
+        "<p class=note>Not timed as fp16 here: tensorrt (no CUDA GPU is visible); pytorch float32 (fp16: PyTorch "
+        "float16 needs a CUDA GPU; ran float32).</p>" in text
+    )
+
+
+def test_executor_details_read_as_words_not_python(report):
+    """The recorded network's executor details hold a mapping (built_by): shown as its values."""
+    _, text = report
+    assert "{" not in re.sub(r"<style>.*?</style>", "", text, flags=re.S) and "[&#x27;" not in text
+    assert "<td>engine executed</td><td>no</td>" in text
 
 
 def test_an_empty_plot_is_written_as_a_note(stage_files, tmp_path):
@@ -225,19 +280,19 @@ def test_an_empty_plot_is_written_as_a_note(stage_files, tmp_path):
 @pytest.mark.parametrize(
     ("fields", "badge"),
     [
-        ({"verified_level": "engine", "engine_executed": True}, 'class="pass">verified: engine'),
+        ({"verified_level": "engine", "engine_executed": True}, 'class="pass">passed at engine'),
         (
             {
                 "verified_level": "network-definition",
                 "engine_executed": False,
                 "unverified": "the engine's kernels did not run",
             },
-            'class="partial">verified: network definition',
+            'class="partial">passed at network definition',
         ),
-        ({"engine_executed": True}, 'class="pass">verified: engine'),  # a JSON from before verified_level
+        ({"engine_executed": True}, 'class="pass">passed at engine'),  # a JSON from before verified_level
         (
             {"verified_level": "network-definition", "passed": False, "failures": ["match_recall 0.5 < 0.99"]},
-            'class="fail">FAILED (verified: network definition): match_recall 0.5 &lt; 0.99',
+            'class="fail">failed at network definition: match_recall 0.5 &lt; 0.99',
         ),
     ],
 )
@@ -251,7 +306,7 @@ def test_each_precision_shows_what_its_verification_ran(fields, badge, stage_fil
     assert badge in heading
     if "unverified" in fields:
         assert "<td>not verified</td><td>the engine&#x27;s kernels did not run</td>" in text
-    assert 'class="pass">passed' not in heading
+    assert heading.count("<span") == 1  # the verdict alone: no second, generic "passed" badge beside it
 
 
 def test_a_file_outside_the_working_directory_is_named_as_given(stage_files, tmp_path, monkeypatch):

@@ -29,6 +29,7 @@ from trtflow.formats.plan_metadata import PlanMetadata, plan_path
 from trtflow.run.drawing import DEPLOYED_COLOR, REFERENCE_COLOR
 from trtflow.run.levels import LEVELS
 from trtflow.run.matching import match_detections
+from trtflow.run.summary import level_words, verdict_words, verified_level
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 REFERENCE_STYLE = {"edgecolor": REFERENCE_COLOR, "linewidth": 5, "alpha": 0.6, "zorder": 2}
@@ -107,13 +108,30 @@ def variant(entry: Mapping) -> str:
     return " ".join(parts)
 
 
+def ran_as_asked(entry: Mapping) -> bool:
+    """A bench entry timed the precision its JSON is for: it was timed, and no note says it ran otherwise (PyTorch
+    float32 under fp16 on a CPU, a float32 head where float16 cannot run)."""
+    return "p50_ms" in entry and "note" not in entry
+
+
+def not_run_here(document: Mapping) -> list[str]:
+    """The executors of a bench JSON that did not time its precision here, each with why: skipped ones (no GPU for
+    the plan), and ones that ran another precision (their note)."""
+    reasons = {}
+    for entry in document["results"]:
+        if not ran_as_asked(entry):
+            reasons.setdefault(variant(entry), entry.get("skipped") or entry.get("note"))
+    return [f"{name} ({why})" for name, why in reasons.items()]
+
+
 def latency_plot(bench: Mapping[str, Mapping]) -> bytes | None:
-    """Horizontal bars of p50 latency (whiskers to p90) per precision, executor and batch size."""
+    """Horizontal bars of p50 latency (whiskers to p90) per precision, executor and batch size, of the executors
+    that ran that precision."""
     rows = [
         (precision, entry)
         for precision, document in bench.items()
         for entry in document["results"]
-        if "p50_ms" in entry
+        if ran_as_asked(entry)
     ]
     if not rows:
         return None
@@ -269,24 +287,37 @@ img { max-width: 100%; display: block; margin: 0.6em 0; }
 """
 
 
-def level_words(level: str) -> str:
-    """A verify JSON's `verified_level` (one of trtflow.run.levels.LEVELS), as the report shows it."""
-    return level.replace("-", " ")
-
-
-def verified_level(result: Mapping) -> str:
-    """What a verification ran: its `verified_level`, or for JSONs without one, whether the engine executed."""
-    return result.get("verified_level") or (LEVELS[-1] if result.get("engine_executed") else LEVELS[0])
-
-
 def verified_badge(result: Mapping) -> Markup:
-    """ "verified: <level>": green only where the engine itself ran and passed; amber where a stand-in passed; red
-    with the failures where the thresholds were missed."""
-    level = verified_level(result)
-    text = f"verified: {level_words(level)}"
+    """ "passed at <level>": green only where the engine itself ran and passed; amber where a stand-in passed; red
+    ("failed at <level>") with the failures where the thresholds were missed."""
+    text = verdict_words(result)
     if not result["passed"]:
-        return badge(False, f"FAILED ({text}): " + "; ".join(result["failures"]))
-    return Markup(f'<span class="{"pass" if level == "engine" else "partial"}">{html.escape(text)}</span>')
+        return badge(False, f"{text}: " + "; ".join(result["failures"]))
+    return Markup(
+        f'<span class="{"pass" if verified_level(result) == "engine" else "partial"}">{html.escape(text)}</span>'
+    )
+
+
+def verdict_legend() -> str:
+    """What the badges' colours and levels mean, once above the precisions."""
+    ladder = " &lt; ".join(f"<b>{html.escape(level_words(level))}</b>" for level in LEVELS)
+    return (
+        "<p class=note>Each precision's verdict: "
+        f"{badge(True, 'passed at engine')} the plan itself ran here and met its thresholds; "
+        f"{Markup('<span class=partial>passed at network definition</span>')} a stand-in ran (the plan cannot run "
+        f"here) and met them, what it leaves unverified is named; {badge(False, 'failed at …')} a threshold was "
+        f"missed, named. Levels, weakest first: {ladder}.</p>"
+    )
+
+
+def details_words(details: Mapping) -> str:
+    """An executor's details as "key value" phrases; a nested mapping (e.g. built_by) or list as its values."""
+    return ", ".join(
+        f"{key} {' '.join(map(str, value.values() if isinstance(value, Mapping) else value))}"
+        if isinstance(value, Mapping | list)
+        else f"{key} {value}"
+        for key, value in details.items()
+    )
 
 
 def unverified(result: Mapping) -> str | None:
@@ -360,13 +391,12 @@ def stage_rows(
         rows.append(["verify", verification.path, f"{executed}: {found}", verified_badge(result)])
     for timing in bench.values():
         document = timing.document
-        timed = [entry for entry in document["results"] if "p50_ms" in entry]
-        skipped = [entry for entry in document["results"] if "skipped" in entry]
+        timed = [entry for entry in document["results"] if ran_as_asked(entry)]
         rows.append(
             [
                 "bench",
                 timing.path,
-                f"{len(timed)} timings, {len(skipped)} skipped, on {document['hardware'].get('gpu') or document['hardware']['cpu']}",
+                f"{len(timed)} timings, {len(not_run_here(document))} executors not run, on {document['hardware'].get('gpu') or document['hardware']['cpu']}",
                 badge(None, "measured"),
             ]
         )
@@ -404,7 +434,7 @@ def comparison_rows(result: Mapping) -> list[list]:
 def precision_section(precision: str, result: Mapping | None, bench: Mapping | None) -> str:
     parts = [f"<h3>{precision}{verified_badge(result) if result is not None else ''}</h3>"]
     if result is not None:
-        details = ", ".join(f"{key}: {value}" for key, value in result.get("executor_details", {}).items())
+        details = details_words(result.get("executor_details", {}))
         rows = [
             [
                 "verified",
@@ -412,7 +442,7 @@ def precision_section(precision: str, result: Mapping | None, bench: Mapping | N
             ],
             *([["not verified", unverified(result)]] if unverified(result) else []),
             ["executor", Markup(f"<b>{html.escape(result['executor'])}</b> ({html.escape(details)})")],
-            ["engine executed", result["engine_executed"]],
+            ["engine executed", "yes" if result["engine_executed"] else "no"],
             *([["why not", result["reason"]]] if not result["engine_executed"] and "reason" in result else []),
         ]
         if "impossible_output" in result:  # the executor gave what no head can: no detections to compare
@@ -422,38 +452,24 @@ def precision_section(precision: str, result: Mapping | None, bench: Mapping | N
         rows.append(["verdict", verified_badge(result)])
         parts.append(table(["verify", ""], rows))
     if bench is not None:
-        rows = []
-        for entry in bench["results"]:
-            details = ", ".join(
-                f"{key} {value}"
-                for key, value in entry.items()
-                if key in ("device", "head_device", "providers", "note", "backend")
-            )
-            if "skipped" in entry:
-                rows.append(
-                    [
-                        variant(entry),
-                        entry.get("batch_size"),
-                        Markup(f"<i>skipped</i>: {html.escape(entry['skipped'])}"),
-                        None,
-                        None,
-                        None,
-                        details,
-                    ]
-                )
-            else:
-                rows.append(
-                    [
-                        variant(entry),
-                        entry["batch_size"],
-                        entry["p50_ms"],
-                        entry["p90_ms"],
-                        entry["p99_ms"],
-                        entry["throughput_ips"],
-                        details,
-                    ]
-                )
+        rows = [
+            [
+                variant(entry),
+                entry["batch_size"],
+                entry["p50_ms"],
+                entry["p90_ms"],
+                entry["p99_ms"],
+                entry["throughput_ips"],
+                details_words(
+                    {key: entry[key] for key in ("device", "head_device", "providers", "backend") if key in entry}
+                ),
+            ]
+            for entry in bench["results"]
+            if ran_as_asked(entry)
+        ]
         parts.append(table(["executor", "batch", "p50 ms", "p90 ms", "p99 ms", "images/s", "where"], rows))
+        if not_run := not_run_here(bench):
+            parts.append(f"<p class=note>Not timed as {precision} here: {html.escape('; '.join(not_run))}.</p>")
     return "\n".join(parts)
 
 
@@ -470,15 +486,18 @@ SUMMARY_HEADER = (
     "fastest",
     "p50_ms",
     "not_verified",
+    "not_timed_here",
 )
 
 
 def summary_rows(verify: Mapping[str, Mapping], bench: Mapping[str, Mapping]) -> list[list]:
-    """One row per precision: what its verification ran and found, and its fastest timed executor."""
+    """One row per precision: what its verification ran and found, its fastest executor among those that ran that
+    precision, and which executors did not, with why."""
     rows = []
     for precision in dict.fromkeys([*verify, *bench]):
         result = verify.get(precision) or {}
-        timed = [entry for entry in (bench.get(precision) or {}).get("results", []) if "p50_ms" in entry]
+        timing = bench.get(precision) or {"results": []}
+        timed = [entry for entry in timing["results"] if ran_as_asked(entry)]
         fastest = min(timed, key=lambda entry: entry["p50_ms"] / entry["batch_size"], default=None)
         rows.append(
             [
@@ -493,6 +512,7 @@ def summary_rows(verify: Mapping[str, Mapping], bench: Mapping[str, Mapping]) ->
                 f"{variant(fastest)} bs {fastest['batch_size']}" if fastest else None,
                 fastest["p50_ms"] if fastest else None,
                 unverified(result) if result else None,
+                "; ".join(not_run_here(timing)) or None,
             ]
         )
     return rows
@@ -577,6 +597,7 @@ def build_report(
             ),
         ),
         "<h2>Per precision</h2>",
+        verdict_legend(),
         *(precision_section(p, verify_docs.get(p), bench_docs.get(p)) for p in precisions),
         "<h2>Latency</h2>",
         image(plots["latency"], "latency bars"),
