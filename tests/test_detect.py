@@ -6,8 +6,10 @@ shared completed run its detections on the val images are verify's, entry for en
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import cv2
@@ -80,6 +82,25 @@ def test_detect_with_fallback_gives_verifys_detections(completed_run, detected, 
     assert len(expected) > 100
 
 
+def test_a_plan_with_only_its_json_and_network_record_suffices_for_fallback(completed_run, val_images, tmp_path):
+    """A folder holding only the plan, its JSON and its network record: the ONNX and head weights are needed only for
+    the deployment-form rung, which is left out with its reason; the detections are still verify's."""
+    for name in ("engine_fp32.plan", "engine_fp32.json", "engine_fp32.network.safetensors"):
+        shutil.copy2(completed_run / "results" / name, tmp_path / name)
+    files = [str(completed_run / image["file_name"]) for image in val_images]
+    result = trtflow(tmp_path, "detect", "--engine", "engine_fp32.plan", *files, "--fallback", "--out", "dets.json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the deployment-form rung of --fallback is left out: the features ONNX" in result.stderr
+    output = json.loads((tmp_path / "dets.json").read_text())
+    assert output["verified_level"] == "network-definition"
+    val_ids = {str(completed_run / image["file_name"]): image["id"] for image in val_images}
+    ids = {image["id"]: val_ids[image["file_name"]] for image in output["images"]}
+    expected = json.loads((completed_run / "results/verify/fp32_detections.json").read_text())
+    expected = [{key: entry[key] for key in RESULT_KEYS} for entry in expected]
+    assert [{**d, "image_id": ids[d["image_id"]]} for d in output["detections"]] == expected
+    assert len(expected) > 100
+
+
 def test_detect_draws_each_image(detected, completed_run):
     output, _, out = detected
     first = output["images"][0]
@@ -96,7 +117,8 @@ def test_detect_without_fallback_says_the_plan_cannot_run_here(completed_run, va
     assert "cannot run on this machine; pass --fallback" in result.stderr and "no CUDA GPU" in result.stderr
 
 
-def test_detect_refuses_a_corrupt_image_naming_it(completed_run, val_images, tmp_path):
+def test_detect_skips_a_corrupt_image_naming_it(completed_run, val_images, tmp_path):
+    """The corrupt file is named with read_image's reason and left out; the good one's detections are written."""
     good = completed_run / val_images[0]["file_name"]
     ok, encoded = cv2.imencode(".jpg", cv2.imread(str(good)))
     corrupt = tmp_path / "broken.jpg"
@@ -113,8 +135,10 @@ def test_detect_refuses_a_corrupt_image_naming_it(completed_run, val_images, tmp
         str(tmp_path / "dets.json"),
     )
     assert result.returncode == 1
-    assert f"{corrupt}: is a truncated JPEG" in result.stderr, result.stderr[-2000:]
-    assert not (tmp_path / "dets.json").exists()
+    assert f"trtflow detect: skipped {corrupt}: is a truncated JPEG" in result.stderr, result.stderr[-2000:]
+    output = json.loads((tmp_path / "dets.json").read_text())
+    assert output["images"] == [{"id": 1, "file_name": str(good)}] and output["detections"]
+    assert [entry["file_name"] for entry in output["skipped"]] == [str(corrupt)]
 
 
 def plan_with_usage(folder: Path) -> Path:
@@ -165,4 +189,72 @@ def test_detect_refuses_a_plan_json_of_a_newer_format_naming_it(tmp_path, capsys
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"trtflow detect: PlanMetadataError: {path} has format '{FORMAT}/{VERSION + 1}', this trtflow reads "
         f"{FORMAT}/{VERSION} (the file was written by a newer trtflow); rebuild the engine (snakemake -f {plan})"
+    )
+
+
+def test_detect_takes_folders_and_globs_skips_a_bad_file_and_writes_coco_results(tmp_path, monkeypatch, capsys):
+    """A folder and a glob name the images; a corrupt one among them is named on the console and left out, the rest
+    detected on (exit status 1); `--score-thresh` leaves out the lower-scoring box in every output, and
+    `--coco-results` is the list pycocotools' `loadRes` takes."""
+    from pycocotools.coco import COCO  # not at the top: only this test reads the results back through pycocotools
+
+    plan = plan_with_usage(tmp_path)
+    folder = [write_image(tmp_path / "folder" / f"photo_{n}.png", picture(seed=n)) for n in (1, 2)]
+    globbed = write_image(tmp_path / "more" / "photo_3.png", picture(seed=3))
+    broken = tmp_path / "folder" / "photo_0.png"
+    broken.write_bytes(b"not an image")
+    monkeypatch.setattr(
+        "trtflow.run.detect.choose_executor", lambda precision, plan, **kwargs: no_gpu(fixed_executor())
+    )
+    out, coco_results, drawn = tmp_path / "dets.json", tmp_path / "coco.json", tmp_path / "drawn"
+    status = cli.main(
+        ["detect", "--engine", str(plan), str(tmp_path / "folder"), str(tmp_path / "more" / "*.png"), "--fallback"]
+        + ["--score-thresh", "0.8", "--out", str(out), "--coco-results", str(coco_results), "--draw", str(drawn)]
+    )
+    stderr = capsys.readouterr().err
+    assert status == 1
+    assert f"trtflow detect: skipped {broken}: " in stderr and "1 inputs skipped" in stderr, stderr[-2000:]
+    output = json.loads(out.read_text())
+    assert [image["file_name"] for image in output["images"]] == [str(path) for path in (*folder, globbed)]
+    assert [entry["file_name"] for entry in output["skipped"]] == [str(broken)]
+    # the fixed head gives scores 0.9 and 0.7 on each image: only the 0.9 box is at or above 0.8
+    assert [(d["image_id"], d["score"]) for d in output["detections"]] == [(1, 0.9), (2, 0.9), (3, 0.9)]
+    ground_truth = COCO()
+    ground_truth.dataset = {"images": output["images"], "categories": output["categories"], "annotations": []}
+    ground_truth.createIndex()
+    loaded = ground_truth.loadRes(str(coco_results))
+    assert sorted((a["image_id"], a["score"]) for a in loaded.anns.values()) == [(1, 0.9), (2, 0.9), (3, 0.9)]
+    assert sorted(path.name for path in drawn.glob("*.png")) == ["photo_1.png", "photo_2.png", "photo_3.png"]
+
+
+def test_detect_refuses_a_batch_size_below_one_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["detect", "--engine", "results/engine_fp32.plan", "photo.png", "--batch-size", "0"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (
+        "trtflow detect: error: argument --batch-size: '0' is not a whole number of at least 1 "
+        "(see trtflow detect --help)\n"
+    )
+
+
+def test_help_and_version_answer_without_loading_torch():
+    """`trtflow detect --help` and `trtflow --version` parse arguments only: torch, OpenCV and the executors load
+    once the arguments are checked."""
+    code = (
+        "import sys\nfrom trtflow import cli\n"
+        "for argv in (['detect', '--help'], ['--version']):\n"
+        "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\n"
+        "print([name for name in ('torch', 'cv2', 'trtflow.run.detect') if name in sys.modules])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert "usage: trtflow detect" in result.stdout
+    assert result.stdout.splitlines()[-2:] == [f"trtflow {version('trtflow')}", "[]"]
+
+
+def test_a_missing_plan_is_named_with_the_precisions_the_workflow_builds(tmp_path, capsys):
+    plan = tmp_path / "results/engine_bf16.plan"
+    assert cli.main(["detect", "--engine", str(plan), "photo.png"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"trtflow detect: DetectError: the plan {plan} does not exist; build it with the pipeline (snakemake -f "
+        "results/engine_<precision>.plan, <precision> one of fp32, fp16, int8)"
     )

@@ -411,9 +411,9 @@ def choose_executor(
         except (NetworkExecutionError, FileNotFoundError) as error:
             reasons.append(f"the network definition cannot be evaluated: {error}")
     if onnx is None or weights_dir is None:
-        raise ValueError(
-            f"{plan}: the deployment-form fallback needs the features ONNX and head weights it was built from; "
-            "pass onnx= and weights_dir="
+        raise ValueError(  # the reasons say why neither stronger rung ran: the deployment form is the last one
+            f"{plan}: {'; '.join(reasons)}; the deployment-form fallback needs the features ONNX and head weights it "
+            "was built from; pass onnx= and weights_dir="
         )
     log.warning("%s; verifying the deployment-form reference instead", "; ".join(reasons))
     return ExecutorChoice(deployment_executor(precision, onnx, weights_dir), "deployment-form", tuple(reasons))
