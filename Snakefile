@@ -31,6 +31,7 @@ from trtflow.workflow import use_workflow_source
 
 use_workflow_source(WORKFLOW_DIR / "src")
 from trtflow.config import check_config
+from trtflow.run.summary import print_verdicts
 
 if WORKFLOW_DIR.is_relative_to(Path.cwd().resolve()):
     WORKFLOW_DIR = WORKFLOW_DIR.relative_to(Path.cwd().resolve())
@@ -58,6 +59,16 @@ include: "workflow/rules/plugins.smk"
 include: "workflow/rules/engine.smk"
 include: "workflow/rules/verify.smk"
 include: "workflow/rules/deploy.smk"
+
+
+# Each precision's verdict, level and key numbers at the end of the console, read from the verify JSONs there are
+# (nothing where none is). Snakemake calls neither handler where it has nothing to do, nor for a dry run.
+onsuccess:
+    print_verdicts(RESULTS)
+
+
+onerror:
+    print_verdicts(RESULTS)
 
 
 # Every model: the one of `model:` under results/, or each `models:` entry under results/<name>/.

@@ -2,11 +2,13 @@
 # folder of the workflow's own files (src/, plugins/, models/). This file holds functions only: `snakemake --lint`
 # (part of `make test`) takes a line with "rule", a space and a later colon for a rule, and refuses the mix.
 import importlib.util
+import json
 import re
 from pathlib import Path
 
 from trtflow.config import locate, model_settings
 from trtflow.common.plugins import PluginBuildError, find_nvcc
+from trtflow.run.summary import verdict_words
 from trtflow.workflow import code_closure
 
 # What the workflow writes, relative to the working directory (--directory); what it reads of its own, from
@@ -135,10 +137,15 @@ def verify_onnx(wildcards):
 
 def report_labels(**fixed):
     """`snakemake --report` labels of an output: its model where there are several, its precision where it has
-    one, and `fixed` (e.g. figure="latency")."""
+    one with its verdict ("passed at network definition", read from its verify JSON when the report is made), and
+    `fixed` (e.g. figure="latency")."""
 
     def labels(wildcards):
-        precision = {"precision": wildcards.precision} if "precision" in wildcards.keys() else {}
+        precision = {}
+        if "precision" in wildcards.keys():
+            result = RESULTS / f"{wildcards.model}verify/{wildcards.precision}.json"
+            verdict = verdict_words(json.loads(result.read_text())) if result.is_file() else "not verified"
+            precision = {"precision": wildcards.precision, "verdict": verdict}
         return ({"model": wildcards.model.rstrip("/")} if MODELS else {}) | precision | fixed or None
 
     return labels
