@@ -122,6 +122,7 @@ STAGE_MODULES = {
     "build.weights",
     "build.calibrate",
     "build.engine",
+    "build.deploy",
     "common.plugins",
     "run.reference",
     "run.qdq_accuracy",
