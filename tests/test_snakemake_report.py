@@ -65,3 +65,13 @@ def test_captions_name_the_files_of_their_job(report_zip):
         "one-page report (results/report.html, self-contained)",
     ):
         assert rendered in text, rendered
+
+
+def test_each_precision_item_is_labelled_with_its_verdict(report_zip):
+    """The verify and bench items of each precision carry its verdict in words, read from its verify JSON."""
+    page = report_zip.read("report/report.html").decode()
+    labels = [json.loads(found) for found in re.findall(r'"labels": (\{[^}]*\})', page)]
+    verdicts = sorted((label["precision"], label["verdict"]) for label in labels if "verdict" in label)
+    assert verdicts == sorted(
+        2 * [(precision, "passed at network definition") for precision in ("fp32", "fp16", "int8")]
+    )
