@@ -173,7 +173,7 @@ def test_report_holds_every_stage_and_precision(report):
     # fp32 passed on the deployment form: amber in the stage table, its heading and its verdict
     assert text.count('class="partial">passed at deployment form') == 3
     # int8 failed, in words with its level, in the same three places
-    assert text.count('class="fail">failed at deployment form: match_recall 0.8889 &lt; 0.99') == 3
+    assert text.count('class="fail">FAILED at deployment form: match_recall 0.8889 &lt; 0.99') == 3
     assert "match_recall 0.8889 &lt; 0.99" in text  # int8 lost one detection in nine, named and HTML-escaped
     assert "no CUDA GPU is visible &lt;here&gt;" in text
     assert "simulated INT8 mAP 0.8460 vs fp32 0.8490 (drop 0.30 points, onnxruntime)" in text
@@ -292,7 +292,7 @@ def test_an_empty_plot_is_written_as_a_note(stage_files, tmp_path):
         ({"engine_executed": True}, 'class="pass">passed at engine'),  # a JSON from before verified_level
         (
             {"verified_level": "network-definition", "passed": False, "failures": ["match_recall 0.5 < 0.99"]},
-            'class="fail">failed at network definition: match_recall 0.5 &lt; 0.99',
+            'class="fail">FAILED at network definition: match_recall 0.5 &lt; 0.99',
         ),
     ],
 )

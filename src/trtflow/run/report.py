@@ -289,10 +289,10 @@ img { max-width: 100%; display: block; margin: 0.6em 0; }
 
 def verified_badge(result: Mapping) -> Markup:
     """ "passed at <level>": green only where the engine itself ran and passed; amber where a stand-in passed; red
-    ("failed at <level>") with the failures where the thresholds were missed."""
+    ("FAILED at <level>", in capitals as every failed badge) with the failures where the thresholds were missed."""
     text = verdict_words(result)
     if not result["passed"]:
-        return badge(False, f"{text}: " + "; ".join(result["failures"]))
+        return badge(False, f"FAILED at {level_words(verified_level(result))}: " + "; ".join(result["failures"]))
     return Markup(
         f'<span class="{"pass" if verified_level(result) == "engine" else "partial"}">{html.escape(text)}</span>'
     )
@@ -305,7 +305,7 @@ def verdict_legend() -> str:
         "<p class=note>Each precision's verdict: "
         f"{badge(True, 'passed at engine')} the plan itself ran here and met its thresholds; "
         f"{Markup('<span class=partial>passed at network definition</span>')} a stand-in ran (the plan cannot run "
-        f"here) and met them, what it leaves unverified is named; {badge(False, 'failed at …')} a threshold was "
+        f"here) and met them, what it leaves unverified is named; {badge(False, 'FAILED at …')} a threshold was "
         f"missed, named. Levels, weakest first: {ladder}.</p>"
     )
 
