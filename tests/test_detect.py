@@ -217,6 +217,12 @@ def test_detect_takes_folders_and_globs_skips_a_bad_file_and_writes_coco_results
     output = json.loads(out.read_text())
     assert [image["file_name"] for image in output["images"]] == [str(path) for path in (*folder, globbed)]
     assert [entry["file_name"] for entry in output["skipped"]] == [str(broken)]
+    seconds = output["seconds"]  # from reading the images to the detections: positive, a third of it per image
+    assert seconds["detect"] > 0 and seconds["per_image"] == pytest.approx(seconds["detect"] / 3, abs=1e-3)
+    assert (
+        f"3 detections on 3 images by fixed-outputs (the engine did not run here) in {seconds['detect']:.1f} s ("
+        in stderr
+    )
     # the fixed head gives scores 0.9 and 0.7 on each image: only the 0.9 box is at or above 0.8
     assert [(d["image_id"], d["score"]) for d in output["detections"]] == [(1, 0.9), (2, 0.9), (3, 0.9)]
     ground_truth = COCO()

@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trtflow detect: skipped {entry['reason']}", file=sys.stderr)
     ran = "the engine" if result["engine_executed"] else f"{result['executor']} (the engine did not run here)"
     print(
-        f"{len(result['detections'])} detections on {len(result['images'])} images by {ran}"
+        f"{len(result['detections'])} detections on {len(result['images'])} images by {ran} in "
+        f"{result['seconds']['detect']:.1f} s ({1000 * result['seconds']['per_image']:.0f} ms per image)"
         + (f", {len(result['skipped'])} inputs skipped" if result["skipped"] else "")
         + (f"; written to {args.out}" if args.out else ""),
         file=sys.stderr,
