@@ -265,11 +265,16 @@ def test_the_bench_summary_times_only_the_executors_that_ran_the_precision(stage
     )
 
 
-def test_executor_details_read_as_words_not_python(report):
-    """The recorded network's executor details hold a mapping (built_by): shown as its values."""
-    _, text = report
-    assert "{" not in re.sub(r"<style>.*?</style>", "", text, flags=re.S) and "[&#x27;" not in text
+def test_executor_details_read_as_words_not_python(stage_files, tmp_path):
+    """The recorded network's executor details hold a mapping (built_by), ONNX Runtime's a list (providers): shown
+    as their values, and whether the engine ran as yes / no."""
+    result = json.loads(stage_files["verify"]["fp32"].read_text())
+    result["executor_details"] = {"built_by": {"module": "tensorrt_rtx", "version": "1.7.1.116"}, "layers": 1246}
+    (tmp_path / "fp32.json").write_text(json.dumps(result))
+    text = build_report(tmp_path / "report.html", **{**stage_files, "verify": {"fp32": tmp_path / "fp32.json"}})
+    assert "(built_by tensorrt_rtx 1.7.1.116, layers 1246)" in text
     assert "<td>engine executed</td><td>no</td>" in text
+    assert "{" not in re.sub(r"<style>.*?</style>", "", text, flags=re.S) and "[&#x27;" not in text
 
 
 def test_an_empty_plot_is_written_as_a_note(stage_files, tmp_path):
