@@ -236,7 +236,9 @@ def test_without_fallback_the_ladder_gives_the_engines_refusal(tmp_path):
 
 
 @pytest.mark.needs_no_cuda
-def test_the_ladder_says_why_each_stronger_level_did_not_run(deployment, tmp_path):
+def test_the_ladder_says_why_each_stronger_level_did_not_run(deployment, tmp_path, caplog):
+    """...in its result and its log, which says what runs instead and not "verifying": `trtflow detect` asks the
+    same ladder, and verifies nothing."""
     plan = write_plan(tmp_path / "engine_fp32.plan")
     network = tmp_path / "engine_fp32.network.safetensors"  # not written: the network definition cannot run
     chosen = choose_executor("fp32", plan, network=network, onnx=deployment.onnx, weights_dir=deployment.weights)
@@ -247,6 +249,7 @@ def test_the_ladder_says_why_each_stronger_level_did_not_run(deployment, tmp_pat
         f"the network definition cannot be evaluated: network record {network} does not exist; build it with its "
         f"engine (snakemake {plan})"
     )
+    assert "; running the deployment-form reference instead" in caplog.text and "verifying" not in caplog.text
 
 
 # --------------------------------------------------------------------------- bench

@@ -406,7 +406,7 @@ def choose_executor(
     if network is not None:
         try:
             executor = network_definition_executor(network)
-            log.warning("%s; verifying the TensorRT network definition instead", reasons[0])
+            log.warning("%s; running the TensorRT network definition instead", reasons[0])
             return ExecutorChoice(executor, "network-definition", tuple(reasons))
         except (NetworkExecutionError, FileNotFoundError) as error:
             reasons.append(f"the network definition cannot be evaluated: {error}")
@@ -415,5 +415,5 @@ def choose_executor(
             f"{plan}: {'; '.join(reasons)}; the deployment-form fallback needs the features ONNX and head weights it "
             "was built from; pass onnx= and weights_dir="
         )
-    log.warning("%s; verifying the deployment-form reference instead", "; ".join(reasons))
+    log.warning("%s; running the deployment-form reference instead", "; ".join(reasons))
     return ExecutorChoice(deployment_executor(precision, onnx, weights_dir), "deployment-form", tuple(reasons))
