@@ -150,9 +150,10 @@ def detect_files(
     Returns {"plan", "precision", "executor", "engine_executed", ..., "images": [{"id", "file_name"}],
     "categories", "detections": COCO results, "skipped": [{"file_name", "reason"}], "seconds": {"detect",
     "per_image"}} (seconds: the wall time from reading the images to the postprocessed detections, in all and per
-    image); written to `out_json` when given, the detections alone (the list pycocotools' `COCO.loadRes` takes) to `coco_results` when given, and each
-    image drawn with its boxes into `draw_dir/<stem>.png` when given. Image ids are 1.. over the images read, in the
-    order given; detections scoring below `score_thresh` are left out of all three.
+    image); written to `out_json` when given, the detections alone (the list pycocotools' `COCO.loadRes` takes) to
+    `coco_results` when given, and each image drawn with its boxes into `draw_dir/<stem>.png` when given. Image ids
+    are 1.. over the images read, in the order given; detections scoring below `score_thresh` are left out of all
+    three.
     """
     plan = Path(plan)
     metadata = usage_of(plan)
