@@ -3,6 +3,7 @@
 # Runs from anywhere: `snakemake -s <clone>/Snakefile --directory <dir> --configfile <file>`, or as a `module`.
 # The workflow's own files (trtflow code, schema, envs, scripts, plugin sources, the shipped demo checkpoint)
 # are found beside this file; the config's paths and results/ are relative to the working directory.
+import signal
 import sys
 from pathlib import Path
 
@@ -18,6 +19,9 @@ WORKFLOW_DIR = Path(str(workflow.current_basedir)).resolve()
 # the one this process and every job import, whatever else the Python environment has installed: its src/ goes
 # first on sys.path here and on PYTHONPATH for the jobs (trtflow.workflow.use_workflow_source). A trtflow imported
 # before this file ran cannot be replaced: refused before any of its code runs.
+# Ctrl-C while Snakemake reads this file (its imports, the code triggers): exit 130 without a traceback, as its jobs
+# do (trtflow's __init__); the end of this file gives Snakemake back its own handling.
+signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(128 + signum))
 IMPORTED = sys.modules.get("trtflow")
 if IMPORTED is not None and Path(IMPORTED.__file__).resolve().parent != WORKFLOW_DIR / "src/trtflow":
     raise WorkflowError(
@@ -27,17 +31,20 @@ if IMPORTED is not None and Path(IMPORTED.__file__).resolve().parent != WORKFLOW
         "trtflow before the workflow (an including Snakefile: declare the module before any `from trtflow ...`)"
     )
 sys.path.insert(0, str(WORKFLOW_DIR / "src"))
-from trtflow.workflow import use_workflow_source
+from trtflow.workflow import exit_with_message, print_failures, use_workflow_source
 
 use_workflow_source(WORKFLOW_DIR / "src")
-from trtflow.config import check_config
+from trtflow.config import ConfigError, check_config, holds_keys
 from trtflow.run.summary import print_verdicts
 
 if WORKFLOW_DIR.is_relative_to(Path.cwd().resolve()):
     WORKFLOW_DIR = WORKFLOW_DIR.relative_to(Path.cwd().resolve())
 
 
-configfile: "config.yaml"
+# The working directory's config.yaml, where it holds keys; none, or an empty one, leaves every key at its default.
+if holds_keys("config.yaml"):
+
+    configfile: "config.yaml"
 
 
 # `snakemake --report report.zip`: this description, then each rule's report() items with their captions
@@ -45,7 +52,14 @@ report: "workflow/report/workflow.rst"
 
 
 # Schema (defaults filled in, unknown keys and bad values refused) and named paths, before any job runs.
-check_config(config, schema=WORKFLOW_DIR / "workflow/schemas/config.schema.yaml", workflow_dir=WORKFLOW_DIR)
+with exit_with_message(ConfigError):
+    check_config(
+        config,
+        # named by the files it came from; with none, by --config (the rest are defaults)
+        " + ".join(map(str, workflow.configfiles)) or "--config",
+        schema=WORKFLOW_DIR / "workflow/schemas/config.schema.yaml",
+        workflow_dir=WORKFLOW_DIR,
+    )
 
 
 include: "workflow/rules/common.smk"
@@ -62,13 +76,15 @@ include: "workflow/rules/deploy.smk"
 
 
 # Each precision's verdict, level and key numbers at the end of the console, read from the verify JSONs there are
-# (nothing where none is). Snakemake calls neither handler where it has nothing to do, nor for a dry run.
+# (nothing where none is); after a failure, each failed job's one-line error. Snakemake calls neither handler where
+# it has nothing to do, nor for a dry run.
 onsuccess:
     print_verdicts(RESULTS)
 
 
 onerror:
     print_verdicts(RESULTS)
+    print_failures(log)
 
 
 # Every model: the one of `model:` under results/, or each `models:` entry under results/<name>/.
@@ -85,3 +101,6 @@ rule all:
         expand(RESULTS / "{model}report.html", model=MODEL_DIRS),
         # the plots and table of `snakemake --report` come with it (asked for, so that a run from before them adds them)
         expand(RESULTS / "{model}report/summary.tsv", model=MODEL_DIRS),
+
+
+signal.signal(signal.SIGINT, signal.default_int_handler)

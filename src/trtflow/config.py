@@ -32,6 +32,13 @@ class ConfigError(ValueError):
     """config.yaml holds a value the pipeline cannot use."""
 
 
+def holds_keys(config_file: str | Path) -> bool:
+    """Whether `config_file` exists and holds keys. Snakemake refuses an empty file (or one of comments only) as a
+    config file; here it means what no file means: every key at its schema default."""
+    path = Path(config_file)
+    return path.is_file() and yaml.safe_load(path.read_text()) is not None
+
+
 def key_path(parts) -> str:
     return ".".join(str(part) for part in parts) or "(top level)"
 

@@ -8,6 +8,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -56,11 +57,23 @@ def check_job_code(scriptdir: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
+def exit_with_message(*errors: type[Exception]):
+    """For the Snakefile: one of `errors` ends the run with its message alone, which names the file or key and the
+    fix; Snakemake would follow it with the traceback of the trtflow code that raised it."""
+    try:
+        yield
+    except errors as error:
+        print(error, file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+@contextlib.contextmanager
 def script_logging(snakemake):
     """Send the script's prints, progress bars and warnings to its rule log; a failure also goes to stderr.
 
-    A failing stage exits non-zero with its one-line message on the console, so the user sees the file
-    and the fix without opening the log; the log keeps the message with its traceback.
+    A failing stage exits 1 with its one-line message on the console and nothing else, so the user sees the file
+    and the fix without opening the log (Snakemake's failure block names it); the log keeps the message with its
+    traceback. (Ctrl-C: trtflow's __init__.)
     """
     log_path = snakemake.log[0] if snakemake.log else None
     with contextlib.ExitStack() as stack:
@@ -75,9 +88,55 @@ def script_logging(snakemake):
             check_job_code(snakemake.scriptdir)
             yield
         except Exception as error:
+            message = f"{type(error).__name__}: {error}"
             traceback.print_exc()  # the whole story into the log (stderr is the log here)
-            print(f"{type(error).__name__}: {error}", file=sys.__stderr__)
-            raise
+            print(f"{FAILURE_MARK}{message}", file=sys.stderr)  # for failure_lines, where the log is the console
+            print(message, file=sys.__stderr__)
+            raise SystemExit(1) from None
+
+
+# Begins a failed job's last log line: what failure_lines repeats at the end of the run.
+FAILURE_MARK = "trtflow job failed: "
+# Snakemake's own console (and log file) text: a failed job's block, and what it prints on Ctrl-C
+FAILED_RULE = re.compile(r"^Error in rule (\S+):$")
+FAILED_JOB_LOG = re.compile(r"^\s+log: (.+) \(check log file\(s\) for error details\)$")
+CANCELLED = "Terminating processes on user request"
+
+
+def failure_lines(snakemake_logs: list[str | os.PathLike]) -> list[str]:
+    """The end of a failed run's console (Snakefile `onerror`): each failed job's one-line error and the log that
+    holds its traceback, read from Snakemake's log of the run; or, after Ctrl-C, which jobs it stopped and that
+    the same command goes on from there. Empty where the log names no failed job."""
+    text = "\n".join(Path(path).read_text(errors="replace") for path in snakemake_logs if Path(path).is_file())
+    failed, rule = [], None
+    for line in text.splitlines():
+        if match := FAILED_RULE.match(line):
+            rule = match.group(1)
+        elif rule and (match := FAILED_JOB_LOG.match(line)):
+            failed.append((rule, match.group(1).split(", ")[0]))
+            rule = None
+    if not failed:
+        return []
+    if CANCELLED in text:
+        stopped = ", ".join(f"{rule} ({log})" for rule, log in failed)
+        return [
+            f"trtflow: stopped by Ctrl-C: {stopped} did not finish; the finished jobs are kept, "
+            "so the same command goes on from there"
+        ]
+    return [f"trtflow: {rule} failed: {job_failure(Path(log))} (traceback: {log})" for rule, log in failed]
+
+
+def job_failure(log: Path) -> str:
+    """A failed job's error as script_logging wrote it to the job's log; else where to look."""
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    if FAILURE_MARK not in text:
+        return "see its log"
+    return text.rsplit(FAILURE_MARK, 1)[1].strip()
+
+
+def print_failures(snakemake_logs: list[str | os.PathLike]) -> None:
+    for line in failure_lines(snakemake_logs):
+        print(line, file=sys.stderr, flush=True)
 
 
 @functools.cache
