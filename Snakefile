@@ -31,6 +31,7 @@ from trtflow.workflow import use_workflow_source
 
 use_workflow_source(WORKFLOW_DIR / "src")
 from trtflow.config import check_config
+from trtflow.precisions import calibrated
 from trtflow.run.summary import print_verdicts
 
 if WORKFLOW_DIR.is_relative_to(Path.cwd().resolve()):
@@ -77,8 +78,8 @@ rule all:
     input:
         expand(RESULTS / "{model}reference/metrics.json", model=MODEL_DIRS),
         expand(RESULTS / "{model}onnx/parity.json", model=MODEL_DIRS),
-        # calibration only serves the int8 engine
-        expand(RESULTS / "{model}calib/accuracy.json", model=MODEL_DIRS) if "int8" in config["engine"]["precisions"] else [],
+        # calibration only serves the calibrated (int8) engines
+        expand(RESULTS / "{model}calib/accuracy.json", model=MODEL_DIRS) if calibrated(config["engine"]["precisions"]) else [],
         # the CUDA plugin: where the engines use it, or where nvcc is there to build it
         RESULTS / "plugins/build.json" if PLUGIN_WANTED else [],
         expand(RESULTS / "{model}engine_{precision}.plan", model=MODEL_DIRS, precision=config["engine"]["precisions"]),
