@@ -35,6 +35,7 @@ from trtflow.workflow import exit_with_message, print_failures, use_workflow_sou
 
 use_workflow_source(WORKFLOW_DIR / "src")
 from trtflow.config import ConfigError, check_config, holds_keys
+from trtflow.precisions import calibrated
 from trtflow.run.summary import print_verdicts
 
 if WORKFLOW_DIR.is_relative_to(Path.cwd().resolve()):
@@ -93,8 +94,8 @@ rule all:
     input:
         expand(RESULTS / "{model}reference/metrics.json", model=MODEL_DIRS),
         expand(RESULTS / "{model}onnx/parity.json", model=MODEL_DIRS),
-        # calibration only serves the int8 engine
-        expand(RESULTS / "{model}calib/accuracy.json", model=MODEL_DIRS) if "int8" in config["engine"]["precisions"] else [],
+        # calibration only serves the calibrated (int8) engines
+        expand(RESULTS / "{model}calib/accuracy.json", model=MODEL_DIRS) if calibrated(config["engine"]["precisions"]) else [],
         # the CUDA plugin: where the engines use it, or where nvcc is there to build it
         RESULTS / "plugins/build.json" if PLUGIN_WANTED else [],
         expand(RESULTS / "{model}engine_{precision}.plan", model=MODEL_DIRS, precision=config["engine"]["precisions"]),

@@ -18,8 +18,9 @@ from trtflow.backend import BackendUnavailableError, dtypes, layer_dtypes, load_
 from trtflow.backend.implicit_int8 import cache_only_calibrator
 from trtflow.build.calibrate import calibration_table
 from trtflow.build.engine import EngineSettings
-from trtflow.common.head import PRECISIONS, head_dtype
+from trtflow.common.head import head_dtype
 from trtflow.formats.calibration_table import ALGORITHMS, format_calibration_table
+from trtflow.precisions import PRECISIONS
 
 
 @pytest.fixture

@@ -74,12 +74,15 @@ def test_the_run_side_does_not_run_the_build_wing():
 # The layout is the architecture (docs/ARCHITECTURE.md): the build wing (trtflow.build) and the run wing (trtflow.run)
 # meet through files in results/, whose formats are trtflow.formats, and share trtflow.common and trtflow.backend;
 # artifacts, config, workflow and cli sit at the top. A sub-package's modules may import only the packages listed.
+# precisions (the table of precisions) sits at the top beside artifacts and, like it, imports no trtflow module: every
+# folder reads it (formats: the calibration table's scale rule; backend: the head dtype's names).
 MAY_IMPORT = {
-    "build": {"build", "common", "formats", "backend", "artifacts", "config"},  # engine.batch's rule: config's
-    "run": {"run", "common", "formats", "backend", "artifacts"},
-    "common": {"common", "formats", "backend", "artifacts"},
-    "formats": {"formats", "backend", "artifacts"},
-    "backend": {"backend", "common", "artifacts"},  # the plugin library's loader is common.plugins
+    # config: engine.batch's rule
+    "build": {"build", "common", "formats", "backend", "artifacts", "precisions", "config"},
+    "run": {"run", "common", "formats", "backend", "artifacts", "precisions"},
+    "common": {"common", "formats", "backend", "artifacts", "precisions"},
+    "formats": {"formats", "backend", "artifacts", "precisions"},
+    "backend": {"backend", "common", "artifacts", "precisions"},  # the plugin library's loader is common.plugins
 }
 MAX_LEVELS = 8
 

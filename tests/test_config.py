@@ -10,10 +10,10 @@ from trtflow.backend import CHOICES as BACKEND_CHOICES
 from trtflow.build.engine import INT8_MODES
 from trtflow.build.head_network import HEAD_OPTIONS
 from trtflow.common.coco import BAD_IMAGE_POLICIES
-from trtflow.common.head import PRECISIONS
 from trtflow.common.model import ARCHS
 from trtflow.config import SCHEMA, ConfigError, check_config
 from trtflow.formats.calibration_table import ALGORITHMS
+from trtflow.precisions import PRECISIONS
 from trtflow.run.bench import EXECUTORS
 from trtflow.run.levels import LEVELS
 from trtflow.run.verify import Thresholds

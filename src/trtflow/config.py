@@ -11,6 +11,7 @@ import yaml
 from trtflow.backend import BackendUnavailableError, load_backend
 from trtflow.backend.roi_align_plugin import unsupported_reason
 from trtflow.common.plugins import ptx_arch_problem
+from trtflow.precisions import calibrated
 
 SCHEMA_NAME = "config.schema.yaml"
 
@@ -157,7 +158,7 @@ def consistency_problems(config: dict) -> list[str]:
     calibration = config["calibration"]
     if (
         not onnx["dynamic_batch"]
-        and "int8" in config["engine"]["precisions"]
+        and calibrated(config["engine"]["precisions"])
         and (calibration["batch_size"] % onnx["batch_size"] or calibration["num_images"] % onnx["batch_size"])
     ):
         problems.append(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from trtflow.config import locate, model_settings
 from trtflow.common.plugins import PluginBuildError, find_nvcc
+from trtflow.precisions import PRECISIONS as PRECISION_TABLE, calibrated, features_graph, wildcard_pattern
 from trtflow.run.summary import verdict_words
 from trtflow.workflow import code_closure
 
@@ -46,6 +47,8 @@ MODEL_DIRS = [f"{name}/" for name in MODELS] or [""]
 wildcard_constraints:
     # only configured names: results/<unknown>/... has no rule rather than a half-configured job
     model="(?:{})?".format("|".join(re.escape(f"{name}/") for name in MODELS)),
+    # every rule's {precision}: the names of trtflow.precisions' table
+    precision=wildcard_pattern(),
 
 
 def model_config(wildcards):
@@ -105,14 +108,14 @@ PLUGIN_WANTED = ENGINE["roi_align"] == "plugin" or nvcc_found()
 
 
 def engine_onnx(wildcards):
-    """int8 explicit: the calibrate stage's Q/DQ ONNX; everything else: the exported features."""
-    qdq = wildcards.precision == "int8" and EXPLICIT_INT8
-    return RESULTS / wildcards.model / ("onnx/features.qdq.onnx" if qdq else "onnx/features.onnx")
+    """The precision's features graph (trtflow.precisions): the calibrate stage's Q/DQ ONNX for int8 (but the
+    exported features under engine.int8_mode: implicit), the exported features for the others."""
+    return RESULTS / wildcards.model / "onnx" / features_graph(wildcards.precision, implicit=not EXPLICIT_INT8)
 
 
 def engine_extras(wildcards):
     extras = {}
-    if wildcards.precision == "int8":
+    if PRECISION_TABLE[wildcards.precision].calibrated:
         # implicit: the table feeds TensorRT's calibrator; explicit: recorded as the Q/DQ scales' source
         extras["table"] = RESULTS / wildcards.model / "calib/int8calib.table"
     if ENGINE["roi_align"] == "plugin":
@@ -132,7 +135,7 @@ def engine_gpus():
 # Stage `verify`
 def verify_onnx(wildcards):
     """The features graph each precision's engine is built from (int8: the Q/DQ graph, whatever engine.int8_mode)."""
-    return RESULTS / wildcards.model / ("onnx/features.qdq.onnx" if wildcards.precision == "int8" else "onnx/features.onnx")
+    return RESULTS / wildcards.model / "onnx" / PRECISION_TABLE[wildcards.precision].features_graph
 
 
 def report_labels(**fixed):

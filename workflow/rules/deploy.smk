@@ -16,8 +16,6 @@ rule deploy:
         triton_labels=RESULTS / "{model}deploy/triton/trtflow_{precision}/labels.txt",
         deepstream_config=RESULTS / "{model}deploy/deepstream/{precision}/config_infer.txt",
         deepstream_labels=RESULTS / "{model}deploy/deepstream/{precision}/labels.txt",
-    wildcard_constraints:
-        precision="fp32|fp16|int8",
     conda:
         ENV
     log:

@@ -22,8 +22,6 @@ rule engine:
         metadata=RESULTS / "{model}engine_{precision}.json",
         # the exact network handed to the builder, for verify where the plan cannot run (trtflow.run.netexec)
         network=RESULTS / "{model}engine_{precision}.network.safetensors",
-    wildcard_constraints:
-        precision="fp32|fp16|int8",
     params:
         backend=config["backend"],
         tensorrt=TENSORRT_VERSIONS,

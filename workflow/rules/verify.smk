@@ -45,8 +45,6 @@ rule verify:
         result=report(RESULTS / "{model}verify/{precision}.json", caption="../report/verify.rst", category="verify",
                       labels=report_labels()),
         detections=RESULTS / "{model}verify/{precision}_detections.json",
-    wildcard_constraints:
-        precision="fp32|fp16|int8",
     params:
         verify=VERIFY,
         thresholds=lambda wildcards: config["verify"]["thresholds"].get(wildcards.precision, {}),
@@ -76,8 +74,6 @@ rule bench:
     output:
         report(RESULTS / "{model}bench/{precision}.json", caption="../report/bench.rst", category="bench",
                labels=report_labels()),
-    wildcard_constraints:
-        precision="fp32|fp16|int8",
     params:
         # bench.threads is the job's size, not what it measures
         bench={key: value for key, value in config_section("bench").items() if key != "threads"},
@@ -97,10 +93,10 @@ rule bench:
 
 rule report:
     input:
-        # calibration checks, shown where an int8 engine is built
+        # calibration checks, shown where a calibrated (int8) engine is built
         **(
             {"calibration_ranges": RESULTS / "{model}calib/ranges.json", "calibration_accuracy": RESULTS / "{model}calib/accuracy.json"}
-            if "int8" in PRECISIONS
+            if calibrated(PRECISIONS)
             else {}
         ),
         val=RESULTS / "data/val.json",
@@ -120,8 +116,8 @@ rule report:
         latency=report_figure("latency", "bench"),
         dscore=report_figure("dscore", "verify"),
         examples=report_figure("examples", "verify"),
-        # calibration checks, shown where an int8 engine is built
-        **({"calibration": report_figure("calibration", "calibrate")} if "int8" in PRECISIONS else {}),
+        # calibration checks, shown where a calibrated (int8) engine is built
+        **({"calibration": report_figure("calibration", "calibrate")} if calibrated(PRECISIONS) else {}),
     params:
         precisions=PRECISIONS,
         report=config_section("report"),

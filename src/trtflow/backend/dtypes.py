@@ -6,6 +6,8 @@ engine inspector's words."""
 import numpy as np
 import torch
 
+from trtflow.precisions import PRECISIONS
+
 # DataType name -> (torch dtype, numpy dtype); numpy has no bfloat16
 _DTYPES = {
     "FLOAT": (torch.float32, np.float32),
@@ -20,8 +22,14 @@ _DTYPES = {
 TORCH_DTYPES = {name: torch_dtype for name, (torch_dtype, _) in _DTYPES.items()}
 NUMPY_DTYPES = {name: numpy_dtype for name, (_, numpy_dtype) in _DTYPES.items() if numpy_dtype is not None}
 
-# The head dtype as trtflow.common.head.head_dtype and the executors spell it; add_head also takes the precisions' words.
-HEAD_DTYPES = {"float32": "FLOAT", "float16": "HALF", "fp32": "FLOAT", "fp16": "HALF"}
+# The head dtype as trtflow.common.head.head_dtype and the executors spell it (trtflow.precisions' dtype names) ->
+# DataType name; add_head also takes the name of a precision that is not quantized (fp32, fp16), whose head computes in
+# that precision's own dtype. A quantized precision's name is no head dtype (its head is float).
+_HEAD_DTYPE_NAMES = {"float32": "FLOAT", "float16": "HALF"}
+HEAD_DTYPES = {
+    **_HEAD_DTYPE_NAMES,
+    **{name: _HEAD_DTYPE_NAMES[row.head_dtype] for name, row in PRECISIONS.items() if not row.calibrated},
+}
 
 # The engine inspector's words: TensorRT 10 "Format/Datatype" ("Row major linear FP32", "Channel major FP16 format
 # ..."); TensorRT 11 "Datatype" ("Float", "Half", "Int8"). Matched without case.

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from trtflow.artifacts import atomic_write, files_sha256, write_text
 from trtflow.formats.plan_metadata import PlanMetadata, metadata_path, plan_path, rebuild
+from trtflow.precisions import PRECISIONS
 
 SERVABLE_BACKEND = "tensorrt"  # Triton's TensorRT backend and nvinfer deserialize full TensorRT plans only
 TRITON_DTYPES = {
@@ -39,7 +40,6 @@ DETECTION_OUTPUTS = ["num_detections", "boxes", "scores", "classes"]  # the orde
 LABELS_FILE = "labels.txt"
 DEEPSTREAM_PARSER_LIBRARY = "/opt/nvidia/deepstream/deepstream/lib/libnvds_infercustomparser.so"
 DEEPSTREAM_PARSER = "NvDsInferParseYoloV5CustomBatchedNMSTLT"  # BatchedNMS layout, boxes in network pixels
-NVINFER_NETWORK_MODES = {"fp32": 0, "int8": 1, "fp16": 2}
 NVINFER_COLOR_FORMATS = {"rgb": 0, "bgr": 1}
 
 
@@ -158,6 +158,9 @@ def deepstream_parser_lines(metadata: PlanMetadata, source: str | Path) -> list[
 
 def deepstream_config(metadata: PlanMetadata, source: str | Path, model_engine_file: str) -> str:
     """config_infer.txt of a primary detector on the plan (`model_engine_file` relative to the config's folder)."""
+    network_mode = PRECISIONS[metadata.precision].deepstream_network_mode
+    if network_mode is None:
+        raise DeployError(f"DeepStream's nvinfer has no network-mode for {metadata.precision} plans")
     preprocess, postprocess = metadata.preprocess, metadata.postprocess
     first = metadata.inputs[0]
     batch = max_batch_size(metadata) or first["shape"][0]
@@ -192,7 +195,7 @@ def deepstream_config(metadata: PlanMetadata, source: str | Path, model_engine_f
         f"model-engine-file={model_engine_file}",
         f"labelfile-path={LABELS_FILE}",
         f"batch-size={batch}",
-        f"network-mode={NVINFER_NETWORK_MODES[metadata.precision]}",
+        f"network-mode={network_mode}",
         "network-type=0",
         f"num-detected-classes={len(labels_text(metadata).splitlines())}",
         f"model-color-format={NVINFER_COLOR_FORMATS[preprocess['color']]}",

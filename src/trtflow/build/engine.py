@@ -28,7 +28,7 @@ from trtflow.artifacts import files_sha256, software_versions, write_bytes
 from trtflow.backend import Backend, layer_dtypes, load_backend
 from trtflow.backend.roi_align_plugin import register_plugins, unsupported_reason
 from trtflow.build.head_network import add_head, check_head_options
-from trtflow.common.head import HEAD_OUTPUTS, PRECISIONS, head_dtype
+from trtflow.common.head import HEAD_OUTPUTS, head_dtype
 from trtflow.common.model import RPN_PREFIXES
 from trtflow.common.onnxrun import is_quantized
 from trtflow.config import batch_problem
@@ -36,10 +36,10 @@ from trtflow.formats.head_weights import load_head
 from trtflow.formats.network_record import read_network
 from trtflow.formats.plan_metadata import PlanMetadata, metadata_path
 from trtflow.formats.usage import plan_usage
+from trtflow.precisions import PRECISIONS, QDQ_GRAPH, QDQ_SUFFIX, Precision, features_graph
 
 INT8_MODES = ("explicit", "implicit")
 CHECKPOINT_KEY = "trtflow.checkpoint_sha256"  # written into features.onnx by trtflow.build.export
-QDQ_SUFFIX = ".qdq.onnx"  # rule calibrate writes the Q/DQ graph of <name>.onnx beside it, as <name>.qdq.onnx
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,18 @@ class EngineSettings:
         )
 
     @property
+    def row(self) -> Precision:
+        """The precision's row of trtflow.precisions."""
+        return PRECISIONS[self.precision]
+
+    @property
     def implicit_int8(self) -> bool:
-        return self.precision == "int8" and self.int8_mode == "implicit"
+        return self.row.implicit_calibration and self.int8_mode == "implicit"
+
+    @property
+    def features_graph(self) -> str:
+        """The features graph's file name (trtflow.precisions): the export, or the Q/DQ graph rule calibrate writes."""
+        return features_graph(self.precision, implicit=self.implicit_int8)
 
     @property
     def head_dtype(self) -> str:
@@ -242,14 +252,17 @@ def export_of(onnx_path: Path) -> Path:
 
 
 def check_features_onnx(model: onnx.ModelProto, path: Path, settings: EngineSettings) -> None:
-    """The ONNX suits the precision: Q/DQ exactly when building explicit INT8."""
+    """The ONNX suits the precision: Q/DQ exactly when the precision's features graph is the Q/DQ one (explicit
+    quantization)."""
     quantized = is_quantized(model)
-    if settings.precision == "int8" and not settings.implicit_int8 and not quantized:
+    qdq_expected = settings.features_graph == QDQ_GRAPH
+    if qdq_expected and not quantized:
+        mode = " (engine.int8_mode: explicit)" if settings.row.implicit_calibration else ""
         raise ValueError(
-            f"{path} has no Q/DQ nodes: int8 (engine.int8_mode: explicit) is built from its Q/DQ graph "
+            f"{path} has no Q/DQ nodes: {settings.precision}{mode} is built from its Q/DQ graph "
             f"{qdq_graph_of(path)} (rule calibrate: snakemake {qdq_graph_of(path)})"
         )
-    if quantized and (settings.precision != "int8" or settings.implicit_int8):
+    if quantized and not qdq_expected:
         raise ValueError(
             f"{path} is quantized (Q/DQ nodes) but the {settings.precision} "
             f"{'implicit-INT8 ' if settings.implicit_int8 else ''}plan is built from the unquantized features ONNX"
@@ -293,7 +306,7 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def network_model(model: onnx.ModelProto, settings: EngineSettings) -> onnx.ModelProto:
     """The ONNX the parser gets for this precision."""
-    return to_fp16(model) if settings.precision == "fp16" else model
+    return to_fp16(model) if settings.row.features_dtype == "float16" else model
 
 
 @dataclass
@@ -567,7 +580,7 @@ def build_engine(
         head=head is not None,
         roi_align=settings.roi_align if head is not None else None,
         nms=settings.nms if head is not None else None,
-        int8_mode=settings.int8_mode if settings.precision == "int8" else None,
+        int8_mode=settings.int8_mode if settings.row.implicit_calibration else None,
         layer_precisions=plan_precisions(backend, plan, network, gpu),
         network_record=None if record is None else {**file_record(network_record_path), "layers": len(record.layers)},
         timing_cache=cache_info,

@@ -29,12 +29,13 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from trtflow.artifacts import write_bytes
+from trtflow.precisions import INT8
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # Ops between a weighted op and a residual Add that TensorRT folds into the weighted op (BatchNorm,
 # FrozenBatchNorm's x * scale + bias), so the Add still follows "a conv".
 FOLDABLE_AFFINE_OPS = ("BatchNormalization", "Mul", "Add", "Sub", "Div")
-INT8_MAX = 127
+INT8_MAX = INT8.max_magnitude  # the int8 scale rule of trtflow.precisions: scale = amax / 127
 MIN_QDQ_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
 
 

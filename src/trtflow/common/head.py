@@ -36,18 +36,19 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 from trtflow.common.model import DELTAS_PREFIX, OBJECTNESS_PREFIX
 from trtflow.formats.head_weights import load_head, required_tensors
+from trtflow.precisions import PRECISIONS
 
 NO_SCORE = -1.0  # score of a slot holding no candidate; every real score is a probability >= 0
 LN2 = math.log(2.0)
 
-# The head's contract with whoever runs a plan: its outputs, and its dtype in the plan of each precision.
-PRECISIONS = ("fp32", "fp16", "int8")
+# The head's contract with whoever runs a plan: its outputs, and its dtype in the plan of each precision
+# (trtflow.precisions).
 HEAD_OUTPUTS = ("num_detections", "boxes", "scores", "classes")
 
 
 def head_dtype(precision: str) -> str:
-    """The head's dtype in the plan of `precision`: float32 for fp32, float16 for fp16 and int8."""
-    return "float32" if precision == "fp32" else "float16"
+    """The head's dtype in the plan of `precision` (its row's head_dtype: float32 for fp32, float16 for the others)."""
+    return PRECISIONS[precision].head_dtype
 
 
 class Proposals(NamedTuple):

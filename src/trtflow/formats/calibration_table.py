@@ -19,6 +19,7 @@ import numpy as np
 from trtflow.artifacts import write_text
 from trtflow.backend import installed_version
 from trtflow.backend.implicit_int8 import cache_header, parse_cache_header
+from trtflow.precisions import INT8
 
 # calibration.algorithm -> the table header's algorithm. Percentile ranges are final ranges, like min-max ones, so
 # they travel under the min-max header.
@@ -43,7 +44,7 @@ class CalibrationTable:
         return cache_header(self.version, self.algorithm)
 
     def amax(self) -> dict[str, float]:
-        return {name: float(np.float32(scale) * np.float32(127)) for name, scale in self.scales.items()}
+        return {name: float(np.float32(scale) * np.float32(INT8.max_magnitude)) for name, scale in self.scales.items()}
 
 
 def version_tag(version: str) -> str:

@@ -21,6 +21,7 @@ import torch
 from trtflow.artifacts import software_versions, write_json
 from trtflow.common.preprocess import preprocess_split
 from trtflow.formats.head_weights import load_head
+from trtflow.precisions import PRECISIONS
 from trtflow.run.executors import (
     CaptureError,
     Executor,
@@ -98,13 +99,16 @@ def tiled_batch(images: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def torch_dtype_for(precision: str) -> tuple[str, str | None]:
-    """The PyTorch executors' dtype for a precision: float16 on a CUDA GPU for fp16 (and for int8, which has
-    no PyTorch path here: fp16 is the engine's head dtype); float32 on the CPU. With a note when it differs."""
-    if precision == "fp32":
+    """The PyTorch executors' dtype for a precision: its row's bench_dtype on a CUDA GPU (a quantized precision has
+    no PyTorch path here: the engine's head dtype stands in); float32 on the CPU. With a note when it differs."""
+    row = PRECISIONS[precision]
+    if row.bench_dtype == "float32":
         return "float32", None
     if not torch.cuda.is_available():
-        return "float32", f"{precision}: PyTorch float16 needs a CUDA GPU; ran float32"
-    return "float16", "int8: no PyTorch INT8 path; ran float16" if precision == "int8" else None
+        return "float32", f"{precision}: PyTorch {row.bench_dtype} needs a CUDA GPU; ran float32"
+    if row.quantized:
+        return row.bench_dtype, f"{precision}: no PyTorch {row.quantized.name.upper()} path; ran {row.bench_dtype}"
+    return row.bench_dtype, None
 
 
 def bench_executors(

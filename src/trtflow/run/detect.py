@@ -21,9 +21,9 @@ import cv2
 
 from trtflow.artifacts import files_sha256, write_bytes, write_json
 from trtflow.common.coco import DatasetError, list_images
-from trtflow.common.head import PRECISIONS
 from trtflow.common.images import BadImageError, read_image
 from trtflow.formats.plan_metadata import PlanMetadata, metadata_path
+from trtflow.precisions import PRECISIONS
 from trtflow.run.detection_loop import ImpossibleOutput, detect_images
 from trtflow.run.drawing import DEPLOYED_COLOR, bgr
 from trtflow.run.executors import choose_executor

@@ -41,12 +41,13 @@ import torch
 from torch import nn
 
 from trtflow.backend.dtypes import HEAD_DTYPES, TORCH_DTYPES
-from trtflow.common.head import HEAD_OUTPUTS, PRECISIONS, StaticHead, head_dtype
+from trtflow.common.head import HEAD_OUTPUTS, StaticHead, head_dtype
 from trtflow.common.model import FeaturesNetwork, output_names, run_detector
 from trtflow.common.onnxrun import OnnxSession
 from trtflow.formats.head_weights import load_head
 from trtflow.formats.network_record import NetworkRecord
 from trtflow.formats.plan_metadata import PlanMetadata
+from trtflow.precisions import PRECISIONS
 from trtflow.run.detection_loop import ImpossibleOutput
 from trtflow.run.levels import LEVELS, UNVERIFIED
 from trtflow.run.netexec import NetworkExecutionError, NetworkExecutor

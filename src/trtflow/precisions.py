@@ -1,0 +1,143 @@
+"""The precisions a plan can be built in, one row each: everything that differs from one precision to another.
+
+Rules (the `{precision}` wildcard constraints, which features graph a plan is built and verified from, whether the
+calibration stage runs), the config schema (`engine.precisions`, `verify.enforce`, `verify.thresholds`: YAML that
+`tests/test_precisions.py` holds equal to this table) and the code (head dtype, checks, bench dtype, DeepStream's
+network mode) read this table; none of them names a precision. docs/ARCHITECTURE.md, "Where to add a precision",
+says what a new row needs besides.
+
+Dtypes are names ("float32", "float16", "int8"), as numpy and torch spell them: `trtflow.backend.dtypes` maps them
+to torch and TensorRT. This module imports nothing heavy: the Snakefile and `trtflow.config` import it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+# The features graphs a plan can be parsed from, under results/<model>/onnx/: the export, or the Q/DQ graph that rule
+# calibrate writes beside it (<name>.onnx -> <name>.qdq.onnx).
+QDQ_SUFFIX = ".qdq.onnx"
+EXPORTED_GRAPH = "features.onnx"
+QDQ_GRAPH = EXPORTED_GRAPH.removesuffix(".onnx") + QDQ_SUFFIX
+
+
+@dataclass(frozen=True)
+class QuantizedType:
+    """A quantized dtype and its symmetric scale rule: scale = amax / max_magnitude, values clipped to
+    +-max_magnitude (per-tensor activations, per-output-channel weights)."""
+
+    name: str  # "int8"; fp8 will be "float8_e4m3fn" (torch's name) with max_magnitude 448
+    max_magnitude: float
+
+    def scale_rule(self) -> str:
+        return f"amax/{self.max_magnitude:g}"
+
+
+@dataclass(frozen=True)
+class Precision:
+    """One precision's row. `quantized` set means the precision needs calibration (rule calibrate: histograms, the
+    calibration table, the Q/DQ graph)."""
+
+    name: str
+    head_dtype: str  # the dtype of the head's feature sampling and box head (box geometry is float32 always)
+    features_graph: str  # EXPORTED_GRAPH or QDQ_GRAPH: what the engine parses and verify's deployment form runs
+    features_dtype: str  # the dtype the parsed graph's float weights and activations are converted to
+    quantized: QuantizedType | None
+    # TensorRT 10's implicit calibrator can build it instead from EXPORTED_GRAPH and the calibration table
+    # (engine.int8_mode: implicit; a weakly typed network)
+    implicit_calibration: bool
+    # backend name -> the least compute capability a plan of this precision may target; a backend absent builds
+    # it for every GPU it supports. fp8 will need {"tensorrt_rtx": "8.9"}, refused before any job
+    # (trtflow.config) and by the engine stage (EngineSettings.check_backend).
+    min_compute_capability: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+    # the default of config `verify.thresholds.<name>` (the schema holds the same values: tests/test_precisions.py)
+    verify_thresholds: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+    bench_dtype: str = "float32"  # the dtype the PyTorch executors run at on a CUDA GPU (float32 on the CPU)
+    deepstream_network_mode: int | None = None  # nvinfer's `network-mode`; None: DeepStream has none for it
+
+    @property
+    def calibrated(self) -> bool:
+        return self.quantized is not None
+
+
+def _frozen(mapping: dict) -> MappingProxyType:
+    return MappingProxyType(mapping)
+
+
+INT8 = QuantizedType("int8", 127)
+
+PRECISIONS: MappingProxyType = _frozen(
+    {
+        row.name: row
+        for row in (
+            Precision(
+                name="fp32",
+                head_dtype="float32",
+                features_graph=EXPORTED_GRAPH,
+                features_dtype="float32",
+                quantized=None,
+                implicit_calibration=False,
+                verify_thresholds=_frozen(
+                    {"min_match_recall": 0.995, "min_match_precision": 0.99, "max_abs_dscore": 0.02}
+                ),
+                bench_dtype="float32",
+                deepstream_network_mode=0,
+            ),
+            Precision(
+                name="fp16",
+                head_dtype="float16",
+                features_graph=EXPORTED_GRAPH,
+                features_dtype="float16",
+                quantized=None,
+                implicit_calibration=False,
+                verify_thresholds=_frozen(
+                    {"min_match_recall": 0.97, "min_match_precision": 0.97, "max_abs_dscore": 0.05}
+                ),
+                bench_dtype="float16",
+                deepstream_network_mode=2,
+            ),
+            Precision(
+                name="int8",
+                head_dtype="float16",
+                features_graph=QDQ_GRAPH,
+                # the tensors between quantized layers stay float32, as trtflow.build.qdq writes them
+                features_dtype="float32",
+                quantized=INT8,
+                implicit_calibration=True,
+                verify_thresholds=_frozen({"max_map_drop_points": 0.5}),
+                # no PyTorch INT8 path: the engine's head dtype stands in
+                bench_dtype="float16",
+                deepstream_network_mode=1,
+            ),
+            # fp8 (issue 24, item 2) goes here: quantized=QuantizedType("float8_e4m3fn", 448), features_graph its
+            # Q/DQ graph, min_compute_capability {"tensorrt_rtx": "8.9"}; see docs/ARCHITECTURE.md.
+        )
+    }
+)
+NAMES = tuple(PRECISIONS)
+
+
+def precision(name: str) -> Precision:
+    """The row of `name`; an unknown name is refused with the known ones."""
+    if name not in PRECISIONS:
+        raise ValueError(f"precision {name!r}: use one of {', '.join(NAMES)}")
+    return PRECISIONS[name]
+
+
+def wildcard_pattern() -> str:
+    """The Snakemake wildcard constraint of `{precision}`: exactly the table's names."""
+    return "|".join(re.escape(name) for name in NAMES)
+
+
+def calibrated(names) -> bool:
+    """Whether any of the precisions `names` needs calibration (the calibrate stage runs)."""
+    return any(PRECISIONS[name].calibrated for name in names)
+
+
+def features_graph(name: str, *, implicit: bool = False) -> str:
+    """The features graph the engine of `name` is parsed from: with `implicit` (engine.int8_mode: implicit) a
+    precision that TensorRT's implicit calibrator can build is parsed from the export instead of its Q/DQ graph."""
+    row = PRECISIONS[name]
+    return EXPORTED_GRAPH if implicit and row.implicit_calibration else row.features_graph
