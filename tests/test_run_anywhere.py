@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
-from snakemake_runs import SMALL_DATA, clone, config_overlay, jobs_of, snakemake
+from snakemake_runs import ROOT, SMALL_DATA, clone, config_overlay, jobs_of, snakemake
 
 # the default target of a fresh run, as the dry run plans it (nvcc is on PATH here)
 DEFAULT_TARGET_RULES = {
@@ -79,26 +81,53 @@ def test_without_nvcc_snakemake_completes_the_default_target(completed_run, no_n
     assert [job.rule for job in jobs_of(planned.console) if job.rule != "all"] == ["plugins"]
 
 
+def readme_section(title: str) -> str:
+    """The text of the README section headed `## <title>`, up to the next heading of its level."""
+    text = (ROOT / "README.md").read_text()
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def readme_command(checkout: Path, workdir: str) -> list[str]:
+    """The README's run-from-another-folder command, word for word, with <clone> and <dir> filled in; without its
+    leading `snakemake --cores 2`, which tests/snakemake_runs.snakemake types."""
+    section = readme_section("Run from another folder, or as a module")
+    (line,) = [line.strip() for line in section.splitlines() if line.startswith("    snakemake ")]
+    words = shlex.split(line.replace("<clone>", str(checkout)).replace("<dir>", workdir))
+    assert words[:3] == ["snakemake", "--cores", "2"], line
+    return words[3:]
+
+
 @pytest.fixture(scope="module")
 def elsewhere(scratch_run, tmp_path_factory) -> tuple[Path, Path, str]:
-    """A clone of the workflow, and a working directory elsewhere in which it built results/engine_int8.plan."""
+    """A clone of the workflow, and a working directory elsewhere in which the README's command built
+    results/engine_int8.plan."""
     checkout = scratch_run("clone")
     root = tmp_path_factory.mktemp("elsewhere")
     workdir = root / "work"
     workdir.mkdir()
     (workdir / "config.yaml").write_text(yaml.safe_dump(SMALL_DATA))  # the rest: the schema's defaults
-    log = snakemake(
-        root,
-        "-s",
-        str(checkout / "Snakefile"),
-        "--directory",
-        "work",
-        "--configfile",
-        "work/config.yaml",
-        "--",
-        "results/engine_int8.plan",
-    ).console
+    log = snakemake(root, *readme_command(checkout, "work")).console
     return checkout, workdir, log
+
+
+@pytest.mark.parametrize("config_text", [None, "", "# every key at its default\n"])
+def test_from_another_folder_no_config_or_an_empty_one_takes_the_defaults(elsewhere, tmp_path, config_text):
+    """The README's command in a folder without config.yaml, or with an empty one: the demo's jobs are planned
+    (Snakemake refuses an empty config file; the Snakefile reads none then)."""
+    checkout, _, _ = elsewhere
+    (tmp_path / "work").mkdir()
+    if config_text is not None:
+        (tmp_path / "work/config.yaml").write_text(config_text)
+    planned = snakemake(tmp_path, *readme_command(checkout, "work"), "--dry-run")
+    assert sorted(job.rule for job in jobs_of(planned.console)) == [
+        "calibrate",
+        "data",
+        "engine",
+        "model",
+        "onnx",
+        "weights",
+    ]
+    assert "Config file(s): ['config.yaml']" not in planned.console
 
 
 def test_from_another_folder_the_workflow_builds_a_plan(elsewhere):
@@ -116,11 +145,9 @@ def test_from_another_folder_the_workflow_builds_a_plan(elsewhere):
 
 def test_as_a_module_the_workflow_plans_everything_and_builds_a_plan(elsewhere):
     checkout, workdir, _ = elsewhere
-    (workdir / "Snakefile").write_text(
-        'configfile: "config.yaml"\n\n\n'
-        f'module trtflow:\n    snakefile:\n        "{checkout / "Snakefile"}"\n    config:\n        config\n\n\n'
-        "use rule * from trtflow\n"
-    )
+    # the README's Snakefile, word for word
+    (snippet,) = re.findall(r"```python\n(.*?)```", readme_section("Run from another folder, or as a module"), re.S)
+    (workdir / "Snakefile").write_text(snippet.replace("<clone>", str(checkout)))
     # the importing workflow's default target is trtflow's: every stage but what the int8 plan already built
     planned = snakemake(workdir, "--dry-run")
     rules = {job.rule for job in jobs_of(planned.console)}
