@@ -4,6 +4,7 @@ On this CPU machine the plan cannot run, so `trtflow detect --fallback` runs the
 shared completed run its detections on the val images are verify's, entry for entry.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -14,12 +15,14 @@ from pathlib import Path
 
 import cv2
 import pytest
+import yaml
 
 from test_executors import POSTPROCESS, preprocess_settings
 from test_images import picture, write_image
 from test_plan_metadata import file_record, write_plan
 from test_verify import IMPOSSIBLE_OUTPUTS, fixed_executor, no_gpu
 from trtflow import cli
+from trtflow.config import plan_config_differences
 from trtflow.formats.plan_metadata import FORMAT, VERSION, metadata_path
 from trtflow.formats.usage import classes_of
 
@@ -68,6 +71,7 @@ def detected(completed_run, val_images, tmp_path_factory) -> tuple[dict, subproc
 
 def test_detect_with_fallback_gives_verifys_detections(completed_run, detected, val_images):
     output, result, _ = detected
+    assert "warning" not in result.stderr  # the plan is the run's own configuration
     verify = json.loads((completed_run / "results/verify/fp32.json").read_text())
     expected = json.loads((completed_run / "results/verify/fp32_detections.json").read_text())
     # the executor verify ran, named in the output and on the console
@@ -115,6 +119,54 @@ def test_detect_without_fallback_says_the_plan_cannot_run_here(completed_run, va
     result = trtflow(completed_run, "detect", "--engine", "results/engine_fp32.plan", image)
     assert result.returncode == 1
     assert "cannot run on this machine; pass --fallback" in result.stderr and "no CUDA GPU" in result.stderr
+
+
+OTHER_CHECKPOINT = b"another model's bytes"
+
+
+def test_a_plan_of_another_configuration_than_its_runs_config_yaml_is_named_with_the_differences(
+    completed_run, val_images, tmp_path
+):
+    """The run's config.yaml changed after the plan was built (another input size, threshold and checkpoint):
+    detect still uses what the plan records, and says in one line which keys differ."""
+    (tmp_path / "results").mkdir()
+    for suffix in (".plan", ".json", ".network.safetensors"):
+        shutil.copy2(completed_run / f"results/engine_fp32{suffix}", tmp_path / f"results/engine_fp32{suffix}")
+    other_checkpoint = tmp_path / "other.safetensors"
+    other_checkpoint.write_bytes(OTHER_CHECKPOINT)
+    (tmp_path / "config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "model": {"input": {"height": 256}, "checkpoint": "other.safetensors"},
+                "postprocess": {"score_thresh": 0.3},
+            }
+        )
+    )
+    result = trtflow(tmp_path, "detect", "--engine", "results/engine_fp32.plan", val_images[0]["file_name"])
+    (warning,) = [line for line in result.stderr.splitlines() if "warning" in line]
+    recorded = json.loads((completed_run / "results/engine_fp32.json").read_text())
+    assert warning == (
+        "trtflow detect: warning: results/engine_fp32.plan was built for another configuration than the config.yaml "
+        "of its run (model.input: the plan height 320, width 320, config.yaml height 256, width 320; "
+        "postprocess.score_thresh: the plan 0.05, config.yaml 0.3; model.checkpoint: the plan sha256 "
+        f"{recorded['sources']['checkpoint_sha256'][:12]}, config.yaml other.safetensors (sha256 "
+        f"{hashlib.sha256(OTHER_CHECKPOINT).hexdigest()[:12]})): detect uses what the plan records; rebuild "
+        "it to use the current one (snakemake results/engine_fp32.plan)"
+    )
+
+
+def test_only_a_plan_under_results_beside_a_config_yaml_is_compared(completed_run, tmp_path):
+    recorded = json.loads((completed_run / "results/engine_fp32.json").read_text())
+    assert plan_config_differences(completed_run / "results/engine_fp32.plan", recorded) == []
+    (tmp_path / "config.yaml").write_text("postprocess: {score_thresh: 0.3}\n")
+    assert plan_config_differences(tmp_path / "engine_fp32.plan", recorded) == []  # not under results/
+    assert plan_config_differences(tmp_path / "results/other/engine_fp32.plan", recorded) == []  # no such model
+    (tmp_path / "config.yaml").write_text("models: {other: {}}\npostprocess: {score_thresh: 0.3}\n")
+    assert plan_config_differences(tmp_path / "results/other/engine_fp32.plan", recorded) == [
+        "postprocess.score_thresh: the plan 0.05, config.yaml 0.3"
+    ]
+    (tmp_path / "config.yaml").write_text("postprocess: {score_thresh: high}\n")  # invalid: the pipeline says so
+    assert plan_config_differences(tmp_path / "results/engine_fp32.plan", recorded) == []
 
 
 def test_detect_skips_a_corrupt_image_naming_it(completed_run, val_images, tmp_path):

@@ -96,9 +96,20 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     # the command's whole body, imported once the arguments are checked: it loads torch, OpenCV and the executors
+    from trtflow.config import plan_config_differences
+    from trtflow.formats.plan_metadata import metadata_path
     from trtflow.run.detect import detect_files
     from trtflow.run.runtime import EngineRefused
 
+    recorded = metadata_path(args.engine)
+    differences = plan_config_differences(args.engine, json.loads(recorded.read_text())) if recorded.is_file() else []
+    if differences:
+        print(
+            f"trtflow detect: warning: {args.engine} was built for another configuration than the config.yaml of its "
+            f"run ({'; '.join(differences)}): detect uses what the plan records; rebuild it to use the current one "
+            f"(snakemake {args.engine})",
+            file=sys.stderr,
+        )
     try:
         result = detect_files(
             args.engine,

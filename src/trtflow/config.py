@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import importlib.resources
 import importlib.util
+import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
 
+from trtflow.artifacts import files_sha256
 from trtflow.backend import BackendUnavailableError, load_backend
 from trtflow.backend.roi_align_plugin import unsupported_reason
 from trtflow.common.plugins import ptx_arch_problem
@@ -224,3 +227,62 @@ def check_config(
         )
     if problems:
         raise ConfigError(f"{config_file}: " + ("\n  ".join(["invalid configuration:", *problems])))
+
+
+def run_folder(plan: Path) -> tuple[Path, str] | None:
+    """(working directory, model name) of the run that wrote `plan` (<dir>/results/engine_*.plan: name "";
+    <dir>/results/<name>/engine_*.plan: a `models:` entry); None for a plan outside a results/ folder."""
+    for parent in Path(plan).resolve().parents:
+        if parent.name == "results":
+            return parent.parent, str(Path(plan).resolve().parent.relative_to(parent)).removeprefix(".")
+    return None
+
+
+def in_words(value) -> str:
+    """A config value for a one-line message: {"height": 320, "width": 320} -> "height 320, width 320"."""
+    if isinstance(value, Mapping):
+        return ", ".join(f"{key} {in_words(item)}" for key, item in value.items())
+    return json.dumps(value) if isinstance(value, list) else str(value)
+
+
+def plan_config_differences(plan: str | Path, recorded: Mapping) -> list[str]:
+    """What the plan's JSON (`recorded`) says it was built for and the config.yaml of its run's folder does not, one
+    `key: the plan X, config.yaml Y` each: the model, its input, pre- and postprocessing and backend. Nothing where
+    the plan lies outside a results/ folder, the folder has no config.yaml, or that file is invalid (the pipeline
+    refuses it; detect uses what the plan records either way)."""
+    found = run_folder(Path(plan))
+    if found is None or not (found[0] / "config.yaml").is_file():
+        return []
+    workdir, name = found
+    config = yaml.safe_load((workdir / "config.yaml").read_text()) or {}
+    if schema_problems(config) or name not in {"", *(config.get("models") or {})}:
+        return []
+    from snakemake.utils import validate
+
+    validate(config, str(SCHEMA))  # fills in the defaults
+    model = model_settings(config, name)
+    preprocess = {"input": model["input"], **config["preprocess"]}
+    pairs = {
+        # `auto` takes whichever backend imports: the plan records which one it was
+        **({"backend": (recorded["backend"], config["backend"])} if config["backend"] != "auto" else {}),
+        "model.num_classes": (len(recorded["classes"] or []) + 1, model["num_classes"]),
+        **{
+            f"model.{key}" if key == "input" else f"preprocess.{key}": (recorded["preprocess"][key], value)
+            for key, value in preprocess.items()
+        },
+        **{f"postprocess.{key}": (recorded["postprocess"][key], value) for key, value in config["postprocess"].items()},
+    }
+    differences = [
+        f"{key}: the plan {in_words(mine)}, config.yaml {in_words(theirs)}"
+        for key, (mine, theirs) in pairs.items()
+        if mine != theirs
+    ]
+    # the checkpoint by content (the shipped demo checkpoint lies beside the workflow's own schema)
+    checkpoint = locate(model["checkpoint"], workdir, SCHEMA.parents[2])
+    built_from = recorded["sources"]["checkpoint_sha256"]
+    if checkpoint.is_file() and files_sha256(checkpoint) != built_from:
+        differences.append(
+            f"model.checkpoint: the plan sha256 {built_from[:12]}, config.yaml {model['checkpoint']} "
+            f"(sha256 {files_sha256(checkpoint)[:12]})"
+        )
+    return differences
