@@ -92,16 +92,20 @@ onerror:
 rule all:
     default_target: True
     input:
-        expand(RESULTS / "{model}reference/metrics.json", model=MODEL_DIRS),
-        expand(RESULTS / "{model}onnx/parity.json", model=MODEL_DIRS),
-        # calibration only serves the calibrated (int8) engines
-        expand(RESULTS / "{model}calib/accuracy.json", model=MODEL_DIRS) if calibrated(config["engine"]["precisions"]) else [],
-        # the CUDA plugin: where the engines use it, or where nvcc is there to build it
-        RESULTS / "plugins/build.json" if PLUGIN_WANTED else [],
-        expand(RESULTS / "{model}engine_{precision}.plan", model=MODEL_DIRS, precision=config["engine"]["precisions"]),
-        expand(RESULTS / "{model}report.html", model=MODEL_DIRS),
-        # the plots and table of `snakemake --report` come with it (asked for, so that a run from before them adds them)
-        expand(RESULTS / "{model}report/summary.tsv", model=MODEL_DIRS),
+        report_scope(
+            [
+                *expand(RESULTS / "{model}reference/metrics.json", model=MODEL_DIRS),
+                *expand(RESULTS / "{model}onnx/parity.json", model=MODEL_DIRS),
+                # calibration only serves the calibrated (int8) engines
+                *(expand(RESULTS / "{model}calib/accuracy.json", model=MODEL_DIRS) if calibrated(config["engine"]["precisions"]) else []),
+                # the CUDA plugin: where the engines use it, or where nvcc is there to build it
+                *([RESULTS / "plugins/build.json"] if PLUGIN_WANTED else []),
+                *expand(RESULTS / "{model}engine_{precision}.plan", model=MODEL_DIRS, precision=config["engine"]["precisions"]),
+                *expand(RESULTS / "{model}report.html", model=MODEL_DIRS),
+                # the plots and table of `snakemake --report` come with it (asked for, so that a run from before them adds them)
+                *expand(RESULTS / "{model}report/summary.tsv", model=MODEL_DIRS),
+            ]
+        ),
 
 
 signal.signal(signal.SIGINT, signal.default_int_handler)

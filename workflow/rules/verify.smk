@@ -2,21 +2,7 @@
 # the pipeline's checks on one page (rule report). The engine runs where this machine can run it;
 # elsewhere its recorded TensorRT network definition is evaluated layer by layer (trtflow.run.netexec), and the
 # JSONs say which level ran and why nothing stronger did.
-import os
-import sys
-
-from snakemake.exceptions import WorkflowError
-
 PRECISIONS = config["engine"]["precisions"]
-# `snakemake --report` stops at the first report item of the default target not built yet (after `make demo`, which
-# builds only results/engine_int8.plan): say instead which target to run first, in one line. Snakemake tells a
-# Snakefile nothing of --report but its command line.
-REPORT_PAGES = [str(RESULTS / f"{model}report.html") for model in MODEL_DIRS]
-if any(arg.split("=")[0] == "--report" for arg in sys.argv) and not all(map(os.path.isfile, REPORT_PAGES)):
-    raise WorkflowError(
-        f"snakemake --report needs the default target built first ({', '.join(REPORT_PAGES)} is missing; `make demo` "
-        "builds only results/engine_int8.plan): run `snakemake --cores 2`, then `snakemake --report report.zip`"
-    )
 # bench.threads, else every core of a local run (--cores), so that no other job runs while bench times; a
 # cluster run gives no --cores: 1, or what its profile's set-threads says (bounded by the profile's max-threads)
 BENCH_THREADS = config["bench"]["threads"] or workflow.resource_settings.cores or 1
