@@ -23,11 +23,14 @@ class ProvenanceError(RuntimeError):
 
 def use_workflow_source(src: Path) -> None:
     """Make the jobs this Snakemake process starts import the trtflow in `src` (the folder beside the Snakefile,
-    whose modules the rules list as inputs): `src` goes first on PYTHONPATH, which they inherit. The Snakefile has
-    put `src` first on sys.path for this process, and refused a trtflow imported from elsewhere before it."""
+    whose modules the rules list as inputs): `src` goes first on PYTHONPATH, which they inherit, after the folder of
+    the jobs' sitecustomize (workflow/jobstart: Ctrl-C quiet from a job's first line on). The Snakefile has put `src`
+    first on sys.path for this process, and refused a trtflow imported from elsewhere before it."""
     src = Path(src).resolve()
-    others = [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry and entry != str(src)]
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(src), *others])
+    jobstart = src.parent / "workflow/jobstart"
+    first = [str(jobstart)] * jobstart.is_dir() + [str(src)]
+    others = [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry and entry not in first]
+    os.environ["PYTHONPATH"] = os.pathsep.join([*first, *others])
 
 
 def check_job_code(scriptdir: str | os.PathLike) -> None:

@@ -358,9 +358,10 @@ def _import(name: str) -> ModuleType | None:
 
 def _unavailable(requested: str) -> BackendUnavailableError:
     wanted = BACKENDS if requested == "auto" else (requested,)
-    commands = "\n".join(f"  {name}: {INSTALL_COMMANDS[name]}" for name in wanted)
+    # one line, as every error the console shows (README, Troubleshooting)
+    commands = "; ".join(f"{name}: {INSTALL_COMMANDS[name]}" for name in wanted)
     return BackendUnavailableError(
-        f"backend: {requested} -- no TensorRT Python module imports ({', '.join(wanted)}). Install one:\n{commands}\n"
+        f"backend: {requested} -- no TensorRT Python module imports ({', '.join(wanted)}); install one ({commands}). "
         "TensorRT-RTX builds engines on a CPU (ahead of time); full TensorRT needs a CUDA GPU to build."
     )
 
