@@ -57,7 +57,7 @@ with exit_with_message(ConfigError):
     check_config(
         config,
         # named by the files it came from; with none, by --config (the rest are defaults)
-        " + ".join(map(str, workflow.configfiles)) or "--config",
+        " + ".join(dict.fromkeys(map(str, workflow.configfiles))) or "--config",
         schema=WORKFLOW_DIR / "workflow/schemas/config.schema.yaml",
         workflow_dir=WORKFLOW_DIR,
     )
