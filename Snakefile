@@ -3,6 +3,7 @@
 # Runs from anywhere: `snakemake -s <clone>/Snakefile --directory <dir> --configfile <file>`, or as a `module`.
 # The workflow's own files (trtflow code, schema, envs, scripts, plugin sources, the shipped demo checkpoint)
 # are found beside this file; the config's paths and results/ are relative to the working directory.
+import os
 import signal
 import sys
 from pathlib import Path
@@ -57,7 +58,7 @@ with exit_with_message(ConfigError):
     check_config(
         config,
         # named by the files it came from; with none, by --config (the rest are defaults)
-        " + ".join(dict.fromkeys(map(str, workflow.configfiles))) or "--config",
+        " + ".join({os.path.abspath(path): str(path) for path in workflow.configfiles}.values()) or "--config",
         schema=WORKFLOW_DIR / "workflow/schemas/config.schema.yaml",
         workflow_dir=WORKFLOW_DIR,
     )
