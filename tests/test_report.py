@@ -63,7 +63,8 @@ def stage_layout(tmp_path_factory):
             },
         ),
         "calibration_accuracy": model_file(
-            "calib/accuracy.json", {"fp32_mAP": 0.849, "int8_sim_mAP": 0.846, "delta": 0.003, "executor": "onnxruntime"}
+            "calib/accuracy.json",
+            {"fp32_mAP": 0.849, "int8_sim_mAP": 0.846, "int8_delta": 0.003, "executor": "onnxruntime"},
         ),
         "verify": {},
         "deployed": {},
@@ -176,7 +177,7 @@ def test_report_holds_every_stage_and_precision(report):
     assert text.count('class="fail">FAILED at deployment form: match_recall 0.8889 &lt; 0.99') == 3
     assert "match_recall 0.8889 &lt; 0.99" in text  # int8 lost one detection in nine, named and HTML-escaped
     assert "no CUDA GPU is visible &lt;here&gt;" in text
-    assert "simulated INT8 mAP 0.8460 vs fp32 0.8490 (drop 0.30 points, onnxruntime)" in text
+    assert "simulated int8 mAP 0.8460 vs fp32 0.8490 (drop 0.30 points) (onnxruntime)" in text
     assert stage_table(text)[3][2] == "tensorrt_rtx 1.7.1.116, built cpu-aot, 19.0 MB in 2.7 s, RoIAlign builtin"
 
 

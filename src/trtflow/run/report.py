@@ -358,13 +358,17 @@ def stage_rows(
         )
     if calibration_accuracy is not None:
         document = calibration_accuracy.document
+        simulated = [key.removesuffix("_sim_mAP") for key in document if key.endswith("_sim_mAP")]
         rows.append(
             [
                 "calibrate",
                 calibration_accuracy.path,
-                f"simulated INT8 mAP {document['int8_sim_mAP']:.4f} vs fp32 "
-                f"{document['fp32_mAP']:.4f} (drop {100 * document['delta']:.2f} points, "
-                f"{document.get('executor', '?')})",
+                "; ".join(
+                    f"simulated {name} mAP {document[f'{name}_sim_mAP']:.4f} vs fp32 {document['fp32_mAP']:.4f} "
+                    f"(drop {100 * document[f'{name}_delta']:.2f} points)"
+                    for name in simulated
+                )
+                + f" ({document.get('executor', '?')})",
                 badge(None, "measured"),
             ]
         )
