@@ -29,6 +29,7 @@ from trtflow.build.engine import (
 )
 from trtflow.formats.plan_metadata import FORMAT, VERSION, PlanMetadata
 from trtflow.formats.usage import INPUT_MEANING
+from trtflow.precisions import FP8_E4M3
 
 CHECKPOINT = "c0ffee" * 10 + "abcd"
 MODEL_DIR = Path("results/demo_320")  # a `models:` entry's folder, where the engine rule finds its inputs
@@ -224,7 +225,7 @@ def test_debug_outputs_are_added_and_unknown_names_refused(tmp_path, tiny_onnx):
 
 @pytest.fixture(scope="module")
 def small_detector(tmp_path_factory, default_config):
-    """The demo detector (random weights) at 128x160: features.onnx, its Q/DQ twin, head weights."""
+    """The demo detector (random weights) at 128x160: features.onnx, its int8 and fp8 Q/DQ twins, head weights."""
     from trtflow.build.export import export_features
     from trtflow.build.qdq import insert_qdq, quantization_plan
     from trtflow.build.weights import export_head
@@ -243,7 +244,9 @@ def small_detector(tmp_path_factory, default_config):
     )
     export_head(model, (128, 160), folder / "weights", checkpoint_sha256=CHECKPOINT)
     plan = quantization_plan(features)
-    onnx.save(insert_qdq(features, plan, {name: 4.0 for name in plan.activations}), str(folder / "features.qdq.onnx"))
+    amax = {name: 4.0 for name in plan.activations}
+    onnx.save(insert_qdq(features, plan, amax), str(folder / "features.qdq.onnx"))
+    onnx.save(insert_qdq(features, plan, amax, FP8_E4M3), str(folder / "features.fp8.qdq.onnx"))
     return folder
 
 
@@ -363,6 +366,23 @@ def test_rtx_refuses_full_tensorrt_options(option, message):
     settings = EngineSettings(**{"precision": "fp32", **option})
     with pytest.raises(ValueError, match=message):
         settings.check_backend(load_backend("tensorrt_rtx"))
+
+
+def test_fp8_targets_start_at_its_least_compute_capability():
+    """TensorRT-RTX builds fp8 for the configured targets from 8.9 on, by default for the default ones from 8.9 on;
+    the other precisions keep the configuration as it is (none: the backend's own default), and fp8 with no target
+    left is refused by key."""
+    rtx = load_backend("tensorrt_rtx")
+    assert EngineSettings("fp8").build_targets(rtx) == ("8.9", "12.0", "12.1")
+    assert EngineSettings("fp8", compute_capabilities=("8.6", "12.0")).build_targets(rtx) == ("12.0",)
+    assert EngineSettings("int8").build_targets(rtx) == ()
+    assert EngineSettings("int8", compute_capabilities=("8.6",)).build_targets(rtx) == ("8.6",)
+    with pytest.raises(
+        ValueError,
+        match=r"engine.rtx.compute_capabilities = \['8.0', '8.6'\]: fp8 plans need compute "
+        r"capability 8.9 or later with backend tensorrt_rtx \(Ada 8.9, .*\); add one of",
+    ):
+        EngineSettings("fp8", compute_capabilities=("8.0", "8.6")).check_backend(rtx)
 
 
 @pytest.mark.parametrize(

@@ -36,7 +36,15 @@ from trtflow.formats.head_weights import load_head
 from trtflow.formats.network_record import read_network
 from trtflow.formats.plan_metadata import PlanMetadata, metadata_path
 from trtflow.formats.usage import plan_usage
-from trtflow.precisions import PRECISIONS, QDQ_GRAPH, QDQ_SUFFIX, Precision, features_graph
+from trtflow.precisions import (
+    EXPORTED_GRAPH,
+    PRECISIONS,
+    QDQ_SUFFIX,
+    Precision,
+    compute_capability_problem,
+    features_graph,
+    runnable_targets,
+)
 
 INT8_MODES = ("explicit", "implicit")
 CHECKPOINT_KEY = "trtflow.checkpoint_sha256"  # written into features.onnx by trtflow.build.export
@@ -142,6 +150,21 @@ class EngineSettings:
                 f"engine.rtx.compute_capabilities = {list(self.compute_capabilities)}: {backend.describe()} builds "
                 "for the GPU it runs on; set it to []"
             )
+        if self.compute_capabilities and not self.build_targets(backend):
+            raise ValueError(
+                f"engine.rtx.compute_capabilities = {list(self.compute_capabilities)}: "
+                f"{compute_capability_problem(self.precision, backend.name, self.compute_capabilities)}; add one of "
+                f"those GPUs' compute capabilities to it, or take {self.precision} out of engine.precisions"
+            )
+
+    def build_targets(self, backend: Backend) -> tuple[str, ...]:
+        """engine.rtx.compute_capabilities as the builder gets them: the configured targets from the precision's least
+        compute capability on (trtflow.precisions); none configured leaves the backend's defaults, or, where the
+        precision needs a least one, names those defaults from it on."""
+        if not self.compute_capabilities and self.row.min_compute_capability.get(backend.name) is None:
+            return ()
+        configured = self.compute_capabilities or backend.default_compute_capabilities()
+        return runnable_targets(self.precision, backend.name, configured)
 
 
 @dataclass(frozen=True)
@@ -239,28 +262,25 @@ def read_features_onnx(path: Path) -> onnx.ModelProto:
         ) from error
 
 
-def qdq_graph_of(features_onnx: Path) -> Path:
-    """The Q/DQ graph rule calibrate makes of a features ONNX: results/<model>/onnx/features.qdq.onnx."""
-    return features_onnx.with_name(features_onnx.name.removesuffix(".onnx") + QDQ_SUFFIX)
-
-
 def export_of(onnx_path: Path) -> Path:
-    """The exported features ONNX a graph comes from: itself, or for a Q/DQ graph the ONNX calibrated into it."""
+    """The exported features ONNX a graph comes from: itself, or for a Q/DQ graph (features.qdq.onnx,
+    features.<precision>.qdq.onnx) the ONNX calibrated into it."""
     if onnx_path.name.endswith(QDQ_SUFFIX):
-        return onnx_path.with_name(onnx_path.name.removesuffix(QDQ_SUFFIX) + ".onnx")
+        return onnx_path.with_name(onnx_path.name.removesuffix(QDQ_SUFFIX).split(".")[0] + ".onnx")
     return onnx_path
 
 
 def check_features_onnx(model: onnx.ModelProto, path: Path, settings: EngineSettings) -> None:
-    """The ONNX suits the precision: Q/DQ exactly when the precision's features graph is the Q/DQ one (explicit
+    """The ONNX suits the precision: Q/DQ exactly when the precision's features graph is a Q/DQ one (explicit
     quantization)."""
     quantized = is_quantized(model)
-    qdq_expected = settings.features_graph == QDQ_GRAPH
+    qdq_expected = settings.features_graph != EXPORTED_GRAPH
     if qdq_expected and not quantized:
         mode = " (engine.int8_mode: explicit)" if settings.row.implicit_calibration else ""
+        qdq_graph = path.with_name(settings.features_graph)
         raise ValueError(
             f"{path} has no Q/DQ nodes: {settings.precision}{mode} is built from its Q/DQ graph "
-            f"{qdq_graph_of(path)} (rule calibrate: snakemake {qdq_graph_of(path)})"
+            f"{qdq_graph} (snakemake {qdq_graph})"
         )
     if quantized and not qdq_expected:
         raise ValueError(
@@ -440,11 +460,16 @@ def target_compute_capabilities(backend: Backend, settings: EngineSettings, gpu:
             if gpu is None:
                 raise ValueError("engine.rtx.compute_capabilities = [current] needs a GPU; name the targets instead")
             return [gpu["compute_capability"]]
-        return list(settings.compute_capabilities) or backend.default_compute_capabilities()
+        return list(settings.build_targets(backend) or backend.default_compute_capabilities())
     if gpu is None:
         raise ValueError(
             f"{backend.describe()} builds only on a CUDA GPU and none is visible; use backend: tensorrt_rtx for "
             "a CPU ahead-of-time build"
+        )
+    if problem := compute_capability_problem(settings.precision, backend.name, [gpu["compute_capability"]]):
+        raise ValueError(
+            f"{gpu['name']} (compute capability {gpu['compute_capability']}) cannot run it: {problem}; build on one of "
+            "those GPUs, or with backend: tensorrt_rtx ahead of time for them (engine.rtx.compute_capabilities)"
         )
     return [gpu["compute_capability"]]
 
@@ -489,7 +514,7 @@ def build_plan(
         workspace_mb=settings.workspace_mb,
         opt_level=settings.opt_level,
         profile_shapes=shapes,
-        compute_capabilities=settings.compute_capabilities,
+        compute_capabilities=settings.build_targets(backend),
         tf32=settings.tf32,
     )
     # TensorRT keeps only a borrowed pointer to the calibrator: it must outlive the build.
