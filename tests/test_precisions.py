@@ -250,7 +250,7 @@ def test_todays_rows():
     assert PRECISIONS["int8"].quantized.scale_rule() == "amax/127"
     assert PRECISIONS["fp8"].quantized.name == "float8_e4m3fn"
     assert PRECISIONS["fp8"].quantized.scale_rule() == "amax/448"
-    assert dict(PRECISIONS["fp8"].min_compute_capability) == {"tensorrt_rtx": "8.9"}
+    assert dict(PRECISIONS["fp8"].min_compute_capability) == {"tensorrt_rtx": "8.9", "tensorrt": "8.9"}
     assert dict(PRECISIONS["fp8"].verify_thresholds) == {"max_map_drop_points": 0.3}
     assert [name for name in NAMES if PRECISIONS[name].calibrated] == ["int8", "fp8"]
     assert calibrated(["fp32", "int8"]) and calibrated(["fp8"]) and not calibrated(["fp32", "fp16"])
