@@ -7,7 +7,7 @@ import yaml
 
 from conftest import ROOT
 from trtflow.backend import CHOICES as BACKEND_CHOICES
-from trtflow.build.engine import INT8_MODES
+from trtflow.build.engine import INT8_MODES, QUANTIZED_FLOATS
 from trtflow.build.head_network import HEAD_OPTIONS
 from trtflow.common.coco import BAD_IMAGE_POLICIES
 from trtflow.common.model import ARCHS
@@ -187,6 +187,7 @@ def test_the_schema_offers_exactly_the_values_the_library_implements():
     assert engine["roi_align"]["enum"] == list(HEAD_OPTIONS["roi_align"])
     assert engine["nms"]["enum"] == list(HEAD_OPTIONS["nms"])
     assert engine["int8_mode"]["enum"] == list(INT8_MODES)
+    assert engine["quantized_float"]["enum"] == list(QUANTIZED_FLOATS)
     assert engine["precisions"]["items"]["enum"] == list(PRECISIONS)
     assert schema["backend"]["enum"] == list(BACKEND_CHOICES)
     assert schema["calibration"]["properties"]["algorithm"]["enum"] == list(ALGORITHMS)

@@ -26,7 +26,9 @@ from trtflow.build.engine import (
     check_features_onnx,
     check_same_checkpoint,
     merge_into_file,
+    tensor_census,
 )
+from trtflow.formats.network_record import NetworkRecord
 from trtflow.formats.plan_metadata import FORMAT, VERSION, PlanMetadata
 from trtflow.formats.usage import INPUT_MEANING
 from trtflow.precisions import FP8_E4M3
@@ -187,8 +189,9 @@ def test_int8_plan_from_qdq(tmp_path, qdq_onnx):
     _check_plan_files(plan, meta, metadata)
     assert metadata.int8_mode == "explicit"
     by_type = metadata.layer_precisions["by_layer_type"]
-    assert by_type["QUANTIZE"] == {"INT8": 3} and by_type["DEQUANTIZE"] == {"FLOAT": 6}
-    assert by_type["CONVOLUTION"] == {"FLOAT": 3}
+    # engine.quantized_float: fp16 (the default): fp16 between the quantized layers
+    assert by_type["QUANTIZE"] == {"INT8": 3} and by_type["DEQUANTIZE"] == {"HALF": 6}
+    assert by_type["CONVOLUTION"] == {"HALF": 3}
 
 
 def test_engine_json_records_the_files_it_was_given(tmp_path, tiny_onnx, monkeypatch):
@@ -366,6 +369,27 @@ def test_rtx_refuses_full_tensorrt_options(option, message):
     settings = EngineSettings(**{"precision": "fp32", **option})
     with pytest.raises(ValueError, match=message):
         settings.check_backend(load_backend("tensorrt_rtx"))
+
+
+def test_the_tensor_census_counts_dtypes_and_bytes_at_batch_1():
+    """The engine JSON's census (network_record.tensor_dtypes): a dynamic batch counts as 1, constants apart."""
+    record = NetworkRecord(
+        inputs=[{"name": "images", "dtype": "FLOAT", "shape": [-1, 3, 4, 4]}],
+        outputs=["y"],
+        layers=[
+            {"type": "CONSTANT", "outputs": [{"name": "scale", "dtype": "HALF", "shape": [2]}]},
+            {"type": "CAST", "outputs": [{"name": "x16", "dtype": "HALF", "shape": [-1, 3, 4, 4]}]},
+            {"type": "QUANTIZE", "outputs": [{"name": "y", "dtype": "FP8", "shape": [-1, 3, 4, 4]}]},
+        ],
+    )
+    assert tensor_census(record) == {
+        "activations": {
+            "FLOAT": {"tensors": 1, "bytes": 192},
+            "HALF": {"tensors": 1, "bytes": 96},
+            "FP8": {"tensors": 1, "bytes": 48},
+        },
+        "constants": {"HALF": {"tensors": 1, "bytes": 4}},
+    }
 
 
 def test_fp8_targets_start_at_its_least_compute_capability():

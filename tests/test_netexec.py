@@ -21,7 +21,7 @@ from test_engine import small_detector  # noqa: F401  (demo detector, random wei
 from test_executors import Deployment, deployment  # noqa: F401  (tamed tiny detector + a small COCO set)
 from test_verify import plan_for_no_gpu_here
 from test_weights import ARCHS, tame, torchvision_detector
-from trtflow.build.engine import EngineSettings, EngineSources, define_network
+from trtflow.build.engine import EngineSettings, EngineSources, define_network, qdq_to_fp16
 from trtflow.build.qdq import insert_qdq, quantization_plan
 from trtflow.common.onnxrun import OnnxSession
 from trtflow.formats.head_weights import load_head
@@ -93,7 +93,7 @@ def test_qdq_features_network_matches_onnxruntime_as_written(backend, small_dete
     through the later quantized layers. ONNX Runtime on the same graph with each convolution summed in two halves
     leaves two steps on these images too (2.4-2.9 steps on this machine's images of seeds 0-2)."""
     onnx_path = small_detector / "features.qdq.onnx"
-    record = record_of(backend, onnx_path, "int8")
+    record = record_of(backend, onnx_path, "int8", quantized_float="fp32")
     first = next(layer for layer in record.layers if layer["type"] == "QUANTIZE")
     assert first["inputs"][0] == "images" and first["outputs"][0]["dtype"] == "INT8"
     quantized = first["outputs"][0]["name"]
@@ -122,7 +122,7 @@ def test_fp8_features_network_matches_onnxruntime_within_its_reordering_band(bac
     sum in another order moves a value across an E4M3 rounding boundary now and then, which the later quantized
     layers carry on."""
     onnx_path = small_detector / PRECISIONS["fp8"].features_graph
-    record = record_of(backend, onnx_path, "fp8")
+    record = record_of(backend, onnx_path, "fp8", quantized_float="fp32")
     batch = np.concatenate([images(2, seed=seed) for seed in range(3)])
     evaluated = NetworkExecutor(record)({"images": torch.from_numpy(batch)})
     reference = OnnxSession(onnx_path, providers=["CPUExecutionProvider"])(batch)
@@ -161,15 +161,22 @@ def test_summing_convolutions_in_two_halves_keeps_the_function(small_detector):
             assert np.abs(reordered[name] - expected).max() <= 1e-5 * np.abs(expected).max(), (graph, name)
 
 
+@pytest.mark.parametrize("quantized_float", ["fp32", "fp16"])
 @pytest.mark.parametrize("precision, dtype", [("int8", torch.int8), ("fp8", torch.float8_e4m3fn)])
-def test_qdq_features_network_layer_by_layer_matches_onnxruntime(backend, small_detector, precision, dtype):
+def test_qdq_features_network_layer_by_layer_matches_onnxruntime(
+    backend, small_detector, tmp_path, precision, dtype, quantized_float
+):
     """Each quantize layer, fed ONNX Runtime's value of its input, gives ONNX Runtime's int8 (FP8 E4M3) tensor bit
     for bit (scale, round half to even, saturate), and with every quantized tensor shared each output the executor
-    computes (the RPN head's; the feature maps feed quantize layers and are given) is within float32 summation error:
-    what remains between the two runtimes end to end is summation order, not INT8 (FP8) semantics. The fp8 network's
+    computes (the RPN head's; the feature maps feed quantize layers and are given) is within float32 summation error
+    (fp16 rounding where engine.quantized_float: fp16, against ONNX Runtime running the same fp16 graph): what
+    remains between the two runtimes end to end is summation order, not INT8 (FP8) semantics. The fp8 network's
     weights are FP8 constants, read from the network definition (network_record.weight_bytes)."""
     onnx_path = small_detector / PRECISIONS[precision].features_graph
-    record = record_of(backend, onnx_path, precision)
+    record = record_of(backend, onnx_path, precision, quantized_float=quantized_float)
+    if quantized_float == "fp16":  # ONNX Runtime runs the graph the engine stage parses
+        onnx.save(qdq_to_fp16(onnx.load(str(onnx_path))), str(tmp_path / "fp16.onnx"))
+        onnx_path = tmp_path / "fp16.onnx"
     network = NetworkExecutor(record)
     activations = [layer for layer in record.layers if layer["type"] == "QUANTIZE"]  # weights are int8 constants
     feeds = sorted({layer["inputs"][0] for layer in activations} - {"images"})
@@ -189,9 +196,34 @@ def test_qdq_features_network_layer_by_layer_matches_onnxruntime(backend, small_
         assert np.array_equal(bits, np.asarray(reference[name]).view(np.uint8)), name
     computed = [name for name in outputs if name not in feeds]  # the feature maps feed quantize layers: forced
     assert {"objectness_p2", "deltas_p2"} <= set(computed)
+    tolerance = {"fp32": 1e-5, "fp16": 2**-10}[quantized_float]
     for name in computed:
-        expected = reference[name]
-        assert np.abs(evaluated[name].numpy() - expected).max() <= 1e-5 * np.abs(expected).max(), name
+        expected = np.asarray(reference[name], dtype=np.float32)
+        assert np.abs(evaluated[name].float().numpy() - expected).max() <= tolerance * np.abs(expected).max(), name
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_quantized_networks_hold_no_float32_activation_under_quantized_float_fp16(backend, small_detector, precision):
+    """engine.quantized_float: fp16 (the default): the only float32 activation of the int8 and fp8 features networks
+    is the image input, cast to fp16 before it is quantized; fp32 keeps every float tensor float32."""
+
+    def float32_activations(record) -> list[str]:
+        return [
+            tensor["name"]
+            for layer in record.layers
+            if layer["type"] != "CONSTANT"
+            for tensor in layer["outputs"]
+            if tensor["dtype"] == "FLOAT"
+        ]
+
+    onnx_path = small_detector / PRECISIONS[precision].features_graph
+    fp16 = record_of(backend, onnx_path, precision)
+    assert [tensor["dtype"] for tensor in fp16.inputs] == ["FLOAT"]
+    assert float32_activations(fp16) == []
+    assert {"DEQUANTIZE", "CONVOLUTION", "RESIZE", "ELEMENTWISE", "POOLING"} <= {
+        layer["type"] for layer in fp16.layers if layer["outputs"][0]["dtype"] == "HALF"
+    }
+    assert len(float32_activations(record_of(backend, onnx_path, precision, quantized_float="fp32"))) > 50
 
 
 def test_forcing_or_reading_a_tensor_the_network_does_not_compute_is_refused(backend, small_detector):

@@ -13,7 +13,7 @@ from test_executors import small_coco
 from test_plan_metadata import plan_metadata
 from trtflow.run.levels import LEVELS
 from trtflow.run.matching import match_detections
-from trtflow.run.report import FIGURES, build_report, find_browser, level_words, screenshot
+from trtflow.run.report import FIGURES, build_report, find_browser, level_words, screenshot, tensor_census_words
 from trtflow.run.verify import Thresholds
 
 PRECISIONS = ("fp32", "int8")
@@ -344,3 +344,14 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     ink = (shot < 200).any(axis=2)  # anything darker than near-white: text, table lines, plots
     assert ink.mean() > 0.02, "the page rendered (almost) blank"
     assert ink[:200].mean() > 0.005 and ink[-400:].mean() > 0.005, "content should fill the page top to bottom"
+
+
+def test_the_engine_row_names_the_activation_dtypes_largest_first():
+    census = {
+        "activations": {"FLOAT": {"tensors": 3, "bytes": 1_228_800}, "HALF": {"tensors": 200, "bytes": 9_000_000}},
+        "constants": {"INT8": {"tensors": 24, "bytes": 500_000}},
+    }
+    assert tensor_census_words({"tensor_dtypes": census}) == (
+        "; activation tensors at batch 1: HALF 200 (9.0 MB), FLOAT 3 (1.2 MB)"
+    )
+    assert tensor_census_words(None) == tensor_census_words({"path": "x", "layers": 3}) == ""

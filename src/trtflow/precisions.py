@@ -48,8 +48,10 @@ class Precision:
 
     name: str
     head_dtype: str  # the dtype of the head's feature sampling and box head (box geometry is float32 always)
-    features_graph: str  # EXPORTED_GRAPH or QDQ_GRAPH: what the engine parses and verify's deployment form runs
-    features_dtype: str  # the dtype the parsed graph's float weights and activations are converted to
+    features_graph: str  # EXPORTED_GRAPH or a Q/DQ graph: what the engine parses and verify's deployment form runs
+    # the dtype the parsed export's float weights and activations are converted to; a Q/DQ graph's follow
+    # config engine.quantized_float instead (trtflow.build.engine.EngineSettings.features_dtype)
+    features_dtype: str
     quantized: QuantizedType | None
     # TensorRT 10's implicit calibrator can build it instead from EXPORTED_GRAPH and the calibration table
     # (engine.int8_mode: implicit; a weakly typed network)
@@ -113,7 +115,7 @@ PRECISIONS: MappingProxyType = _frozen(
                 name="int8",
                 head_dtype="float16",
                 features_graph=QDQ_GRAPH,
-                # the tensors between quantized layers stay float32, as trtflow.build.qdq writes them
+                # the export under engine.int8_mode: implicit, which TensorRT's calibrator types
                 features_dtype="float32",
                 quantized=INT8,
                 implicit_calibration=True,

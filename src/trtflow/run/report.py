@@ -325,6 +325,19 @@ def unverified(result: Mapping) -> str | None:
     return result.get("unverified") or (None if verified_level(result) == "engine" else result.get("reason"))
 
 
+def tensor_census_words(network_record: Mapping | None) -> str:
+    """The engine row's census of the recorded network's activation tensors per dtype (trtflow.build.engine's
+    tensor_census, in the plan JSON's network_record); nothing for a plan JSON without one."""
+    census = (network_record or {}).get("tensor_dtypes")
+    if not census:
+        return ""
+    words = ", ".join(
+        f"{dtype} {counts['tensors']} ({counts['bytes'] / 1e6:.1f} MB)"
+        for dtype, counts in sorted(census["activations"].items(), key=lambda item: -item[1]["bytes"])
+    )
+    return f"; activation tensors at batch 1: {words}"
+
+
 def stage_rows(
     parity: Artifact | None,
     calibration_accuracy: Artifact | None,
@@ -380,7 +393,7 @@ def stage_rows(
                 str(plan_path(engine.path)),
                 f"{metadata.backend} {metadata.backend_version}, built {metadata.built_on}, "
                 f"{metadata.plan_bytes / 1e6:.1f} MB in {metadata.build_seconds:.1f} s, "
-                f"RoIAlign {metadata.roi_align}",
+                f"RoIAlign {metadata.roi_align}" + tensor_census_words(metadata.network_record),
                 badge(True, "built"),
             ]
         )
