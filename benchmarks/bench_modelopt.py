@@ -191,14 +191,14 @@ def demo_accuracy(config: dict, qdq: Path) -> dict:
 
     report = simulated_accuracy(
         RESULTS / "onnx/features.onnx",
-        qdq,
+        {"int8": qdq},
         RESULTS / "weights",
         VAL_JSON,
         qdq.with_suffix(".accuracy.json"),
         preprocess=preprocess_settings(config, None),
         postprocess=config["postprocess"],
     )
-    return {"fp32_mAP": report["fp32_mAP"], "int8_sim_mAP": report["int8_sim_mAP"], "delta": report["delta"]}
+    return {"fp32_mAP": report["fp32_mAP"], "int8_sim_mAP": report["int8_sim_mAP"], "delta": report["int8_delta"]}
 
 
 def output_agreement(config: dict, float_onnx: Path, qdq: Path, size: int, count: int) -> dict:

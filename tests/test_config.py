@@ -7,7 +7,7 @@ import yaml
 
 from conftest import ROOT
 from trtflow.backend import CHOICES as BACKEND_CHOICES
-from trtflow.build.engine import INT8_MODES
+from trtflow.build.engine import INT8_MODES, QUANTIZED_FLOATS
 from trtflow.build.head_network import HEAD_OPTIONS
 from trtflow.common.coco import BAD_IMAGE_POLICIES
 from trtflow.common.model import ARCHS
@@ -134,6 +134,34 @@ def test_modelopt_placement_needs_its_methods_and_the_package(monkeypatch):
         checked(lambda c: c["calibration"].update(qdq_placement="modelopt", algorithm="entropy"))
 
 
+def test_fp8_for_gpus_without_fp8_is_refused_before_any_job():
+    with pytest.raises(
+        ConfigError,
+        match=r"engine\.rtx\.compute_capabilities: \['8\.6'\] -- fp8 plans need compute capability 8\.9 or later with "
+        r"backend tensorrt_rtx \(Ada 8\.9, Hopper 9\.0 \(full TensorRT\), Blackwell 12\.x\); add one of those GPUs' "
+        r"compute capabilities to it \(e\.g\. 8\.9, 12\.0\), leave it \[\] \(every target from the least on\), or "
+        r"take fp8 out of engine\.precisions",
+    ):
+        checked(lambda c: c["engine"].update(precisions=["fp32", "fp8"], rtx={"compute_capabilities": ["8.6"]}))
+    for targets in (["8.6", "8.9"], [12.0], [], ["current"]):
+        checked(lambda c: c["engine"].update(precisions=["fp8"], rtx={"compute_capabilities": targets}))
+    checked(lambda c: c["engine"].update(precisions=["fp32", "int8"], rtx={"compute_capabilities": ["8.6"]}))
+
+
+def test_fp8_needs_trtflows_placement():
+    with pytest.raises(
+        ConfigError,
+        match=r"calibration\.qdq_placement: modelopt writes the features\.qdq\.onnx graph only, "
+        r"and fp8 is written from trtflow's placement",
+    ):
+        checked(
+            lambda c: (
+                c["engine"].update(precisions=["fp8"]),
+                c["calibration"].update(qdq_placement="modelopt", algorithm="entropy"),
+            )
+        )
+
+
 def test_defaults_are_filled_in():
     config = checked(lambda c: c.pop("postprocess") and c["model"].pop("box"))
     assert config["postprocess"] == {"score_thresh": 0.05, "iou_thresh": 0.5, "max_detections": 100}
@@ -159,6 +187,7 @@ def test_the_schema_offers_exactly_the_values_the_library_implements():
     assert engine["roi_align"]["enum"] == list(HEAD_OPTIONS["roi_align"])
     assert engine["nms"]["enum"] == list(HEAD_OPTIONS["nms"])
     assert engine["int8_mode"]["enum"] == list(INT8_MODES)
+    assert engine["quantized_float"]["enum"] == list(QUANTIZED_FLOATS)
     assert engine["precisions"]["items"]["enum"] == list(PRECISIONS)
     assert schema["backend"]["enum"] == list(BACKEND_CHOICES)
     assert schema["calibration"]["properties"]["algorithm"]["enum"] == list(ALGORITHMS)

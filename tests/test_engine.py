@@ -26,9 +26,12 @@ from trtflow.build.engine import (
     check_features_onnx,
     check_same_checkpoint,
     merge_into_file,
+    tensor_census,
 )
+from trtflow.formats.network_record import NetworkRecord
 from trtflow.formats.plan_metadata import FORMAT, VERSION, PlanMetadata
 from trtflow.formats.usage import INPUT_MEANING
+from trtflow.precisions import FP8_E4M3
 
 CHECKPOINT = "c0ffee" * 10 + "abcd"
 MODEL_DIR = Path("results/demo_320")  # a `models:` entry's folder, where the engine rule finds its inputs
@@ -186,8 +189,9 @@ def test_int8_plan_from_qdq(tmp_path, qdq_onnx):
     _check_plan_files(plan, meta, metadata)
     assert metadata.int8_mode == "explicit"
     by_type = metadata.layer_precisions["by_layer_type"]
-    assert by_type["QUANTIZE"] == {"INT8": 3} and by_type["DEQUANTIZE"] == {"FLOAT": 6}
-    assert by_type["CONVOLUTION"] == {"FLOAT": 3}
+    # engine.quantized_float: fp16 (the default): fp16 between the quantized layers
+    assert by_type["QUANTIZE"] == {"INT8": 3} and by_type["DEQUANTIZE"] == {"HALF": 6}
+    assert by_type["CONVOLUTION"] == {"HALF": 3}
 
 
 def test_engine_json_records_the_files_it_was_given(tmp_path, tiny_onnx, monkeypatch):
@@ -224,7 +228,7 @@ def test_debug_outputs_are_added_and_unknown_names_refused(tmp_path, tiny_onnx):
 
 @pytest.fixture(scope="module")
 def small_detector(tmp_path_factory, default_config):
-    """The demo detector (random weights) at 128x160: features.onnx, its Q/DQ twin, head weights."""
+    """The demo detector (random weights) at 128x160: features.onnx, its int8 and fp8 Q/DQ twins, head weights."""
     from trtflow.build.export import export_features
     from trtflow.build.qdq import insert_qdq, quantization_plan
     from trtflow.build.weights import export_head
@@ -243,7 +247,9 @@ def small_detector(tmp_path_factory, default_config):
     )
     export_head(model, (128, 160), folder / "weights", checkpoint_sha256=CHECKPOINT)
     plan = quantization_plan(features)
-    onnx.save(insert_qdq(features, plan, {name: 4.0 for name in plan.activations}), str(folder / "features.qdq.onnx"))
+    amax = {name: 4.0 for name in plan.activations}
+    onnx.save(insert_qdq(features, plan, amax), str(folder / "features.qdq.onnx"))
+    onnx.save(insert_qdq(features, plan, amax, FP8_E4M3), str(folder / "features.fp8.qdq.onnx"))
     return folder
 
 
@@ -363,6 +369,44 @@ def test_rtx_refuses_full_tensorrt_options(option, message):
     settings = EngineSettings(**{"precision": "fp32", **option})
     with pytest.raises(ValueError, match=message):
         settings.check_backend(load_backend("tensorrt_rtx"))
+
+
+def test_the_tensor_census_counts_dtypes_and_bytes_at_batch_1():
+    """The engine JSON's census (network_record.tensor_dtypes): a dynamic batch counts as 1, constants apart."""
+    record = NetworkRecord(
+        inputs=[{"name": "images", "dtype": "FLOAT", "shape": [-1, 3, 4, 4]}],
+        outputs=["y"],
+        layers=[
+            {"type": "CONSTANT", "outputs": [{"name": "scale", "dtype": "HALF", "shape": [2]}]},
+            {"type": "CAST", "outputs": [{"name": "x16", "dtype": "HALF", "shape": [-1, 3, 4, 4]}]},
+            {"type": "QUANTIZE", "outputs": [{"name": "y", "dtype": "FP8", "shape": [-1, 3, 4, 4]}]},
+        ],
+    )
+    assert tensor_census(record) == {
+        "activations": {
+            "FLOAT": {"tensors": 1, "bytes": 192},
+            "HALF": {"tensors": 1, "bytes": 96},
+            "FP8": {"tensors": 1, "bytes": 48},
+        },
+        "constants": {"HALF": {"tensors": 1, "bytes": 4}},
+    }
+
+
+def test_fp8_targets_start_at_its_least_compute_capability():
+    """TensorRT-RTX builds fp8 for the configured targets from 8.9 on, by default for the default ones from 8.9 on;
+    the other precisions keep the configuration as it is (none: the backend's own default), and fp8 with no target
+    left is refused by key."""
+    rtx = load_backend("tensorrt_rtx")
+    assert EngineSettings("fp8").build_targets(rtx) == ("8.9", "12.0", "12.1")
+    assert EngineSettings("fp8", compute_capabilities=("8.6", "12.0")).build_targets(rtx) == ("12.0",)
+    assert EngineSettings("int8").build_targets(rtx) == ()
+    assert EngineSettings("int8", compute_capabilities=("8.6",)).build_targets(rtx) == ("8.6",)
+    with pytest.raises(
+        ValueError,
+        match=r"engine.rtx.compute_capabilities = \['8.0', '8.6'\]: fp8 plans need compute "
+        r"capability 8.9 or later with backend tensorrt_rtx \(Ada 8.9, .*\); add one of",
+    ):
+        EngineSettings("fp8", compute_capabilities=("8.0", "8.6")).check_backend(rtx)
 
 
 @pytest.mark.parametrize(

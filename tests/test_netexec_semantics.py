@@ -6,9 +6,12 @@ the test's docstring, with where NvInfer.h documents it). The last test checks t
 declares as -1 is checked against the layer's documented output-shape rule at run time.
 """
 
+import ml_dtypes
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
+from onnx import TensorProto, helper
 
 from test_netexec import backend  # noqa: F401  (TensorRT-RTX, skipped where it is not installed)
 from trtflow.formats.network_record import read_network
@@ -42,6 +45,51 @@ def test_parametric_relu_scales_negative_inputs_by_the_broadcast_slope(backend):
     values = torch.tensor([[-2.0, -1.0, -4.0], [3.0, 0.0, 5.0]])
     (result,) = evaluate(backend, network, x=values)
     assert result.tolist() == [[-1.0, 2.0, 0.0], [3.0, 0.0, 5.0]]
+
+
+# x / scale (scale 0.5) for the FP8 quantize test: exact E4M3 values, ties between two of them (1.0625 between 1 and
+# 1.125: the even mantissa is 1's; 1.1875: 1.25's; 1.5 * 2^-9 between the subnormals 2^-9 and 2^-8: 2^-8), values
+# beyond the largest finite 448 (464, halfway to 480, which E4M3FN does not have; 1e6), signed zeros and underflow
+FP8_QUANTIZE_CASES = [0.0, -0.0, 1.0, 1.0625, 1.1875, -1.0625, 3.0e-4, -3.0e-4, 1.5 * 2**-9, 2**-10]
+FP8_QUANTIZE_CASES += [240.0, 440.0, 447.0, 448.0, 449.0, 464.0, 500.0, 1.0e6, -449.0, -1.0e6]
+
+
+def onnxruntime_fp8_quantize(values: np.ndarray, scale: float) -> np.ndarray:
+    """ONNX's QuantizeLinear to FLOAT8E4M3FN (opset 19, saturate=1: round to nearest even, saturate to +-448), in
+    ONNX Runtime, as bytes."""
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "scale", "zero"], ["y"])],
+        "quantize",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(values.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT8E4M3FN, list(values.shape))],
+        [
+            helper.make_tensor("scale", TensorProto.FLOAT, [], [scale]),
+            helper.make_tensor("zero", TensorProto.FLOAT8E4M3FN, [], [0.0]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {"x": values})[0]).view(np.uint8)
+
+
+def test_fp8_quantize_rounds_to_nearest_even_and_saturates(backend):
+    """NvInfer.h, IQuantizeLayer: output = clamp(round(input / scale) + zeroPt), rounding to nearest ties to even,
+    clamped to [-448, 448] for FP8 (E4M3), the zero point zero. Bit for bit as ONNX Runtime's QuantizeLinear to
+    FLOAT8E4M3FN, and the documented values where the cases are picked to tell roundings apart."""
+    trt = backend.trt
+    network = new_network(backend)
+    x = network.add_input("x", trt.float32, (len(FP8_QUANTIZE_CASES),))
+    quantized = network.add_quantize(x, constant(network, 0.5, np.float32), trt.DataType.FP8).get_output(0)
+    network.mark_output(quantized)
+    values = np.asarray(FP8_QUANTIZE_CASES, dtype=np.float32) * np.float32(0.5)
+    (result,) = evaluate(backend, network, x=torch.from_numpy(values))
+    assert result.dtype == torch.float8_e4m3fn
+    bits = result.view(torch.uint8).numpy()
+    assert np.array_equal(bits, onnxruntime_fp8_quantize(values, 0.5))
+    documented = dict(zip(FP8_QUANTIZE_CASES, bits.view(ml_dtypes.float8_e4m3fn).astype(np.float32).tolist()))
+    assert [documented[case] for case in (1.0625, 1.1875, -1.0625, 1.5 * 2**-9)] == [1.0, 1.25, -1.0, 2**-8]
+    assert [documented[case] for case in (449.0, 464.0, 1.0e6, -1.0e6)] == [448.0, 448.0, 448.0, -448.0]
+    assert bits[:2].tolist() == [0x00, 0x80]  # 0.0 and -0.0: the sign stays (no zero point added)
 
 
 def test_max_average_blend_pooling_weights_the_average_by_the_blend_factor(backend):

@@ -10,7 +10,10 @@ import pytest
 import yaml
 
 from trtflow.backend.dtypes import HEAD_DTYPES, TORCH_DTYPES
+
+TORCH_DTYPE_NAMES = {str(dtype).removeprefix("torch.") for dtype in TORCH_DTYPES.values()}
 from trtflow.precisions import (
+    DEFAULT_NAMES,
     EXPORTED_GRAPH,
     NAMES,
     PRECISIONS,
@@ -18,6 +21,7 @@ from trtflow.precisions import (
     calibrated,
     features_graph,
     precision,
+    precision_qdq_graph,
     wildcard_pattern,
 )
 
@@ -32,13 +36,15 @@ def schema_differences(schema: dict) -> list[str]:
     engine_precisions = properties["engine"]["properties"]["precisions"]
     verify = properties["verify"]["properties"]
     found = {
-        "engine.precisions enum": engine_precisions["items"]["enum"],
-        "engine.precisions default": engine_precisions["default"],
-        "verify.enforce enum": verify["enforce"]["items"]["enum"],
-        "verify.enforce default": verify["enforce"]["default"],
-        "verify.thresholds names": list(verify["thresholds"]["properties"]),
+        "engine.precisions enum": (engine_precisions["items"]["enum"], NAMES),
+        "engine.precisions default": (engine_precisions["default"], DEFAULT_NAMES),
+        "verify.enforce enum": (verify["enforce"]["items"]["enum"], NAMES),
+        "verify.enforce default": (verify["enforce"]["default"], NAMES),
+        "verify.thresholds names": (list(verify["thresholds"]["properties"]), NAMES),
     }
-    problems = [f"{key}: {value} (the table: {list(NAMES)})" for key, value in found.items() if value != list(NAMES)]
+    problems = [
+        f"{key}: {value} (the table: {list(names)})" for key, (value, names) in found.items() if value != list(names)
+    ]
     for name, entry in verify["thresholds"]["properties"].items():
         if name in PRECISIONS and entry.get("default") != dict(PRECISIONS[name].verify_thresholds):
             problems.append(f"verify.thresholds.{name} default: {entry.get('default')}")
@@ -48,12 +54,12 @@ def schema_differences(schema: dict) -> list[str]:
 def config_differences(config: dict) -> list[str]:
     """Where config.yaml's precisions and thresholds differ from the table's (config.yaml spells out the defaults)."""
     problems = []
-    for key, value in (
-        ("engine.precisions", config["engine"]["precisions"]),
-        ("verify.enforce", config["verify"]["enforce"]),
+    for key, value, names in (
+        ("engine.precisions", config["engine"]["precisions"], DEFAULT_NAMES),
+        ("verify.enforce", config["verify"]["enforce"], NAMES),
     ):
-        if value != list(NAMES):
-            problems.append(f"{key}: {value} (the table: {list(NAMES)})")
+        if value != list(names):
+            problems.append(f"{key}: {value} (the table: {list(names)})")
     thresholds = config["verify"]["thresholds"]
     if list(thresholds) != list(NAMES):
         problems.append(f"verify.thresholds names: {list(thresholds)}")
@@ -75,8 +81,8 @@ def test_config_yaml_repeats_the_table():
 
 def test_a_schema_with_another_name_differs():
     schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
-    schema["properties"]["engine"]["properties"]["precisions"]["items"]["enum"].append("fp8")
-    assert schema_differences(schema) == [f"engine.precisions enum: {[*NAMES, 'fp8']} (the table: {list(NAMES)})"]
+    schema["properties"]["engine"]["properties"]["precisions"]["items"]["enum"].append("bf16")
+    assert schema_differences(schema) == [f"engine.precisions enum: {[*NAMES, 'bf16']} (the table: {list(NAMES)})"]
 
 
 # A {precision} wildcard constraint: `precision=<expression>` in a wildcard_constraints block.
@@ -107,7 +113,7 @@ def test_the_wildcard_constraint_is_the_tables():
     assert {name: found for name, found in constraints.items() if found} == {"common.smk": ["wildcard_pattern()"]}
     pattern = wildcard_pattern()
     assert [name for name in NAMES if re.fullmatch(pattern, name)] == list(NAMES)
-    assert not [word for word in ("fp8", "int8x", "fp", "", "fp32|fp16") if re.fullmatch(pattern, word)]
+    assert not [word for word in ("bf16", "int8x", "fp", "", "fp32|fp16") if re.fullmatch(pattern, word)]
 
 
 def test_a_literal_constraint_is_found():
@@ -225,23 +231,31 @@ def test_each_row_is_consistent():
         assert row.name == name
         assert TORCH_DTYPES[HEAD_DTYPES[row.head_dtype]].is_floating_point, name
         assert row.features_dtype in HEAD_DTYPES and row.bench_dtype in HEAD_DTYPES, name
-        # a quantized precision is built from the Q/DQ graph calibration writes; a float one from the export
-        assert row.features_graph == (QDQ_GRAPH if row.calibrated else EXPORTED_GRAPH), name
+        # a quantized precision is built from a Q/DQ graph calibration writes; a float one from the export
+        assert row.features_graph in ((QDQ_GRAPH, precision_qdq_graph(name)) if row.calibrated else (EXPORTED_GRAPH,))
+        assert row.quantized is None or row.quantized.name in TORCH_DTYPE_NAMES, name
         assert not row.implicit_calibration or row.calibrated, name
         assert row.verify_thresholds, name
 
 
 def test_todays_rows():
-    assert NAMES == ("fp32", "fp16", "int8")
+    assert NAMES == ("fp32", "fp16", "int8", "fp8")
+    assert DEFAULT_NAMES == ("fp32", "fp16", "int8")
     assert {name: row.head_dtype for name, row in PRECISIONS.items()} == {
         "fp32": "float32",
         "fp16": "float16",
         "int8": "float16",
+        "fp8": "float16",
     }
     assert PRECISIONS["int8"].quantized.scale_rule() == "amax/127"
-    assert [name for name in NAMES if PRECISIONS[name].calibrated] == ["int8"]
-    assert calibrated(["fp32", "int8"]) and not calibrated(["fp32", "fp16"])
+    assert PRECISIONS["fp8"].quantized.name == "float8_e4m3fn"
+    assert PRECISIONS["fp8"].quantized.scale_rule() == "amax/448"
+    assert dict(PRECISIONS["fp8"].min_compute_capability) == {"tensorrt_rtx": "8.9", "tensorrt": "8.9"}
+    assert dict(PRECISIONS["fp8"].verify_thresholds) == {"max_map_drop_points": 0.3}
+    assert [name for name in NAMES if PRECISIONS[name].calibrated] == ["int8", "fp8"]
+    assert calibrated(["fp32", "int8"]) and calibrated(["fp8"]) and not calibrated(["fp32", "fp16"])
     assert features_graph("int8") == QDQ_GRAPH and features_graph("int8", implicit=True) == EXPORTED_GRAPH
+    assert features_graph("fp8") == features_graph("fp8", implicit=True) == "features.fp8.qdq.onnx"
     assert features_graph("fp16", implicit=True) == EXPORTED_GRAPH
-    with pytest.raises(ValueError, match="precision 'fp8': use one of fp32, fp16, int8"):
-        precision("fp8")
+    with pytest.raises(ValueError, match="precision 'bf16': use one of fp32, fp16, int8, fp8"):
+        precision("bf16")

@@ -13,7 +13,7 @@ from test_executors import small_coco
 from test_plan_metadata import plan_metadata
 from trtflow.run.levels import LEVELS
 from trtflow.run.matching import match_detections
-from trtflow.run.report import FIGURES, build_report, find_browser, level_words, screenshot
+from trtflow.run.report import FIGURES, build_report, find_browser, level_words, screenshot, tensor_census_words
 from trtflow.run.verify import Thresholds
 
 PRECISIONS = ("fp32", "int8")
@@ -63,7 +63,8 @@ def stage_layout(tmp_path_factory):
             },
         ),
         "calibration_accuracy": model_file(
-            "calib/accuracy.json", {"fp32_mAP": 0.849, "int8_sim_mAP": 0.846, "delta": 0.003, "executor": "onnxruntime"}
+            "calib/accuracy.json",
+            {"fp32_mAP": 0.849, "int8_sim_mAP": 0.846, "int8_delta": 0.003, "executor": "onnxruntime"},
         ),
         "verify": {},
         "deployed": {},
@@ -176,7 +177,7 @@ def test_report_holds_every_stage_and_precision(report):
     assert text.count('class="fail">FAILED at deployment form: match_recall 0.8889 &lt; 0.99') == 3
     assert "match_recall 0.8889 &lt; 0.99" in text  # int8 lost one detection in nine, named and HTML-escaped
     assert "no CUDA GPU is visible &lt;here&gt;" in text
-    assert "simulated INT8 mAP 0.8460 vs fp32 0.8490 (drop 0.30 points, onnxruntime)" in text
+    assert "simulated int8 mAP 0.8460 vs fp32 0.8490 (drop 0.30 points) (onnxruntime)" in text
     assert stage_table(text)[3][2] == "tensorrt_rtx 1.7.1.116, built cpu-aot, 19.0 MB in 2.7 s, RoIAlign builtin"
 
 
@@ -343,3 +344,14 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     ink = (shot < 200).any(axis=2)  # anything darker than near-white: text, table lines, plots
     assert ink.mean() > 0.02, "the page rendered (almost) blank"
     assert ink[:200].mean() > 0.005 and ink[-400:].mean() > 0.005, "content should fill the page top to bottom"
+
+
+def test_the_engine_row_names_the_activation_dtypes_largest_first():
+    census = {
+        "activations": {"FLOAT": {"tensors": 3, "bytes": 1_228_800}, "HALF": {"tensors": 200, "bytes": 9_000_000}},
+        "constants": {"INT8": {"tensors": 24, "bytes": 500_000}},
+    }
+    assert tensor_census_words({"tensor_dtypes": census}) == (
+        "; activation tensors at batch 1: HALF 200 (9.0 MB), FLOAT 3 (1.2 MB)"
+    )
+    assert tensor_census_words(None) == tensor_census_words({"path": "x", "layers": 3}) == ""

@@ -70,6 +70,10 @@ def test_capabilities_follow_each_versions_bindings(reports, bindings):
     assert facts["add_plugin_v3"] and facts["add_nms"] and facts["timing_cache_combine"] and facts["inspector_json"]
     assert facts["set_timing_cache_ignore_mismatch"]  # Backend.load_timing_cache passes it by keyword
     assert facts["strongly_typed_flag"] and facts["progress_monitor"]
+    # fp8 needs no flag: every version takes FP8 Q/DQ in a strongly typed network (BuilderFlag.FP8, for weakly typed
+    # networks, went with 11.0 as FP16 and INT8 did)
+    assert facts["fp8_data_type"] and facts["add_quantize_output_type"]
+    assert facts["builder_flag_fp8"] == (release(version) < (11, 0))
     if release(version) >= (10, 9):
         assert facts["add_plugin_aot"]
     assert backend["name"] == "tensorrt" and backend["version"] == version

@@ -30,7 +30,7 @@ from trtflow.formats.calibration_table import (
     format_calibration_table,
     version_tag,
 )
-from trtflow.formats.network_record import interface_attributes
+from trtflow.formats.network_record import STORED_AS_BYTES, interface_attributes
 
 LEVELS = 4
 SPEC = RoIAlignSpec(output_size=(7, 5), sampling_ratio=2, num_levels=LEVELS)
@@ -102,6 +102,10 @@ def binding_facts():
         "entropy_calibrator2": hasattr(trt, "IInt8EntropyCalibrator2"),
         "builder_flag_int8": hasattr(trt.BuilderFlag, "INT8"),
         "strongly_typed_flag": hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"),
+        # fp8: FP8 Q/DQ in a strongly typed network, the DataType the network record stores as bytes
+        "fp8_data_type": all(hasattr(trt.DataType, name) for name in STORED_AS_BYTES),
+        "add_quantize_output_type": "output_type" in (network.add_quantize.__doc__ or ""),
+        "builder_flag_fp8": hasattr(trt.BuilderFlag, "FP8"),  # weakly typed networks only; ours are strongly typed
         # the keyword our timing-cache code passes, from the bindings' own signatures
         "set_timing_cache_ignore_mismatch": "ignore_mismatch" in (config.set_timing_cache.__doc__ or ""),
         "timing_cache_combine": hasattr(trt.ITimingCache, "combine"),

@@ -14,7 +14,7 @@ from trtflow.artifacts import files_sha256
 from trtflow.backend import BackendUnavailableError, load_backend
 from trtflow.backend.roi_align_plugin import unsupported_reason
 from trtflow.common.plugins import ptx_arch_problem
-from trtflow.precisions import calibrated
+from trtflow.precisions import PRECISIONS, QDQ_GRAPH, calibrated, compute_capability_problem
 
 SCHEMA_NAME = "config.schema.yaml"
 
@@ -169,6 +169,14 @@ def consistency_problems(config: dict) -> list[str]:
             f"{calibration['num_images']} must be multiples of the features ONNX's static batch "
             f"onnx.batch_size: {onnx['batch_size']}; change them or set onnx.dynamic_batch: true"
         )
+    targets = config["engine"]["rtx"]["compute_capabilities"]
+    for name in config["engine"]["precisions"] if targets else ():
+        if problem := compute_capability_problem(name, "tensorrt_rtx", [str(cc) for cc in targets]):
+            problems.append(
+                f"engine.rtx.compute_capabilities: {targets} -- {problem}; add one of those GPUs' compute "
+                f"capabilities to it (e.g. 8.9, 12.0), leave it [] (every target from the least on), or take {name} "
+                "out of engine.precisions"
+            )
     if calibration["qdq_placement"] == "modelopt":
         # imported here: the ModelOpt adapter loads onnx (about 0.5 s), which every Snakemake start would pay
         from trtflow.build.modelopt_qdq import missing_modelopt, modelopt_method
@@ -179,6 +187,13 @@ def consistency_problems(config: dict) -> list[str]:
             problems.append(str(error))
         if importlib.util.find_spec("modelopt") is None:
             problems.append(missing_modelopt("is not installed"))
+        for name in config["engine"]["precisions"]:
+            if PRECISIONS[name].calibrated and PRECISIONS[name].features_graph != QDQ_GRAPH:
+                problems.append(
+                    f"calibration.qdq_placement: modelopt writes the {QDQ_GRAPH} graph only, and {name} is written "
+                    f"from trtflow's placement: set calibration.qdq_placement: trtflow, or take {name} out of "
+                    "engine.precisions"
+                )
     num_train = config["data"]["demo"]["num_train"]
     for name in ("", *(config.get("models") or {})):
         model = model_settings(config, name)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from trtflow.config import locate, model_settings
 from trtflow.common.plugins import PluginBuildError, find_nvcc
-from trtflow.precisions import PRECISIONS as PRECISION_TABLE, calibrated, features_graph, wildcard_pattern
+from trtflow.precisions import PRECISIONS as PRECISION_TABLE, calibrated, features_graph, precision_qdq_graph, wildcard_pattern
 from trtflow.run.summary import verdict_words
 from trtflow.workflow import code_closure
 

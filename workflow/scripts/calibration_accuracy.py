@@ -6,7 +6,7 @@ from trtflow.workflow import script_logging
 with script_logging(snakemake):
     report = simulated_accuracy(
         snakemake.input.features,
-        snakemake.input.qdq,
+        dict(zip(snakemake.params.quantized, snakemake.input.qdq)),
         Path(snakemake.input.manifest).parent,
         snakemake.input.val,
         snakemake.output[0],

@@ -3,6 +3,7 @@ the network API spell them) the torch dtype (the buffers the plan runner allocat
 executor computes) and the numpy dtype (the constants the head network adds); the head dtype's spellings; the
 engine inspector's words."""
 
+import ml_dtypes
 import numpy as np
 import torch
 
@@ -14,6 +15,7 @@ _DTYPES = {
     "HALF": (torch.float16, np.float16),
     "BF16": (torch.bfloat16, None),
     "INT8": (torch.int8, np.int8),
+    "FP8": (torch.float8_e4m3fn, ml_dtypes.float8_e4m3fn),  # E4M3, as TensorRT's FP8
     "UINT8": (torch.uint8, np.uint8),
     "INT32": (torch.int32, np.int32),
     "INT64": (torch.int64, np.int64),

@@ -17,6 +17,7 @@ resolution: after a growth the data fills between half and all of the bins.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import warnings
@@ -41,6 +42,7 @@ from trtflow.formats.calibration_table import (
     tensorrt_version_tag,
     write_calibration_table,
 )
+from trtflow.precisions import QuantizedType
 
 log = logging.getLogger(__name__)
 
@@ -372,3 +374,27 @@ def calibrate_features(
     write_json(ranges_path, document, indent=1, sort_keys=False)
     log.info("wrote %s (%d tensors), %s, %s", table_path, len(table.scales), ranges_path, qdq_path)
     return document
+
+
+def write_quantized_graph(
+    features_onnx: str | Path,
+    ranges_path: str | Path,
+    qdq_path: str | Path,
+    *,
+    quantized: QuantizedType,
+    keep_float: dict | None = None,
+) -> None:
+    """Rule quantized_graph: the Q/DQ graph of another quantized dtype (FP8) from the amax rule calibrate measured
+    (ranges.json) and trtflow's placement with calibration.keep_float (`keep_float`), so that every quantized
+    precision shares one calibration and the int8 artifacts stay as they are."""
+    ranges = json.loads(Path(ranges_path).read_text())
+    if ranges["qdq_placement"] != "trtflow":
+        raise ValueError(
+            f"{ranges_path} was calibrated with calibration.qdq_placement: {ranges['qdq_placement']}; "
+            f"{qdq_path} needs trtflow's placement: set calibration.qdq_placement: trtflow"
+        )
+    model = onnx.load(str(features_onnx))
+    plan = quantization_plan(model, KeepFloat.from_config(keep_float))
+    amax = {name: tensor["amax"] for name, tensor in ranges["tensors"].items()}
+    save_onnx(insert_qdq(model, plan, amax, quantized), qdq_path)
+    log.info("wrote %s (%s, scale %s, %d tensors)", qdq_path, quantized.name, quantized.scale_rule(), len(amax))

@@ -6,9 +6,10 @@ lives in the graph (strongly typed networks), so one path serves TensorRT 10, 11
 TensorRT-RTX:
 - fp32: the ONNX as exported, fp32 head.
 - fp16: the ONNX converted to fp16 weights and activations (input kept fp32, cast inside), fp16 head.
-- int8: the Q/DQ ONNX (explicit quantization), fp16 head. On TensorRT 10 only,
-  `int8_mode: implicit` instead parses features.onnx into a weakly typed network and hands
-  our calibration table to TensorRT's implicit calibrator.
+- int8, fp8: the Q/DQ ONNX (explicit quantization), fp16 head; with `quantized_float: fp16` (the default) every
+  float tensor of the graph but the image input in fp16, as NVIDIA's ModelOpt writes Q/DQ graphs. On TensorRT 10
+  only, `int8_mode: implicit` instead parses features.onnx into a weakly typed network and hands our calibration
+  table to TensorRT's implicit calibrator.
 Version-specific calls live in `trtflow.backend`; this module decides what to build.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -26,6 +28,7 @@ import onnx
 
 from trtflow.artifacts import files_sha256, software_versions, write_bytes
 from trtflow.backend import Backend, layer_dtypes, load_backend
+from trtflow.backend.dtypes import TORCH_DTYPES
 from trtflow.backend.roi_align_plugin import register_plugins, unsupported_reason
 from trtflow.build.head_network import add_head, check_head_options
 from trtflow.common.head import HEAD_OUTPUTS, head_dtype
@@ -33,12 +36,25 @@ from trtflow.common.model import RPN_PREFIXES
 from trtflow.common.onnxrun import is_quantized
 from trtflow.config import batch_problem
 from trtflow.formats.head_weights import load_head
-from trtflow.formats.network_record import read_network
+from trtflow.formats.network_record import NetworkRecord, read_network
 from trtflow.formats.plan_metadata import PlanMetadata, metadata_path
 from trtflow.formats.usage import plan_usage
-from trtflow.precisions import PRECISIONS, QDQ_GRAPH, QDQ_SUFFIX, Precision, features_graph
+from trtflow.precisions import (
+    EXPORTED_GRAPH,
+    PRECISIONS,
+    QDQ_GRAPH,
+    QDQ_SUFFIX,
+    Precision,
+    compute_capability_problem,
+    features_graph,
+    runnable_targets,
+)
 
 INT8_MODES = ("explicit", "implicit")
+# engine.quantized_float: the float precision whose dtype a Q/DQ graph's tensors between its quantized layers take
+QUANTIZED_FLOATS = tuple(name for name, row in PRECISIONS.items() if not row.calibrated)
+# the first opset whose QuantizeLinear / DequantizeLinear take float16 inputs and scales
+FLOAT16_QDQ_OPSET = 19
 CHECKPOINT_KEY = "trtflow.checkpoint_sha256"  # written into features.onnx by trtflow.build.export
 
 log = logging.getLogger(__name__)
@@ -72,6 +88,7 @@ class EngineSettings:
     roi_align: str = "builtin"
     nms: str = "static"
     int8_mode: str = "explicit"
+    quantized_float: str = "fp16"
     compute_capabilities: tuple[str, ...] = ()
     debug_outputs: tuple[str, ...] = ()
     tf32: bool = False
@@ -80,6 +97,7 @@ class EngineSettings:
         for key, value, allowed in (
             ("precision", self.precision, PRECISIONS),
             ("int8_mode", self.int8_mode, INT8_MODES),
+            ("quantized_float", self.quantized_float, QUANTIZED_FLOATS),
         ):
             if value not in allowed:
                 raise ValueError(f"engine.{key} = {value!r}: use one of {', '.join(allowed)}")
@@ -99,6 +117,7 @@ class EngineSettings:
             roi_align=engine.get("roi_align", cls.roi_align),
             nms=engine.get("nms", cls.nms),
             int8_mode=engine.get("int8_mode", cls.int8_mode),
+            quantized_float=engine.get("quantized_float", cls.quantized_float),
             compute_capabilities=tuple(str(cc) for cc in engine.get("rtx", {}).get("compute_capabilities", ())),
             debug_outputs=tuple(engine.get("debug_outputs", ())),
             tf32=bool(engine.get("tf32", cls.tf32)),
@@ -117,6 +136,14 @@ class EngineSettings:
     def features_graph(self) -> str:
         """The features graph's file name (trtflow.precisions): the export, or the Q/DQ graph rule calibrate writes."""
         return features_graph(self.precision, implicit=self.implicit_int8)
+
+    @property
+    def features_dtype(self) -> str:
+        """The dtype the parsed graph's float parts are converted to: the row's, or for a Q/DQ graph
+        engine.quantized_float's."""
+        if self.features_graph == EXPORTED_GRAPH:
+            return self.row.features_dtype
+        return PRECISIONS[self.quantized_float].features_dtype
 
     @property
     def head_dtype(self) -> str:
@@ -142,6 +169,21 @@ class EngineSettings:
                 f"engine.rtx.compute_capabilities = {list(self.compute_capabilities)}: {backend.describe()} builds "
                 "for the GPU it runs on; set it to []"
             )
+        if self.compute_capabilities and not self.build_targets(backend):
+            raise ValueError(
+                f"engine.rtx.compute_capabilities = {list(self.compute_capabilities)}: "
+                f"{compute_capability_problem(self.precision, backend.name, self.compute_capabilities)}; add one of "
+                f"those GPUs' compute capabilities to it, or take {self.precision} out of engine.precisions"
+            )
+
+    def build_targets(self, backend: Backend) -> tuple[str, ...]:
+        """engine.rtx.compute_capabilities as the builder gets them: the configured targets from the precision's least
+        compute capability on (trtflow.precisions); none configured leaves the backend's defaults, or, where the
+        precision needs a least one, names those defaults from it on."""
+        if not self.compute_capabilities and self.row.min_compute_capability.get(backend.name) is None:
+            return ()
+        configured = self.compute_capabilities or backend.default_compute_capabilities()
+        return runnable_targets(self.precision, backend.name, configured)
 
 
 @dataclass(frozen=True)
@@ -239,28 +281,26 @@ def read_features_onnx(path: Path) -> onnx.ModelProto:
         ) from error
 
 
-def qdq_graph_of(features_onnx: Path) -> Path:
-    """The Q/DQ graph rule calibrate makes of a features ONNX: results/<model>/onnx/features.qdq.onnx."""
-    return features_onnx.with_name(features_onnx.name.removesuffix(".onnx") + QDQ_SUFFIX)
-
-
 def export_of(onnx_path: Path) -> Path:
-    """The exported features ONNX a graph comes from: itself, or for a Q/DQ graph the ONNX calibrated into it."""
+    """The exported features ONNX a graph comes from: itself, or for a Q/DQ graph (features.qdq.onnx,
+    features.<precision>.qdq.onnx) the ONNX calibrated into it."""
     if onnx_path.name.endswith(QDQ_SUFFIX):
-        return onnx_path.with_name(onnx_path.name.removesuffix(QDQ_SUFFIX) + ".onnx")
+        return onnx_path.with_name(onnx_path.name.removesuffix(QDQ_SUFFIX).split(".")[0] + ".onnx")
     return onnx_path
 
 
 def check_features_onnx(model: onnx.ModelProto, path: Path, settings: EngineSettings) -> None:
-    """The ONNX suits the precision: Q/DQ exactly when the precision's features graph is the Q/DQ one (explicit
+    """The ONNX suits the precision: Q/DQ exactly when the precision's features graph is a Q/DQ one (explicit
     quantization)."""
     quantized = is_quantized(model)
-    qdq_expected = settings.features_graph == QDQ_GRAPH
+    qdq_expected = settings.features_graph != EXPORTED_GRAPH
     if qdq_expected and not quantized:
         mode = " (engine.int8_mode: explicit)" if settings.row.implicit_calibration else ""
+        qdq_graph = path.with_name(settings.features_graph)
+        rule = "calibrate" if settings.features_graph == QDQ_GRAPH else "quantized_graph"
         raise ValueError(
             f"{path} has no Q/DQ nodes: {settings.precision}{mode} is built from its Q/DQ graph "
-            f"{qdq_graph_of(path)} (rule calibrate: snakemake {qdq_graph_of(path)})"
+            f"{qdq_graph} (rule {rule}: snakemake {qdq_graph})"
         )
     if quantized and not qdq_expected:
         raise ValueError(
@@ -304,9 +344,34 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     return convert_float_to_float16(model, keep_io_types=inputs, disable_shape_infer=False)
 
 
+def qdq_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A Q/DQ graph with every float tensor in fp16 but the image input, which is cast to fp16 before its first
+    QuantizeLinear: the weights left in float, biases, scales and the activations between quantized layers (the
+    FPN's additions and upsampling included). No op is kept in fp32 (onnxruntime's converter would keep Min, Max, Upsample
+    and a few more for its own kernels' sake: TensorRT has fp16 ones). Raised to opset 19, whose Q/DQ take fp16
+    scales; the converter's input casts, which it appends, moved to the front (topological order, as ONNX Runtime
+    needs)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    raised = onnx.ModelProto()
+    raised.CopyFrom(model)
+    for opset in raised.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version < FLOAT16_QDQ_OPSET:
+            opset.version = FLOAT16_QDQ_OPSET
+    inputs = [tensor.name for tensor in model.graph.input]
+    converted = convert_float_to_float16(raised, keep_io_types=inputs, disable_shape_infer=False, op_block_list=[])
+    nodes = list(converted.graph.node)
+    input_casts = [node for node in nodes if node.op_type == "Cast" and set(node.input) <= set(inputs)]
+    del converted.graph.node[:]
+    converted.graph.node.extend(input_casts + [node for node in nodes if node not in input_casts])
+    return converted
+
+
 def network_model(model: onnx.ModelProto, settings: EngineSettings) -> onnx.ModelProto:
     """The ONNX the parser gets for this precision."""
-    return to_fp16(model) if settings.row.features_dtype == "float16" else model
+    if settings.features_dtype == "float32":
+        return model
+    return to_fp16(model) if settings.features_graph == EXPORTED_GRAPH else qdq_to_fp16(model)
 
 
 @dataclass
@@ -440,11 +505,16 @@ def target_compute_capabilities(backend: Backend, settings: EngineSettings, gpu:
             if gpu is None:
                 raise ValueError("engine.rtx.compute_capabilities = [current] needs a GPU; name the targets instead")
             return [gpu["compute_capability"]]
-        return list(settings.compute_capabilities) or backend.default_compute_capabilities()
+        return list(settings.build_targets(backend) or backend.default_compute_capabilities())
     if gpu is None:
         raise ValueError(
             f"{backend.describe()} builds only on a CUDA GPU and none is visible; use backend: tensorrt_rtx for "
             "a CPU ahead-of-time build"
+        )
+    if problem := compute_capability_problem(settings.precision, backend.name, [gpu["compute_capability"]]):
+        raise ValueError(
+            f"{gpu['name']} (compute capability {gpu['compute_capability']}) cannot run it: {problem}; build on one of "
+            "those GPUs, or with backend: tensorrt_rtx ahead of time for them (engine.rtx.compute_capabilities)"
         )
     return [gpu["compute_capability"]]
 
@@ -489,7 +559,7 @@ def build_plan(
         workspace_mb=settings.workspace_mb,
         opt_level=settings.opt_level,
         profile_shapes=shapes,
-        compute_capabilities=settings.compute_capabilities,
+        compute_capabilities=settings.build_targets(backend),
         tf32=settings.tf32,
     )
     # TensorRT keeps only a borrowed pointer to the calibrator: it must outlive the build.
@@ -512,6 +582,23 @@ def plan_precisions(backend: Backend, plan: bytes, network, gpu: dict | None) ->
         return layer_dtypes.from_network(network, reason)
     inspector = engine.create_engine_inspector()
     return layer_dtypes.from_inspector(inspector.get_engine_information(backend.trt.LayerInformationFormat.JSON))
+
+
+def tensor_census(record: NetworkRecord) -> dict:
+    """The recorded network's tensors per DataType name: how many and their bytes at batch 1 (a dimension of -1
+    counted as 1), activations (the inputs and every layer's outputs) apart from constants (weights, scales)."""
+    census: dict[str, dict] = {"activations": {}, "constants": {}}
+    tensors = [("activations", tensor) for tensor in record.inputs] + [
+        ("constants" if layer["type"] == "CONSTANT" else "activations", tensor)
+        for layer in record.layers
+        for tensor in layer["outputs"]
+    ]
+    for kind, tensor in tensors:
+        elements = math.prod(1 if size == -1 else size for size in tensor["shape"])
+        counts = census[kind].setdefault(tensor["dtype"], {"tensors": 0, "bytes": 0})
+        counts["tensors"] += 1
+        counts["bytes"] += elements * TORCH_DTYPES[tensor["dtype"]].itemsize
+    return census
 
 
 def file_record(path: Path | None) -> dict | None:
@@ -582,7 +669,9 @@ def build_engine(
         nms=settings.nms if head is not None else None,
         int8_mode=settings.int8_mode if settings.row.implicit_calibration else None,
         layer_precisions=plan_precisions(backend, plan, network, gpu),
-        network_record=None if record is None else {**file_record(network_record_path), "layers": len(record.layers)},
+        network_record=None
+        if record is None
+        else {**file_record(network_record_path), "layers": len(record.layers), "tensor_dtypes": tensor_census(record)},
         timing_cache=cache_info,
         settings={**asdict(settings), "batch": asdict(settings.batch)},
         sources={

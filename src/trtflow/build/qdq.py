@@ -1,10 +1,10 @@
-"""Explicit INT8 quantization: QuantizeLinear/DequantizeLinear pairs placed where TensorRT fuses them.
+"""Explicit quantization: QuantizeLinear/DequantizeLinear pairs placed where TensorRT fuses them.
 
 TensorRT (and TensorRT-RTX, and TensorRT 11, which only takes explicit quantization) reads a Q/DQ graph
-as "run this op in INT8 with these scales". Its placement rules, followed here:
+as "run this op in INT8 (or FP8) with these scales". Its placement rules, followed here:
 
 - weighted ops (Conv, ConvTranspose, Gemm, MatMul) get Q/DQ on their activation input (per-tensor scale
-  from calibration) and a DequantizeLinear on their weights (int8 weights, per-output-channel symmetric
+  from calibration) and a DequantizeLinear on their weights (quantized weights, per-output-channel symmetric
   scales computed from the weights themselves);
 - a residual Add that follows a weighted op gets Q/DQ on its *other* input (the shortcut), so that
   TensorRT fuses conv + add into one INT8 kernel;
@@ -13,7 +13,8 @@ as "run this op in INT8 with these scales". Its placement rules, followed here:
   TensorRT-RTX parser rejects onnxruntime's int32-bias DequantizeLinear).
 
 `quantization_plan` decides the placement once; calibration collects exactly the tensors it names and
-`insert_qdq` writes the graph from it.
+`insert_qdq` writes the graph from it, in the quantized dtype of a precision's row (trtflow.precisions): int8 at
+opset >= 13, FLOAT8E4M3FN (E4M3, scale = amax / 448) at opset >= 19, the first opset whose Q/DQ take FP8.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from trtflow.artifacts import write_bytes
-from trtflow.precisions import INT8
+from trtflow.precisions import INT8, QuantizedType
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # Ops between a weighted op and a residual Add that TensorRT folds into the weighted op (BatchNorm,
@@ -37,6 +39,22 @@ WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 FOLDABLE_AFFINE_OPS = ("BatchNormalization", "Mul", "Add", "Sub", "Div")
 INT8_MAX = INT8.max_magnitude  # the int8 scale rule of trtflow.precisions: scale = amax / 127
 MIN_QDQ_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
+
+
+@dataclass(frozen=True)
+class OnnxQuantizedType:
+    """How ONNX writes a quantized dtype: its element type, numpy dtype, and the least opset whose Q/DQ take it."""
+
+    element_type: int
+    numpy_dtype: type
+    min_opset: int
+
+
+# trtflow.precisions' quantized dtype names -> their ONNX spelling
+ONNX_QUANTIZED_TYPES = {
+    "int8": OnnxQuantizedType(TensorProto.INT8, np.int8, MIN_QDQ_OPSET),
+    "float8_e4m3fn": OnnxQuantizedType(TensorProto.FLOAT8E4M3FN, ml_dtypes.float8_e4m3fn, 19),
+}
 
 
 @dataclass(frozen=True)
@@ -287,26 +305,34 @@ def shared_amax(plan: QuantizationPlan, amax: Mapping[str, float]) -> dict[str, 
     return shared
 
 
-def symmetric_scale(amax) -> np.ndarray:
-    """float32 scale = amax / 127; an all-zero range gets scale 1 (any scale represents zero exactly)."""
+def symmetric_scale(amax, quantized: QuantizedType = INT8) -> np.ndarray:
+    """float32 scale = amax / max_magnitude (127 for int8); an all-zero range gets scale 1 (any scale represents zero
+    exactly)."""
     amax = np.asarray(amax, dtype=np.float32)
-    return np.where(amax > 0, amax / np.float32(INT8_MAX), np.float32(1.0)).astype(np.float32)
+    return np.where(amax > 0, amax / np.float32(quantized.max_magnitude), np.float32(1.0)).astype(np.float32)
 
 
-def quantize_weight(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-channel INT8 weights along `axis`: (int8 weights, float32 scales)."""
+def quantize_weight(weight: np.ndarray, axis: int, quantized: QuantizedType = INT8) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-channel weights along `axis`: (weights in the quantized dtype, float32 scales). Rounded half to
+    even (int8: to integers; FP8: numpy's cast to E4M3 rounds so) and saturated to +-max_magnitude, as
+    QuantizeLinear does."""
     reduce_axes = tuple(a for a in range(weight.ndim) if a != axis)
-    scale = symmetric_scale(np.abs(weight).max(axis=reduce_axes))
+    scale = symmetric_scale(np.abs(weight).max(axis=reduce_axes), quantized)
     shape = [1] * weight.ndim
     shape[axis] = -1
-    quantized = np.clip(np.rint(weight / scale.reshape(shape)), -INT8_MAX, INT8_MAX).astype(np.int8)
-    return quantized, scale
+    scaled = np.clip(weight / scale.reshape(shape), -quantized.max_magnitude, quantized.max_magnitude)
+    onnx_type = ONNX_QUANTIZED_TYPES[quantized.name]
+    on_grid = np.rint(scaled) if np.issubdtype(onnx_type.numpy_dtype, np.integer) else scaled
+    return on_grid.astype(onnx_type.numpy_dtype), scale
 
 
-def insert_qdq(model: onnx.ModelProto, plan: QuantizationPlan, amax: Mapping[str, float]) -> onnx.ModelProto:
-    """A copy of `model` with the plan's Q/DQ pairs (activation scales from `amax`) and int8 weights.
+def insert_qdq(
+    model: onnx.ModelProto, plan: QuantizationPlan, amax: Mapping[str, float], quantized: QuantizedType = INT8
+) -> onnx.ModelProto:
+    """A copy of `model` with the plan's Q/DQ pairs (activation scales from `amax`) and weights in the `quantized`
+    dtype; an opset below the dtype's least Q/DQ opset is raised to it.
 
-    Deterministic: the same model, plan and amax give byte-identical serialized output.
+    Deterministic: the same model, plan, amax and dtype give byte-identical serialized output.
     """
     missing = [name for name in plan.activations if name not in amax]
     if missing:
@@ -314,8 +340,12 @@ def insert_qdq(model: onnx.ModelProto, plan: QuantizationPlan, amax: Mapping[str
             f"no calibrated amax for {len(missing)} quantized tensors, e.g. {missing[:3]}: "
             "calibrate with the same quantization plan"
         )
+    onnx_type = ONNX_QUANTIZED_TYPES[quantized.name]
     result = onnx.ModelProto()
     result.CopyFrom(model)
+    for opset in result.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version < onnx_type.min_opset:
+            opset.version = onnx_type.min_opset
     graph = result.graph
     taken = {n for node in graph.node for n in (*node.input, *node.output, node.name)} | {
         v.name for v in (*graph.input, *graph.initializer)
@@ -332,12 +362,12 @@ def insert_qdq(model: onnx.ModelProto, plan: QuantizationPlan, amax: Mapping[str
     rewired: dict[tuple[int, int], str] = {}
     float_weights = {t.name: t for t in initializers}
     for name, (axis, edges) in plan.weights.items():
-        quantized, scale = quantize_weight(numpy_helper.to_array(float_weights[name]), axis)
+        weight, scale = quantize_weight(numpy_helper.to_array(float_weights[name]), axis, quantized)
         names = [fresh(f"{name}_quantized"), fresh(f"{name}_scale"), fresh(f"{name}_zero_point")]
         initializers += [
-            numpy_helper.from_array(quantized, names[0]),
+            numpy_helper.from_array(weight, names[0]),
             numpy_helper.from_array(scale, names[1]),
-            numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), names[2]),
+            numpy_helper.from_array(np.zeros_like(scale, dtype=onnx_type.numpy_dtype), names[2]),
         ]
         output = fresh(f"{name}_dequantized")
         weight_nodes.append(
@@ -349,14 +379,14 @@ def insert_qdq(model: onnx.ModelProto, plan: QuantizationPlan, amax: Mapping[str
     for name, scale_amax in shared_amax(plan, amax).items():
         scale, zero_point = fresh(f"{name}_scale"), fresh(f"{name}_zero_point")
         initializers += [
-            numpy_helper.from_array(symmetric_scale(scale_amax), scale),
-            numpy_helper.from_array(np.array(0, dtype=np.int8), zero_point),
+            numpy_helper.from_array(symmetric_scale(scale_amax, quantized), scale),
+            numpy_helper.from_array(np.array(0, dtype=onnx_type.numpy_dtype), zero_point),
         ]
-        quantized, dequantized = fresh(f"{name}_quantized"), fresh(f"{name}_dequantized")
+        on_grid, dequantized = fresh(f"{name}_quantized"), fresh(f"{name}_dequantized")
         activation_nodes[name] = [
-            helper.make_node("QuantizeLinear", [name, scale, zero_point], [quantized], fresh(f"{name}_QuantizeLinear")),
+            helper.make_node("QuantizeLinear", [name, scale, zero_point], [on_grid], fresh(f"{name}_QuantizeLinear")),
             helper.make_node(
-                "DequantizeLinear", [quantized, scale, zero_point], [dequantized], fresh(f"{name}_DequantizeLinear")
+                "DequantizeLinear", [on_grid, scale, zero_point], [dequantized], fresh(f"{name}_DequantizeLinear")
             ),
         ]
         rewired.update({edge: dequantized for edge in plan.activations[name]})

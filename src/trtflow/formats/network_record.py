@@ -11,11 +11,13 @@ What the record knowingly leaves out is listed beside what it holds: attributes 
 (`DEFAULT_ONLY`); tests hold these lists complete for TensorRT-RTX and every full TensorRT version.
 
 File: safetensors; each layer's weights are tensors named ``<layer index>.<attribute>``, the layer list
-is JSON under the metadata key ``trtflow.network``.
+is JSON under the metadata key ``trtflow.network``. Weights of a `STORED_AS_BYTES` type (FP8) are stored as their
+bytes (uint8): the bindings' `Weights.numpy()` gives no array of them, and safetensors' numpy reader reads none.
 """
 
 from __future__ import annotations
 
+import ctypes
 import inspect
 import json
 from dataclasses import dataclass, field
@@ -30,6 +32,8 @@ from trtflow.artifacts import write_bytes
 
 FORMAT = "trtflow-network-record/2"  # 2: slice axes, Q/DQ block_shape, ILayer attributes refused off default
 METADATA_KEY = "trtflow.network"
+# DataType names whose weights are recorded as their bytes, one byte per element (trtflow.run.netexec views them)
+STORED_AS_BYTES = ("FP8",)
 
 # LayerType name -> (the ILayer subclass that holds its parameters, parameter attributes, weight attributes).
 # Loop boundary layers also carry `loop` (the ILoop's name).
@@ -250,6 +254,24 @@ def default_only_value(layer, attribute: str):
     return [i for i in range(layer.num_outputs) if value(i)] if callable(value) else plain(value)
 
 
+def weight_bytes(weights) -> np.ndarray:
+    """The values of a `Weights` of one byte per element as uint8, read from the nvinfer1::Weights the Python object
+    wraps (pybind11 keeps a pointer to it after the object header; it holds DataType type, const void* values,
+    int64 count), checked against the object's own dtype and size."""
+    native = ctypes.c_void_p.from_address(id(weights) + object.__basicsize__).value
+    dtype, values, count = (
+        ctypes.c_int32.from_address(native).value,
+        ctypes.c_void_p.from_address(native + 8).value,
+        ctypes.c_int64.from_address(native + 16).value,
+    )
+    if dtype != int(weights.dtype) or count != weights.size or weights.nbytes != count:
+        raise NetworkRecordError(
+            f"cannot read {weights.dtype.name} weights of {weights.size} elements from these TensorRT bindings "
+            f"(found type {dtype}, {count} elements): record the network with a TensorRT whose Weights layout is known"
+        )
+    return np.frombuffer(ctypes.string_at(values, count), dtype=np.uint8).copy()
+
+
 def tensor_entry(tensor) -> dict:
     return {"name": tensor.name, "dtype": tensor.dtype.name, "shape": list(tensor.shape)}
 
@@ -280,7 +302,8 @@ def read_layer(trt: ModuleType, network, index: int) -> tuple[dict, dict[str, np
     for attribute in params:
         entry["params"][attribute] = parameter(layer, attribute)
     for attribute in weights:
-        array = np.asarray(getattr(layer, attribute))
+        value = getattr(layer, attribute)
+        array = weight_bytes(value) if value.dtype.name in STORED_AS_BYTES else np.asarray(value)
         if array.size:  # an unset weight (a convolution whose kernel comes from input 1) reads as empty
             key = f"{index}.{attribute}"
             entry["weights"][attribute], arrays[key] = key, array.copy()

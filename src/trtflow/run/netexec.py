@@ -18,7 +18,8 @@ Choices where TensorRT's documentation leaves room, each the reading closest to 
 - Resize by static scales where length x scale is not the output length: refused (TensorRT's documented
   ratio of lengths and ONNX's 1 / scale disagree there; see resize_positions).
 - Integer DIV truncates toward zero; FLOOR_DIV floors. Cast from float to integer truncates.
-- Quantize: round half to even of x / scale, plus the zero point, saturated to the type's range;
+- Quantize: round half to even of x / scale, plus the zero point, saturated to the type's range (FP8: the
+  nearest E4M3 value, ties to even, within +-448; its zero point is zero, as TensorRT requires);
   Dequantize: (x - zero point) * scale. Per-tensor (scalar scale), per-axis (1-D scale on `axis`) or blocked
   (a scale of the input's rank, one value per block of `block_shape`).
 - Loops: a WHILE trip limit is evaluated before each iteration from the current recurrence values;
@@ -44,9 +45,16 @@ import torch
 import torch.nn.functional as F
 
 from trtflow.backend.dtypes import TORCH_DTYPES
-from trtflow.formats.network_record import DEFAULT_ONLY, LAYER_ATTRIBUTES, LOOP_BOUNDARIES, NetworkRecord
+from trtflow.formats.network_record import (
+    DEFAULT_ONLY,
+    LAYER_ATTRIBUTES,
+    LOOP_BOUNDARIES,
+    STORED_AS_BYTES,
+    NetworkRecord,
+)
 
-QUANTIZED_RANGE = {"INT8": (-128, 127), "UINT8": (0, 255)}
+# IQuantizeLayer's clamping range per output type (NvInfer.h)
+QUANTIZED_RANGE = {"INT8": (-128, 127), "UINT8": (0, 255), "FP8": (-448, 448)}
 NMS_TOP_K_LIMIT = 5000  # INMSLayer::setTopKBoxLimit: at most 5000 (2000 on SM 5.3 / 6.2 devices)
 
 
@@ -437,6 +445,10 @@ def quantize(layer, inputs, _):
     if out_type not in QUANTIZED_RANGE:
         raise NotImplementedError(f"Quantize to {out_type}")
     low, high = QUANTIZED_RANGE[out_type]
+    if TORCH_DTYPES[out_type].is_floating_point:
+        # saturated first: the cast to E4M3 rounds to nearest even but need not saturate; adding the (zero) zero
+        # point would turn -0 into +0
+        return [torch.clamp(x / scale, low, high).to(TORCH_DTYPES[out_type])]
     return [torch.clamp(torch.round(x / scale) + zero, low, high)]
 
 
@@ -918,8 +930,11 @@ class NetworkExecutor:
         return None if key is None else torch.from_numpy(self.record.arrays[key]).to(self.device)
 
     def constant(self, layer: Mapping) -> torch.Tensor:
-        values = self.record.arrays[layer["weights"]["weights"]]
-        return torch.from_numpy(np.asarray(values).reshape(layer["params"]["shape"])).to(self.device)
+        values = torch.from_numpy(np.asarray(self.record.arrays[layer["weights"]["weights"]]))
+        declared = layer["outputs"][0]["dtype"]
+        if declared in STORED_AS_BYTES:
+            values = values.view(TORCH_DTYPES[declared])
+        return values.reshape(layer["params"]["shape"]).to(self.device)
 
     def evaluate(self, layer: Mapping, inputs: list) -> list[torch.Tensor]:
         try:

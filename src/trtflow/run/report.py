@@ -325,6 +325,19 @@ def unverified(result: Mapping) -> str | None:
     return result.get("unverified") or (None if verified_level(result) == "engine" else result.get("reason"))
 
 
+def tensor_census_words(network_record: Mapping | None) -> str:
+    """The engine row's census of the recorded network's activation tensors per dtype (trtflow.build.engine's
+    tensor_census, in the plan JSON's network_record); nothing for a plan JSON without one."""
+    census = (network_record or {}).get("tensor_dtypes")
+    if not census:
+        return ""
+    words = ", ".join(
+        f"{dtype} {counts['tensors']} ({counts['bytes'] / 1e6:.1f} MB)"
+        for dtype, counts in sorted(census["activations"].items(), key=lambda item: -item[1]["bytes"])
+    )
+    return f"; activation tensors at batch 1: {words}"
+
+
 def stage_rows(
     parity: Artifact | None,
     calibration_accuracy: Artifact | None,
@@ -358,13 +371,17 @@ def stage_rows(
         )
     if calibration_accuracy is not None:
         document = calibration_accuracy.document
+        simulated = [key.removesuffix("_sim_mAP") for key in document if key.endswith("_sim_mAP")]
         rows.append(
             [
                 "calibrate",
                 calibration_accuracy.path,
-                f"simulated INT8 mAP {document['int8_sim_mAP']:.4f} vs fp32 "
-                f"{document['fp32_mAP']:.4f} (drop {100 * document['delta']:.2f} points, "
-                f"{document.get('executor', '?')})",
+                "; ".join(
+                    f"simulated {name} mAP {document[f'{name}_sim_mAP']:.4f} vs fp32 {document['fp32_mAP']:.4f} "
+                    f"(drop {100 * document[f'{name}_delta']:.2f} points)"
+                    for name in simulated
+                )
+                + f" ({document.get('executor', '?')})",
                 badge(None, "measured"),
             ]
         )
@@ -376,7 +393,7 @@ def stage_rows(
                 str(plan_path(engine.path)),
                 f"{metadata.backend} {metadata.backend_version}, built {metadata.built_on}, "
                 f"{metadata.plan_bytes / 1e6:.1f} MB in {metadata.build_seconds:.1f} s, "
-                f"RoIAlign {metadata.roi_align}",
+                f"RoIAlign {metadata.roi_align}" + tensor_census_words(metadata.network_record),
                 badge(True, "built"),
             ]
         )
