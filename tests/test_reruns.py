@@ -47,6 +47,15 @@ def test_one_precisions_threshold_reruns_only_its_verify(completed_run):
     assert planned(completed_run, *overlay) == ["all", "report", "verify[int8]"]
 
 
+def test_the_float_around_quantized_layers_rebuilds_only_the_quantized_plans(completed_run):
+    """engine.quantized_float shapes the int8 network only (fp8 is not in the demo's precisions): the fp32 and fp16
+    plans do not depend on it. (Before, the engine rule's params were the whole `engine:` section.)"""
+    overlay = config_overlay(completed_run, "quantized_float.yaml", "engine:\n  quantized_float: fp32\n")
+    assert planned(completed_run, *overlay) == sorted(
+        ["all", "engine[int8]", "report", *per_precision(*DOWNSTREAM_OF_ENGINE, precisions=["int8"])]
+    )
+
+
 def test_the_parity_tolerance_reruns_only_the_parity_gate(completed_run):
     overlay = config_overlay(completed_run, "parity.yaml", "verify:\n  parity_tolerance: 0.001\n")
     assert planned(completed_run, *overlay) == ["all", "onnx_parity", "report"]

@@ -109,6 +109,15 @@ EXPLICIT_INT8 = ENGINE["int8_mode"] == "explicit"
 PLUGIN_WANTED = ENGINE["roi_align"] == "plugin" or nvcc_found()
 
 
+def engine_params(wildcards):
+    """The `engine:` keys a plan of this precision depends on, so that editing a key reruns only the plans it changes:
+    not `precisions` (which plans `engines` asks for), `quantized_float` only for a quantized precision, `int8_mode`
+    only for one TensorRT's implicit calibrator can build."""
+    row = PRECISION_TABLE[wildcards.precision]
+    applies = {"precisions": False, "quantized_float": row.calibrated, "int8_mode": row.implicit_calibration}
+    return {key: value for key, value in ENGINE.items() if applies.get(key, True)}
+
+
 def engine_onnx(wildcards):
     """The precision's features graph (trtflow.precisions): the calibrate stage's Q/DQ ONNX for int8 (but the
     exported features under engine.int8_mode: implicit), the exported features for the others."""

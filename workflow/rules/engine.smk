@@ -25,8 +25,7 @@ rule engine:
     params:
         backend=config["backend"],
         tensorrt=TENSORRT_VERSIONS,
-        # `precisions` only says which plans `engines` asks for; it must not rerun a plan
-        engine={key: value for key, value in ENGINE.items() if key != "precisions"},
+        engine=engine_params,
         # shared by concurrent builds (file lock, merged), so not an output of any one job
         timing_cache=RESULTS / "cache/timing.cache",
         # what a runtime needs beside the plan, recorded in its JSON (trtflow.formats.usage; read by `trtflow detect`)
