@@ -400,7 +400,7 @@ class Provoked:
 
 
 BY_RUNS = {
-    "config.yaml: invalid configuration:": Provoked("config_types", "config"),
+    "config.yaml ...: invalid configuration:": Provoked("config_types", "config"),
     "engine.batch: ...": Provoked("config_paths", "config"),
     "model.checkpoint: models/x.pth does not exist": Provoked("config_paths", "config"),
     "DatasetError: <annotations.json>": Provoked(
