@@ -38,6 +38,10 @@ def script_code(script):
     return list(code_closure(WORKFLOW_DIR / "workflow/scripts" / f"{script}.py", SRC))
 
 
+# The val images the reference and every precision's verify run on: all, or a seeded subset (trtflow.run.subset)
+VERIFY_SUBSET = {key: config["verify"][key] for key in ("num_images", "seed")}
+
+
 # Several models (config `models:`): every per-model artifact path starts with the {model} wildcard, which is
 # "" for the single-model default (results/engine_int8.plan) and "<name>/" for a `models:` entry
 # (results/<name>/engine_int8.plan). The data set and the plugins are shared; see model_config for the rest.

@@ -16,6 +16,7 @@ rule reference:
         preprocess=preprocess_settings,
         postprocess=config["postprocess"],
         batch_size=config["reference"]["batch_size"],
+        subset=VERIFY_SUBSET,
     conda:
         ENV
     log:

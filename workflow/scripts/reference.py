@@ -12,5 +12,6 @@ with script_logging(snakemake):
         snakemake.output.detections,
         snakemake.output.metrics,
         batch_size=snakemake.params.batch_size,
+        subset=snakemake.params.subset,
     )
     print(metrics)
