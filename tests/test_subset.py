@@ -1,10 +1,13 @@
 """The val images verification runs on (config `verify.num_images`, `verify.seed`), the intervals a verdict on a
-subset states, and a run of the demo on 20 of its 100 images whose intervals hold the full set's values."""
+subset states, and a run of the demo on 20 of its 100 images whose intervals hold the full set's values; the same
+run in shards (`verify.shard_images`), each a job of the cluster-generic executor, gives the same files byte for
+byte."""
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -93,12 +96,20 @@ def test_shards_are_runs_of_consecutive_images_and_a_gather_refuses_a_missing_on
         check_shards([shards[0], shards[2], shards[1]], subset, ["a", "c", "b"])
 
 
-@pytest.mark.parametrize("key", ["num_images"])
+@pytest.mark.parametrize("key", ["num_images", "shard_images"])
 @pytest.mark.parametrize("value", [0, -3])
 def test_no_images_or_negative_is_refused_before_any_job_naming_the_key(key, value):
     config = yaml.safe_load((ROOT / "config.yaml").read_text())
     config["verify"][key] = value
     with pytest.raises(ConfigError, match=rf"verify\.{key}: {value} is less than the minimum of 1"):
+        check_config(config, workdir=ROOT)
+
+
+def test_a_shard_size_that_splits_a_batch_is_refused_naming_the_key():
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    config["verify"]["shard_images"] = 12
+    config["reference"] = {"batch_size": 4}
+    with pytest.raises(ConfigError, match=r"verify\.shard_images: 12 is not a multiple of verify\.batch_size 8, "):
         check_config(config, workdir=ROOT)
 
 
@@ -129,3 +140,56 @@ def test_twenty_of_a_hundred_images_give_intervals_that_hold_the_full_sets_value
     assert metrics["subset"] == {"images": 20, "of": 100, "seed": 0} and metrics["images"] == 20
     page = (subset_run / "results/report.html").read_text()
     assert "20 of 100 val images (seeded subset, seed 0)" in page and "interval" in page
+
+
+SHARDED_PRECISION = "int8"
+SUBSET_FILES = (
+    "reference/detections.json",
+    "reference/metrics.json",
+    "verify/int8.json",
+    "verify/int8_detections.json",
+)
+
+
+@pytest.fixture(scope="module")
+def sharded_run(completed_run, tmp_path_factory):
+    """subset_run's int8 verdict again in shards of 16 images (16 + 4: two batches of 8, then one of 4, as one job
+    batches them), every job through the cluster-generic executor: (workdir, the rule of each job submitted)."""
+    workdir = clone(completed_run, tmp_path_factory.mktemp("sharded") / "run")
+    (workdir / "tests").mkdir()
+    shutil.copy2(ROOT / "tests/submit_local.sh", workdir / "tests")
+    overlay = config_overlay(workdir, "sharded.yaml", "verify:\n  num_images: 20\n  shard_images: 16\n")
+    submitted = workdir / "submitted.txt"
+    snakemake(
+        workdir,
+        "--executor",
+        "cluster-generic",
+        "--jobs",
+        "2",
+        "--seconds-between-status-checks",
+        "1",
+        "--cluster-generic-submit-cmd",
+        f"SUBMIT_LOG={submitted} bash tests/submit_local.sh {{rule}}",
+        # the checkpoint by name, as a run over finished results must ask for it (README, "Large val sets")
+        "results/data/verify_shards.json",
+        f"results/verify/{SHARDED_PRECISION}.json",
+        *overlay,
+    )
+    return workdir, sorted(line.split()[1] for line in submitted.read_text().splitlines())
+
+
+def test_shards_run_as_separate_jobs_and_gather_into_the_unsharded_files_byte_for_byte(subset_run, sharded_run):
+    workdir, rules = sharded_run
+    shards = json.loads((workdir / "results/data/verify_shards.json").read_text())
+    assert shards == {"images": 20, "of": 100, "seed": 0, "shard_images": 16, "shards": 2}
+    assert rules == [
+        "reference",
+        "reference_shard",
+        "reference_shard",
+        "verify",
+        "verify_shard",
+        "verify_shard",
+        "verify_shards",
+    ]
+    for path in SUBSET_FILES:
+        assert (workdir / "results" / path).read_bytes() == (subset_run / "results" / path).read_bytes(), path

@@ -3,9 +3,9 @@ from trtflow.run.reference import run_reference
 from trtflow.workflow import script_logging
 
 with script_logging(snakemake):
-    model = load_detector(snakemake.params.detector, snakemake.input.checkpoint)
+    shards = list(snakemake.input.shards)
     metrics = run_reference(
-        model,
+        None if shards else load_detector(snakemake.params.detector, snakemake.input.checkpoint),
         snakemake.input.val,
         snakemake.params.preprocess,
         snakemake.params.postprocess,
@@ -13,5 +13,6 @@ with script_logging(snakemake):
         snakemake.output.metrics,
         batch_size=snakemake.params.batch_size,
         subset=snakemake.params.subset,
+        shards=shards,
     )
     print(metrics)

@@ -15,13 +15,16 @@ all images holds neither block.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from trtflow.artifacts import write_json
 from trtflow.common.metrics import per_image_evaluation, weighted_map
 
 log = logging.getLogger(__name__)
@@ -110,6 +113,19 @@ def val_subset(coco: Mapping, settings: Mapping) -> ValSubset:
         return ValSubset(list(images), len(images), seed)
     chosen = np.sort(np.random.default_rng(seed).choice(len(images), size=wanted, replace=False))
     return ValSubset([images[i] for i in chosen], len(images), seed)
+
+
+def write_shard_plan(val_json: str | Path, settings: Mapping, out_json: str | Path) -> dict:
+    """Checkpoint `verify_shards`: how many shards of `settings["shard_images"]` images the chosen val images make
+    (config `verify:`), for the workflow to make one reference and one verify job of each."""
+    subset = val_subset(json.loads(Path(val_json).read_text()), settings)
+    plan = {
+        **subset.block(),
+        "shard_images": settings["shard_images"],
+        "shards": subset.shard_count(settings["shard_images"]),
+    }
+    write_json(out_json, plan)
+    return plan
 
 
 def wilson_interval(successes: int, trials: int, z: float = Z_95) -> list[float]:
