@@ -193,3 +193,34 @@ def test_shards_run_as_separate_jobs_and_gather_into_the_unsharded_files_byte_fo
     ]
     for path in SUBSET_FILES:
         assert (workdir / "results" / path).read_bytes() == (subset_run / "results" / path).read_bytes(), path
+
+
+def test_the_verify_gather_refuses_a_missing_shard_and_shards_that_ran_at_other_levels(tmp_path):
+    from trtflow.run.verify import Thresholds, VerifyError, verify_shards
+
+    coco, results = synthetic_coco(images=6)
+    (tmp_path / "val.json").write_text(json.dumps(coco))
+    (tmp_path / "reference.json").write_text(json.dumps(results))
+    (tmp_path / "metrics.json").write_text(json.dumps(coco_map(coco, results)))
+    ran = {"precision": "fp32", "executor": "tensorrt-network", "verified_level": "network-definition"}
+
+    def shard(ids, level="network-definition"):
+        return {
+            "images": ids,
+            "ran": {**ran, "verified_level": level},
+            "detections": [r for r in results if r["image_id"] in ids],
+        }
+
+    settings = dict(
+        val_json=tmp_path / "val.json",
+        subset={"num_images": None, "seed": 0, "shard_images": 4},
+        reference_detections=tmp_path / "reference.json",
+        reference_metrics=tmp_path / "metrics.json",
+        thresholds=Thresholds(min_match_recall=1.0),
+    )
+    result, deployed = verify_shards("fp32", [shard([1, 2, 3, 4]), shard([5, 6])], sources=["s0", "s1"], **settings)
+    assert result["passed"] and deployed == results and "subset" not in result
+    with pytest.raises(ShardError, match=r"^the shards \['s0'\] hold 4 of the 6 images"):
+        verify_shards("fp32", [shard([1, 2, 3, 4])], sources=["s0"], **settings)
+    with pytest.raises(VerifyError, match=r"fp32: the shards \['s1'\] ran another executor, level or software"):
+        verify_shards("fp32", [shard([1, 2, 3, 4]), shard([5, 6], "deployment-form")], sources=["s0", "s1"], **settings)
