@@ -96,6 +96,8 @@ rule all:
         report_scope(
             [
                 *expand(RESULTS / "{model}reference/metrics.json", model=MODEL_DIRS),
+                # verify.shard_images: the checkpoint that counts the shards, asked for by name (see common.smk's SHARD_PLAN)
+                *SHARD_PLAN,
                 *expand(RESULTS / "{model}onnx/parity.json", model=MODEL_DIRS),
                 # calibration only serves the calibrated (int8) engines
                 *(expand(RESULTS / "{model}calib/accuracy.json", model=MODEL_DIRS) if calibrated(config["engine"]["precisions"]) else []),

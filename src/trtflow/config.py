@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.resources
 import importlib.util
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -177,6 +178,19 @@ def consistency_problems(config: dict) -> list[str]:
                 f"capabilities to it (e.g. 8.9, 12.0), leave it [] (every target from the least on), or take {name} "
                 "out of engine.precisions"
             )
+    shard_images, batch_sizes = (
+        config["verify"]["shard_images"],
+        {
+            "verify.batch_size": config["verify"]["batch_size"],
+            "reference.batch_size": config["reference"]["batch_size"],
+        },
+    )
+    if shard_images is not None and any(shard_images % size for size in batch_sizes.values()):
+        problems.append(
+            f"verify.shard_images: {shard_images} is not a multiple of {in_words(batch_sizes)}: a shard must batch its "
+            "images as one job over all of them does, so that a sharded verdict is the unsharded one byte for byte; "
+            f"use a multiple of {math.lcm(*batch_sizes.values())}"
+        )
     if calibration["qdq_placement"] == "modelopt":
         # imported here: the ModelOpt adapter loads onnx (about 0.5 s), which every Snakemake start would pay
         from trtflow.build.modelopt_qdq import missing_modelopt, modelopt_method

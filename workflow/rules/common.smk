@@ -38,6 +38,30 @@ def script_code(script):
     return list(code_closure(WORKFLOW_DIR / "workflow/scripts" / f"{script}.py", SRC))
 
 
+# The val images the reference and every precision's verify run on: all, or a seeded subset (trtflow.run.subset)
+VERIFY_SUBSET = {key: config["verify"][key] for key in ("num_images", "seed")}
+# verify.shard_images: the reference and each verify in jobs of that many images (rules reference_shard,
+# verify_shard), gathered by rules reference and verify; None: each is one job, which runs its images itself.
+SHARD_IMAGES = config["verify"]["shard_images"]
+# The checkpoint's file. Where it is still to be made, Snakemake (9.x) defers every rerun check of a job whose input
+# function waits on it, and runs the checkpoint only for a job that must run anyway or a target: turning sharding
+# on over a finished run would rerun nothing. So rule all asks for it by name, and so must a run that asks for
+# verify or reference files alone (README, "Large val sets").
+SHARD_PLAN = [RESULTS / "data/verify_shards.json"] if SHARD_IMAGES else []
+
+
+def shard_files(pattern):
+    """Input function: `pattern` for every shard the checkpoint verify_shards counts (none when unsharded)."""
+
+    def files(wildcards):
+        if SHARD_IMAGES is None:
+            return []
+        plan = json.loads(Path(checkpoints.verify_shards.get().output[0]).read_text())
+        return expand(pattern, shard=range(plan["shards"]), **wildcards)
+
+    return files
+
+
 # Several models (config `models:`): every per-model artifact path starts with the {model} wildcard, which is
 # "" for the single-model default (results/engine_int8.plan) and "<name>/" for a `models:` entry
 # (results/<name>/engine_int8.plan). The data set and the plugins are shared; see model_config for the rest.
@@ -51,6 +75,7 @@ wildcard_constraints:
     model="(?:{})?".format("|".join(re.escape(f"{name}/") for name in MODELS)),
     # every rule's {precision}: the names of trtflow.precisions' table
     precision=wildcard_pattern(),
+    shard=r"\d+",
 
 
 def model_config(wildcards):

@@ -11,8 +11,37 @@ BENCH_THREADS = config["bench"]["threads"] or workflow.resource_settings.cores o
 VERIFY = {
     key: value
     for key, value in config["verify"].items()
-    if not key.startswith("parity_") and key not in ("thresholds", "enforce")
+    if not key.startswith("parity_") and key not in ("thresholds", "enforce", "shard_images")
 }
+
+
+# With verify.shard_images: one job per precision and shard of images (reference.smk's checkpoint counts them),
+# gathered by rule verify into the verdict one job would write.
+rule verify_shard:
+    input:
+        plan=RESULTS / "{model}engine_{precision}.plan",
+        network=RESULTS / "{model}engine_{precision}.network.safetensors",
+        metadata=RESULTS / "{model}engine_{precision}.json",
+        onnx=verify_onnx,
+        weights=RESULTS / "{model}weights/head.safetensors",
+        manifest=RESULTS / "{model}weights/manifest.json",
+        val=RESULTS / "data/val.json",
+        shards=RESULTS / "data/verify_shards.json",
+        code=script_code("verify_shard"),
+    output:
+        RESULTS / "{model}verify/shards/{precision}_{shard}.json",
+    params:
+        verify={**VERIFY, "shard_images": SHARD_IMAGES},
+        preprocess=preprocess_settings,
+        postprocess=config["postprocess"],
+    resources:
+        gpu=1,
+    conda:
+        ENV
+    log:
+        LOGS / "verify/{model}{precision}_shard_{shard}.log",
+    script:
+        "../scripts/verify_shard.py"
 
 
 rule verify:
@@ -26,6 +55,7 @@ rule verify:
         val=RESULTS / "data/val.json",
         reference=RESULTS / "{model}reference/detections.json",
         reference_metrics=RESULTS / "{model}reference/metrics.json",
+        shards=shard_files(RESULTS / "{model}verify/shards/{precision}_{shard}.json"),
         code=script_code("verify"),
     output:
         result=report(RESULTS / "{model}verify/{precision}.json", caption="../report/verify.rst", category="verify",
@@ -38,7 +68,8 @@ rule verify:
         preprocess=preprocess_settings,
         postprocess=config["postprocess"],
     resources:
-        gpu=1,
+        # a gather runs no executor
+        gpu=0 if SHARD_IMAGES else 1,
     conda:
         ENV
     log:

@@ -20,4 +20,5 @@ with script_logging(snakemake):
         settings=snakemake.params.verify,
         out_json=snakemake.output.result,
         detections_out=snakemake.output.detections,
+        shards=list(snakemake.input.shards),
     )

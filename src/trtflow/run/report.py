@@ -29,6 +29,7 @@ from trtflow.formats.plan_metadata import PlanMetadata, plan_path
 from trtflow.run.drawing import DEPLOYED_COLOR, REFERENCE_COLOR
 from trtflow.run.levels import LEVELS
 from trtflow.run.matching import match_detections
+from trtflow.run.subset import val_subset
 from trtflow.run.summary import level_words, verdict_words, verified_level
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
@@ -420,10 +421,33 @@ def stage_rows(
     return rows
 
 
+def images_words(count: int, subset: Mapping | None, noun: str = "images") -> str:
+    """`count` images, or for a seeded subset: 20 of 100 images (seeded subset, seed 0)."""
+    if not subset:
+        return f"{count} {noun}"
+    return f"{subset['images']} of {subset['of']} {noun} (seeded subset, seed {subset['seed']})"
+
+
+def interval_rows(result: Mapping) -> list[list]:
+    """A verdict on a subset: its 95 % intervals, one row each (none for all images)."""
+    intervals = result.get("intervals", {})
+    rows = []
+    for key, what in (("match_recall", "match recall"), ("map_drop_points", "mAP drop (points)")):
+        if key in intervals:
+            low, high = intervals[key]["interval"]
+            rows.append(
+                [
+                    f"{what}, {intervals['confidence']:.0%} interval",
+                    f"[{low:.4g}, {high:.4g}] ({intervals[key]['method']})",
+                ]
+            )
+    return rows
+
+
 def comparison_rows(result: Mapping) -> list[list]:
     """A verify result's numbers: its detections matched to the reference's, mAP, and the thresholds held."""
     return [
-        ["images", result["images"]],
+        ["images", images_words(result["images"], result["subset"]) if "subset" in result else result["images"]],
         [
             "match recall / precision",
             f"{result['match_recall']:.4f} / {result['match_precision']:.4f} (same class, IoU ≥ {result['match_iou']})",
@@ -444,6 +468,7 @@ def comparison_rows(result: Mapping) -> list[list]:
             "mAP deployed / reference",
             f"{result['mAP']:.4f} / {result['reference_mAP']:.4f} (drop {result['map_drop_points']:.2f} points)",
         ],
+        *interval_rows(result),
         ["thresholds", ", ".join(f"{k} {v}" for k, v in result["thresholds"].items()) or "none"],
     ]
 
@@ -579,6 +604,9 @@ def build_report(
         read_artifact(path) for path in (parity, calibration_ranges, calibration_accuracy)
     )
     reference_doc = read_json(reference_metrics)
+    subset = (reference_doc or {}).get("subset")
+    if subset:  # the images the reference and verify ran on: the examples are drawn from them
+        val = val_subset(val, {"num_images": subset["images"], "seed": subset["seed"]}).coco(val)
     precisions = list(dict.fromkeys([*verify_docs, *bench_docs]))
 
     dscores = {
@@ -603,7 +631,7 @@ def build_report(
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>trtflow report</title>",
         f"<style>{STYLE}</style></head><body>",
         "<h1>trtflow report</h1>",
-        f"<p class=note>{len(val['images'])} val images; reference PyTorch mAP "
+        f"<p class=note>{images_words(len(val['images']), subset, 'val images')}; reference PyTorch mAP "
         f"{_cell(reference_doc['mAP']) if reference_doc else '–'}; hardware: "
         f"{html.escape(str(hardware.get('gpu') or hardware.get('cpu', '?')))}.</p>",
         "<h2>Stages and their checks</h2>",

@@ -21,11 +21,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from trtflow.artifacts import software_versions, write_json
-from trtflow.common.metrics import coco_map
-from trtflow.run.detection_loop import ImpossibleOutput, detect_dataset
+from trtflow.common.metrics import category_labels, coco_map
+from trtflow.run.detection_loop import ImpossibleOutput, detect_images
 from trtflow.run.executors import ExecutorChoice, choose_executor
 from trtflow.run.levels import LEVELS
 from trtflow.run.matching import match_detections
+from trtflow.run.subset import check_shards, subset_claims, val_subset
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,105 @@ class Thresholds:
 # --------------------------------------------------------------------------- the stage
 
 
+def detect_shard(
+    precision: str,
+    chosen: ExecutorChoice,
+    *,
+    val_json: str | Path,
+    subset: Mapping | None = None,
+    shard: int = 0,
+    preprocess: dict,
+    postprocess: dict,
+    batch_size: int = 8,
+) -> dict:
+    """The `chosen` executor over one shard of the val images verification runs on (`trtflow.run.subset`;
+    `subset`: config `verify:`, None: all images, one shard): {"images": their ids, "ran": what ran (executor,
+    level, details, software), "detections"} or, where it gave what no head can, "impossible_output" in place of
+    the detections."""
+    executor = chosen.executor
+    ran = {
+        "precision": precision,
+        "executor": executor.name,
+        **chosen.status(),
+        "executor_details": dict(executor.details),
+        "software": software_versions(),
+    }
+    coco = json.loads(Path(val_json).read_text())
+    images = val_subset(coco, subset or {}).shard((subset or {}).get("shard_images"), shard)
+    found = {"images": [image["id"] for image in images], "ran": ran}
+    try:
+        detections = detect_images(
+            executor,
+            images,
+            {label: category for category, label in category_labels(coco).items()},
+            preprocess,
+            postprocess,
+            batch_size=batch_size,
+            desc=f"verify {precision} ({executor.name})",
+        )
+    except ImpossibleOutput as error:  # a wrong network: a verdict, not a crash
+        return {**found, "impossible_output": str(error)}
+    return {**found, "detections": detections}
+
+
+def verify_shards(
+    precision: str,
+    shards: list[dict],
+    *,
+    val_json: str | Path,
+    subset: Mapping | None = None,
+    sources: list[str] | None = None,
+    reference_detections: str | Path,
+    reference_metrics: str | Path,
+    thresholds: Thresholds,
+    match_iou: float = 0.9,
+) -> tuple[dict, list[dict]]:
+    """The verdict of the executor's detections, gathered from `shards` (`detect_shard`'s, in order; `sources`
+    names their files), against the reference (its detections, and the COCO metrics the reference stage computed
+    from them): (verify result, deployed detections).
+
+    An output no head can give (`trtflow.run.detection_loop.ImpossibleOutput`) is a failed verdict: the result says
+    `passed: false`, its reason under `impossible_output` and `failures`, and holds no detections or numbers."""
+    coco = json.loads(Path(val_json).read_text())
+    chosen = val_subset(coco, subset or {})
+    sources = sources or [f"shard {index}" for index in range(len(shards))]
+    check_shards([shard["images"] for shard in shards], chosen, sources)
+    ran = shards[0]["ran"]
+    differing = [source for shard, source in zip(shards, sources) if shard["ran"] != ran]
+    if differing:
+        raise VerifyError(
+            f"{precision}: the shards {differing} ran another executor, level or software than the first shard: one "
+            "verdict claims one level; run the verify shards on alike machines, or unset verify.shard_images"
+        )
+    held = {key: value for key, value in asdict(thresholds).items() if value is not None}
+    impossible = next((shard["impossible_output"] for shard in shards if "impossible_output" in shard), None)
+    if impossible is not None:
+        failure = f"impossible output: {impossible}"
+        return {**ran, "impossible_output": impossible, "thresholds": held, "failures": [failure], "passed": False}, []
+    deployed = [detection for shard in shards for detection in shard["detections"]]
+    reference = json.loads(Path(reference_detections).read_text())
+    matching = match_detections(reference, deployed, match_iou)
+    ground_truth = chosen.coco(coco)
+    metrics = coco_map(ground_truth, deployed, source=val_json)
+    reference_metrics = json.loads(Path(reference_metrics).read_text())
+    result = {
+        **ran,
+        "images": metrics["images"],
+        **matching.summary(),
+        "match_iou": match_iou,
+        "mAP": metrics["mAP"],
+        "mAP50": metrics["mAP50"],
+        "reference_mAP": reference_metrics["mAP"],
+        "reference_mAP50": reference_metrics["mAP50"],
+        "map_drop_points": 100.0 * (reference_metrics["mAP"] - metrics["mAP"]),
+        **subset_claims(chosen, ground_truth, reference, deployed, matching),
+        "thresholds": held,
+    }
+    result["failures"] = thresholds.failures(result)
+    result["passed"] = not result["failures"]
+    return result, deployed
+
+
 def verify_detections(
     precision: str,
     chosen: ExecutorChoice,
@@ -84,52 +184,79 @@ def verify_detections(
     thresholds: Thresholds,
     match_iou: float = 0.9,
     batch_size: int = 8,
+    subset: Mapping | None = None,
 ) -> tuple[dict, list[dict]]:
-    """Run the `chosen` executor over the val split and compare with the reference (its detections, and the COCO
-    metrics the reference stage computed from them): (verify result, deployed detections).
+    """Run the `chosen` executor over the val images verification runs on (`subset`: config `verify:`; None: all)
+    in one shard, and judge its detections (`verify_shards`)."""
+    shard = detect_shard(
+        precision,
+        chosen,
+        val_json=val_json,
+        subset={**(subset or {}), "shard_images": None},
+        preprocess=preprocess,
+        postprocess=postprocess,
+        batch_size=batch_size,
+    )
+    return verify_shards(
+        precision,
+        [shard],
+        val_json=val_json,
+        subset=subset,
+        reference_detections=reference_detections,
+        reference_metrics=reference_metrics,
+        thresholds=thresholds,
+        match_iou=match_iou,
+    )
 
-    An output no head can give (`trtflow.run.detection_loop.ImpossibleOutput`) is a failed verdict: the result says
-    `passed: false`, its reason under `impossible_output` and `failures`, and holds no detections or numbers."""
-    executor = chosen.executor
-    ran = {
-        "precision": precision,
-        "executor": executor.name,
-        **chosen.status(),
-        "executor_details": dict(executor.details),
-        "software": software_versions(),
-    }
-    held = {key: value for key, value in asdict(thresholds).items() if value is not None}
-    try:
-        deployed = detect_dataset(
-            executor,
-            val_json,
-            preprocess,
-            postprocess,
-            batch_size=batch_size,
-            desc=f"verify {precision} ({executor.name})",
+
+def checked_choice(precision: str, plan, *, network, onnx, weights_dir, settings: Mapping) -> ExecutorChoice:
+    """The strongest executor that runs here for the plan; refused below `settings["require"]` (a LEVELS name)."""
+    chosen = choose_executor(
+        precision,
+        plan,
+        network=network,
+        onnx=onnx,
+        weights_dir=weights_dir,
+        cuda_graph=settings.get("cuda_graph", False),
+    )
+    required = settings.get("require", LEVELS[0])
+    if LEVELS.index(chosen.level) < LEVELS.index(required):
+        raise VerifyError(
+            f"verify.require is {required} but the {precision} plan can only be verified at level "
+            f"{chosen.level} here: {'; '.join(chosen.reasons)}"
         )
-    except ImpossibleOutput as error:  # a wrong network: a verdict, not a crash
-        failure = f"impossible output: {error}"
-        return {**ran, "impossible_output": str(error), "thresholds": held, "failures": [failure], "passed": False}, []
-    reference = json.loads(Path(reference_detections).read_text())
-    matching = match_detections(reference, deployed, match_iou)
-    metrics = coco_map(val_json, deployed)
-    reference_metrics = json.loads(Path(reference_metrics).read_text())
-    result = {
-        **ran,
-        "images": metrics["images"],
-        **matching.summary(),
-        "match_iou": match_iou,
-        "mAP": metrics["mAP"],
-        "mAP50": metrics["mAP50"],
-        "reference_mAP": reference_metrics["mAP"],
-        "reference_mAP50": reference_metrics["mAP50"],
-        "map_drop_points": 100.0 * (reference_metrics["mAP"] - metrics["mAP"]),
-        "thresholds": held,
-    }
-    result["failures"] = thresholds.failures(result)
-    result["passed"] = not result["failures"]
-    return result, deployed
+    return chosen
+
+
+def run_verify_shard(
+    precision: str,
+    shard: int,
+    *,
+    plan,
+    onnx,
+    weights_dir,
+    val_json,
+    preprocess: dict,
+    postprocess: dict,
+    settings: Mapping,
+    out_json,
+    network=None,
+) -> dict:
+    """Rule `verify_shard`: the executor over shard `shard` of the images (`detect_shard`), written to `out_json`
+    for rule `verify` to gather."""
+    chosen = checked_choice(precision, plan, network=network, onnx=onnx, weights_dir=weights_dir, settings=settings)
+    found = detect_shard(
+        precision,
+        chosen,
+        val_json=val_json,
+        subset=settings,
+        shard=shard,
+        preprocess=preprocess,
+        postprocess=postprocess,
+        batch_size=settings.get("batch_size", 8),
+    )
+    write_json(out_json, found)
+    return found
 
 
 def run_verify(
@@ -149,44 +276,47 @@ def run_verify(
     out_json,
     detections_out,
     network=None,
+    shards: list | None = None,
 ) -> dict:
     """Rule `verify`: choose the executor, compare, write results/verify/{precision}.json and the deployed
-    detections. Fails (after logging the numbers) below the precision's thresholds where `enforce` (config
+    detections; with `shards` (the files of rule verify_shard, in order), gather them instead of running the
+    executor. Fails (after logging the numbers) below the precision's thresholds where `enforce` (config
     `verify.enforce` lists the precision; otherwise the JSON says `passed: false` and the log warns), and when
     the strongest executor that runs here is below `settings["require"]` (a LEVELS name).
 
-    `settings`: config `verify:` (match_iou, batch_size, require, cuda_graph).
+    `settings`: config `verify:` (match_iou, batch_size, require, cuda_graph, num_images, seed, shard_images).
     """
-    chosen = choose_executor(
-        precision,
-        plan,
-        network=network,
-        onnx=onnx,
-        weights_dir=weights_dir,
-        cuda_graph=settings.get("cuda_graph", False),
-    )
-    required = settings.get("require", LEVELS[0])
-    if LEVELS.index(chosen.level) < LEVELS.index(required):
-        raise VerifyError(
-            f"verify.require is {required} but the {precision} plan can only be verified at level "
-            f"{chosen.level} here: {'; '.join(chosen.reasons)}"
+    if shards:
+        result, deployed = verify_shards(
+            precision,
+            [json.loads(Path(path).read_text()) for path in shards],
+            val_json=val_json,
+            subset=settings,
+            sources=[str(path) for path in shards],
+            reference_detections=reference_detections,
+            reference_metrics=reference_metrics,
+            thresholds=thresholds,
+            match_iou=settings.get("match_iou", 0.9),
         )
-    result, deployed = verify_detections(
-        precision,
-        chosen,
-        val_json=val_json,
-        reference_detections=reference_detections,
-        reference_metrics=reference_metrics,
-        preprocess=preprocess,
-        postprocess=postprocess,
-        thresholds=thresholds,
-        match_iou=settings.get("match_iou", 0.9),
-        batch_size=settings.get("batch_size", 8),
-    )
+    else:
+        chosen = checked_choice(precision, plan, network=network, onnx=onnx, weights_dir=weights_dir, settings=settings)
+        result, deployed = verify_detections(
+            precision,
+            chosen,
+            val_json=val_json,
+            reference_detections=reference_detections,
+            reference_metrics=reference_metrics,
+            preprocess=preprocess,
+            postprocess=postprocess,
+            thresholds=thresholds,
+            match_iou=settings.get("match_iou", 0.9),
+            batch_size=settings.get("batch_size", 8),
+            subset=settings,
+        )
     print(json.dumps(result, indent=2))
     write_json(detections_out, deployed)
     write_json(out_json, result)
-    level = f"{chosen.executor.name}, level {chosen.level}"
+    level = f"{result['executor']}, level {result['verified_level']}"
     if not result["passed"] and not enforce:
         log.warning(
             "%s (%s) fails verification (%s) but verify.enforce does not list it",
