@@ -193,15 +193,17 @@ def test_one_dtype_table_agrees_with_tensorrt_torch_and_numpy(rtx):
     of the one table names a DataType and holds torch and numpy dtypes of its size and kind, and every spelling of
     the head dtype and of the inspector resolves to a DataType."""
     trt = rtx.trt
-    assert set(dtypes.TORCH_DTYPES) == {"FLOAT", "HALF", "BF16", "INT8", "UINT8", "INT32", "INT64", "BOOL"}
+    assert set(dtypes.TORCH_DTYPES) == {"FLOAT", "HALF", "BF16", "FP8", "INT8", "UINT8", "INT32", "INT64", "BOOL"}
     assert set(dtypes.TORCH_DTYPES) - set(dtypes.NUMPY_DTYPES) == {"BF16"}
     for name, torch_dtype in dtypes.TORCH_DTYPES.items():
         data_type = trt.DataType.__members__[name]
         assert torch_dtype.itemsize == data_type.itemsize, name
-        if name in dtypes.NUMPY_DTYPES:
+        if name == "FP8":  # TensorRT's nptype has none: ml_dtypes' E4M3 is numpy's spelling of it
+            assert np.dtype(dtypes.NUMPY_DTYPES[name]) == np.dtype("float8_e4m3fn") and data_type.itemsize == 1
+        elif name in dtypes.NUMPY_DTYPES:
             assert np.dtype(dtypes.NUMPY_DTYPES[name]) == np.dtype(trt.nptype(data_type)), name
     head = {precision: dtypes.TORCH_DTYPES[dtypes.HEAD_DTYPES[head_dtype(precision)]] for precision in PRECISIONS}
-    assert head == {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.float16}
+    assert head == {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.float16, "fp8": torch.float16}
     assert {spelling: dtypes.HEAD_DTYPES[spelling] for spelling in ("fp32", "fp16")} == {
         "fp32": "FLOAT",
         "fp16": "HALF",

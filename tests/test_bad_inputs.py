@@ -414,7 +414,7 @@ def test_snakemake_refuses_a_bad_config_before_any_job(scratch):
     result = snakemake(scratch, "--dry-run", *overlay, check=False)
     console = result.console
     assert result.returncode == 1
-    assert "config.yaml: invalid configuration:" in console
+    assert "config.yaml + bad.yaml: invalid configuration:" in console
     assert "model.num_classes: 'five' is not of type 'integer'" in console
     assert "calibration.num_images: -3 is less than the minimum of 1" in console
     assert "Job stats" not in console

@@ -314,5 +314,5 @@ def test_a_missing_plan_is_named_with_the_precisions_the_workflow_builds(tmp_pat
     assert cli.main(["detect", "--engine", str(plan), "photo.png"]) == 1
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"trtflow detect: DetectError: the plan {plan} does not exist; build it with the pipeline (snakemake -f "
-        "results/engine_<precision>.plan, <precision> one of fp32, fp16, int8)"
+        "results/engine_<precision>.plan, <precision> one of fp32, fp16, int8, fp8)"
     )
