@@ -31,6 +31,7 @@ from trtflow.common.images import read_image
 from trtflow.common.metrics import LabelSetError
 from trtflow.common.model import CheckpointError
 from trtflow.config import ConfigError, check_config
+from trtflow.precisions import NAMES
 
 DEMO_CHECKPOINT = ROOT / "models/demo_detector.safetensors"
 CATEGORIES = [{"id": i, "name": name} for i, name in enumerate(("circle", "rectangle", "triangle", "star"), 1)]
@@ -373,12 +374,12 @@ def test_rule_model_fails_on_a_corrupt_checkpoint_and_saves_nothing(scratch, tmp
     [
         ({"calibration": {"num_images": 0}}, "calibration.num_images: 0 is less than the minimum of 1"),
         ({"calibration": {"percentile": 150}}, "calibration.percentile: 150 is greater than the maximum of 100"),
-        ({"engine": {"precisions": ["int4"]}}, "engine.precisions.0: 'int4' is not one of ['fp32', 'fp16', 'int8']"),
+        ({"engine": {"precisions": ["int4"]}}, f"engine.precisions.0: 'int4' is not one of {list(NAMES)}"),
         ({"engine": {"opt_level": 9}}, "engine.opt_level: 9 is greater than the maximum of 5"),
         ({"data": {"bad_images": "ignore"}}, "data.bad_images: 'ignore' is not one of ['fail', 'skip']"),
         ({"preprocess": {"std": [0.2, 0, 0.2]}}, "preprocess.std.1: 0 is less than or equal to the minimum of 0"),
         ({"model": {"input": "320x320"}}, "model.input: '320x320' is not of type 'object'"),
-        ({"verify": {"enforce": ["fp64"]}}, "verify.enforce.0: 'fp64' is not one of ['fp32', 'fp16', 'int8']"),
+        ({"verify": {"enforce": ["fp64"]}}, f"verify.enforce.0: 'fp64' is not one of {list(NAMES)}"),
         (
             {"engine": {"batch": {"min": 2, "opt": 1, "max": 1}}},
             "engine.batch: {'min': 2, 'opt': 1, 'max': 1} needs 1 <= min <= opt <= max",
@@ -414,7 +415,8 @@ def test_snakemake_refuses_a_bad_config_before_any_job(scratch):
     result = snakemake(scratch, "--dry-run", *overlay, check=False)
     console = result.console
     assert result.returncode == 1
-    assert "config.yaml + bad.yaml: invalid configuration:" in console
+    # the headline names the config files read: config.yaml, then the overlay (as Snakemake holds it: absolute)
+    assert f"config.yaml + {scratch / 'bad.yaml'}: invalid configuration:" in console
     assert "model.num_classes: 'five' is not of type 'integer'" in console
     assert "calibration.num_images: -3 is less than the minimum of 1" in console
     assert "Job stats" not in console
