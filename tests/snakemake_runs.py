@@ -156,6 +156,22 @@ def planned(workdir: Path, *args: str, env: dict | None = None) -> list[str]:
     return sorted(job.name for job in jobs_of(snakemake(workdir, "--dry-run", *args, env=env).console))
 
 
+def cluster_generic(submitted: Path) -> tuple[str, ...]:
+    """Arguments that send every job through Snakemake's cluster-generic executor to this machine
+    (tests/submit_local.sh, copied into the working directory), two at a time; each submission's rule is appended to
+    `submitted`."""
+    return (
+        "--executor",
+        "cluster-generic",
+        "--jobs",
+        "2",
+        "--seconds-between-status-checks",
+        "1",
+        "--cluster-generic-submit-cmd",
+        f"SUBMIT_LOG={submitted} bash tests/submit_local.sh {{rule}}",
+    )
+
+
 def config_overlay(workdir: Path, name: str, yaml_text: str) -> tuple[str, ...]:
     """Arguments that layer `yaml_text` over config.yaml, as a user's second --configfile would."""
     path = workdir / name

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from snakemake_runs import PRECISIONS, ROOT, SMALL_DATA, Job, jobs_of, snakemake
+from snakemake_runs import PRECISIONS, ROOT, SMALL_DATA, Job, cluster_generic, jobs_of, snakemake
 from trtflow.config import ConfigError, check_config, model_settings
 
 NAMES = ("demo_320", "demo_256x320")
@@ -59,14 +59,7 @@ def two_model_run(scratch_run):
     submitted = workdir / "submitted.txt"
     log = snakemake(
         workdir,
-        "--executor",
-        "cluster-generic",
-        "--jobs",
-        "2",
-        "--seconds-between-status-checks",
-        "1",
-        "--cluster-generic-submit-cmd",
-        f"SUBMIT_LOG={submitted} bash tests/submit_local.sh {{rule}}",
+        *cluster_generic(submitted),
         *RUN_TARGETS,
         "--configfile",
         "two_models.yaml",

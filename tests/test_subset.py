@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from snakemake_runs import PRECISIONS, ROOT, clone, config_overlay, snakemake
+from snakemake_runs import PRECISIONS, ROOT, clone, cluster_generic, config_overlay, snakemake
 from trtflow.common.metrics import coco_map, per_image_evaluation, weighted_map
 from trtflow.config import ConfigError, check_config
 from trtflow.run.subset import ShardError, ValSubset, check_shards, val_subset, wilson_interval
@@ -183,14 +183,7 @@ def sharded_run_in(workdir: Path) -> tuple[Path, list[str]]:
     submitted = workdir / "submitted.txt"
     snakemake(
         workdir,
-        "--executor",
-        "cluster-generic",
-        "--jobs",
-        "2",
-        "--seconds-between-status-checks",
-        "1",
-        "--cluster-generic-submit-cmd",
-        f"SUBMIT_LOG={submitted} bash tests/submit_local.sh {{rule}}",
+        *cluster_generic(submitted),
         # the checkpoint by name, as a run over finished results must ask for it (README, "Large val sets")
         "results/data/verify_shards.json",
         f"results/verify/{SHARDED_PRECISION}.json",
