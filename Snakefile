@@ -20,9 +20,6 @@ WORKFLOW_DIR = Path(str(workflow.current_basedir)).resolve()
 # the one this process and every job import, whatever else the Python environment has installed: its src/ goes
 # first on sys.path here and on PYTHONPATH for the jobs (trtflow.workflow.use_workflow_source). A trtflow imported
 # before this file ran cannot be replaced: refused before any of its code runs.
-# Ctrl-C while Snakemake reads this file (its imports, the code triggers): exit 130 without a traceback, as its jobs
-# do (trtflow's __init__); the end of this file gives Snakemake back its own handling.
-signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(128 + signum))
 IMPORTED = sys.modules.get("trtflow")
 if IMPORTED is not None and Path(IMPORTED.__file__).resolve().parent != WORKFLOW_DIR / "src/trtflow":
     raise WorkflowError(
@@ -32,6 +29,11 @@ if IMPORTED is not None and Path(IMPORTED.__file__).resolve().parent != WORKFLOW
         "trtflow before the workflow (an including Snakefile: declare the module before any `from trtflow ...`)"
     )
 sys.path.insert(0, str(WORKFLOW_DIR / "src"))
+from trtflow import end_quietly
+
+# Ctrl-C while Snakemake reads the rest of this file (its imports, the code triggers): exit 130 without a traceback,
+# as its jobs do (trtflow's __init__); the end of this file gives Snakemake back its own handling.
+signal.signal(signal.SIGINT, end_quietly)
 from trtflow.workflow import exit_with_message, print_failures, use_workflow_source
 
 use_workflow_source(WORKFLOW_DIR / "src")

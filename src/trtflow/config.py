@@ -237,6 +237,16 @@ def environment_problems(config: dict) -> list[str]:
     return [f"engine.roi_align: plugin -- {reason}"] if reason else []
 
 
+def with_defaults(config: dict, schema: str | Path = SCHEMA) -> list[str]:
+    """The schema problems of `config`; where it has none, the schema's defaults are filled into it."""
+    problems = schema_problems(config, schema)
+    if not problems:
+        from snakemake.utils import validate
+
+        validate(config, str(schema))  # fills in the defaults
+    return problems
+
+
 def check_config(
     config: dict,
     config_file: str = "config.yaml",
@@ -246,11 +256,8 @@ def check_config(
     workflow_dir: str | Path | None = None,
 ) -> None:
     """Raise one ConfigError listing every problem of `config` (schema first, then missing paths)."""
-    problems = schema_problems(config, schema)
+    problems = with_defaults(config, schema)
     if not problems:
-        from snakemake.utils import validate
-
-        validate(config, str(schema))  # fills in the defaults
         problems = (
             consistency_problems(config) + path_problems(config, workdir, workflow_dir) + environment_problems(config)
         )
@@ -261,9 +268,10 @@ def check_config(
 def run_folder(plan: Path) -> tuple[Path, str] | None:
     """(working directory, model name) of the run that wrote `plan` (<dir>/results/engine_*.plan: name "";
     <dir>/results/<name>/engine_*.plan: a `models:` entry); None for a plan outside a results/ folder."""
-    for parent in Path(plan).resolve().parents:
+    plan = Path(plan).resolve()
+    for parent in plan.parents:
         if parent.name == "results":
-            return parent.parent, str(Path(plan).resolve().parent.relative_to(parent)).removeprefix(".")
+            return parent.parent, str(plan.parent.relative_to(parent)).removeprefix(".")
     return None
 
 
@@ -284,21 +292,15 @@ def plan_config_differences(plan: str | Path, recorded: Mapping) -> list[str]:
         return []
     workdir, name = found
     config = yaml.safe_load((workdir / "config.yaml").read_text()) or {}
-    if schema_problems(config) or name not in {"", *(config.get("models") or {})}:
+    if with_defaults(config) or name not in {"", *(config.get("models") or {})}:
         return []
-    from snakemake.utils import validate
-
-    validate(config, str(SCHEMA))  # fills in the defaults
     model = model_settings(config, name)
-    preprocess = {"input": model["input"], **config["preprocess"]}
     pairs = {
         # `auto` takes whichever backend imports: the plan records which one it was
         **({"backend": (recorded["backend"], config["backend"])} if config["backend"] != "auto" else {}),
         "model.num_classes": (len(recorded["classes"] or []) + 1, model["num_classes"]),
-        **{
-            f"model.{key}" if key == "input" else f"preprocess.{key}": (recorded["preprocess"][key], value)
-            for key, value in preprocess.items()
-        },
+        "model.input": (recorded["preprocess"]["input"], model["input"]),
+        **{f"preprocess.{key}": (recorded["preprocess"][key], value) for key, value in config["preprocess"].items()},
         **{f"postprocess.{key}": (recorded["postprocess"][key], value) for key, value in config["postprocess"].items()},
     }
     differences = [
@@ -308,10 +310,10 @@ def plan_config_differences(plan: str | Path, recorded: Mapping) -> list[str]:
     ]
     # the checkpoint by content (the shipped demo checkpoint lies beside the workflow's own schema)
     checkpoint = locate(model["checkpoint"], workdir, SCHEMA.parents[2])
-    built_from = recorded["sources"]["checkpoint_sha256"]
-    if checkpoint.is_file() and files_sha256(checkpoint) != built_from:
+    built_from, configured = recorded["sources"]["checkpoint_sha256"], checkpoint.is_file() and files_sha256(checkpoint)
+    if configured and configured != built_from:
         differences.append(
             f"model.checkpoint: the plan sha256 {built_from[:12]}, config.yaml {model['checkpoint']} "
-            f"(sha256 {files_sha256(checkpoint)[:12]})"
+            f"(sha256 {configured[:12]})"
         )
     return differences
