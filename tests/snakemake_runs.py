@@ -156,6 +156,12 @@ def planned(workdir: Path, *args: str, env: dict | None = None) -> list[str]:
     return sorted(job.name for job in jobs_of(snakemake(workdir, "--dry-run", *args, env=env).console))
 
 
+def without_nvcc() -> dict:
+    """An environment in which find_nvcc finds nothing: PATH without nvcc's folders, no CUDA_HOME."""
+    path = [entry for entry in os.environ["PATH"].split(os.pathsep) if not (Path(entry) / "nvcc").exists()]
+    return {"PATH": os.pathsep.join(path), "CUDA_HOME": "", "CUDA_PATH": ""}
+
+
 def cluster_generic(submitted: Path) -> tuple[str, ...]:
     """Arguments that send every job through Snakemake's cluster-generic executor to this machine
     (tests/submit_local.sh, copied into the working directory), two at a time; each submission's rule is appended to

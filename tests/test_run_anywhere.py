@@ -10,7 +10,6 @@ the fp32 plan from the same data, checkpoint, ONNX and weights.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from snakemake_runs import ROOT, SMALL_DATA, clone, config_overlay, jobs_of, snakemake
+from snakemake_runs import ROOT, SMALL_DATA, clone, config_overlay, jobs_of, snakemake, without_nvcc
 
 # the default target of a fresh run, as the dry run plans it (nvcc is on PATH here)
 DEFAULT_TARGET_RULES = {
@@ -38,12 +37,6 @@ DEFAULT_TARGET_RULES = {
     "report",
     "all",
 }
-
-
-def without_nvcc() -> dict:
-    """An environment in which find_nvcc finds nothing: PATH without nvcc's folders, no CUDA_HOME."""
-    path = [entry for entry in os.environ["PATH"].split(os.pathsep) if not (Path(entry) / "nvcc").exists()]
-    return {"PATH": os.pathsep.join(path), "CUDA_HOME": "", "CUDA_PATH": ""}
 
 
 @pytest.fixture(scope="module")

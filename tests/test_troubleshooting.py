@@ -40,12 +40,10 @@ import yaml
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from snakemake_runs import ROOT, clone, config_overlay, snakemake
+from snakemake_runs import ROOT, clone, config_overlay, snakemake, without_nvcc
+from test_detect import trtflow
 from trtflow import cli
 from trtflow.run import runtime
-
-TRTFLOW = Path(sys.executable).with_name("trtflow")  # the console script of [project.scripts]
-
 
 # -- the table ------------------------------------------------------------------------------------------------
 
@@ -172,13 +170,6 @@ def coco_data(images: Path, annotations: Path) -> dict:
     return {"data": {"source": "coco", "images": str(images), "annotations": str(annotations)}}
 
 
-def without_nvcc() -> dict:
-    """The environment of a machine without the CUDA toolkit."""
-    nvcc = shutil.which("nvcc")
-    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not nvcc or Path(p) != Path(nvcc).parent)
-    return {"PATH": path, "CUDA_HOME": "", "CUDA_PATH": ""}
-
-
 def keeping_mtime(path: Path, text: str) -> None:
     """Rewrite `path`, its modification time kept: Snakemake sees no newer input, so nothing reruns for it."""
     stat = path.stat()
@@ -263,15 +254,7 @@ def run_console(result) -> str:
 
 
 def trtflow_detect(workdir: Path, *args: str) -> str:
-    result = subprocess.run(
-        [str(TRTFLOW), "detect", *args],
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    result = trtflow(workdir, "detect", *args)
     assert result.returncode == 1, run_console(result)[-3000:]
     return run_console(result)
 
