@@ -104,7 +104,7 @@ def tensorrt_rtx_build_seconds(onnx_path: Path, amax: dict) -> float | None:
     """Insert Q/DQ from `amax` and time a TensorRT-RTX build of it (strongly typed, CPU ahead-of-time)."""
     import onnx
 
-    from trtflow.build.qdq import insert_qdq, quantization_plan
+    from trtflow.common.qdq import insert_qdq, quantization_plan
 
     try:
         import tensorrt_rtx as trt

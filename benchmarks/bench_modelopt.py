@@ -4,7 +4,7 @@ For each model and method, rule `calibrate`'s code (`trtflow.build.calibrate.cal
 `calibration:`) runs twice, each time in a fresh subprocess (so the peak memory is its own), on the same
 features ONNX and the same seeded calibration subset decoded and preprocessed by the same code:
 
-- trtflow: `calibration.qdq_placement: trtflow`, streamed histograms -> thresholds -> `trtflow.build.qdq` insertion;
+- trtflow: `calibration.qdq_placement: trtflow`, streamed histograms -> thresholds -> `trtflow.common.qdq` insertion;
 - modelopt: `calibration.qdq_placement: modelopt`, `trtflow.build.modelopt_qdq.quantize_features`: the images as one
   numpy array into `modelopt.onnx.quantization.quantize(quantize_mode="int8", calibration_eps=["cpu"],
   high_precision_dtype="fp32")` (fp32 keeps the unquantized ops float32, as ours does; ModelOpt's default,

@@ -564,7 +564,7 @@ def write_plan(path):
 
 
 def write_qdq(path):
-    from trtflow.build.qdq import save_onnx
+    from trtflow.common.qdq import save_onnx
 
     save_onnx(tiny_features_model(), path)
 

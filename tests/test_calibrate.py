@@ -210,7 +210,7 @@ def test_version_tag():
 
 def test_collection_uses_the_qdq_plan_and_streams():
     from test_qdq import INPUT_SHAPE, resnet_like_model
-    from trtflow.build.qdq import quantization_plan
+    from trtflow.common.qdq import quantization_plan
 
     model = resnet_like_model()
     rng = np.random.default_rng(5)

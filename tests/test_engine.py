@@ -230,9 +230,9 @@ def test_debug_outputs_are_added_and_unknown_names_refused(tmp_path, tiny_onnx):
 def small_detector(tmp_path_factory, default_config):
     """The demo detector (random weights) at 128x160: features.onnx, its int8 and fp8 Q/DQ twins, head weights."""
     from trtflow.build.export import export_features
-    from trtflow.build.qdq import insert_qdq, quantization_plan
     from trtflow.build.weights import export_head
     from trtflow.common.model import build_detector
+    from trtflow.common.qdq import insert_qdq, quantization_plan
 
     torch.manual_seed(0)
     model = build_detector({**default_config["model"], "input": {"height": 128, "width": 160}}).eval()

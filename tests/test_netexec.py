@@ -22,8 +22,8 @@ from test_executors import Deployment, deployment  # noqa: F401  (tamed tiny det
 from test_verify import plan_for_no_gpu_here
 from test_weights import ARCHS, tame, torchvision_detector
 from trtflow.build.engine import EngineSettings, EngineSources, define_network, qdq_to_fp16
-from trtflow.build.qdq import insert_qdq, quantization_plan
 from trtflow.common.onnxrun import OnnxSession
+from trtflow.common.qdq import insert_qdq, quantization_plan
 from trtflow.formats.head_weights import load_head
 from trtflow.formats.network_record import NetworkRecord, NetworkRecordError, read_network
 from trtflow.precisions import PRECISIONS

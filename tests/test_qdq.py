@@ -1,4 +1,4 @@
-"""Q/DQ placement (trtflow.build.qdq) on a small ResNet-like graph, its numerics in ONNX Runtime, and a TensorRT-RTX build."""
+"""Q/DQ placement (trtflow.common.qdq) on a small ResNet-like graph, its numerics in ONNX Runtime, and a TensorRT-RTX build."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from trtflow.build.qdq import KeepFloat, insert_qdq, quantization_plan, quantize_weight, shared_amax
 from trtflow.common.onnxrun import OnnxSession
+from trtflow.common.qdq import KeepFloat, insert_qdq, quantization_plan, quantize_weight, shared_amax
 from trtflow.precisions import FP8_E4M3
 
 INPUT_SHAPE = (1, 3, 32, 32)

@@ -30,11 +30,11 @@ import onnx
 
 from trtflow.artifacts import files_sha256, software_versions, write_json
 from trtflow.build.modelopt_qdq import quantize_features
-from trtflow.build.qdq import KeepFloat, insert_qdq, quantization_plan, save_onnx, shared_amax, symmetric_scale
 from trtflow.common.coco import list_images
 from trtflow.common.images import read_image
 from trtflow.common.onnxrun import OnnxSession
 from trtflow.common.preprocess import preprocess_batch
+from trtflow.common.qdq import KeepFloat, insert_qdq, quantization_plan, save_onnx, shared_amax, symmetric_scale
 from trtflow.formats.calibration_table import (
     ALGORITHMS,
     TENSORRT_ALGORITHM,

@@ -3,8 +3,8 @@
 `modelopt.onnx.quantization.quantize` (int8) places and calibrates the Q/DQ nodes; the calibrate stage
 then reads its activation scales back so that int8calib.table and ranges.json describe the graph it wrote.
 ModelOpt runs on the CPU here (`calibration_eps=["cpu"]`) and keeps every unquantized op float32
-(`high_precision_dtype="fp32"`, as `trtflow.build.qdq` does; ModelOpt's own default, fp16, is a different
-trade). Comparison with `trtflow.build.qdq`: docs/BENCHMARKS.md, "ModelOpt vs trtflow Q/DQ placement".
+(`high_precision_dtype="fp32"`, as `trtflow.common.qdq` does; ModelOpt's own default, fp16, is a different
+trade). Comparison with `trtflow.common.qdq`: docs/BENCHMARKS.md, "ModelOpt vs trtflow Q/DQ placement".
 
 Install: `pip install -e ".[modelopt]"`. That extra names ModelOpt's int8 ONNX dependencies one by one
 instead of `nvidia-modelopt[onnx]`, which would downgrade onnx and put onnxruntime-gpu over onnxruntime.
@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from trtflow.build.qdq import INT8_MAX, KeepFloat, save_onnx
+from trtflow.common.qdq import INT8_MAX, KeepFloat, save_onnx
 
 INSTALL = 'pip install -e ".[modelopt]"'
 # calibration.algorithm -> ModelOpt's calibration_method (it offers no percentile method)
