@@ -127,6 +127,35 @@ def test_keep_float_by_name_and_op_type():
     assert plan.scale_groups == (("o2", "mp"),)
 
 
+def test_a_layer_is_a_weighted_op_with_the_residual_add_it_fuses():
+    """TensorRT fuses a convolution with the Add that follows it (the shortcut's Q/DQ feeds the fused kernel), so a
+    layer left in float (calibration.keep_float.auto) takes that shortcut Q/DQ along; a Concat's belong to no layer."""
+    model = resnet_like_model()
+    plan = quantization_plan(model)
+    names = {i: model.graph.node[i].name for i in plan.layers}
+    assert sorted(names.values()) == sorted(
+        ["stem_conv", "b1_conv1", "b1_conv2", "b2_conv1", "b2_conv2", "b2_shortcut", "head_conv", "lateral_conv", "fc"]
+    )
+    fused = {model.graph.node[add].name: names[layer] for (add, _), layer in plan.fused_adds.items()}
+    # b1_add: b1_conv2 (through BatchNorm) + the identity shortcut; b2_add: the deeper of two convs; fpn_add: the conv
+    assert fused == {"b1_add": "b1_conv2", "b2_add": "b2_conv2", "fpn_add": "lateral_conv"}
+    index = {name: i for i, name in names.items()}
+
+    floated = plan.without_layers({index["b1_conv2"], index["lateral_conv"]})
+    consumers = consumer_names(model, floated)
+    assert consumers["a"] == {"b1_conv1"} and "r1" not in consumers  # b1_add's shortcut went with b1_conv2
+    assert consumers["mp"] == {"cat"} and consumers["o2"] == {"cat"}  # the Concat stays quantized
+    assert "b1_w2" not in floated.weights and "lat_w" not in floated.weights and "b1_w1" in floated.weights
+    assert floated.scale_groups == (("o2", "mp", "cat"),)
+    assert index["b1_conv2"] not in floated.layers and len(floated.layers) == len(plan.layers) - 2
+
+    alone = plan.only_layers({index["b2_conv2"]})
+    assert consumer_names(model, alone) == {"dr1": {"b2_conv2"}, "sc": {"b2_add"}}
+    assert list(alone.weights) == ["b2_w2"] and alone.scale_groups == ()
+    # every layer in float leaves only the Concat's Q/DQ
+    assert consumer_names(model, plan.without_layers(plan.layers)) == {"o2": {"cat"}, "mp": {"cat"}}
+
+
 def test_per_channel_weights_are_symmetric_int8():
     rng = np.random.default_rng(1)
     weight = (

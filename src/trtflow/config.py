@@ -191,6 +191,24 @@ def consistency_problems(config: dict) -> list[str]:
             "images as one job over all of them does, so that a sharded verdict is the unsharded one byte for byte; "
             f"use a multiple of {math.lcm(*batch_sizes.values())}"
         )
+    if calibration["sensitivity"]["rank_by"] == "map" and not calibration["sensitivity"]["measure_map"]:
+        problems.append(
+            "calibration.sensitivity.rank_by: map orders layers by the mAP that measure_map measures, and "
+            "calibration.sensitivity.measure_map is false: set measure_map: true or rank_by: sqnr"
+        )
+    if calibration["keep_float"]["auto"] and calibrated(config["engine"]["precisions"]):
+        if calibration["qdq_placement"] == "modelopt":
+            problems.append(
+                "calibration.keep_float.auto chooses float layers of trtflow's Q/DQ placement, and "
+                "calibration.qdq_placement is modelopt: set qdq_placement: trtflow, or list ModelOpt's float layers "
+                "in calibration.keep_float.nodes instead of auto"
+            )
+        implicit = [name for name in config["engine"]["precisions"] if PRECISIONS[name].implicit_calibration]
+        if config["engine"]["int8_mode"] == "implicit" and implicit:
+            problems.append(
+                "calibration.keep_float.auto leaves layers of the Q/DQ graph in float, and engine.int8_mode: implicit "
+                f"builds {' and '.join(implicit)} without it: set engine.int8_mode: explicit, or keep_float.auto: false"
+            )
     if calibration["qdq_placement"] == "modelopt":
         # imported here: the ModelOpt adapter loads onnx (about 0.5 s), which every Snakemake start would pay
         from trtflow.build.modelopt_qdq import missing_modelopt, modelopt_method
@@ -238,7 +256,11 @@ def environment_problems(config: dict) -> list[str]:
 
 
 def with_defaults(config: dict, schema: str | Path = SCHEMA) -> list[str]:
-    """The schema problems of `config`; where it has none, the schema's defaults are filled into it."""
+    """The schema problems of `config`; where it has none, the schema's defaults are filled into it. The shorthand
+    `calibration.keep_float: auto` becomes `{auto: true}` first."""
+    calibration = config.get("calibration")
+    if isinstance(calibration, dict) and calibration.get("keep_float") == "auto":
+        calibration["keep_float"] = {"auto": True}
     problems = schema_problems(config, schema)
     if not problems:
         from snakemake.utils import validate

@@ -180,9 +180,10 @@ def compute_capability_problem(name: str, backend: str, targets) -> str | None:
     return f"{name} plans need compute capability {least} or later with backend {backend} ({row.gpu_generations})"
 
 
-def wildcard_pattern() -> str:
-    """The Snakemake wildcard constraint of `{precision}`: exactly the table's names."""
-    return "|".join(re.escape(name) for name in NAMES)
+def wildcard_pattern(*, calibrated_only: bool = False) -> str:
+    """The Snakemake wildcard constraint of `{precision}`: exactly the table's names (`calibrated_only`: those of the
+    quantized precisions, `{quantized}`)."""
+    return "|".join(re.escape(name) for name, row in PRECISIONS.items() if row.calibrated or not calibrated_only)
 
 
 def calibrated(names) -> bool:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from trtflow.config import locate, model_settings
 from trtflow.common.plugins import PluginBuildError, find_nvcc
-from trtflow.precisions import PRECISIONS as PRECISION_TABLE, calibrated, features_graph, precision_qdq_graph, wildcard_pattern
+from trtflow.precisions import PRECISIONS as PRECISION_TABLE, QDQ_GRAPH, calibrated, features_graph, wildcard_pattern
 from trtflow.run.summary import verdict_words
 from trtflow.workflow import code_closure
 
@@ -73,8 +73,9 @@ MODEL_DIRS = [f"{name}/" for name in MODELS] or [""]
 wildcard_constraints:
     # only configured names: results/<unknown>/... has no rule rather than a half-configured job
     model="(?:{})?".format("|".join(re.escape(f"{name}/") for name in MODELS)),
-    # every rule's {precision}: the names of trtflow.precisions' table
+    # every rule's {precision}: the names of trtflow.precisions' table; {quantized}: those that are calibrated
     precision=wildcard_pattern(),
+    quantized=wildcard_pattern(calibrated_only=True),
     shard=r"\d+",
 
 
@@ -149,11 +150,35 @@ def engine_onnx(wildcards):
     return RESULTS / wildcards.model / "onnx" / features_graph(wildcards.precision, implicit=not EXPLICIT_INT8)
 
 
+# calibration.keep_float.auto: rule float_layers chooses each quantized precision's float layers after calibration, so
+# rule quantized_graph writes int8's Q/DQ graph too (else rule calibrate does), and the engine records the choice
+AUTO_FLOAT = config["calibration"]["keep_float"]["auto"]
+# keep_float's patterns: what the Q/DQ plan leaves in float before calibration
+KEEP_FLOAT_PATTERNS = {key: config["calibration"]["keep_float"][key] for key in ("nodes", "op_types")}
+
+
+def float_layers_file(model, precision):
+    """Rule float_layers' choice for a model ("" or "<name>/", as the {model} wildcard) and a quantized precision."""
+    return RESULTS / f"{model}calib/float_layers_{precision}.json"
+
+
+def float_layer_budget(precision):
+    """(budget in mAP points, its config key) of rule float_layers: calibration.keep_float.max_map_drop_points, else
+    verify's threshold for the precision."""
+    own = config["calibration"]["keep_float"]["max_map_drop_points"]
+    if own is not None:
+        return {"points": own, "key": "calibration.keep_float.max_map_drop_points"}
+    return {"points": config["verify"]["thresholds"][precision]["max_map_drop_points"],
+            "key": f"verify.thresholds.{precision}.max_map_drop_points"}
+
+
 def engine_extras(wildcards):
     extras = {}
     if PRECISION_TABLE[wildcards.precision].calibrated:
         # implicit: the table feeds TensorRT's calibrator; explicit: recorded as the Q/DQ scales' source
         extras["table"] = RESULTS / wildcards.model / "calib/int8calib.table"
+        if AUTO_FLOAT:
+            extras["float_layers"] = float_layers_file(wildcards.model, wildcards.precision)
     if ENGINE["roi_align"] == "plugin":
         extras["plugin"] = RESULTS / "plugins/libtrtflow_plugins.so"
         extras["plugin_ptx"] = RESULTS / "plugins/multilevel_roi_align.ptx"

@@ -10,6 +10,7 @@ with script_logging(snakemake):
             head_weights=Path(snakemake.input.manifest).parent,
             calibration_table=snakemake.input.get("table"),
             plugin_library=snakemake.input.get("plugin"),
+            float_layers=snakemake.input.get("float_layers"),
         ),
         EngineSettings.from_config(snakemake.params.engine, snakemake.wildcards.precision),
         snakemake.output.plan,

@@ -7,7 +7,7 @@ with script_logging(snakemake):
         snakemake.input.images,
         table_path=snakemake.output.table,
         ranges_path=snakemake.output.ranges,
-        qdq_path=snakemake.output.qdq,
+        qdq_path=snakemake.output.get("qdq"),
         calibration=snakemake.params.calibration,
         preprocess=snakemake.params.preprocess,
         threads=snakemake.threads,

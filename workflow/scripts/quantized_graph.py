@@ -7,6 +7,7 @@ with script_logging(snakemake):
         snakemake.input.onnx,
         snakemake.input.ranges,
         snakemake.output[0],
-        quantized=precision(snakemake.wildcards.precision).quantized,
+        quantized=precision(snakemake.params.precision).quantized,
         keep_float=snakemake.params.keep_float,
+        float_layers_path=snakemake.input.float_layers or None,
     )

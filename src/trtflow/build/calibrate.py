@@ -34,7 +34,16 @@ from trtflow.common.coco import list_images
 from trtflow.common.images import read_image
 from trtflow.common.onnxrun import OnnxSession
 from trtflow.common.preprocess import preprocess_batch
-from trtflow.common.qdq import KeepFloat, insert_qdq, quantization_plan, save_onnx, shared_amax, symmetric_scale
+from trtflow.common.qdq import (
+    KeepFloat,
+    calibrated_amax,
+    insert_qdq,
+    layer_indices,
+    quantization_plan,
+    save_onnx,
+    shared_amax,
+    symmetric_scale,
+)
 from trtflow.formats.calibration_table import (
     ALGORITHMS,
     TENSORRT_ALGORITHM,
@@ -324,12 +333,13 @@ def calibrate_features(
     *,
     table_path: str | Path,
     ranges_path: str | Path,
-    qdq_path: str | Path,
+    qdq_path: str | Path | None,
     calibration: dict,
     preprocess: dict,
     threads: int | None = None,
 ) -> dict:
-    """Rule `calibrate`: images -> histograms -> thresholds -> int8calib.table, ranges.json, Q/DQ ONNX.
+    """Rule `calibrate`: images -> histograms -> thresholds -> int8calib.table, ranges.json, Q/DQ ONNX (`qdq_path`;
+    None where rule quantized_graph writes it: calibration.keep_float.auto chooses its float layers afterwards).
 
     `calibration` is config `calibration:`; `preprocess` is the model's input size + config `preprocess:`.
     Returns the ranges document.
@@ -364,7 +374,8 @@ def calibrate_features(
         amax = shared_amax(
             plan, compute_amax(statistics.histograms, calibration["algorithm"], calibration["percentile"])
         )
-        save_onnx(insert_qdq(model, plan, amax), qdq_path)
+        if qdq_path is not None:
+            save_onnx(insert_qdq(model, plan, amax), qdq_path)
     empty = [name for name, value in amax.items() if value <= 0]
     if empty:
         log.warning("%d tensors were all zero on the calibration set (scale 1): %s", len(empty), ", ".join(empty[:5]))
@@ -372,7 +383,7 @@ def calibrate_features(
     document = ranges_document(amax, table, calibration["algorithm"], len(paths), files_sha256(*paths), placement)
     write_calibration_table(table_path, table)
     write_json(ranges_path, document, indent=1, sort_keys=False)
-    log.info("wrote %s (%d tensors), %s, %s", table_path, len(table.scales), ranges_path, qdq_path)
+    log.info("wrote %s (%d tensors), %s, %s", table_path, len(table.scales), ranges_path, qdq_path or "")
     return document
 
 
@@ -383,18 +394,19 @@ def write_quantized_graph(
     *,
     quantized: QuantizedType,
     keep_float: dict | None = None,
+    float_layers_path: str | Path | None = None,
 ) -> None:
-    """Rule quantized_graph: the Q/DQ graph of another quantized dtype (FP8) from the amax rule calibrate measured
-    (ranges.json) and trtflow's placement with calibration.keep_float (`keep_float`), so that every quantized
-    precision shares one calibration and the int8 artifacts stay as they are."""
-    ranges = json.loads(Path(ranges_path).read_text())
-    if ranges["qdq_placement"] != "trtflow":
-        raise ValueError(
-            f"{ranges_path} was calibrated with calibration.qdq_placement: {ranges['qdq_placement']}; "
-            f"{qdq_path} needs trtflow's placement: set calibration.qdq_placement: trtflow"
-        )
+    """Rule quantized_graph: a precision's Q/DQ graph from the amax rule calibrate measured (ranges.json) and
+    trtflow's placement with calibration.keep_float's patterns (`keep_float`), so that every quantized precision
+    shares one calibration; with keep_float.auto, the layers rule float_layers chose (`float_layers_path`) are left
+    in float, every other scale as calibrated."""
     model = onnx.load(str(features_onnx))
     plan = quantization_plan(model, KeepFloat.from_config(keep_float))
-    amax = {name: tensor["amax"] for name, tensor in ranges["tensors"].items()}
+    if float_layers_path is not None:
+        chosen = json.loads(Path(float_layers_path).read_text())["float_layers"]
+        plan = plan.without_layers(layer_indices(model, plan, chosen, str(float_layers_path)))
+    amax = calibrated_amax(ranges_path, qdq_path)
     save_onnx(insert_qdq(model, plan, amax, quantized), qdq_path)
-    log.info("wrote %s (%s, scale %s, %d tensors)", qdq_path, quantized.name, quantized.scale_rule(), len(amax))
+    log.info(
+        "wrote %s (%s, scale %s, %d tensors)", qdq_path, quantized.name, quantized.scale_rule(), len(plan.activations)
+    )

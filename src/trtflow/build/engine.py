@@ -16,6 +16,7 @@ Version-specific calls live in `trtflow.backend`; this module decides what to bu
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import time
@@ -194,9 +195,11 @@ class EngineSources:
     head_weights: Path | None = None  # the weights rule's folder: manifest.json + head.safetensors
     calibration_table: Path | None = None
     plugin_library: Path | None = None
+    # calibration.keep_float.auto: rule float_layers' choice, which the Q/DQ graph was written with (recorded)
+    float_layers: Path | None = None
 
     def __post_init__(self):
-        for name in ("onnx", "head_weights", "calibration_table", "plugin_library"):
+        for name in ("onnx", "head_weights", "calibration_table", "plugin_library", "float_layers"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, Path(value))
@@ -605,6 +608,20 @@ def file_record(path: Path | None) -> dict | None:
     return None if path is None else {"path": str(path), "sha256": files_sha256(path)}
 
 
+def float_layers_record(path: Path | None) -> dict | None:
+    """The float-layer choice's file and the layers it left in float, with the budget and the simulated drop."""
+    if path is None:
+        return None
+    choice = json.loads(path.read_text())
+    return {
+        **file_record(path),
+        "layers": choice["float_layers"],
+        "of_layers": choice["of_layers"],
+        "budget_points": choice["budget_points"],
+        "simulated_drop_points": choice["steps"][-1]["drop_points"],
+    }
+
+
 def build_engine(
     sources: EngineSources,
     settings: EngineSettings,
@@ -680,6 +697,7 @@ def build_engine(
             "head_weights": file_record(sources.head_weights / "manifest.json") if head is not None else None,
             "calibration_table": file_record(sources.calibration_table),
             "plugin_library": file_record(sources.plugin_library),
+            "float_layers": float_layers_record(sources.float_layers),
         },
         **plan_usage(
             inputs,

@@ -20,8 +20,9 @@ opset >= 13, FLOAT8E4M3FN (E4M3, scale = amax / 448) at opset >= 19, the first o
 from __future__ import annotations
 
 import fnmatch
+import json
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,10 +86,46 @@ class QuantizationPlan:
     activations: dict[str, tuple[tuple[int, int], ...]]
     weights: dict[str, tuple[int, tuple[tuple[int, int], ...]]]
     scale_groups: tuple[tuple[str, ...], ...] = field(default=())
+    # The quantized layers: the weighted ops (node indices, in graph order) whose inputs and weights the plan
+    # quantizes, and the residual Add edges each fuses with (add edge -> weighted op). A layer is the unit a float
+    # set is made of (calibration.keep_float.auto): TensorRT fuses a convolution with its residual Add.
+    layers: tuple[int, ...] = field(default=())
+    fused_adds: Mapping[tuple[int, int], int] = field(default_factory=dict)
 
     @property
     def activation_names(self) -> list[str]:
         return list(self.activations)
+
+    def layer_of(self, edge: tuple[int, int]) -> int | None:
+        """The quantized layer an edge belongs to: its weighted op, or the one its residual Add fuses with; None for
+        a Concat's edges, which belong to no layer."""
+        node = self.fused_adds.get(edge, edge[0])
+        return node if node in self.layers else None
+
+    def without_layers(self, layers: Collection[int]) -> QuantizationPlan:
+        """This plan with `layers` (weighted-op node indices) left in float: their input and weight Q/DQ, and the
+        shortcut Q/DQ of the residual Adds they fuse with, removed; every other scale stays as calibrated."""
+        return self._keeping(
+            lambda edge: self.layer_of(edge) not in layers, [i for i in self.layers if i not in layers]
+        )
+
+    def only_layers(self, layers: Collection[int]) -> QuantizationPlan:
+        """Only `layers` quantized (their Q/DQ as in this plan); every other layer and Concat in float."""
+        return self._keeping(lambda edge: self.layer_of(edge) in layers, [i for i in self.layers if i in layers])
+
+    def _keeping(self, keep, layers: list[int]) -> QuantizationPlan:
+        activations = {name: tuple(e for e in edges if keep(e)) for name, edges in self.activations.items()}
+        activations = {name: edges for name, edges in activations.items() if edges}
+        weights = {name: (axis, tuple(e for e in edges if keep(e))) for name, (axis, edges) in self.weights.items()}
+        weights = {name: entry for name, entry in weights.items() if entry[1]}
+        groups = (tuple(name for name in group if name in activations) for group in self.scale_groups)
+        return QuantizationPlan(
+            activations,
+            weights,
+            tuple(group for group in groups if len(group) > 1),
+            tuple(layers),
+            {edge: node for edge, node in self.fused_adds.items() if node in layers and keep(edge)},
+        )
 
 
 @dataclass
@@ -171,33 +208,36 @@ def _weighted_op_inputs(graph: _Graph, node: onnx.NodeProto) -> tuple[list[int],
     return None
 
 
-def _fused_weighted_producer(graph: _Graph, name: str, int8_nodes: set[int]) -> bool:
-    """Whether `name` is the output of an INT8 weighted op, looking through foldable affine ops."""
+def _fused_weighted_producer(graph: _Graph, name: str, int8_nodes: set[int]) -> int | None:
+    """The INT8 weighted op whose output `name` is, looking through foldable affine ops; None if none."""
     while name in graph.producer:
         index = graph.producer[name]
         node = graph.node(index)
         if node.op_type in WEIGHTED_OPS:
-            return index in int8_nodes
+            return index if index in int8_nodes else None
         if node.op_type not in FOLDABLE_AFFINE_OPS:
-            return False
+            return None
         variable = [i for i in node.input if i and i not in graph.constants]
         if len(variable) != 1:
-            return False
+            return None
         name = variable[0]
-    return False
+    return None
 
 
-def _residual_input(graph: _Graph, node: onnx.NodeProto, int8_nodes: set[int]) -> int | None:
-    """The input slot of an Add that carries the shortcut, when the other input comes from an INT8 weighted op."""
+def _residual_input(graph: _Graph, node: onnx.NodeProto, int8_nodes: set[int]) -> tuple[int, int] | None:
+    """(the input slot of an Add that carries the shortcut, the INT8 weighted op the Add fuses with), when the other
+    input comes from an INT8 weighted op."""
     if len(node.input) != 2 or not all(graph.is_activation(name) for name in node.input):
         return None
     fused = [_fused_weighted_producer(graph, name, int8_nodes) for name in node.input]
-    if fused == [True, False]:
-        return 1
-    if fused == [False, True]:
-        return 0
-    if fused == [True, True]:  # both branches are convolutions (projected shortcut): the shallower one
-        return 0 if graph.depth.get(node.input[0], 0) < graph.depth.get(node.input[1], 0) else 1
+    if fused[0] is not None and fused[1] is not None:  # both branches are convolutions (projected shortcut)
+        # the shallower one is the shortcut
+        shortcut = 0 if graph.depth.get(node.input[0], 0) < graph.depth.get(node.input[1], 0) else 1
+        return shortcut, fused[1 - shortcut]
+    if fused[0] is not None:
+        return 1, fused[0]
+    if fused[1] is not None:
+        return 0, fused[1]
     return None
 
 
@@ -237,13 +277,16 @@ def quantization_plan(model: onnx.ModelProto, keep_float: KeepFloat = KeepFloat(
             weight_edges[weight].append((index, weight_slot))
 
     concats = []
+    fused_adds = {}
     for index, node in enumerate(model.graph.node):
         if keep_float.matches(node):
             continue
         if node.op_type == "Add":
-            slot = _residual_input(graph, node, int8_nodes)
-            if slot is not None:
+            residual = _residual_input(graph, node, int8_nodes)
+            if residual is not None:
+                slot, fused_with = residual
                 activation_edges[node.input[slot]].append((index, slot))
+                fused_adds[index, slot] = fused_with
         elif node.op_type == "Concat" and node.output[0] not in outputs:
             inputs = [name for name in node.input if graph.is_activation(name)]
             for slot, name in enumerate(node.input):
@@ -259,7 +302,7 @@ def quantization_plan(model: onnx.ModelProto, keep_float: KeepFloat = KeepFloat(
     for members in concats:
         joins.join([name for name in members if name in activations])
     groups = tuple(tuple(group) for group in joins.groups(order) if len(group) > 1)
-    return QuantizationPlan(activations, weights, groups)
+    return QuantizationPlan(activations, weights, groups, tuple(sorted(int8_nodes)), fused_adds)
 
 
 class _UnionFind:
@@ -421,3 +464,28 @@ def insert_qdq(
 def save_onnx(model: onnx.ModelProto, path: str | Path) -> None:
     """Write an ONNX file atomically (temp file in the same folder, then rename)."""
     write_bytes(path, model.SerializeToString())
+
+
+def calibrated_amax(ranges_path: str | Path, graph_path: str | Path) -> dict[str, float]:
+    """The amax per tensor that rule calibrate measured (ranges.json), for `graph_path`, a graph of trtflow's
+    placement: refused where ModelOpt placed and calibrated instead."""
+    ranges = json.loads(Path(ranges_path).read_text())
+    if ranges["qdq_placement"] != "trtflow":
+        raise ValueError(
+            f"{ranges_path} was calibrated with calibration.qdq_placement: {ranges['qdq_placement']}; "
+            f"{graph_path} needs trtflow's placement: set calibration.qdq_placement: trtflow"
+        )
+    return {name: tensor["amax"] for name, tensor in ranges["tensors"].items()}
+
+
+def layer_indices(model: onnx.ModelProto, plan: QuantizationPlan, names: Sequence[str], source: str) -> list[int]:
+    """The node indices of the quantized layers `names` (node names, as a float-layer file lists them); a name that is
+    not a quantized layer of `model` is refused, naming `source`."""
+    index = {model.graph.node[i].name: i for i in plan.layers}
+    unknown = [name for name in names if name not in index]
+    if unknown:
+        raise ValueError(
+            f"{source} names {unknown[:3]}, not quantized layers of the features graph: it was chosen for another "
+            "graph or keep_float; rerun the stage that wrote it (snakemake --forcerun float_layers)"
+        )
+    return [index[name] for name in names]

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
@@ -250,7 +251,7 @@ def onnxruntime_providers() -> list[str]:
 
 
 def onnxruntime_static_head_executor(
-    onnx_path: str | Path,
+    onnx_path: str | Path | onnx.ModelProto,
     manifest: Mapping,
     tensors: Mapping,
     *,
@@ -259,8 +260,8 @@ def onnxruntime_static_head_executor(
     providers: list[str] | None = None,
     threads: int | None = None,
 ) -> Executor:
-    """ONNX Runtime runs the features graph; the StaticHead (on `device`, default the GPU where there is one)
-    finishes detection from its outputs by name."""
+    """ONNX Runtime runs the features graph (a file, or a graph in memory: the sensitivity stage's variants); the
+    StaticHead (on `device`, default the GPU where there is one) finishes detection from its outputs by name."""
     session = OnnxSession(onnx_path, providers=providers or onnxruntime_providers(), threads=threads)
     device = torch.device(device) if device is not None else default_device()
     head = StaticHead(manifest, tensors, TORCH_DTYPES[HEAD_DTYPES[head_dtype]]).to(device).eval()
@@ -274,7 +275,7 @@ def onnxruntime_static_head_executor(
         "onnxruntime+static-head",
         detect,
         {
-            "onnx": str(onnx_path),
+            "onnx": str(onnx_path) if not isinstance(onnx_path, onnx.ModelProto) else "in memory",
             "providers": session.providers,
             "head_device": str(device),
             "head_dtype": head_dtype,

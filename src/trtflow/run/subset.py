@@ -97,15 +97,16 @@ def check_shards(shard_images: list[list[int]], subset: ValSubset, sources: list
         )
 
 
-def val_subset(coco: Mapping, settings: Mapping) -> ValSubset:
+def val_subset(coco: Mapping, settings: Mapping, key: str = "verify.num_images") -> ValSubset:
     """The images of `coco` (the val split) that verification runs on: `settings["num_images"]` of them chosen
-    with `settings["seed"]` (config `verify:`), all where it is None. More than the split holds: all, and one
-    warning line."""
+    with `settings["seed"]` (config `verify:`, or another stage's, whose num_images is `key`), all where it is None.
+    More than the split holds: all, and one warning line."""
     images, wanted, seed = coco["images"], settings.get("num_images"), settings.get("seed", 0)
     if wanted is None or wanted >= len(images):
         if wanted is not None and wanted > len(images):
             log.warning(
-                "verify.num_images: %d but the val split has %d images: all %d are used",
+                "%s: %d but the val split has %d images: all %d are used",
+                key,
                 wanted,
                 len(images),
                 len(images),
