@@ -163,8 +163,8 @@ def float_layers_file(model, precision):
 
 
 def float_layer_budget(precision):
-    """(budget in mAP points, its config key) of rule float_layers: calibration.keep_float.max_map_drop_points, else
-    verify's threshold for the precision."""
+    """The budget (mAP points, and its config key) that float_layers meets: calibration.keep_float.max_map_drop_points,
+    else verify's threshold for the precision."""
     own = config["calibration"]["keep_float"]["max_map_drop_points"]
     if own is not None:
         return {"points": own, "key": "calibration.keep_float.max_map_drop_points"}

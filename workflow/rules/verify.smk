@@ -116,6 +116,13 @@ rule report:
             if calibrated(PRECISIONS)
             else {}
         ),
+        # calibration.keep_float.auto: each quantized precision's layer sensitivity and float-layer choice
+        **(
+            {"sensitivity": expand(RESULTS / "{model}calib/sensitivity_{quantized}.json", quantized=QUANTIZED, allow_missing=True),
+             "float_layers": expand(float_layers_file("{model}", "{quantized}"), quantized=QUANTIZED, allow_missing=True)}
+            if AUTO_FLOAT and QUANTIZED
+            else {}
+        ),
         val=RESULTS / "data/val.json",
         reference=RESULTS / "{model}reference/detections.json",
         reference_metrics=RESULTS / "{model}reference/metrics.json",
@@ -135,8 +142,10 @@ rule report:
         examples=report_figure("examples", "verify"),
         # calibration checks, shown where a calibrated (int8) engine is built
         **({"calibration": report_figure("calibration", "calibrate")} if calibrated(PRECISIONS) else {}),
+        **({"sensitivity": report_figure("sensitivity", "calibrate")} if AUTO_FLOAT and QUANTIZED else {}),
     params:
         precisions=PRECISIONS,
+        quantized=QUANTIZED,
         report=config_section("report"),
     conda:
         ENV

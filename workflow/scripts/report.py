@@ -15,6 +15,8 @@ with script_logging(snakemake):
         engines=by_precision(snakemake.input.engines),
         calibration_ranges=snakemake.input.get("calibration_ranges"),
         calibration_accuracy=snakemake.input.get("calibration_accuracy"),
+        sensitivity=dict(zip(snakemake.params.quantized, snakemake.input.get("sensitivity", []))),
+        float_layers=dict(zip(snakemake.params.quantized, snakemake.input.get("float_layers", []))),
         settings=snakemake.params.report,
         figures={name: path for name, path in snakemake.output.items() if name not in ("html", "summary")},
         summary_tsv=snakemake.output.summary,

@@ -32,6 +32,11 @@ class ImpossibleOutput(ValueError):
         return f"{where}: {self.output} is {self.value}, should be {self.expected}"
 
 
+def rows(values: np.ndarray) -> np.ndarray:
+    """`values` as one row per detection, also where there is none (a (0, 4) array has no -1 to reshape to)."""
+    return values.reshape(len(values), -1) if len(values) else values.reshape(0, 0)
+
+
 def check_detections(
     image: str, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, labels: Collection[int]
 ) -> None:
@@ -39,7 +44,7 @@ def check_detections(
     scores, labels among `labels` (the model's, 1..num_classes-1; empty: any label >= 1, where a data set names
     no categories). Raises ImpossibleOutput naming `image`, the output and row, the value and what it should be."""
     boxes, scores, classes = np.asarray(boxes), np.asarray(scores), np.asarray(classes)
-    for name, values in (("boxes", boxes.reshape(len(boxes), -1)), ("scores", scores.reshape(len(scores), -1))):
+    for name, values in (("boxes", rows(boxes)), ("scores", rows(scores))):
         bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
         if bad.size:
             value = values[bad[0]].tolist()

@@ -5,7 +5,8 @@
 The pipeline's stages with their checks (ONNX parity, calibration ranges and simulated INT8
 accuracy where present, engines, verify, bench), a table per precision headed by what its verification
 actually ran (`verified_level`), and matplotlib plots: latency bars, the Δscore histogram of matched
-detections, calibration ranges per tensor, and example val images with reference vs deployed boxes.
+detections, calibration ranges per tensor, per-layer sensitivity and the float-layer curve
+(calibration.keep_float.auto), and example val images with reference vs deployed boxes.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from trtflow.run.summary import level_words, verdict_words, verified_level
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 REFERENCE_STYLE = {"edgecolor": REFERENCE_COLOR, "linewidth": 5, "alpha": 0.6, "zorder": 2}
 DEPLOYED_STYLE = {"edgecolor": DEPLOYED_COLOR, "linewidth": 1.4, "linestyle": (0, (4, 2)), "zorder": 3}
-FIGURES = ("latency", "dscore", "calibration", "examples")  # the PNG files of `snakemake --report`
+FIGURES = ("latency", "dscore", "calibration", "sensitivity", "examples")  # the PNG files of `snakemake --report`
 
 
 def read_json(path: str | Path | None):
@@ -186,6 +187,77 @@ def calibration_plot(ranges: Mapping) -> bytes | None:
     axes.set_title(
         f"Calibration ranges: {len(names)} tensors, {ranges.get('algorithm')}, {ranges.get('num_images')} images"
     )
+    return png(figure)
+
+
+def sensitivity_plot(sensitivity: Mapping[str, Mapping], choices: Mapping[str, Mapping]) -> bytes | None:
+    """Per quantized precision: each layer's cost (the mAP it gives back alone in float, bars; its SQNR alone
+    quantized, dots) in graph order, and the simulated mAP against the number of layers left in float (rule
+    float_layers' steps) with the budget."""
+    precisions = [p for p in sensitivity if p in choices]
+    if not precisions:
+        return None
+    import matplotlib.pyplot as plt
+
+    rows = max(len(sensitivity[p]["layers"]) for p in precisions)
+    figure, grid = plt.subplots(
+        len(precisions),
+        2,
+        figsize=(13, (0.2 * rows + 1.6) * len(precisions)),
+        dpi=100,
+        squeeze=False,
+        gridspec_kw={"width_ratios": [3, 2]},
+    )
+    for (cost, curve), precision in zip(grid, precisions):
+        document, choice = sensitivity[precision], choices[precision]
+        layers = document["layers"]
+        chosen = set(choice["float_layers"])
+        labels = [f"{short_name(layer['weight'] or layer['name'], 40)}" for layer in layers]
+        positions = np.arange(len(layers))
+        if "fp32_mAP" in document:
+            colors = ["C3" if layer["name"] in chosen else "C0" for layer in layers]
+            cost.barh(positions, [layer["gain_points"] for layer in layers], color=colors)
+            cost.set_xlabel("mAP points given back with the layer alone in float (red: left in float)")
+        cost.set_yticks(positions, labels, fontsize=7)
+        cost.set_ylim(len(layers) - 0.5, -0.5)
+        signal = cost.twiny()
+        signal.plot(
+            [layer["sqnr_db"] if layer["sqnr_db"] is not None else np.nan for layer in layers],
+            positions,
+            "o",
+            color="C1",
+            markersize=3,
+        )
+        signal.set_xlabel("SQNR of the outputs with the layer alone quantized (dB, dots)", color="C1")
+        correlation = document.get("rank_correlation")
+        cost.set_title(
+            f"{precision}: {len(layers)} layers, {document['images']['images']} of {document['images']['of']} val "
+            "images" + (f", rank correlation {correlation:.2f}" if correlation is not None else "")
+        )
+        path = [step for step in choice["steps"] if step["change"] in ("none", "add")]
+        curve.plot(
+            [s["float_layers"] for s in path], [s["mAP"] for s in path], "o-", label="left in float, costliest first"
+        )
+        removed = [step for step in choice["steps"] if step["change"] == "remove"]
+        if removed:
+            curve.plot(
+                [s["float_layers"] for s in removed],
+                [s["mAP"] for s in removed],
+                "x",
+                color="C2",
+                label="one taken back",
+            )
+        curve.axhline(choice["fp32_mAP"], color="grey", linewidth=1, label="float")
+        curve.axhline(
+            choice["fp32_mAP"] - choice["budget_points"] / 100,
+            color="C3",
+            linestyle="--",
+            label=f"budget ({choice['budget_points']:g} points)",
+        )
+        curve.set_xlabel("layers in float")
+        curve.set_ylabel(f"simulated mAP ({choice['images']['images']} images)")
+        curve.set_title(f"chosen: {len(chosen)} of {choice['of_layers']} layers in float")
+        curve.legend(fontsize=7)
     return png(figure)
 
 
@@ -346,6 +418,7 @@ def stage_rows(
     engines: Mapping[str, Artifact],
     verify: Mapping[str, Artifact],
     bench: Mapping[str, Artifact],
+    float_layers: Mapping[str, Artifact] | None = None,
 ) -> list[list]:
     """One row per stage artifact, named by the path the report read it from (results/<model>/... under `models:`)."""
     rows = []
@@ -384,6 +457,20 @@ def stage_rows(
                 )
                 + f" ({document.get('executor', '?')})",
                 badge(None, "measured"),
+            ]
+        )
+    for precision, choice in (float_layers or {}).items():
+        document = choice.document
+        rows.append(
+            [
+                "calibrate",
+                choice.path,
+                f"{precision}: {len(document['float_layers'])} of {document['of_layers']} layers left in float"
+                + (f" ({', '.join(document['float_layers'])})" if document["float_layers"] else "")
+                + f"; simulated mAP {document['mAP']:.4f} vs float {document['fp32_mAP']:.4f} (drop "
+                f"{document['drop_points']:.2f} points, budget {document['budget_points']:g}: {document['budget_key']}; "
+                f"{document['images']['images']} of {document['images']['of']} val images)",
+                badge(None, "chosen"),
             ]
         )
     for engine in engines.values():
@@ -583,6 +670,8 @@ def build_report(
     engines: Mapping[str, str | Path] | None = None,
     calibration_ranges=None,
     calibration_accuracy=None,
+    sensitivity: Mapping[str, str | Path] | None = None,
+    float_layers: Mapping[str, str | Path] | None = None,
     settings: Mapping | None = None,
     figures: Mapping[str, str | Path] | None = None,
     summary_tsv: str | Path | None = None,
@@ -603,6 +692,9 @@ def build_report(
     parity_artifact, ranges_artifact, accuracy_artifact = (
         read_artifact(path) for path in (parity, calibration_ranges, calibration_accuracy)
     )
+    sensitivity_artifacts, float_layer_artifacts = (
+        read_artifacts(paths or {}) for paths in (sensitivity, float_layers)
+    )
     reference_doc = read_json(reference_metrics)
     subset = (reference_doc or {}).get("subset")
     if subset:  # the images the reference and verify ran on: the examples are drawn from them
@@ -619,6 +711,10 @@ def build_report(
         "latency": latency_plot(bench_docs),
         "dscore": dscore_histogram(dscores),
         "calibration": calibration_plot(ranges_artifact.document) if ranges_artifact is not None else None,
+        "sensitivity": sensitivity_plot(
+            {p: a.document for p, a in sensitivity_artifacts.items()},
+            {p: a.document for p, a in float_layer_artifacts.items()},
+        ),
         "examples": example_images(
             val, reference, deployed_docs, settings.get("example_images", 3), settings.get("min_score", 0.5)
         ),
@@ -638,7 +734,13 @@ def build_report(
         table(
             ["stage", "artifact", "check", "result"],
             stage_rows(
-                parity_artifact, accuracy_artifact, ranges_artifact, engine_artifacts, verify_artifacts, bench_artifacts
+                parity_artifact,
+                accuracy_artifact,
+                ranges_artifact,
+                engine_artifacts,
+                verify_artifacts,
+                bench_artifacts,
+                float_layer_artifacts,
             ),
         ),
         "<h2>Per precision</h2>",
@@ -651,6 +753,8 @@ def build_report(
     ]
     if ranges_artifact is not None:
         parts += ["<h2>Calibration ranges</h2>", image(plots["calibration"], "calibration ranges")]
+    if plots["sensitivity"] is not None:
+        parts += ["<h2>Layer sensitivity and float layers</h2>", image(plots["sensitivity"], "layer sensitivity")]
     parts += ["<h2>Examples</h2>", image(plots["examples"], "example images"), "</body></html>"]
     text = "\n".join(parts)
     write_text(out_html, text)
