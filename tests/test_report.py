@@ -66,6 +66,43 @@ def stage_layout(tmp_path_factory):
             "calib/accuracy.json",
             {"fp32_mAP": 0.849, "int8_sim_mAP": 0.846, "int8_delta": 0.003, "executor": "onnxruntime"},
         ),
+        # calibration.keep_float.auto: three layers measured, the costliest left in float
+        "sensitivity": {
+            "int8": model_file(
+                "calib/sensitivity_int8.json",
+                {
+                    "precision": "int8",
+                    "images": {"images": 32, "of": 100, "seed": 0},
+                    "layers": [
+                        {"name": f"conv_{k}", "weight": f"w{k}", "sqnr_db": 10.0 * (k + 1), "gain_points": 3.0 - k}
+                        for k in range(3)
+                    ],
+                    "fp32_mAP": 0.849,
+                    "quantized_mAP": 0.8,
+                    "rank_correlation": 1.0,
+                },
+            )
+        },
+        "float_layers": {
+            "int8": model_file(
+                "calib/float_layers_int8.json",
+                {
+                    "float_layers": ["conv_0"],
+                    "of_layers": 3,
+                    "fp32_mAP": 0.849,
+                    "mAP": 0.846,
+                    "drop_points": 0.3,
+                    "budget_points": 0.5,
+                    "budget_key": "verify.thresholds.int8.max_map_drop_points",
+                    "images": {"images": 100, "of": 100, "seed": 0},
+                    "steps": [
+                        {"change": "none", "float_layers": 0, "mAP": 0.8, "drop_points": 4.9},
+                        {"change": "all", "float_layers": 3, "mAP": 0.849, "drop_points": 0.0},
+                        {"change": "add", "float_layers": 1, "mAP": 0.846, "drop_points": 0.3},
+                    ],
+                },
+            )
+        },
         "verify": {},
         "deployed": {},
         "bench": {},
@@ -160,6 +197,7 @@ def test_report_holds_every_stage_and_precision(report):
         ["onnx", f"results/{MODEL}/onnx/parity.json"],
         ["calibrate", f"results/{MODEL}/calib/ranges.json"],
         ["calibrate", f"results/{MODEL}/calib/accuracy.json"],
+        ["calibrate", f"results/{MODEL}/calib/float_layers_int8.json"],
         ["engine", f"results/{MODEL}/engine_fp32.plan"],
         ["engine", f"results/{MODEL}/engine_int8.plan"],
         ["verify", f"results/{MODEL}/verify/fp32.json"],
@@ -178,7 +216,11 @@ def test_report_holds_every_stage_and_precision(report):
     assert "match_recall 0.8889 &lt; 0.99" in text  # int8 lost one detection in nine, named and HTML-escaped
     assert "no CUDA GPU is visible &lt;here&gt;" in text
     assert "simulated int8 mAP 0.8460 vs fp32 0.8490 (drop 0.30 points) (onnxruntime)" in text
-    assert stage_table(text)[3][2] == "tensorrt_rtx 1.7.1.116, built cpu-aot, 19.0 MB in 2.7 s, RoIAlign builtin"
+    assert stage_table(text)[3][2] == (
+        "int8: 1 of 3 layers left in float (conv_0); simulated mAP 0.8460 vs float 0.8490 (drop 0.30 points, budget "
+        "0.5: verify.thresholds.int8.max_map_drop_points; 100 of 100 val images)"
+    )
+    assert stage_table(text)[4][2] == "tensorrt_rtx 1.7.1.116, built cpu-aot, 19.0 MB in 2.7 s, RoIAlign builtin"
 
 
 def test_the_levels_read_as_words_of_the_one_ladder():
@@ -190,10 +232,16 @@ def test_the_levels_read_as_words_of_the_one_ladder():
     }
 
 
-def test_report_embeds_four_decodable_plots(report):
+def test_report_embeds_five_decodable_plots(report):
     _, text = report
     images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([^"]+)">', text)
-    assert [alt for alt, _ in images] == ["latency bars", "Δscore histogram", "calibration ranges", "example images"]
+    assert [alt for alt, _ in images] == [
+        "latency bars",
+        "Δscore histogram",
+        "calibration ranges",
+        "layer sensitivity",
+        "example images",
+    ]
     for alt, data in images:
         picture = cv2.imdecode(np.frombuffer(base64.b64decode(data), np.uint8), cv2.IMREAD_COLOR)
         assert picture is not None and min(picture.shape[:2]) >= 200 and picture.std() > 10, alt
@@ -327,11 +375,13 @@ def test_report_without_optional_inputs(stage_files, tmp_path):
         "parity": None,
         "calibration_ranges": None,
         "calibration_accuracy": None,
+        "sensitivity": None,
+        "float_layers": None,
         "engines": None,
         "reference_metrics": tmp_path / "absent.json",
     }
     text = build_report(tmp_path / "report.html", **minimal, settings={"example_images": 0})
-    assert "Calibration ranges" not in text
+    assert "Calibration ranges" not in text and "Layer sensitivity" not in text
     assert [row[0] for row in stage_table(text)] == ["verify", "verify", "bench", "bench"]
     assert "example images: nothing to plot." in text
 

@@ -111,9 +111,13 @@ def test_the_float_set_for_a_budget_is_the_fragile_layer_alone(fragile_layer):
 
 
 def auto(keep_float: str = "{auto: true}", more: str = "") -> str:
-    """A config overlay with keep_float: auto and the SQNR alone (the measurements of rule sensitivity that take
-    seconds: the mAP per layer is tested on the fragile layer above)."""
-    return f"calibration:\n  keep_float: {keep_float}\n  sensitivity: {{measure_map: false}}\n{more}"
+    """A config overlay with keep_float: auto, the SQNR alone (the measurements of rule sensitivity that take
+    seconds: the mAP per layer is tested on the fragile layer above) and rule float_layers' mAP on 16 of verify's
+    images (no verify runs here)."""
+    return (
+        f"verify:\n  num_images: 16\n"
+        f"calibration:\n  keep_float: {keep_float}\n  sensitivity: {{measure_map: false}}\n{more}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +137,7 @@ def test_auto_on_the_default_calibration_leaves_nothing_in_float_and_changes_no_
         assert (auto_run / "results" / artifact).read_bytes() == (completed_run / "results" / artifact).read_bytes()
     recorded = json.loads((auto_run / "results/engine_int8.json").read_text())["sources"]["float_layers"]
     assert recorded["layers"] == [] and recorded["of_layers"] == 36
+    assert recorded["simulated_drop_points"] == choice["drop_points"]
 
 
 def test_a_budget_reruns_the_choice_and_a_calibration_both(auto_run):

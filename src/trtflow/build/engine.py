@@ -618,7 +618,7 @@ def float_layers_record(path: Path | None) -> dict | None:
         "layers": choice["float_layers"],
         "of_layers": choice["of_layers"],
         "budget_points": choice["budget_points"],
-        "simulated_drop_points": choice["steps"][-1]["drop_points"],
+        "simulated_drop_points": choice["drop_points"],
     }
 
 

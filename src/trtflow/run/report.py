@@ -212,7 +212,8 @@ def sensitivity_plot(sensitivity: Mapping[str, Mapping], choices: Mapping[str, M
         document, choice = sensitivity[precision], choices[precision]
         layers = document["layers"]
         chosen = set(choice["float_layers"])
-        labels = [f"{short_name(layer['weight'] or layer['name'], 40)}" for layer in layers]
+        # the node name too: a weight shared by several layers (an RPN head's, per FPN level) names none alone
+        labels = [f"{layer['name']}  {short_name(layer['weight'] or '', 40)}" for layer in layers]
         positions = np.arange(len(layers))
         if "fp32_mAP" in document:
             colors = ["C3" if layer["name"] in chosen else "C0" for layer in layers]
@@ -247,6 +248,7 @@ def sensitivity_plot(sensitivity: Mapping[str, Mapping], choices: Mapping[str, M
                 color="C2",
                 label="one taken back",
             )
+        curve.plot([len(chosen)], [choice["mAP"]], "*", color="C3", markersize=12, label="chosen")
         curve.axhline(choice["fp32_mAP"], color="grey", linewidth=1, label="float")
         curve.axhline(
             choice["fp32_mAP"] - choice["budget_points"] / 100,
