@@ -83,11 +83,20 @@ def fragile_layer(completed_run, tmp_path_factory, default_config):
         verify_subset={"num_images": 8, "seed": 0},
         **common,
     )
-    return conv.name, sensitivity, choice
+    fp8 = measure_sensitivity(
+        results / "onnx/features.onnx",
+        folder / "ranges.json",
+        results / "weights",
+        results / "data/val.json",
+        folder / "sensitivity_fp8.json",
+        settings={"num_images": 8, "seed": 0, "measure_map": False, "rank_by": "sqnr"},
+        **{**common, "precision": "fp8"},
+    )
+    return conv.name, sensitivity, choice, fp8
 
 
 def test_a_fragile_layer_is_the_most_costly_by_map_and_by_sqnr(fragile_layer):
-    fragile, sensitivity, _ = fragile_layer
+    fragile, sensitivity, _, _ = fragile_layer
     layers = {layer["name"]: layer for layer in sensitivity["layers"]}
     assert sorted(layers) == ["node_Conv_210", "node_Conv_212", "node_Conv_214", "node_Conv_216", "node_Conv_218"]
     assert fragile == "node_Conv_214" and sensitivity["ranking"][0] == fragile
@@ -102,12 +111,32 @@ def test_a_fragile_layer_is_the_most_costly_by_map_and_by_sqnr(fragile_layer):
 
 
 def test_the_float_set_for_a_budget_is_the_fragile_layer_alone(fragile_layer):
-    fragile, _, choice = fragile_layer
+    fragile, _, choice, _ = fragile_layer
     assert choice["float_layers"] == [fragile] and choice["of_layers"] == 5
     steps = [(step["change"], step["float_layers"]) for step in choice["steps"]]
     assert steps == [("none", 0), ("all", 5), ("add", 1)]
     assert choice["steps"][1]["drop_points"] == pytest.approx(0.0)  # every layer in float is the float graph
     assert choice["drop_points"] <= 0.5 < choice["steps"][0]["drop_points"]
+
+
+def test_the_stage_is_precision_generic_fp8_ranks_the_fragile_layer_first_too(fragile_layer):
+    """FP8 (E4M3, scale amax/448) has a float's exponent: the same inflated range costs it less than int8, but that
+    layer is still the most costly alone quantized."""
+    fragile, int8, _, fp8 = fragile_layer
+    assert fp8["precision"] == "fp8" and fp8["ranking"][0] == fragile and "fp32_mAP" not in fp8
+    by_name = {layer["name"]: layer["sqnr_db"] for layer in fp8["layers"]}
+    assert by_name[fragile] < min(value for name, value in by_name.items() if name != fragile)
+    assert by_name[fragile] > next(layer["sqnr_db"] for layer in int8["layers"] if layer["name"] == fragile)
+
+
+def test_fp8_gets_its_own_choice_and_graph(auto_run):
+    overlay = config_overlay(
+        auto_run,
+        "fp8.yaml",
+        auto() + "engine:\n  precisions: [int8, fp8]\n  rtx: {compute_capabilities: ['8.9']}\n",
+    )
+    jobs = planned(auto_run, *overlay, "results/onnx/features.fp8.qdq.onnx")
+    assert jobs == ["float_layers[fp8]", "quantized_graph[features.fp8.qdq.onnx]", "sensitivity[fp8]"]
 
 
 def auto(keep_float: str = "{auto: true}", more: str = "") -> str:
