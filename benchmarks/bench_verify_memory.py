@@ -2,14 +2,19 @@
 `fasterrcnn_resnet50_fpn` (random weights, 5 classes) at 800x1344, the pipeline's defaults otherwise (static ONNX
 batch 1, the head of config.yaml), over seeded noise images through verify's own detection loop.
 
-    PYTHONPATH=src python benchmarks/bench_verify_memory.py prepare --folder /tmp/r50 --images 16
-    PYTHONPATH=src python benchmarks/bench_verify_memory.py run --folder /tmp/r50 --executor tensorrt-network \\
-        --batch-size 1 --images 4
+    PYTHONPATH=src:benchmarks python benchmarks/bench_verify_memory.py prepare --folder /tmp/r50 --images 16
+    PYTHONPATH=src:benchmarks python benchmarks/bench_verify_memory.py run --folder /tmp/r50 \\
+        --executor tensorrt-network --batch-size 1 --images 4 [--device cuda]
 
 `prepare` writes the features ONNX, the head weights, the fp32 network record the engine stage would hand to the
-builder (no plan is built) and a COCO JSON of noise images. `run` is one executor in one fresh process over the
-first `--images` of them: it prints a JSON line with seconds per image and the process's peak resident memory
-(VmHWM, benchmarks/peak_memory.py). Run each measurement as its own process: peak memory is the process's.
+builder (no plan is built), a COCO JSON of noise images and the config it used (config.json). `run` is one
+executor in one fresh process over the first `--images` of them, on `--device` (default the CPU; ONNX Runtime
+takes its CUDA provider where it has one): it prints a JSON line with seconds per image, the process's peak
+resident memory (VmHWM, benchmarks/peak_memory.py) and on a GPU torch's peak of allocated GPU memory. `run` reads
+only the folder, so it runs where neither TensorRT nor Snakemake is installed (a GPU machine): for `--executor
+tensorrt-network` the record, config.json, val.json and the images suffice; a relative `--folder` to `prepare`
+keeps val.json's image paths valid from the same directory there. Run each measurement as its own process: peak
+memory is the process's.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ def r50(config: dict):
 def prepare(folder: Path, images: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     config = pipeline_config()
+    (folder / "config.json").write_text(json.dumps(config))
     model = r50(config)
     export_features(model, INPUT_HW, folder / "features.onnx")
     export_head(model, INPUT_HW, folder / "weights", checkpoint_sha256="0" * 64)
@@ -90,15 +96,15 @@ def prepare(folder: Path, images: int) -> None:
     print(f"prepared {folder}: {images} images, peak {peak_rss_mb():.0f} MiB")
 
 
-def run(folder: Path, executor_name: str, batch_size: int, images: int) -> None:
-    config = pipeline_config()
+def run(folder: Path, executor_name: str, batch_size: int, images: int, device: str) -> None:
+    config = json.loads((folder / "config.json").read_text())
     if executor_name == "tensorrt-network":
-        executor = network_definition_executor(folder / "engine_fp32.network.safetensors", device="cpu")
+        executor = network_definition_executor(folder / "engine_fp32.network.safetensors", device=device)
     elif executor_name == "pytorch":  # rule reference's detector
-        executor = torch_detector(r50(config))
+        executor = torch_detector(r50(config).to(device))
         executor.name = "pytorch"
     else:
-        executor = deployment_executor("fp32", folder / "features.onnx", folder / "weights", device="cpu")
+        executor = deployment_executor("fp32", folder / "features.onnx", folder / "weights", device=device)
     val = json.loads((folder / "val.json").read_text())["images"][:images]
     started = time.perf_counter()
     detect_images(
@@ -111,14 +117,22 @@ def run(folder: Path, executor_name: str, batch_size: int, images: int) -> None:
         desc=executor.name,
     )
     seconds = time.perf_counter() - started
+    gpu = {}
+    if torch.device(device).type == "cuda":
+        gpu = {
+            "gpu": torch.cuda.get_device_name(),
+            "peak_gpu_allocated_mib": round(torch.cuda.max_memory_allocated() / 2**20),
+        }
     print(
         json.dumps(
             {
                 "executor": executor.name,
+                "device": device,
                 "batch_size": batch_size,
                 "images": len(val),
                 "seconds_per_image": round(seconds / len(val), 2),
                 "peak_rss_mib": round(peak_rss_mb()),
+                **gpu,
                 "threads": torch.get_num_threads(),
             }
         )
@@ -134,11 +148,12 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--device", default="cpu", help="torch device of the executor (run): cpu, cuda, cuda:1, ...")
     args = parser.parse_args()
     if args.step == "prepare":
         prepare(args.folder, args.images)
     else:
-        run(args.folder, args.executor, args.batch_size, args.images)
+        run(args.folder, args.executor, args.batch_size, args.images, args.device)
 
 
 if __name__ == "__main__":
