@@ -59,10 +59,9 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.pipeline)
         for marker in MISSING.keys() & {mark.name for mark in item.iter_markers()}:
             item.add_marker(pytest.mark.skip(reason=MISSING[marker]))
-    # the modules whose tests take completed_run last, each whole and in its place otherwise: the others run while
-    # the completed run builds (pytest_collection_finish starts it)
-    waits = {getattr(item, "module", None) for item in items if "completed_run" in item.fixturenames}
-    items.sort(key=lambda item: getattr(item, "module", None) in waits)
+    # the tests that take completed_run last, in their order otherwise: the others (those of the same modules too: no
+    # module-scoped fixture serves both kinds) run while the completed run builds (pytest_collection_finish starts it)
+    items.sort(key=lambda item: "completed_run" in item.fixturenames)
 
 
 # the completed run, building since the session's tests were known; completed_run waits for it
@@ -78,7 +77,8 @@ def pytest_collection_finish(session):
     """Starts the completed run (the default target: 1.5 to 3 minutes on 2 cores) where a selected test takes
     it: on 2 cores its jobs and the tests that run meanwhile leave each other idle time to use."""
     needed = any("completed_run" in item.fixturenames for item in session.items)
-    if needed and not session.config.option.collectonly:
+    option = session.config.option
+    if needed and not (option.collectonly or option.setupplan):
         BACKGROUND["completed_run"] = start_completed_run(session.config._tmp_path_factory)
 
 
