@@ -17,7 +17,7 @@ import yaml
 
 pytest.register_assert_rewrite("snakemake_runs")
 import snakemake_runs  # noqa: E402  (after the assert-rewrite hook)
-from snakemake_runs import ROOT, scratch_workflow, snakemake  # noqa: E402
+from snakemake_runs import ROOT, scratch_workflow  # noqa: E402
 
 MARKERS = {
     "pipeline": "runs Snakemake or nvcc: takes completed_run, scratch_run or nvcc (conftest sets it)",
@@ -59,6 +59,32 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.pipeline)
         for marker in MISSING.keys() & {mark.name for mark in item.iter_markers()}:
             item.add_marker(pytest.mark.skip(reason=MISSING[marker]))
+    # the tests that take completed_run last, in their order otherwise: the others (those of the same modules too: no
+    # module-scoped fixture serves both kinds) run while the completed run builds (pytest_collection_finish starts it)
+    items.sort(key=lambda item: "completed_run" in item.fixturenames)
+
+
+# the completed run, building since the session's tests were known; completed_run waits for it
+BACKGROUND: dict[str, snakemake_runs.BackgroundSnakemake] = {}
+
+
+def start_completed_run(tmp_path_factory) -> snakemake_runs.BackgroundSnakemake:
+    workdir = scratch_workflow(tmp_path_factory.mktemp("completed_run") / "run")
+    return snakemake_runs.BackgroundSnakemake(workdir, timeout=1200)
+
+
+def pytest_collection_finish(session):
+    """Starts the completed run (the default target: 1.5 to 3 minutes on 2 cores) where a selected test takes
+    it: on 2 cores its jobs and the tests that run meanwhile leave each other idle time to use."""
+    needed = any("completed_run" in item.fixturenames for item in session.items)
+    option = session.config.option
+    if needed and not (option.collectonly or option.setupplan):
+        BACKGROUND["completed_run"] = start_completed_run(session.config._tmp_path_factory)
+
+
+def pytest_sessionfinish(session):
+    for run in BACKGROUND.values():
+        run.stop()
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -69,10 +95,13 @@ def pytest_runtest_setup(item):
 
 @pytest.fixture(scope="session")
 def completed_run(tmp_path_factory):
-    """The default target (reference, parity, plugins, calibration, three engines, verify, report), built once."""
-    workdir = scratch_workflow(tmp_path_factory.mktemp("completed_run"))
-    snakemake(workdir, timeout=1200)
-    return workdir
+    """The default target (reference, parity, plugins, calibration, three engines, verify, report), built once
+    (started when the session started, by pytest_collection_finish)."""
+    if "completed_run" not in BACKGROUND:  # not started with the session (a test that asks for it by name)
+        BACKGROUND["completed_run"] = start_completed_run(tmp_path_factory)
+    run = BACKGROUND["completed_run"]
+    run.result()
+    return run.workdir
 
 
 @pytest.fixture(scope="session")

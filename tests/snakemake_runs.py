@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,19 +68,62 @@ def snakemake(
             "in, `completed_run` or `scratch_run` (conftest marks every test that uses one)"
         )
     result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--cores", str(cores), *args],
+        snakemake_command(cores, *args),
         cwd=workdir,
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},
         timeout=timeout,
     )
+    return checked(SnakemakeRun(result.args, result.returncode, result.stdout, result.stderr), check)
+
+
+def snakemake_command(cores: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "snakemake", "--cores", str(cores), *args]
+
+
+def checked(result: SnakemakeRun, check: bool) -> SnakemakeRun:
     if check and result.returncode:
         raise AssertionError(
-            f"snakemake {' '.join(args)} failed ({result.returncode}):\n"
+            f"snakemake {' '.join(result.args[5:])} failed ({result.returncode}):\n"
             f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
         )
-    return SnakemakeRun(result.args, result.returncode, result.stdout, result.stderr)
+    return result
+
+
+class BackgroundSnakemake:
+    """`snakemake --cores N ARGS` in `workdir`, started now and waited for later (`result()`), its output in files
+    beside `workdir`: conftest starts the shared completed run when the session starts, so that it builds while
+    the tests that do not need it run. No UNMARKED_TEST check: conftest starts it only where a selected test takes
+    `completed_run` (so is marked `pipeline`)."""
+
+    def __init__(self, workdir: Path, *args: str, cores: int = 2, timeout: float = 600):
+        self.workdir, self.deadline = workdir, time.monotonic() + timeout
+        self.outputs = [workdir.with_name(f"{workdir.name}.{stream}") for stream in ("stdout", "stderr")]
+        with self.outputs[0].open("w") as stdout, self.outputs[1].open("w") as stderr:
+            self.process = subprocess.Popen(
+                snakemake_command(cores, *args),
+                cwd=workdir,
+                stdout=stdout,
+                stderr=stderr,
+                text=True,
+                start_new_session=True,  # stop() ends its jobs too
+            )
+
+    def result(self, check: bool = True) -> SnakemakeRun:
+        try:
+            self.process.wait(timeout=max(0.0, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise
+        stdout, stderr = (path.read_text() for path in self.outputs)
+        return checked(SnakemakeRun(self.process.args, self.process.returncode, stdout, stderr), check)
+
+    def stop(self) -> None:
+        """Ends the run and its jobs where it still runs (a session that ends before a test waited for it)."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
 
 
 @dataclass

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
 
@@ -50,21 +51,38 @@ def val_images(completed_run) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def detected(completed_run, val_images, tmp_path_factory) -> tuple[dict, subprocess.CompletedProcess, Path]:
-    out = tmp_path_factory.mktemp("detect")
+def both_detects(completed_run, val_images, tmp_path_factory) -> tuple[Path, Path, Future, Future]:
+    """`detect --fallback` on the val images twice, side by side (one CPU thread each, as verify): in the completed
+    run (`detected`), and in a folder holding only the plan, its JSON and its network record (`plan_only`)."""
+    out, plan_only = tmp_path_factory.mktemp("detect"), tmp_path_factory.mktemp("plan_only")
+    for name in ("engine_fp32.plan", "engine_fp32.json", "engine_fp32.network.safetensors"):
+        shutil.copy2(completed_run / "results" / name, plan_only / name)
     files = [image["file_name"] for image in val_images]
-    result = trtflow(
-        completed_run,
-        "detect",
-        "--engine",
-        "results/engine_fp32.plan",
-        *files,
-        "--fallback",
-        "--out",
-        str(out / "dets.json"),
-        "--draw",
-        str(out / "drawn"),
-    )
+    with ThreadPoolExecutor(2) as pool:  # the threads only wait
+        in_run = pool.submit(
+            trtflow,
+            completed_run,
+            "detect",
+            "--engine",
+            "results/engine_fp32.plan",
+            *files,
+            "--fallback",
+            "--out",
+            str(out / "dets.json"),
+            "--draw",
+            str(out / "drawn"),
+        )
+        paths = [str(completed_run / name) for name in files]
+        alone = pool.submit(
+            trtflow, plan_only, "detect", "--engine", "engine_fp32.plan", *paths, "--fallback", "--out", "dets.json"
+        )
+    return out, plan_only, in_run, alone
+
+
+@pytest.fixture(scope="module")
+def detected(both_detects) -> tuple[dict, subprocess.CompletedProcess, Path]:
+    out, _, result, _ = both_detects
+    result = result.result()
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((out / "dets.json").read_text()), result, out
 
@@ -86,16 +104,14 @@ def test_detect_with_fallback_gives_verifys_detections(completed_run, detected, 
     assert len(expected) > 100
 
 
-def test_a_plan_with_only_its_json_and_network_record_suffices_for_fallback(completed_run, val_images, tmp_path):
+def test_a_plan_with_only_its_json_and_network_record_suffices_for_fallback(completed_run, val_images, both_detects):
     """A folder holding only the plan, its JSON and its network record: the ONNX and head weights are needed only for
     the deployment-form rung, which is left out with its reason; the detections are still verify's."""
-    for name in ("engine_fp32.plan", "engine_fp32.json", "engine_fp32.network.safetensors"):
-        shutil.copy2(completed_run / "results" / name, tmp_path / name)
-    files = [str(completed_run / image["file_name"]) for image in val_images]
-    result = trtflow(tmp_path, "detect", "--engine", "engine_fp32.plan", *files, "--fallback", "--out", "dets.json")
+    _, plan_only, _, result = both_detects
+    result = result.result()
     assert result.returncode == 0, result.stderr[-3000:]
     assert "the deployment-form rung of --fallback is left out: the features ONNX" in result.stderr
-    output = json.loads((tmp_path / "dets.json").read_text())
+    output = json.loads((plan_only / "dets.json").read_text())
     assert output["verified_level"] == "network-definition"
     val_ids = {str(completed_run / image["file_name"]): image["id"] for image in val_images}
     ids = {image["id"]: val_ids[image["file_name"]] for image in output["images"]}

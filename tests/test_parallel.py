@@ -43,13 +43,23 @@ def overlapping(events: list[tuple[str, str]], rule: str) -> int:
     return most
 
 
-def test_three_engine_builds_run_together_and_twice_give_identical_plans(completed_run, tmp_path):
-    workdir = clone(completed_run, tmp_path / "run")
-    # room for three at once even where the builds claim a GPU each (full TensorRT)
-    first_log, first = build_engines(workdir, "--resources", "gpu=3")
+@pytest.fixture(scope="module")
+def two_builds(completed_run, tmp_path_factory) -> tuple[Path, tuple[str, dict], tuple[str, dict]]:
+    """The three engine builds forced twice in one clone of the completed run: first with room for three at once
+    (even where the builds claim a GPU each, as full TensorRT's do), then as the default profile schedules them, with
+    `gpu=1` per build (as full TensorRT declares). Two forced builds of the three for both tests, not three."""
+    workdir = clone(completed_run, tmp_path_factory.mktemp("parallel") / "run")
+    together = build_engines(workdir, "--resources", "gpu=3")
+    queued = build_engines(
+        workdir, "--workflow-profile", "workflow/profiles/default", "--set-resources", "engine:gpu=1"
+    )
+    return workdir, together, queued
+
+
+def test_three_engine_builds_run_together_and_twice_give_identical_plans(two_builds):
+    """The first build runs the three side by side; the second, one at a time, gives the same plans."""
+    workdir, (first_log, first), (_, second) = two_builds
     assert overlapping(events_of(first_log), "engine") == 3, first_log[-3000:]
-    second_log, second = build_engines(workdir, "--resources", "gpu=3")
-    assert overlapping(events_of(second_log), "engine") == 3
     backend = first["fp32"][1]["backend"]
     for precision in PRECISIONS:
         (first_sha, first_record), (second_sha, second_record) = first[precision], second[precision]
@@ -68,14 +78,11 @@ def test_three_engine_builds_run_together_and_twice_give_identical_plans(complet
     assert (workdir / "results/cache/timing.cache").exists() == (backend == "tensorrt")
 
 
-def test_the_default_profile_lets_one_gpu_job_run_at_a_time(completed_run, tmp_path):
+def test_the_default_profile_lets_one_gpu_job_run_at_a_time(completed_run, two_builds):
     """With `gpu=1` per build (as full TensorRT declares) and the profile's gpu: 1, the builds queue."""
     profile = yaml.safe_load((ROOT / "workflow/profiles/default/config.yaml").read_text())
     assert profile["resources"] == {"gpu": 1}
-    workdir = clone(completed_run, tmp_path / "run")
-    log, built = build_engines(
-        workdir, "--workflow-profile", "workflow/profiles/default", "--set-resources", "engine:gpu=1"
-    )
+    _, _, (log, built) = two_builds
     assert overlapping(events_of(log), "engine") == 1, log[-3000:]
     reference = json.loads((completed_run / "results/engine_fp32.json").read_text())["plan_sha256"]
     assert built["fp32"][0] == reference
