@@ -33,14 +33,19 @@ from trtflow.artifacts import software_versions, write_json
 from trtflow.common.images import read_image
 from trtflow.common.onnxrun import OnnxSession
 from trtflow.common.preprocess import preprocess_batch
-from trtflow.common.qdq import KeepFloat, QuantizationPlan, calibrated_amax, insert_qdq, quantization_plan
+from trtflow.common.qdq import (
+    KeepFloat,
+    QuantizationPlan,
+    calibrated_amax,
+    insert_qdq,
+    layer_indices,
+    quantization_plan,
+)
 from trtflow.precisions import PRECISIONS
 from trtflow.run.qdq_accuracy import HEAD, SimulatedDetection
 from trtflow.run.subset import val_subset
 
 log = logging.getLogger(__name__)
-
-RANK_BY = ("map", "sqnr")
 
 
 class BudgetUnreachable(ValueError):
@@ -93,8 +98,7 @@ class QuantizedFeatures:
             )
 
     def index(self, names) -> set[int]:
-        position = dict(zip(self.names, self.plan.layers))
-        return {position[name] for name in names}
+        return set(layer_indices(self.model, self.plan, list(names), "the layer ranking"))
 
     def graph(self, plan: QuantizationPlan) -> onnx.ModelProto:
         return insert_qdq(self.model, plan, self.amax, self.quantized)
@@ -109,6 +113,7 @@ class QuantizedFeatures:
 
 
 def first_batch(coco: Mapping, preprocess: dict, batch_size: int) -> np.ndarray:
+    """The first `batch_size` images of `coco`, preprocessed: what the SQNR is measured on."""
     images = [read_image(image["file_name"]) for image in coco["images"][:batch_size]]
     return preprocess_batch(images, preprocess)[0]
 
@@ -130,8 +135,9 @@ def measure_sensitivity(
     """Rule sensitivity (see the module docstring). `settings` is config `calibration.sensitivity`."""
     started = time.perf_counter()
     features = QuantizedFeatures(features_onnx, ranges_json, precision, keep_float)
-    subset = val_subset(json.loads(Path(val_json).read_text()), settings, key="calibration.sensitivity.num_images")
-    coco = subset.coco(json.loads(Path(val_json).read_text()))
+    val = json.loads(Path(val_json).read_text())
+    subset = val_subset(val, settings, key="calibration.sensitivity.num_images")
+    coco = subset.coco(val)
     log.info("%d quantized layers; %d of %d val images", len(features.names), len(subset.images), subset.of)
 
     batch = first_batch(coco, preprocess, batch_size)
