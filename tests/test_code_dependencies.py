@@ -129,6 +129,7 @@ STAGE_MODULES = {
     "common.plugins",
     "run.reference",
     "run.qdq_accuracy",
+    "run.sensitivity",
     "run.verify",
     "run.bench",
     "run.report",

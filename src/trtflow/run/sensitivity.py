@@ -5,7 +5,7 @@ A layer is a weighted op the Q/DQ plan quantizes, with the shortcut of the resid
 (`trtflow.common.qdq.QuantizationPlan.layers`): the unit TensorRT fuses and runs in INT8 (or FP8).
 
 - `measure_sensitivity` (rule sensitivity, results/calib/sensitivity_<precision>.json): for each layer, the simulated
-  mAP with only that layer left in float (`trtflow.run.qdq_accuracy.SimulatedDetection`, on a seeded val subset of
+  mAP with only that layer left in float (`trtflow.run.simulated.SimulatedDetection`, on a seeded val subset of
   `calibration.sensitivity.num_images`) and a cheap signal, the SQNR of the features network's outputs with only
   that layer quantized (one batch, against the float outputs computed once); the Spearman rank correlation of the
   two says how far the cheap signal alone (`calibration.sensitivity.rank_by: sqnr`) can be trusted.
@@ -42,7 +42,7 @@ from trtflow.common.qdq import (
     quantization_plan,
 )
 from trtflow.precisions import PRECISIONS
-from trtflow.run.qdq_accuracy import HEAD, SimulatedDetection
+from trtflow.run.simulated import HEAD, SimulatedDetection
 from trtflow.run.subset import val_subset
 
 log = logging.getLogger(__name__)
