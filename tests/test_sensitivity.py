@@ -10,9 +10,18 @@ import numpy as np
 import onnx
 import pytest
 
+import trtflow.run.sensitivity
 from snakemake_runs import clone, config_overlay, planned, snakemake
+from test_qdq import resnet_like_model
+from trtflow.common.qdq import quantization_plan
 from trtflow.config import with_defaults
-from trtflow.run.sensitivity import choose_float_layers, measure_sensitivity, rank_correlation, sqnr_db
+from trtflow.run.sensitivity import (
+    BudgetUnreachable,
+    choose_float_layers,
+    measure_sensitivity,
+    rank_correlation,
+    sqnr_db,
+)
 
 # the demo's quantized layers, but for these left in float by pattern: the test measures five (node_Conv_210 to 218,
 # the c2/c3 blocks), so that it takes seconds
@@ -46,6 +55,58 @@ def test_rank_correlation_and_sqnr_are_the_textbook_numbers():
     signal = {"a": np.ones(100, np.float32)}
     assert sqnr_db(signal, {"a": signal["a"] + 0.1}) == pytest.approx(20.0)  # power ratio 1 / 0.01
     assert sqnr_db(signal, signal) is None
+
+
+class QuantizeCount:
+    """Stands in for the simulated mAP (SimulatedDetection) where no detector exists: 0.9, less a point for each
+    QuantizeLinear left in the graph."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def mAP(self, graph: onnx.ModelProto, desc: str = "") -> float:
+        return 0.9 - 0.01 * sum(node.op_type == "QuantizeLinear" for node in graph.graph.node)
+
+
+def test_a_budget_that_every_layer_in_float_misses_is_refused_naming_the_best_map(tmp_path, monkeypatch):
+    """test_qdq's small graph has a Concat whose inputs share one scale: its Q/DQ belong to no layer, so with all nine
+    layers in float two QuantizeLinear stay (mAP 0.88 here, 2 points below float): a budget of 0.5 is refused."""
+    model = resnet_like_model()
+    onnx.save(model, tmp_path / "features.onnx")
+    plan = quantization_plan(model)
+    ranges = {"qdq_placement": "trtflow", "tensors": {name: {"amax": 1.0} for name in plan.activations}}
+    (tmp_path / "ranges.json").write_text(json.dumps(ranges))
+    ranking = [model.graph.node[i].name for i in plan.layers]
+    (tmp_path / "sensitivity.json").write_text(json.dumps({"ranking": ranking}))
+    (tmp_path / "val.json").write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    monkeypatch.setattr(trtflow.run.sensitivity, "SimulatedDetection", QuantizeCount)
+    arguments = dict(
+        precision="int8",
+        keep_float={},
+        budget_key="calibration.keep_float.max_map_drop_points",
+        verify_subset={"num_images": None, "seed": 0},
+        preprocess={},
+        postprocess={},
+    )
+    files = [tmp_path / name for name in ("features.onnx", "ranges.json", "sensitivity.json")]
+    with pytest.raises(BudgetUnreachable) as refusal:
+        choose_float_layers(
+            *files, tmp_path, tmp_path / "val.json", tmp_path / "out.json", budget_points=0.5, **arguments
+        )
+    assert str(refusal.value) == (
+        "calibration.keep_float.max_map_drop_points: 0.5 cannot be met: with all 9 quantized layers in float the "
+        "simulated int8 mAP is 0.8800, a drop of 2.00 points from 0.9000 (the Q/DQ of no layer, a Concat's, stay); "
+        "raise the budget or leave those in float (calibration.keep_float.nodes)"
+    )
+    assert not (tmp_path / "out.json").exists()
+    # a budget the Concat's two points fit: met with every layer in float but lateral_conv, whose input and Add
+    # shortcut are the Concat's own quantized tensors (no QuantizeLinear more): taken back by the pruning pass
+    choice = choose_float_layers(
+        *files, tmp_path, tmp_path / "val.json", tmp_path / "out.json", budget_points=2.5, **arguments
+    )
+    assert choice["drop_points"] == pytest.approx(2.0) and sorted(choice["float_layers"]) == sorted(
+        name for name in ranking if name != "lateral_conv"
+    )
 
 
 @pytest.fixture(scope="module")
