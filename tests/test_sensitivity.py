@@ -115,51 +115,55 @@ def fragile_layer(completed_run, tmp_path_factory, default_config):
     convolution alone) calibrated to 1000 times its range, as rare huge outliers in the calibration images would set
     a max-based range; its INT8 step then rounds every ordinary value to zero. Written outside the code under test
     (ranges.json edited), measured by rule sensitivity's and rule float_layers' functions."""
-    results = completed_run / "results"
-    folder = tmp_path_factory.mktemp("fragile")
-    model = onnx.load(results / "onnx/features.onnx")
-    conv = next(n for n in model.graph.node if n.op_type == "Conv" and n.input[1] == "backbone.body.c3.conv2.0.weight")
-    ranges = json.loads((results / "calib/ranges.json").read_text())
-    ranges["tensors"][conv.input[0]]["amax"] *= 1000.0
-    (folder / "ranges.json").write_text(json.dumps(ranges))
-    common = dict(precision="int8", keep_float=FEW_LAYERS, **demo_settings(default_config))
-    sensitivity = measure_sensitivity(
-        results / "onnx/features.onnx",
-        folder / "ranges.json",
-        results / "weights",
-        results / "data/val.json",
-        folder / "sensitivity.json",
-        settings={"num_images": 8, "seed": 0, "measure_map": True, "rank_by": "sqnr"},
-        **common,
-    )
-    choice = choose_float_layers(
-        results / "onnx/features.onnx",
-        folder / "ranges.json",
-        folder / "sensitivity.json",
-        results / "weights",
-        results / "data/val.json",
-        folder / "float_layers.json",
-        budget_points=0.5,
-        budget_key="calibration.keep_float.max_map_drop_points",
-        verify_subset={"num_images": 8, "seed": 0},
-        **common,
-    )
-    # FP8 (E4M3) spans 2^-9 .. 448 of a scale: a range 1000 times too wide still leaves the values representable;
-    # 10^6 times rounds them all to zero, as 1000 does for int8
-    fp8, calibrated = {}, ranges["tensors"][conv.input[0]]["amax"] / 1000.0
-    for factor in (1e3, 1e6):
-        ranges["tensors"][conv.input[0]]["amax"] = calibrated * factor
-        (folder / f"ranges_fp8_{factor:g}.json").write_text(json.dumps(ranges))
-        fp8[factor] = measure_sensitivity(
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(completed_run)  # val.json names its images from the run's folder, where the rules run
+        results = completed_run / "results"
+        folder = tmp_path_factory.mktemp("fragile")
+        model = onnx.load(results / "onnx/features.onnx")
+        conv = next(
+            n for n in model.graph.node if n.op_type == "Conv" and n.input[1] == "backbone.body.c3.conv2.0.weight"
+        )
+        ranges = json.loads((results / "calib/ranges.json").read_text())
+        ranges["tensors"][conv.input[0]]["amax"] *= 1000.0
+        (folder / "ranges.json").write_text(json.dumps(ranges))
+        common = dict(precision="int8", keep_float=FEW_LAYERS, **demo_settings(default_config))
+        sensitivity = measure_sensitivity(
             results / "onnx/features.onnx",
-            folder / f"ranges_fp8_{factor:g}.json",
+            folder / "ranges.json",
             results / "weights",
             results / "data/val.json",
-            folder / f"sensitivity_fp8_{factor:g}.json",
-            settings={"num_images": 8, "seed": 0, "measure_map": False, "rank_by": "sqnr"},
-            **{**common, "precision": "fp8"},
+            folder / "sensitivity.json",
+            settings={"num_images": 8, "seed": 0, "measure_map": True, "rank_by": "sqnr"},
+            **common,
         )
-    return conv.name, sensitivity, choice, fp8
+        choice = choose_float_layers(
+            results / "onnx/features.onnx",
+            folder / "ranges.json",
+            folder / "sensitivity.json",
+            results / "weights",
+            results / "data/val.json",
+            folder / "float_layers.json",
+            budget_points=0.5,
+            budget_key="calibration.keep_float.max_map_drop_points",
+            verify_subset={"num_images": 8, "seed": 0},
+            **common,
+        )
+        # FP8 (E4M3) spans 2^-9 .. 448 of a scale: a range 1000 times too wide still leaves the values representable;
+        # 10^6 times rounds them all to zero, as 1000 does for int8
+        fp8, calibrated = {}, ranges["tensors"][conv.input[0]]["amax"] / 1000.0
+        for factor in (1e3, 1e6):
+            ranges["tensors"][conv.input[0]]["amax"] = calibrated * factor
+            (folder / f"ranges_fp8_{factor:g}.json").write_text(json.dumps(ranges))
+            fp8[factor] = measure_sensitivity(
+                results / "onnx/features.onnx",
+                folder / f"ranges_fp8_{factor:g}.json",
+                results / "weights",
+                results / "data/val.json",
+                folder / f"sensitivity_fp8_{factor:g}.json",
+                settings={"num_images": 8, "seed": 0, "measure_map": False, "rank_by": "sqnr"},
+                **{**common, "precision": "fp8"},
+            )
+        return conv.name, sensitivity, choice, fp8
 
 
 def test_a_fragile_layer_is_the_most_costly_by_map_and_by_sqnr(fragile_layer):
