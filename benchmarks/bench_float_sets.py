@@ -60,10 +60,13 @@ def main() -> None:
     float_map = WORKER["detection"].mAP(WORKER["features"].model, desc="float")
     started = time.perf_counter()
     sets = [combo for size in args.sizes for combo in itertools.combinations(candidates, size)]
-    with ProcessPoolExecutor(
-        os.cpu_count(), initializer=start_worker, initargs=(args.results, args.ranges, settings)
-    ) as pool:
-        scores = dict(pool.map(evaluate, sets, chunksize=4))
+    scores = {}
+    pool = ProcessPoolExecutor(os.cpu_count(), initializer=start_worker, initargs=(args.results, args.ranges, settings))
+    with pool, open(Path(args.out).with_suffix(".jsonl"), "w") as progress:  # each set as it comes
+        for layers, value in pool.map(evaluate, sets):
+            scores[layers] = value
+            progress.write(json.dumps({"layers": layers, "mAP": value}) + "\n")
+            progress.flush()
     best = {
         size: max(((layers, value) for layers, value in scores.items() if len(layers) == size), key=lambda x: x[1])
         for size in args.sizes
