@@ -23,6 +23,11 @@ def category_labels(coco: dict) -> dict[int, int]:
     }
 
 
+def label_categories(coco: Mapping) -> dict[int, int]:
+    """Model label -> COCO category id: the inverse of `category_labels`, what detections are written with."""
+    return {label: category for category, label in category_labels(coco).items()}
+
+
 def check_label_set(coco: dict, num_classes: int, source: str | Path) -> None:
     """Refuse a data set whose categories cannot be the model's classes (see `category_labels`).
 

@@ -4,7 +4,7 @@ written as COCO results (the reference, verify, the calibration accuracy check a
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -12,7 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from trtflow.common.images import read_image
-from trtflow.common.metrics import category_labels
+from trtflow.common.metrics import label_categories
 from trtflow.common.postprocess import postprocess, to_coco_results
 from trtflow.common.preprocess import preprocess_batch
 
@@ -65,22 +65,28 @@ def batches(items: list, size: int):
 
 def detect_dataset(
     detect,
-    coco_json: str | Path,
+    coco: str | Path | Mapping,
     preprocess_cfg: dict,
     postprocess_cfg: dict,
     *,
     batch_size: int = 8,
     desc: str = "detect",
 ) -> list[dict]:
-    """COCO results of `detect` over a COCO data set, through the shared pre- and postprocessing.
+    """COCO results of `detect` over a COCO data set (a COCO JSON file, or its dict: a subset of the val split),
+    through the shared pre- and postprocessing.
 
     `detect(batch: np.ndarray (B,3,H,W)) -> list of (boxes, scores, classes)` in input pixels, one per image;
     every executor (PyTorch, ONNX Runtime + deployment head, TensorRT engine) plugs in here.
     """
-    coco = json.loads(Path(coco_json).read_text())
-    category_of = {label: category for category, label in category_labels(coco).items()}
+    coco = json.loads(Path(coco).read_text()) if isinstance(coco, (str, Path)) else coco
     return detect_images(
-        detect, coco["images"], category_of, preprocess_cfg, postprocess_cfg, batch_size=batch_size, desc=desc
+        detect,
+        coco["images"],
+        label_categories(coco),
+        preprocess_cfg,
+        postprocess_cfg,
+        batch_size=batch_size,
+        desc=desc,
     )
 
 

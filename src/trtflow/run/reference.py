@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 from trtflow.artifacts import software_versions, write_json
-from trtflow.common.metrics import category_labels, check_label_set, coco_map
+from trtflow.common.metrics import check_label_set, coco_map, label_categories
 from trtflow.common.model import run_detector
 from trtflow.run.detection_loop import detect_images
-from trtflow.run.subset import check_shards, val_subset
+from trtflow.run.subset import check_shards, images_of_shard, val_subset
 
 
 def torch_detector(model):
@@ -36,11 +36,11 @@ def reference_shard(
     all images, one shard): {"images": their ids, "device", "software", "detections"}."""
     coco = json.loads(Path(coco_json).read_text())
     check_label_set(coco, model.roi_heads.box_predictor.cls_score.out_features, coco_json)
-    images = val_subset(coco, subset or {}).shard((subset or {}).get("shard_images"), shard)
+    images = images_of_shard(coco, subset, shard)
     detections = detect_images(
         torch_detector(model),
         images,
-        {label: category for category, label in category_labels(coco).items()},
+        label_categories(coco),
         preprocess_cfg,
         postprocess_cfg,
         batch_size=batch_size,

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import onnx
 
-from trtflow.common.metrics import category_labels, check_label_set, coco_map
+from trtflow.common.metrics import check_label_set, coco_map
 from trtflow.formats.head_weights import load_head
-from trtflow.run.detection_loop import detect_images
+from trtflow.run.detection_loop import detect_dataset
 from trtflow.run.executors import onnxruntime_static_head_executor
 
 HEAD = "trtflow.common.head.StaticHead (fp32, CPU)"
@@ -37,24 +37,13 @@ class SimulatedDetection:
         self.manifest, self.tensors = load_head(weights_dir)
         self.coco = dict(coco) if coco is not None else json.loads(Path(val_json).read_text())
         check_label_set(self.coco, self.manifest["num_classes"], val_json)
-        self.category_of = {label: category for category, label in category_labels(self.coco).items()}
         self.preprocess, self.postprocess, self.batch_size = preprocess, postprocess, batch_size
-
-    @property
-    def num_images(self) -> int:
-        return len(self.coco["images"])
 
     def mAP(self, graph: onnx.ModelProto | str | Path, desc: str = "simulated") -> float:
         executor = onnxruntime_static_head_executor(
             graph, self.manifest, self.tensors, device="cpu", providers=["CPUExecutionProvider"]
         )
-        results = detect_images(
-            executor.detect,
-            self.coco["images"],
-            self.category_of,
-            self.preprocess,
-            self.postprocess,
-            batch_size=self.batch_size,
-            desc=desc,
+        results = detect_dataset(
+            executor.detect, self.coco, self.preprocess, self.postprocess, batch_size=self.batch_size, desc=desc
         )
         return coco_map(self.coco, results)["mAP"]

@@ -116,6 +116,13 @@ def val_subset(coco: Mapping, settings: Mapping, key: str = "verify.num_images")
     return ValSubset([images[i] for i in chosen], len(images), seed)
 
 
+def images_of_shard(coco: Mapping, settings: Mapping | None, shard: int) -> list[dict]:
+    """The val images of shard `shard` of those verification runs on (`settings`: config `verify:`; None: all of
+    them, one shard): what rules reference_shard and verify_shard run on."""
+    settings = settings or {}
+    return val_subset(coco, settings).shard(settings.get("shard_images"), shard)
+
+
 def write_shard_plan(val_json: str | Path, settings: Mapping, out_json: str | Path) -> dict:
     """Checkpoint `verify_shards`: how many shards of `settings["shard_images"]` images the chosen val images make
     (config `verify:`), for the workflow to make one reference and one verify job of each."""

@@ -21,12 +21,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from trtflow.artifacts import software_versions, write_json
-from trtflow.common.metrics import category_labels, coco_map
+from trtflow.common.metrics import coco_map, label_categories
 from trtflow.run.detection_loop import ImpossibleOutput, detect_images
 from trtflow.run.executors import ExecutorChoice, choose_executor
 from trtflow.run.levels import LEVELS
 from trtflow.run.matching import match_detections
-from trtflow.run.subset import check_shards, subset_claims, val_subset
+from trtflow.run.subset import check_shards, images_of_shard, subset_claims, val_subset
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +97,13 @@ def detect_shard(
         "software": software_versions(),
     }
     coco = json.loads(Path(val_json).read_text())
-    images = val_subset(coco, subset or {}).shard((subset or {}).get("shard_images"), shard)
+    images = images_of_shard(coco, subset, shard)
     found = {"images": [image["id"] for image in images], "ran": ran}
     try:
         detections = detect_images(
             executor,
             images,
-            {label: category for category, label in category_labels(coco).items()},
+            label_categories(coco),
             preprocess,
             postprocess,
             batch_size=batch_size,
