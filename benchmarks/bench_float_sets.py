@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from trtflow.run.sensitivity import QuantizedFeatures
+from trtflow.common.qdq import CalibratedGraph
+from trtflow.precisions import INT8
 from trtflow.run.simulated import SimulatedDetection
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ WORKER: dict = {}
 
 def start_worker(results: str, ranges: str, settings: dict) -> None:
     torch.set_num_threads(1)
-    features = QuantizedFeatures(Path(results) / "onnx/features.onnx", ranges, "int8", {})
+    features = CalibratedGraph(Path(results) / "onnx/features.onnx", ranges, INT8)
     detection = SimulatedDetection(Path(results) / "weights", Path(results) / "data/val.json", **settings)
     WORKER.update(features=features, detection=detection)
 

@@ -35,10 +35,9 @@ from trtflow.common.images import read_image
 from trtflow.common.onnxrun import OnnxSession
 from trtflow.common.preprocess import preprocess_batch
 from trtflow.common.qdq import (
+    CalibratedGraph,
     KeepFloat,
-    calibrated_amax,
     insert_qdq,
-    layer_indices,
     quantization_plan,
     save_onnx,
     shared_amax,
@@ -400,13 +399,10 @@ def write_quantized_graph(
     trtflow's placement with calibration.keep_float's patterns (`keep_float`), so that every quantized precision
     shares one calibration; with keep_float.auto, the layers rule float_layers chose (`float_layers_path`) are left
     in float, every other scale as calibrated."""
-    model = onnx.load(str(features_onnx))
-    plan = quantization_plan(model, KeepFloat.from_config(keep_float))
-    if float_layers_path is not None:
-        chosen = json.loads(Path(float_layers_path).read_text())["float_layers"]
-        plan = plan.without_layers(layer_indices(model, plan, chosen, str(float_layers_path)))
-    amax = calibrated_amax(ranges_path, qdq_path)
-    save_onnx(insert_qdq(model, plan, amax, quantized), qdq_path)
+    graph = CalibratedGraph(features_onnx, ranges_path, quantized, keep_float)
+    chosen = [] if float_layers_path is None else json.loads(Path(float_layers_path).read_text())["float_layers"]
+    plan = graph.plan.without_layers(graph.layers(chosen, str(float_layers_path)))
+    save_onnx(graph.graph(plan), qdq_path)
     log.info(
         "wrote %s (%s, scale %s, %d tensors)", qdq_path, quantized.name, quantized.scale_rule(), len(plan.activations)
     )

@@ -105,15 +105,19 @@ class QuantizationPlan:
     def without_layers(self, layers: Collection[int]) -> QuantizationPlan:
         """This plan with `layers` (weighted-op node indices) left in float: their input and weight Q/DQ, and the
         shortcut Q/DQ of the residual Adds they fuse with, removed; every other scale stays as calibrated."""
-        return self._keeping(
-            lambda edge: self.layer_of(edge) not in layers, [i for i in self.layers if i not in layers]
-        )
+        return self._keeping(lambda layer: layer not in layers)
 
     def only_layers(self, layers: Collection[int]) -> QuantizationPlan:
         """Only `layers` quantized (their Q/DQ as in this plan); every other layer and Concat in float."""
-        return self._keeping(lambda edge: self.layer_of(edge) in layers, [i for i in self.layers if i in layers])
+        return self._keeping(lambda layer: layer in layers)
 
-    def _keeping(self, keep, layers: list[int]) -> QuantizationPlan:
+    def _keeping(self, keeps) -> QuantizationPlan:
+        """The plan with the edges of the layers `keeps` holds (a Concat's edges: `keeps(None)`)."""
+        layers = tuple(layer for layer in self.layers if keeps(layer))
+
+        def keep(edge: tuple[int, int]) -> bool:
+            return keeps(self.layer_of(edge))
+
         activations = {name: tuple(e for e in edges if keep(e)) for name, edges in self.activations.items()}
         activations = {name: edges for name, edges in activations.items() if edges}
         weights = {name: (axis, tuple(e for e in edges if keep(e))) for name, (axis, edges) in self.weights.items()}
@@ -123,8 +127,8 @@ class QuantizationPlan:
             activations,
             weights,
             tuple(group for group in groups if len(group) > 1),
-            tuple(layers),
-            {edge: node for edge, node in self.fused_adds.items() if node in layers and keep(edge)},
+            layers,
+            {edge: node for edge, node in self.fused_adds.items() if node in layers},
         )
 
 
@@ -466,26 +470,50 @@ def save_onnx(model: onnx.ModelProto, path: str | Path) -> None:
     write_bytes(path, model.SerializeToString())
 
 
-def calibrated_amax(ranges_path: str | Path, graph_path: str | Path) -> dict[str, float]:
-    """The amax per tensor that rule calibrate measured (ranges.json), for `graph_path`, a graph of trtflow's
-    placement: refused where ModelOpt placed and calibrated instead."""
-    ranges = json.loads(Path(ranges_path).read_text())
-    if ranges["qdq_placement"] != "trtflow":
-        raise ValueError(
-            f"{ranges_path} was calibrated with calibration.qdq_placement: {ranges['qdq_placement']}; "
-            f"{graph_path} needs trtflow's placement: set calibration.qdq_placement: trtflow"
-        )
-    return {name: tensor["amax"] for name, tensor in ranges["tensors"].items()}
+class CalibratedGraph:
+    """A features graph, its Q/DQ plan (calibration.keep_float's patterns) and the amax rule calibrate measured
+    (ranges.json, of trtflow's placement): its Q/DQ graph in the `quantized` dtype with any set of its layers left in
+    float, named by node. Rule quantized_graph writes one; the sensitivity stage measures many."""
 
+    def __init__(
+        self,
+        features_onnx: str | Path,
+        ranges_json: str | Path,
+        quantized: QuantizedType,
+        keep_float: Mapping | None = None,
+    ):
+        ranges = json.loads(Path(ranges_json).read_text())
+        if ranges["qdq_placement"] != "trtflow":
+            raise ValueError(
+                f"{ranges_json} was calibrated with calibration.qdq_placement: {ranges['qdq_placement']}; the Q/DQ "
+                f"graphs of {features_onnx} written from it need trtflow's placement: set calibration.qdq_placement: "
+                "trtflow"
+            )
+        self.amax = {name: tensor["amax"] for name, tensor in ranges["tensors"].items()}
+        self.model = onnx.load(str(features_onnx))
+        self.plan = quantization_plan(self.model, KeepFloat.from_config(keep_float))
+        self.quantized = quantized
+        self.names = [self.model.graph.node[i].name for i in self.plan.layers]
+        if len(set(self.names)) != len(self.names) or not all(self.names):
+            raise ValueError(
+                f"{features_onnx}: its quantized layers need unique node names to be chosen by name; "
+                "re-export it (rule onnx names every node)"
+            )
+        self.index = dict(zip(self.names, self.plan.layers))
 
-def layer_indices(model: onnx.ModelProto, plan: QuantizationPlan, names: Sequence[str], source: str) -> list[int]:
-    """The node indices of the quantized layers `names` (node names, as a float-layer file lists them); a name that is
-    not a quantized layer of `model` is refused, naming `source`."""
-    index = {model.graph.node[i].name: i for i in plan.layers}
-    unknown = [name for name in names if name not in index]
-    if unknown:
-        raise ValueError(
-            f"{source} names {unknown[:3]}, not quantized layers of the features graph: it was chosen for another "
-            "graph or keep_float; rerun the stage that wrote it (snakemake --forcerun float_layers)"
-        )
-    return [index[name] for name in names]
+    def layers(self, names: Sequence[str], source: str) -> set[int]:
+        """The node indices of the quantized layers `names`; a name that is not one is refused, naming `source`."""
+        unknown = [name for name in names if name not in self.index]
+        if unknown:
+            raise ValueError(
+                f"{source} names {unknown[:3]}, not quantized layers of the features graph: it was chosen for another "
+                "graph or keep_float; rerun the stage that wrote it (snakemake --forcerun float_layers)"
+            )
+        return {self.index[name] for name in names}
+
+    def graph(self, plan: QuantizationPlan) -> onnx.ModelProto:
+        return insert_qdq(self.model, plan, self.amax, self.quantized)
+
+    def with_float(self, names: Sequence[str] = (), source: str = "the layer ranking") -> onnx.ModelProto:
+        """The Q/DQ graph with the layers `names` (named by `source` in a refusal) left in float."""
+        return self.graph(self.plan.without_layers(self.layers(names, source)))

@@ -27,20 +27,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from trtflow.artifacts import software_versions, write_json
 from trtflow.common.images import read_image
 from trtflow.common.onnxrun import OnnxSession
 from trtflow.common.preprocess import preprocess_batch
-from trtflow.common.qdq import (
-    KeepFloat,
-    QuantizationPlan,
-    calibrated_amax,
-    insert_qdq,
-    layer_indices,
-    quantization_plan,
-)
+from trtflow.common.qdq import CalibratedGraph
 from trtflow.precisions import PRECISIONS
 from trtflow.run.simulated import HEAD, SimulatedDetection
 from trtflow.run.subset import val_subset
@@ -81,35 +73,11 @@ def sqnr_db(reference: Mapping[str, np.ndarray], quantized: Mapping[str, np.ndar
     return None if noise == 0 else 10.0 * math.log10(signal / noise)
 
 
-class QuantizedFeatures:
-    """The features graph, its Q/DQ plan (calibration.keep_float's patterns) and calibrated amax: Q/DQ graphs of a
-    precision with any set of layers left in float."""
-
-    def __init__(self, features_onnx: str | Path, ranges_json: str | Path, precision: str, keep_float: Mapping | None):
-        self.model = onnx.load(str(features_onnx))
-        self.plan = quantization_plan(self.model, KeepFloat.from_config(keep_float))
-        self.amax = calibrated_amax(ranges_json, features_onnx)
-        self.quantized = PRECISIONS[precision].quantized
-        self.names = [self.model.graph.node[i].name for i in self.plan.layers]
-        if len(set(self.names)) != len(self.names) or not all(self.names):
-            raise ValueError(
-                f"{features_onnx}: its quantized layers need unique node names to be chosen by name; "
-                "re-export it (rule onnx names every node)"
-            )
-
-    def index(self, names) -> set[int]:
-        return set(layer_indices(self.model, self.plan, list(names), "the layer ranking"))
-
-    def graph(self, plan: QuantizationPlan) -> onnx.ModelProto:
-        return insert_qdq(self.model, plan, self.amax, self.quantized)
-
-    def with_float(self, names=()) -> onnx.ModelProto:
-        return self.graph(self.plan.without_layers(self.index(names)))
-
-    def layer_record(self, index: int) -> dict:
-        node = self.model.graph.node[index]
-        weights = [name for name, (_, edges) in self.plan.weights.items() if any(e[0] == index for e in edges)]
-        return {"name": node.name, "op_type": node.op_type, "weight": weights[0] if weights else None}
+def layer_record(graph: CalibratedGraph, index: int) -> dict:
+    """A quantized layer as sensitivity_<precision>.json names it: node name, op type and weight initializer."""
+    node = graph.model.graph.node[index]
+    weights = [name for name, (_, edges) in graph.plan.weights.items() if any(e[0] == index for e in edges)]
+    return {"name": node.name, "op_type": node.op_type, "weight": weights[0] if weights else None}
 
 
 def first_batch(coco: Mapping, preprocess: dict, batch_size: int) -> np.ndarray:
@@ -134,7 +102,7 @@ def measure_sensitivity(
 ) -> dict:
     """Rule sensitivity (see the module docstring). `settings` is config `calibration.sensitivity`."""
     started = time.perf_counter()
-    features = QuantizedFeatures(features_onnx, ranges_json, precision, keep_float)
+    features = CalibratedGraph(features_onnx, ranges_json, PRECISIONS[precision].quantized, keep_float)
     val = json.loads(Path(val_json).read_text())
     subset = val_subset(val, settings, key="calibration.sensitivity.num_images")
     coco = subset.coco(val)
@@ -145,7 +113,7 @@ def measure_sensitivity(
     layers = []
     for index in features.plan.layers:
         outputs = OnnxSession(features.graph(features.plan.only_layers({index})))(batch)
-        layers.append({**features.layer_record(index), "sqnr_db": sqnr_db(reference, outputs)})
+        layers.append({**layer_record(features, index), "sqnr_db": sqnr_db(reference, outputs)})
     signal_seconds = time.perf_counter() - started
 
     document = {"precision": precision, "images": subset.block(), "signal_images": len(batch)}
@@ -207,7 +175,7 @@ def choose_float_layers(
 
     Raises BudgetUnreachable, naming the best mAP reached, where even every layer in float misses the budget (the
     Q/DQ that belong to no layer, a Concat's, stay)."""
-    features = QuantizedFeatures(features_onnx, ranges_json, precision, keep_float)
+    features = CalibratedGraph(features_onnx, ranges_json, PRECISIONS[precision].quantized, keep_float)
     ranking = json.loads(Path(sensitivity_json).read_text())["ranking"]
     if sorted(ranking) != sorted(features.names):
         raise ValueError(
